@@ -1,0 +1,1 @@
+"""Command-line tools: compile-check, sweep and bench (installed as ``dynconv.autotune``)."""

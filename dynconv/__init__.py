@@ -1,0 +1,17 @@
+"""dynconv: dynamic convolution (CondConv / DyConv style) for PyTorch."""
+
+from .functional import dynamic_conv2d
+from .modules import DynamicBlock, DynamicCNN, DynamicConv2d
+from .routing import RoutingMLP
+from .schedule import TemperatureSchedule, set_temperature
+
+__all__ = [
+    "DynamicBlock",
+    "DynamicCNN",
+    "DynamicConv2d",
+    "RoutingMLP",
+    "TemperatureSchedule",
+    "dynamic_conv2d",
+    "set_temperature",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,161 @@
+"""nn.Module front ends: DynamicConv2d, DynamicBlock (conv -> BN -> ReLU) and DynamicCNN."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .functional import dynamic_conv2d
+from .routing import RoutingMLP
+from .validation import check_backend, check_positive_int, pair, resolve_padding
+
+
+class DynamicConv2d(nn.Module):
+    """A convolution whose kernel is mixed per sample from a bank of K kernels.
+
+    ``y[b] = conv2d(x[b], sum_k a[b, k] weight[k], sum_k a[b, k] bias[k])`` with
+    ``a = router(x)``.
+
+    Parameters:
+        weight: (K, Cout, Cin // groups, kh, kw), each of the K kernels initialised like an
+            ``nn.Conv2d`` weight. bias: (K, Cout) or None. router: a :class:`RoutingMLP`.
+
+    Shapes: x (B, Cin, H, W) -> y (B, Cout, Ho, Wo); with ``return_routing=True`` also a (B, K).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, num_experts=4, temperature=1.0, gate="softmax",
+                 reduction=4, backend="auto", device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        self.out_channels = check_positive_int(out_channels, "out_channels")
+        self.groups = check_positive_int(groups, "groups")
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"groups={groups} must divide in_channels={in_channels} and "
+                f"out_channels={out_channels}"
+            )
+        self.kernel_size = pair(kernel_size, "kernel_size", 1)
+        self.stride = pair(stride, "stride", 1)
+        self.dilation = pair(dilation, "dilation", 1)
+        resolve_padding(padding, self.kernel_size, self.stride, self.dilation)  # validates
+        self.padding = padding if isinstance(padding, str) else pair(padding, "padding", 0)
+        self.num_experts = check_positive_int(num_experts, "num_experts")
+        self.backend = check_backend(backend)
+        self.weight = nn.Parameter(
+            torch.empty(num_experts, out_channels, in_channels // groups, *self.kernel_size,
+                        **factory)
+        )
+        self.bias = nn.Parameter(torch.empty(num_experts, out_channels, **factory)) if bias else None
+        self.router = RoutingMLP(in_channels, num_experts, reduction, temperature, gate, **factory)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Each bank kernel like ``nn.Conv2d``: kaiming uniform a=sqrt(5) on one kernel's fan-in."""
+        fan_in = self.weight.shape[2] * self.weight.shape[3] * self.weight.shape[4]
+        for expert in self.weight.data:  # init per (Cout, Cin/g, kh, kw) kernel, not on the 5-D bank
+            nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(self.bias, -bound, bound)
+        self.router.reset_parameters()
+
+    @property
+    def temperature(self) -> float:
+        return self.router.temperature
+
+    @temperature.setter
+    def temperature(self, value) -> None:
+        self.router.temperature = value
+
+    def forward(self, x: torch.Tensor, return_routing: bool = False):
+        routing = self.router(x)
+        weight, bias = self.weight, self.bias
+        if torch.is_autocast_enabled(x.device.type):
+            # Autocast leaves our custom ops alone: cast all operands to the autocast dtype here.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight, routing = x.to(dtype), weight.to(dtype), routing.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        y = dynamic_conv2d(x, weight, routing, bias, self.stride, self.padding, self.dilation,
+                           self.groups, backend=self.backend)
+        return (y, routing) if return_routing else y
+
+    def extra_repr(self) -> str:
+        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, num_experts={self.num_experts}")
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        if self.bias is None:
+            text += ", bias=False"
+        return text + f", backend={self.backend!r}"
+
+
+class DynamicBlock(nn.Module):
+    """DynamicConv2d (no bias, "same"-style padding) -> BatchNorm2d -> ReLU.
+
+    Shapes: x (B, Cin, H, W) -> (B, Cout, ceil(H / stride), ceil(W / stride)).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, num_experts=4,
+                 dilation=1, groups=1, temperature=1.0, gate="softmax", reduction=4,
+                 backend="auto", device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        k = pair(kernel_size, "kernel_size", 1)
+        d = pair(dilation, "dilation", 1)
+        padding = tuple(di * (ki - 1) // 2 for ki, di in zip(k, d))
+        self.conv = DynamicConv2d(in_channels, out_channels, k, stride, padding, d, groups,
+                                  bias=False, num_experts=num_experts, temperature=temperature,
+                                  gate=gate, reduction=reduction, backend=backend, **factory)
+        self.bn = nn.BatchNorm2d(out_channels, **factory)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor, return_routing: bool = False):
+        y, routing = self.conv(x, return_routing=True)
+        y = self.act(self.bn(y))
+        return (y, routing) if return_routing else y
+
+
+class DynamicCNN(nn.Module):
+    """A small classifier: static stem conv, three stride-2 DynamicBlocks, GAP + linear head.
+
+    Shapes: x (B, in_channels, H, W) -> logits (B, num_classes); with ``return_routing=True``
+    also a list of three (B, K) routing tensors, one per dynamic stage.
+    """
+
+    def __init__(self, in_channels=3, num_classes=10, num_experts=4, widths=(32, 64, 128),
+                 stem_channels=16, temperature=1.0, gate="softmax", reduction=4, backend="auto",
+                 device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        check_positive_int(in_channels, "in_channels")
+        check_positive_int(num_classes, "num_classes")
+        widths = tuple(widths)
+        if len(widths) != 3:
+            raise ValueError(f"widths must give 3 stage widths, got {widths!r}")
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, stem_channels, 3, padding=1, bias=False, **factory),
+            nn.BatchNorm2d(stem_channels, **factory),
+            nn.ReLU(inplace=True),
+        )
+        stage_in = (stem_channels,) + widths[:-1]
+        self.stages = nn.ModuleList(
+            DynamicBlock(cin, cout, 3, stride=2, num_experts=num_experts, temperature=temperature,
+                         gate=gate, reduction=reduction, backend=backend, **factory)
+            for cin, cout in zip(stage_in, widths)
+        )
+        self.head = nn.Linear(widths[-1], num_classes, **factory)
+
+    def forward(self, x: torch.Tensor, return_routing: bool = False):
+        x = self.stem(x)
+        routings = []
+        for stage in self.stages:
+            x, routing = stage(x, return_routing=True)
+            routings.append(routing)
+        logits = self.head(x.mean(dim=(2, 3)))
+        return (logits, routings) if return_routing else logits

@@ -1,0 +1,51 @@
+"""The two plain-autograd backends users write today: per-sample loop and grouped-conv trick.
+
+Both are readable references; neither is lean. ``loop`` runs one ``F.conv2d`` per sample;
+``grouped`` folds the batch into the channel axis and runs one convolution with
+``groups = B * groups``, which makes autograd keep the B x |W| mixed-weight tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .validation import ConvGeometry
+
+
+def mix_bank(routing: torch.Tensor, weight_bank: torch.Tensor) -> torch.Tensor:
+    """Per-sample kernels ``W[b] = sum_k routing[b, k] * weight_bank[k]`` as one matmul.
+
+    routing (B, K), weight_bank (K, *kernel_shape) -> (B, *kernel_shape).
+    """
+    num_experts = weight_bank.shape[0]
+    mixed = routing @ weight_bank.reshape(num_experts, -1)
+    return mixed.reshape((routing.shape[0],) + tuple(weight_bank.shape[1:]))
+
+
+def loop_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
+    """One ``F.conv2d`` per sample. x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
+    outputs = []
+    for b in range(x.shape[0]):
+        weight = mix_bank(routing[b : b + 1], weight_bank)[0]
+        bias = None if bias_bank is None else routing[b] @ bias_bank
+        outputs.append(
+            F.conv2d(
+                x[b : b + 1], weight, bias, geometry.stride, geometry.padding,
+                geometry.dilation, geometry.groups,
+            )
+        )
+    return torch.cat(outputs, dim=0)
+
+
+def grouped_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
+    """The grouped-conv trick: the batch becomes groups. x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
+    batch, in_channels, height, width = x.shape
+    out_channels = weight_bank.shape[1]
+    weight = mix_bank(routing, weight_bank).reshape((batch * out_channels,) + tuple(weight_bank.shape[2:]))
+    bias = None if bias_bank is None else (routing @ bias_bank).reshape(-1)
+    y = F.conv2d(
+        x.reshape(1, batch * in_channels, height, width), weight, bias, geometry.stride,
+        geometry.padding, geometry.dilation, batch * geometry.groups,
+    )
+    return y.reshape(batch, out_channels, y.shape[2], y.shape[3])

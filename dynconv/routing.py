@@ -1,0 +1,78 @@
+"""RoutingMLP: per-sample mixing weights from a globally pooled input."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .validation import check_gate, check_positive_int, check_temperature
+
+
+class RoutingMLP(nn.Module):
+    """GAP -> Linear -> ReLU -> Linear -> softmax(logits / T) (or sigmoid gates).
+
+    Args:
+        in_channels: C of the input (B, C, H, W).
+        num_experts: K, the number of kernels mixed.
+        reduction: hidden width is ``max(in_channels // reduction, 4)``.
+        temperature: T > 0; low -> near one-hot choice, high -> near-uniform mix.
+        gate: ``"softmax"`` (rows sum to 1, DyConv) or ``"sigmoid"`` (independent gates, CondConv).
+
+    Shapes: x (B, C, H, W) -> routing (B, K).
+    """
+
+    def __init__(self, in_channels, num_experts=4, reduction=4, temperature=1.0, gate="softmax",
+                 device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        self.num_experts = check_positive_int(num_experts, "num_experts")
+        self.reduction = check_positive_int(reduction, "reduction")
+        self.gate = check_gate(gate)
+        hidden = max(in_channels // reduction, 4)
+        self.fc1 = nn.Linear(in_channels, hidden, **factory)
+        self.fc2 = nn.Linear(hidden, num_experts, **factory)
+        # A buffer, not a Python float: torch.compile then treats a changing temperature (annealing)
+        # as data instead of recompiling for every new value.
+        self.register_buffer(
+            "temperature_tensor",
+            torch.tensor(check_temperature(temperature), device=device, dtype=torch.float32),
+            persistent=False,
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.fc1.reset_parameters()
+        # Small output weights and zero bias: logits start near 0, so the mix starts near uniform
+        # (softmax) or near 0.5 (sigmoid) whatever the input.
+        nn.init.normal_(self.fc2.weight, std=1e-2)
+        nn.init.zeros_(self.fc2.bias)
+
+    @property
+    def temperature(self) -> float:
+        return float(self.temperature_tensor)
+
+    @temperature.setter
+    def temperature(self, value) -> None:
+        with torch.no_grad():
+            self.temperature_tensor.fill_(check_temperature(value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        pooled = x.mean(dim=(2, 3))
+        logits = self.fc2(torch.relu(self.fc1(pooled)))
+        scaled = logits / self.temperature_tensor.to(logits.dtype)
+        if self.gate == "softmax":
+            return torch.softmax(scaled, dim=1)
+        return torch.sigmoid(scaled)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, num_experts={self.num_experts}, "
+            f"reduction={self.reduction}, temperature={self.temperature:g}, gate={self.gate!r}"
+        )

@@ -1,0 +1,187 @@
+"""Argument checking and normalisation shared by the modules and the functional API.
+
+Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong
+value, shape or device) with a message naming the argument, what was expected and what was
+given. Nothing is broadcast, truncated or cast silently.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "loop", "grouped", "native", "triton")
+GATES = ("softmax", "sigmoid")
+
+
+def pair(value, name: str, minimum: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= ``minimum``, as a 2-tuple."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        values = (value, value)
+    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
+        values = tuple(value)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(values) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def check_temperature(value) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"temperature must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"temperature must be finite and > 0, got {value}")
+    return value
+
+
+def check_gate(gate) -> str:
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+    return gate
+
+
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """The normalised geometry of one dynamic convolution call.
+
+    ``padding`` is symmetric (top = bottom, left = right). ``extra_padding`` is the additional
+    (bottom, right) padding that ``padding="same"`` needs when the total padding is odd; the
+    dispatcher applies it with ``F.pad`` before any backend runs, as ``F.conv2d`` does.
+    """
+
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+    extra_padding: tuple[int, int] = (0, 0)
+
+
+def resolve_padding(padding, kernel_size, stride, dilation):
+    """Return ((pad_h, pad_w), (extra_bottom, extra_right)) for int / pair / "same" / "valid"."""
+    if isinstance(padding, str):
+        if padding == "valid":
+            return (0, 0), (0, 0)
+        if padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"padding='same' needs stride 1 (as in nn.Conv2d), got stride={stride}")
+            totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+            return (totals[0] // 2, totals[1] // 2), (totals[0] % 2, totals[1] % 2)
+        raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+    return pair(padding, "padding", 0), (0, 0)
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(t, name: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    return t
+
+
+def check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
+    """Validate the arguments of :func:`dynconv.dynamic_conv2d` and return a ConvGeometry.
+
+    Shapes: x (B, Cin, H, W); weight_bank (K, Cout, Cin // groups, kh, kw);
+    routing (B, K); bias_bank (K, Cout) or None.
+    """
+    check_tensor(x, "x")
+    check_tensor(weight_bank, "weight_bank")
+    check_tensor(routing, "routing")
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D (B, C, H, W), got {x.dim()}-D with {_describe(x)}")
+    if weight_bank.dim() != 5:
+        raise ValueError(
+            "weight_bank must be 5-D (K, Cout, Cin // groups, kh, kw), got "
+            f"{weight_bank.dim()}-D with {_describe(weight_bank)}"
+        )
+    if routing.dim() != 2:
+        raise ValueError(f"routing must be 2-D (B, K), got {routing.dim()}-D with {_describe(routing)}")
+    tensors = {"x": x, "weight_bank": weight_bank, "routing": routing}
+    if bias_bank is not None:
+        check_tensor(bias_bank, "bias_bank")
+        tensors["bias_bank"] = bias_bank
+    for name, t in tensors.items():
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match")
+
+    groups = check_positive_int(groups, "groups")
+    batch, in_channels = x.shape[0], x.shape[1]
+    num_experts, out_channels, in_per_group = weight_bank.shape[:3]
+    kernel_size = (weight_bank.shape[3], weight_bank.shape[4])
+    if num_experts < 1 or out_channels < 1 or in_per_group < 1 or min(kernel_size) < 1:
+        raise ValueError(f"weight_bank must have no empty dimension, got {_describe(weight_bank)}")
+    if in_channels % groups != 0:
+        raise ValueError(f"groups={groups} must divide the input channels of x, got Cin={in_channels}")
+    if out_channels % groups != 0:
+        raise ValueError(
+            f"groups={groups} must divide the output channels of weight_bank, got Cout={out_channels}"
+        )
+    if in_per_group * groups != in_channels:
+        raise ValueError(
+            f"x has {in_channels} channels but weight_bank expects Cin // groups = {in_per_group} "
+            f"with groups={groups} (Cin = {in_per_group * groups})"
+        )
+    if tuple(routing.shape) != (batch, num_experts):
+        raise ValueError(
+            f"routing must have shape (B, K) = ({batch}, {num_experts}) to match x and weight_bank, "
+            f"got {tuple(routing.shape)}"
+        )
+    if bias_bank is not None and tuple(bias_bank.shape) != (num_experts, out_channels):
+        raise ValueError(
+            f"bias_bank must have shape (K, Cout) = ({num_experts}, {out_channels}), "
+            f"got {tuple(bias_bank.shape)}"
+        )
+    stride = pair(stride, "stride", 1)
+    dilation = pair(dilation, "dilation", 1)
+    pad, extra = resolve_padding(padding, kernel_size, stride, dilation)
+    for axis, size in enumerate(x.shape[2:]):
+        reach = dilation[axis] * (kernel_size[axis] - 1) + 1
+        if size + 2 * pad[axis] + extra[axis] < reach:
+            raise ValueError(
+                f"x's spatial size {tuple(x.shape[2:])} (padded by {pad}) is smaller than the "
+                f"dilated kernel {tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel_size))}"
+            )
+    return ConvGeometry(stride, pad, dilation, groups, extra)
+
+
+def output_size(x_shape, kernel_size, geometry: ConvGeometry) -> tuple[int, int]:
+    """(Ho, Wo) of a convolution with symmetric padding ``geometry.padding``."""
+    out = []
+    for axis in range(2):
+        size = x_shape[2 + axis]
+        reach = geometry.dilation[axis] * (kernel_size[axis] - 1) + 1
+        out.append((size + 2 * geometry.padding[axis] - reach) // geometry.stride[axis] + 1)
+    return out[0], out[1]

@@ -1,0 +1,1 @@
+"""Triton kernels of dynconv (installed as ``dynconv.kernels``). They know nothing of autograd."""
