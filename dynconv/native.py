@@ -120,10 +120,12 @@ def native_backward(
     bank_2d = weight_bank.reshape(num_experts, -1)
     # Low-precision gradients are summed over chunks in fp32, then cast once.
     acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    empty = x.new_empty(0)
-    grad_x = torch.empty_like(x) if need_x else empty
+    # Outputs of a custom op may not alias each other: each unrequested gradient gets its own
+    # empty tensor.
+    empty = lambda: x.new_empty(0)  # noqa: E731
+    grad_x = torch.empty_like(x) if need_x else empty()
     grad_bank = bank_2d.new_zeros(bank_2d.shape, dtype=acc_dtype) if need_bank else None
-    grad_routing = torch.empty_like(routing) if need_routing else empty
+    grad_routing = torch.empty_like(routing) if need_routing else empty()
     grad_bias = (
         bias_bank.new_zeros(bias_bank.shape, dtype=acc_dtype) if need_bias else None
     )
@@ -156,8 +158,8 @@ def native_backward(
                 grad_bias.addmm_(a.t().to(acc_dtype), grad_b.to(acc_dtype))
             if need_routing:
                 grad_routing[start:stop] += grad_b @ bias_bank.t()
-    grad_bank = grad_bank.to(x.dtype).reshape(weight_bank.shape) if need_bank else empty
-    grad_bias = grad_bias.to(x.dtype) if need_bias else empty
+    grad_bank = grad_bank.to(x.dtype).reshape(weight_bank.shape) if need_bank else empty()
+    grad_bias = grad_bias.to(x.dtype) if need_bias else empty()
     return grad_x, grad_bank, grad_routing, grad_bias
 
 
@@ -166,13 +168,15 @@ def _native_backward_fake(
     grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, output_mask
 ):
     need_x, need_bank, need_routing, need_bias = output_mask
-    empty = x.new_empty(0)
+    empty = lambda: x.new_empty(0)  # noqa: E731
     return (
-        torch.empty_like(x) if need_x else empty,
-        torch.empty_like(weight_bank, memory_format=torch.contiguous_format) if need_bank else empty,
-        torch.empty_like(routing, memory_format=torch.contiguous_format) if need_routing else empty,
+        torch.empty_like(x) if need_x else empty(),
+        torch.empty_like(weight_bank, memory_format=torch.contiguous_format)
+        if need_bank else empty(),
+        torch.empty_like(routing, memory_format=torch.contiguous_format)
+        if need_routing else empty(),
         bias_bank.new_empty(bias_bank.shape)
-        if (need_bias and bias_bank is not None) else empty,
+        if (need_bias and bias_bank is not None) else empty(),
     )
 
 
