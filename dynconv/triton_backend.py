@@ -1,0 +1,136 @@
+"""The ``triton`` backend's forward: strategy choice, batch chunking and kernel launches.
+
+Pure tensor functions, no autograd: ``triton_forward_impl`` is what the custom ops build on.
+Kernels live in ``dynconv.kernels`` (mix, conv_forward).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .functional import triton_interpreter_enabled
+from .native import output_memory_format
+from .validation import ConvGeometry
+
+STRATEGIES = ("auto", "premix", "fused")
+
+# Bytes of mixed weights (plus bias) that premix keeps in memory at once; the batch is processed
+# in chunks of as many samples as fit.
+PREMIX_BUFFER_BYTES = 64 * 2**20
+
+# Output rows per tile that the fused strategy's heuristic assumes (a typical BLOCK_M).
+_FUSED_ROWS_PER_TILE = 64
+# Fused re-mixes the bank once per output-row tile: it is chosen while that costs at most this
+# many bank-tile loads per weight element (tiles x K).
+_FUSED_MAX_REMIX = 32
+
+
+def choose_strategy(x_shape, weight_bank_shape, output_hw) -> str:
+    """``"premix"`` or ``"fused"`` for one call, by a heuristic that has not been measured yet.
+
+    Fused mixes the K bank tiles inside the conv's reduction loop: every output-row tile of every
+    sample reloads and re-mixes the whole bank, i.e. ``ceil(HO*WO / 64) * K`` bank-tile loads
+    per weight element and sample. Premix mixes each sample's weights once but writes them to
+    memory and reads them back (about 3 passes over B x |W|). So fused is chosen when a sample
+    has few output-row tiles and few experts (late, low-resolution layers), premix otherwise.
+    The threshold (``_FUSED_MAX_REMIX``) is a guess until it is measured on a GPU.
+    """
+    del x_shape  # the decision depends on the output size and K only, for now
+    num_experts = weight_bank_shape[0]
+    row_tiles = -(-(output_hw[0] * output_hw[1]) // _FUSED_ROWS_PER_TILE)
+    return "fused" if row_tiles * num_experts <= _FUSED_MAX_REMIX else "premix"
+
+
+def premix_chunk_size(batch: int, row_elements: int, element_size: int,
+                      budget_bytes: int | None = None) -> int:
+    """Samples per premix chunk so that the mixed buffer fits ``budget_bytes``."""
+    budget = PREMIX_BUFFER_BYTES if budget_bytes is None else budget_bytes
+    return max(1, min(batch, budget // max(1, row_elements * element_size)))
+
+
+def _output_hw(x_shape, weight_bank_shape, stride, padding, dilation) -> tuple[int, int]:
+    sizes = []
+    for axis in range(2):
+        reach = dilation[axis] * (weight_bank_shape[3 + axis] - 1) + 1
+        sizes.append((x_shape[2 + axis] + 2 * padding[axis] - reach) // stride[axis] + 1)
+    return sizes[0], sizes[1]
+
+
+def triton_forward_impl(
+    x: torch.Tensor,
+    weight_bank: torch.Tensor,
+    routing: torch.Tensor,
+    bias_bank: torch.Tensor | None,
+    stride,
+    padding,
+    dilation,
+    groups: int,
+    strategy: str = "auto",
+    *,
+    premix_buffer_bytes: int | None = None,
+) -> torch.Tensor:
+    """Dynamic convolution forward with the Triton kernels (no autograd).
+
+    Args:
+        x: (B, C_in, H, W), any strides (NCHW, channels_last, non-contiguous views).
+        weight_bank: (K, C_out, C_in/groups, KH, KW). routing: (B, K).
+        bias_bank: (K, C_out) or None. All in x's dtype and on x's device (already validated).
+        stride, padding, dilation: (h, w) ints; padding symmetric.
+        strategy: ``"premix"``, ``"fused"`` or ``"auto"`` (:func:`choose_strategy`).
+        premix_buffer_bytes: bound on premix's mixed-weight buffer (default
+            ``PREMIX_BUFFER_BYTES``); the batch is processed in chunks that fit it.
+
+    Returns:
+        y, (B, C_out, HO, WO) in x's dtype, channels_last when x is (as ``F.conv2d``).
+    """
+    from .kernels.conv_forward import conv_forward
+    from .kernels.mix import mix, mixed_layout, mixed_views
+
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    batch = x.shape[0]
+    num_experts, out_channels, in_per_group, kh, kw = weight_bank.shape
+    height_out, width_out = _output_hw(x.shape, weight_bank.shape, stride, padding, dilation)
+    y = torch.empty((batch, out_channels, height_out, width_out), dtype=x.dtype,
+                    device=x.device, memory_format=output_memory_format(x))
+    if batch == 0 or y.numel() == 0:
+        return y
+    if strategy == "auto":
+        strategy = choose_strategy(x.shape, weight_bank.shape, (height_out, width_out))
+    interpreter = triton_interpreter_enabled() and x.device.type == "cpu"
+
+    if strategy == "fused":
+        bank = weight_bank.unflatten(1, (groups, out_channels // groups))
+        conv_forward(x, bank, bias_bank, routing, y, 0, batch, stride, padding, dilation,
+                     interpreter=interpreter)
+        return y
+
+    layout = mixed_layout(weight_bank.shape, bias_bank is not None)
+    chunk = premix_chunk_size(batch, layout.row_stride, x.element_size(), premix_buffer_bytes)
+    buffer = x.new_empty((chunk, layout.row_stride))
+    for start in range(0, batch, chunk):
+        count = min(chunk, batch - start)
+        mixed = mix(routing[start : start + count], weight_bank, bias_bank, groups, out=buffer,
+                    interpreter=interpreter)
+        weights, bias = mixed_views(mixed, weight_bank.shape, groups, bias_bank is not None)
+        conv_forward(x, weights, bias, None, y, start, count, stride, padding, dilation,
+                     interpreter=interpreter)
+    return y
+
+
+def triton_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
+    """Dispatch entry point of ``backend="triton"``: x (B, C_in, H, W) -> (B, C_out, HO, WO).
+
+    Forward only for now: with autograd recording and any input requiring grad it raises
+    NotImplementedError (the Triton backward kernels are not wired in yet).
+    """
+    tensors = (x, weight_bank, routing, bias_bank)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise NotImplementedError(
+            "backend='triton' has no backward yet (the Triton dgrad/wgrad kernels are not wired "
+            "in): run it under torch.no_grad() / torch.inference_mode(), or use backend='native' "
+            "for training"
+        )
+    return triton_forward_impl(x, weight_bank, routing, bias_bank, geometry.stride,
+                               geometry.padding, geometry.dilation, geometry.groups)

@@ -1,0 +1,238 @@
+"""Conv forward kernel: output-stationary implicit GEMM, one sample and one group per program.
+
+For sample b and group g the program computes a (BLOCK_M x BLOCK_N) tile of
+
+    y[b, g*C_OUT_G + n, ho, wo] = bias_b[n] + sum_r x_col[m, r] * W_b[r, n]
+
+with rows m = ho * WO + wo (that sample's output pixels), columns n (that group's output
+channels) and the reduction r = (i * KW + j) * C_IN_G + c over the taps and input channels,
+walked in BLOCK_K chunks. Padding is a load mask. Accumulation is fp32; the result is cast to
+y's dtype in the epilogue. x, y and the weights are addressed through their strides, so NCHW,
+channels_last and other strided tensors need no copy.
+
+Two strategies share the kernel:
+
+- premix (``FUSED=False``): W_b comes from the mix kernel's buffer (one row per sample of the
+  current chunk; ``w_stride_e`` steps between samples).
+- fused (``FUSED=True``): W_b is never materialised: each reduction step loads the K bank tiles
+  and mixes them with a[b, :] in registers (``w_stride_e`` steps between experts).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import (
+    CONV_FORWARD_KEY,
+    CompileCase,
+    conv_forward_configs,
+    prune_conv_forward_configs,
+)
+from .mix import dot_settings
+
+_INT32_LIMIT = 2**31 - 1
+
+
+@triton.jit
+def conv_forward_kernel(
+    x_ptr, w_ptr, bias_ptr, a_ptr, y_ptr,
+    BATCH_START, NUM_EXPERTS,
+    C_IN_G, H, W, C_OUT_G, HO, WO, KH, KW,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    x_stride_b, x_stride_c, x_stride_h, x_stride_w,
+    w_stride_e, w_stride_g, w_stride_o, w_stride_c, w_stride_h, w_stride_w,
+    bias_stride_e, bias_stride_o,
+    a_stride_b, a_stride_k,
+    y_stride_b, y_stride_c, y_stride_h, y_stride_w,
+    FUSED: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSET_64: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Grid: (cdiv(HO * WO, BLOCK_M), G * cdiv(C_OUT_G, BLOCK_N), samples in this launch).
+
+    Sample ``BATCH_START + program_id(2)`` of x / a / y. Weights: premix reads row
+    ``program_id(2)`` of the mixed buffer; fused reads the bank (NUM_EXPERTS rows).
+    """
+    pid_m = tl.program_id(0)
+    pid_gn = tl.program_id(1)
+    pid_b = tl.program_id(2)
+    n_tiles = tl.cdiv(C_OUT_G, BLOCK_N)
+    g = pid_gn // n_tiles
+    pid_n = pid_gn % n_tiles
+    b = BATCH_START + pid_b.to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if OFFSET_64:
+        # One sample (or the bank) spans more than 2**31 elements: all offsets in int64.
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        g = g.to(tl.int64)
+    mask_m = offs_m < HO * WO
+    mask_n = offs_n < C_OUT_G
+    ho = offs_m // WO
+    wo = offs_m % WO
+    h0 = ho * stride_h - pad_h
+    w0 = wo * stride_w - pad_w
+
+    x_base = x_ptr + b * x_stride_b + g * C_IN_G * x_stride_c
+    if FUSED:
+        w_base = w_ptr + g * w_stride_g
+    else:
+        w_base = w_ptr + pid_b.to(tl.int64) * w_stride_e + g * w_stride_g
+    w_cols = offs_n[None, :] * w_stride_o
+
+    reduction = C_IN_G * KH * KW
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, reduction, BLOCK_K):
+        offs_r = r0 + tl.arange(0, BLOCK_K)
+        if OFFSET_64:
+            offs_r = offs_r.to(tl.int64)
+        mask_r = offs_r < reduction
+        c = offs_r % C_IN_G
+        tap = offs_r // C_IN_G
+        i = tap // KW
+        j = tap % KW
+        hi = h0[:, None] + (i * dil_h)[None, :]
+        wi = w0[:, None] + (j * dil_w)[None, :]
+        mask_x = (mask_m[:, None] & mask_r[None, :]
+                  & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
+        x_tile = tl.load(
+            x_base + c[None, :] * x_stride_c + hi * x_stride_h + wi * x_stride_w,
+            mask=mask_x, other=0.0,
+        )
+        w_offs = (c * w_stride_c + i * w_stride_h + j * w_stride_w)[:, None] + w_cols
+        mask_w = mask_r[:, None] & mask_n[None, :]
+        if FUSED:
+            mixed = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+            for k in range(0, NUM_EXPERTS):
+                a_k = tl.load(a_ptr + b * a_stride_b + k * a_stride_k).to(tl.float32)
+                bank_tile = tl.load(w_base + k * w_stride_e + w_offs, mask=mask_w, other=0.0)
+                mixed += a_k * bank_tile.to(tl.float32)
+            # Round the mixed weights to the input dtype, as premix stores them.
+            w_tile = mixed.to(x_ptr.dtype.element_ty)
+        else:
+            w_tile = tl.load(w_base + w_offs, mask=mask_w, other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(x_tile.to(tl.float32), w_tile.to(tl.float32), acc,
+                         input_precision="ieee")
+        else:
+            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+
+    if HAS_BIAS:
+        channel = g * C_OUT_G + offs_n
+        if FUSED:
+            bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for k in range(0, NUM_EXPERTS):
+                a_k = tl.load(a_ptr + b * a_stride_b + k * a_stride_k).to(tl.float32)
+                bank_bias = tl.load(bias_ptr + k * bias_stride_e + channel * bias_stride_o,
+                                    mask=mask_n, other=0.0)
+                bias += a_k * bank_bias.to(tl.float32)
+            bias = bias.to(x_ptr.dtype.element_ty)
+        else:
+            bias = tl.load(bias_ptr + pid_b.to(tl.int64) * bias_stride_e
+                           + channel * bias_stride_o, mask=mask_n, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+
+    y_offs = ((g * C_OUT_G + offs_n)[None, :] * y_stride_c
+              + ho[:, None] * y_stride_h + wo[:, None] * y_stride_w)
+    tl.store(y_ptr + b * y_stride_b + y_offs, acc.to(y_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+conv_forward_autotuned = triton.autotune(
+    configs=conv_forward_configs(), key=CONV_FORWARD_KEY + ["FUSED"],
+    prune_configs_by={"early_config_prune": prune_conv_forward_configs},
+)(conv_forward_kernel)
+
+
+def _span(t: torch.Tensor, skip_dims: int = 0) -> int:
+    """Largest element offset reachable inside ``t`` ignoring its first ``skip_dims`` dims."""
+    return sum((size - 1) * abs(stride)
+               for size, stride in zip(t.shape[skip_dims:], t.stride()[skip_dims:], strict=True))
+
+
+def conv_forward(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    bias: torch.Tensor | None,
+    routing: torch.Tensor | None,
+    y: torch.Tensor,
+    batch_start: int,
+    batch_count: int,
+    stride, padding, dilation,
+    interpreter: bool = False,
+) -> None:
+    """Write ``y[batch_start : batch_start + batch_count]``.
+
+    Args:
+        x: (B, C_in, H, W), any strides. y: (B, C_out, HO, WO), any strides, written in place.
+        weights: (E, G, C_out/G, C_in/G, KH, KW), any strides. Premix (``routing`` None):
+            E >= batch_count mixed weights, row e for sample batch_start + e. Fused: E = K, the
+            bank, mixed with ``routing`` (B, K) in the kernel.
+        bias: (E, C_out) laid out like ``weights`` along E, or None.
+        stride, padding, dilation: (h, w) pairs; padding symmetric.
+    """
+    fused = routing is not None
+    num_experts, groups, out_per_group, in_per_group, kh, kw = weights.shape
+    height_out, width_out = y.shape[2], y.shape[3]
+    dot_fp32, precision = dot_settings(x.dtype, interpreter)
+    # Sample offsets are int64 in the kernel; the rest fits int32 unless one sample, or the
+    # bank (fused, addressed as k * stride) / one sample's mixed weights (premix), spans more.
+    offset_64 = max(_span(x, 1), _span(y, 1), _span(weights, 0 if fused else 1)) > _INT32_LIMIT
+    bias_arg = bias if bias is not None else y
+    a_arg = routing if fused else y
+    grid = lambda meta: (
+        triton.cdiv(height_out * width_out, meta["BLOCK_M"]),
+        groups * triton.cdiv(out_per_group, meta["BLOCK_N"]),
+        batch_count,
+    )
+    conv_forward_autotuned[grid](
+        x, weights, bias_arg, a_arg, y,
+        batch_start, num_experts if fused else 1,
+        in_per_group, x.shape[2], x.shape[3], out_per_group, height_out, width_out, kh, kw,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        *x.stride(),
+        *weights.stride(),
+        bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
+        routing.stride(0) if fused else 0, routing.stride(1) if fused else 0,
+        *y.stride(),
+        FUSED=fused, HAS_BIAS=bias is not None, OFFSET_64=offset_64, DOT_FP32=dot_fp32,
+        INPUT_PRECISION=precision,
+    )
+
+
+_INT_ARGS = [
+    "BATCH_START", "NUM_EXPERTS", "C_IN_G", "H", "W", "C_OUT_G", "HO", "WO", "KH", "KW",
+    "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
+    "x_stride_b", "x_stride_c", "x_stride_h", "x_stride_w",
+    "w_stride_e", "w_stride_g", "w_stride_o", "w_stride_c", "w_stride_h", "w_stride_w",
+    "bias_stride_e", "bias_stride_o", "a_stride_b", "a_stride_k",
+    "y_stride_b", "y_stride_c", "y_stride_h", "y_stride_w",
+]
+
+
+def compile_cases() -> list[CompileCase]:
+    """Every conv config x {premix, fused} x {fp32 (tf32), fp16, bf16}, with a bias."""
+    cases = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        for fused in (False, True):
+            for config in conv_forward_configs(interpreter=False):
+                signature = {name: f"*{dtype}" for name in ("x_ptr", "w_ptr", "bias_ptr",
+                                                            "a_ptr", "y_ptr")}
+                signature.update({name: "i32" for name in _INT_ARGS})
+                signature["BATCH_START"] = "i64"
+                constexprs = {
+                    "FUSED": fused, "HAS_BIAS": True, "OFFSET_64": False, "DOT_FP32": False,
+                    "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee", **config.kwargs,
+                }
+                signature.update({name: "constexpr" for name in constexprs})
+                kw = config.kwargs
+                name = (f"conv_fwd {'fused' if fused else 'premix'} {dtype} "
+                        f"M{kw['BLOCK_M']} N{kw['BLOCK_N']} K{kw['BLOCK_K']} "
+                        f"w{config.num_warps} s{config.num_stages}")
+                cases.append(CompileCase(conv_forward_kernel, signature, constexprs,
+                                         config.num_warps, config.num_stages, name))
+    return cases

@@ -1,0 +1,221 @@
+"""Mix kernel: per-sample weights ``W[b] = sum_k a[b, k] bank[k]`` (and the bias) in one pass.
+
+A tiled (B x K) @ (K x N) product whose N columns are the bank's weights followed by its bias.
+Each sample's row is written in the layout the conv forward kernel reads (reduction-major,
+output channels contiguous)::
+
+    row[b] = [ W[b] as (G, KH, KW, C_in/G, C_out/G) | pad | bias[b] (C_out) | pad ]
+
+The bank is read through its strides (any layout), gathered into that order; the writes, which
+are B x |W| and dominate the traffic, are contiguous.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .configs import MIX_KEY, CompileCase, mix_configs, prune_mix_configs
+
+_ALIGN = 16  # elements: keeps each row and the bias section 16-element aligned
+
+
+class MixedLayout(NamedTuple):
+    """Where things live in one sample's row of the mixed buffer (in elements)."""
+
+    n_weight: int  # |W| = C_out * C_in/G * KH * KW
+    n_bias: int  # C_out, or 0 without a bias bank
+    bias_offset: int  # column of bias[0]
+    row_stride: int  # elements per sample row
+
+
+def mixed_layout(weight_bank_shape, has_bias: bool) -> MixedLayout:
+    """Row layout for a bank of shape (K, C_out, C_in/G, KH, KW)."""
+    _, out_channels, in_per_group, kh, kw = weight_bank_shape
+    n_weight = out_channels * in_per_group * kh * kw
+    bias_offset = triton.cdiv(n_weight, _ALIGN) * _ALIGN
+    n_bias = out_channels if has_bias else 0
+    row_stride = bias_offset + triton.cdiv(n_bias, _ALIGN) * _ALIGN
+    return MixedLayout(n_weight, n_bias, bias_offset, max(row_stride, _ALIGN))
+
+
+def mixed_views(buffer: torch.Tensor, weight_bank_shape, groups: int, has_bias: bool):
+    """Views of a mixed buffer (n, row_stride): weights and bias in logical order.
+
+    Returns (weights (n, G, C_out/G, C_in/G, KH, KW), bias (n, C_out) or None); both are strided
+    views into ``buffer``, no copy.
+    """
+    layout = mixed_layout(weight_bank_shape, has_bias)
+    _, out_channels, in_per_group, kh, kw = weight_bank_shape
+    n = buffer.shape[0]
+    out_per_group = out_channels // groups
+    weights = buffer[:, : layout.n_weight].view(n, groups, kh, kw, in_per_group, out_per_group)
+    weights = weights.permute(0, 1, 5, 4, 2, 3)
+    bias = None
+    if has_bias:
+        bias = buffer[:, layout.bias_offset : layout.bias_offset + out_channels]
+    return weights, bias
+
+
+@triton.jit
+def mix_kernel(
+    a_ptr, bank_ptr, bias_ptr, out_ptr,
+    BATCH, NUM_EXPERTS, N_WEIGHT, N_BIAS, BIAS_OFFSET,
+    C_OUT_G, C_IN_G, KH, KW,
+    a_stride_b, a_stride_k,
+    bank_stride_k, bank_stride_o, bank_stride_c, bank_stride_h, bank_stride_w,
+    bias_stride_k, bias_stride_o,
+    out_stride_b,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """out[b, col(n)] = sum_k a[b, k] * src[k, n] for n over weights then bias.
+
+    Grid: (cdiv(N_WEIGHT + N_BIAS, BLOCK_N), cdiv(BATCH, BLOCK_B)).
+    """
+    pid_n = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_b = offs_b < BATCH
+    is_weight = offs_n < N_WEIGHT
+    # Destination order (G, KH, KW, C_IN_G, C_OUT_G) -> the bank's (C_OUT, C_IN_G, KH, KW).
+    o = offs_n % C_OUT_G
+    rest = offs_n // C_OUT_G
+    c = rest % C_IN_G
+    rest = rest // C_IN_G
+    tap = rest % (KH * KW)
+    g = rest // (KH * KW)
+    src = (g * C_OUT_G + o) * bank_stride_o + c * bank_stride_c
+    src += (tap // KW) * bank_stride_h + (tap % KW) * bank_stride_w
+    bias_col = offs_n - N_WEIGHT
+    is_bias = (offs_n >= N_WEIGHT) & (bias_col < N_BIAS)
+    bias_src = bias_col * bias_stride_o
+
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    if USE_DOT:
+        for e0 in range(0, NUM_EXPERTS, BLOCK_E):
+            offs_e = e0 + tl.arange(0, BLOCK_E)
+            mask_e = offs_e < NUM_EXPERTS
+            a = tl.load(
+                a_ptr + offs_b[:, None] * a_stride_b + offs_e[None, :] * a_stride_k,
+                mask=mask_b[:, None] & mask_e[None, :], other=0.0,
+            )
+            tile = tl.load(
+                bank_ptr + offs_e[:, None] * bank_stride_k + src[None, :],
+                mask=mask_e[:, None] & is_weight[None, :], other=0.0,
+            )
+            if HAS_BIAS:
+                tile += tl.load(
+                    bias_ptr + offs_e[:, None] * bias_stride_k + bias_src[None, :],
+                    mask=mask_e[:, None] & is_bias[None, :], other=0.0,
+                )
+            if DOT_FP32:
+                acc = tl.dot(a.to(tl.float32), tile.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, tile, acc, input_precision=INPUT_PRECISION)
+    else:
+        # Fewer than 16 experts: too small for tl.dot on a GPU, outer products instead.
+        for k in range(0, NUM_EXPERTS):
+            a = tl.load(a_ptr + offs_b * a_stride_b + k * a_stride_k, mask=mask_b, other=0.0)
+            row = tl.load(bank_ptr + k * bank_stride_k + src, mask=is_weight, other=0.0)
+            if HAS_BIAS:
+                row += tl.load(bias_ptr + k * bias_stride_k + bias_src, mask=is_bias, other=0.0)
+            acc += a.to(tl.float32)[:, None] * row.to(tl.float32)[None, :]
+
+    col = tl.where(is_weight, offs_n, BIAS_OFFSET + bias_col)
+    out = out_ptr + offs_b.to(tl.int64)[:, None] * out_stride_b + col[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty),
+             mask=mask_b[:, None] & (is_weight | is_bias)[None, :])
+
+
+mix_autotuned = triton.autotune(
+    configs=mix_configs(), key=MIX_KEY,
+    prune_configs_by={"early_config_prune": prune_mix_configs},
+)(mix_kernel)
+
+
+def dot_settings(dtype: torch.dtype, interpreter: bool) -> tuple[bool, str]:
+    """(DOT_FP32, INPUT_PRECISION) for operands of ``dtype``.
+
+    fp32 follows ``torch.backends.cudnn.allow_tf32`` (tf32 or ieee). The interpreter's bf16
+    ``tl.dot`` multiplies raw bits, so there bf16 operands are upcast to fp32 first.
+    """
+    upcast = interpreter and dtype == torch.bfloat16
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return upcast, "tf32"
+    return upcast, "ieee"
+
+
+def mix(routing: torch.Tensor, weight_bank: torch.Tensor, bias_bank: torch.Tensor | None,
+        groups: int, out: torch.Tensor | None = None, interpreter: bool = False) -> torch.Tensor:
+    """Mixed per-sample weights (and bias) in the conv kernel's layout.
+
+    Args:
+        routing: (n, K). weight_bank: (K, C_out, C_in/G, KH, KW), any strides.
+        bias_bank: (K, C_out) or None. groups: G.
+        out: optional (>= n, row_stride) buffer to write into (its first n rows are used).
+
+    Returns:
+        (n, row_stride) buffer in routing's dtype, rows laid out as :func:`mixed_layout`; read
+        it through :func:`mixed_views`.
+    """
+    n, num_experts = routing.shape
+    layout = mixed_layout(weight_bank.shape, bias_bank is not None)
+    if out is None:
+        out = routing.new_empty((n, layout.row_stride))
+    out = out[:n]
+    _, out_channels, in_per_group, kh, kw = weight_bank.shape
+    dot_fp32, precision = dot_settings(routing.dtype, interpreter)
+    bias = bias_bank if bias_bank is not None else weight_bank  # unused pointer when no bias
+    grid = lambda meta: (
+        triton.cdiv(layout.n_weight + layout.n_bias, meta["BLOCK_N"]),
+        triton.cdiv(n, meta["BLOCK_B"]),
+    )
+    mix_autotuned[grid](
+        routing, weight_bank, bias, out,
+        n, num_experts, layout.n_weight, layout.n_bias, layout.bias_offset,
+        out_channels // groups, in_per_group, kh, kw,
+        routing.stride(0), routing.stride(1),
+        *weight_bank.stride(),
+        bias.stride(0) if bias_bank is not None else 0,
+        bias.stride(1) if bias_bank is not None else 0,
+        out.stride(0),
+        HAS_BIAS=bias_bank is not None, USE_DOT=num_experts >= 16, DOT_FP32=dot_fp32,
+        INPUT_PRECISION=precision,
+    )
+    return out
+
+
+_COMPILE_DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+
+
+def compile_cases() -> list[CompileCase]:
+    """Every mix config x {outer-product, tl.dot} x {fp32, fp16, bf16}, with a bias bank."""
+    cases = []
+    ints = [
+        "BATCH", "NUM_EXPERTS", "N_WEIGHT", "N_BIAS", "BIAS_OFFSET", "C_OUT_G", "C_IN_G", "KH",
+        "KW", "a_stride_b", "a_stride_k", "bank_stride_k", "bank_stride_o", "bank_stride_c",
+        "bank_stride_h", "bank_stride_w", "bias_stride_k", "bias_stride_o", "out_stride_b",
+    ]
+    for dtype in _COMPILE_DTYPES:
+        for use_dot in (False, True):
+            for config in mix_configs(interpreter=False):
+                signature = {name: f"*{dtype}" for name in ("a_ptr", "bank_ptr", "bias_ptr",
+                                                            "out_ptr")}
+                signature.update({name: "i32" for name in ints})
+                constexprs = {
+                    "HAS_BIAS": True, "USE_DOT": use_dot, "DOT_FP32": False,
+                    "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee", **config.kwargs,
+                }
+                signature.update({name: "constexpr" for name in constexprs})
+                kw = config.kwargs
+                name = (f"mix {dtype} {'dot' if use_dot else 'fma'} "
+                        f"B{kw['BLOCK_B']} N{kw['BLOCK_N']} w{config.num_warps}")
+                cases.append(CompileCase(mix_kernel, signature, constexprs, config.num_warps,
+                                         config.num_stages, name))
+    return cases
