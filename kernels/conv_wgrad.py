@@ -1,0 +1,293 @@
+"""Weight-side gradients of dynamic convolution, contracted in the wgrad kernel's epilogue.
+
+The per-sample weight gradient of group g is a GEMM over that sample's output pixels::
+
+    gW_b[co, n] = sum_p grad_y[b, g*Cog + co, p] * x_unf[b, n, p]      n = (ci, kh, kw)
+
+and the gradients the caller needs are contractions of it with the routing weights and the bank::
+
+    grad_bank[k]    = sum_b a[b, k] * gW_b
+    grad_a[b, k]    = <gW_b, bank[k]> + <gb_b, bias_bank[k]>,   gb_b[co] = sum_p grad_y[b, co, p]
+    grad_bias[k]    = sum_b a[b, k] * gb_b
+
+One program owns one (co, n) tile of gW for one group and walks a run of samples. For each
+sample it forms that tile of gW_b in registers, then at once adds ``a[b, :] x tile`` into a
+(K, BLOCK_M, BLOCK_N) register accumulator of grad_bank and reduces ``tile . bank[k]`` to the
+tile's share of grad_a[b, :]. So gW_b never reaches memory, and nothing of size B x |W| exists.
+
+Partial results are written, never accumulated, to small fp32 buffers:
+
+- grad_bank: (S, K, Cout, Cin/g*kh*kw), one slice per run of samples (split) s;
+- grad_a:    (T, B, K), one row block per (co, n) tile t;
+- grad_bias: (S, K, Cout), written by the tiles with n-index 0.
+
+The launcher sums them over the first axis with ``torch.sum``, a fixed-order reduction. No
+atomics anywhere: results are bit-identical run to run, so this is also the deterministic path.
+The tile shape (which fixes T) is chosen by the launcher from a register budget; autotuning only
+varies BLOCK_P and the warp / stage counts, and every buffer element is written exactly once per
+launch, so no reset_to_zero is needed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest fp32 element count of the (K, BLOCK_M, BLOCK_N) grad_bank accumulator per program.
+ACC_BUDGET = 8192
+# Bytes allowed for the per-split grad_bank partials (S x K x |W| fp32).
+PARTIAL_BUDGET_BYTES = 32 * 2**20
+# Programs to aim for on a GPU when choosing how many splits of the batch to run.
+TARGET_PROGRAMS = 512
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def wgrad_configs() -> list[triton.Config]:
+    """Candidate BLOCK_P / warps / stages. The interpreter gets one config."""
+    if _interpreting():
+        return [triton.Config({"BLOCK_P": 64}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_P": block_p}, num_warps=num_warps, num_stages=num_stages)
+        for block_p in (16, 32, 64)
+        for num_warps, num_stages in ((4, 2), (4, 3), (8, 2), (8, 3))
+    ]
+
+
+def tile_shape(num_experts: int, cog: int, nred: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) for the gW tile: as large as the problem and the register budget allow.
+
+    ``tl.dot`` needs each tile side >= 16 when compiled.
+    """
+    k_pad = triton.next_power_of_2(num_experts)
+    if _interpreting():
+        # One program per group when the problem is tiny: the interpreter pays per program.
+        return max(16, triton.next_power_of_2(cog)), max(16, triton.next_power_of_2(nred))
+    block_m = min(64, max(16, triton.next_power_of_2(cog)))
+    block_n = min(128, max(16, triton.next_power_of_2(nred)))
+    while k_pad * block_m * block_n > ACC_BUDGET and (block_m > 16 or block_n > 16):
+        if block_n >= block_m and block_n > 16:
+            block_n //= 2
+        else:
+            block_m //= 2
+    return block_m, block_n
+
+
+@triton.jit
+def wgrad_kernel(
+    gy_ptr, x_ptr, bank_ptr, a_ptr, bias_ptr,
+    gbank_ptr, ga_ptr, gbias_ptr,
+    BATCH, SAMPLES_PER_SPLIT, H, W, HO, WO, CIG, COG, COUT, NUM_EXPERTS,
+    s_gy_b, s_gy_c, s_gy_h, s_gy_w,
+    s_x_b, s_x_c, s_x_h, s_x_w,
+    s_bk_k, s_bk_o, s_bk_i, s_bk_h, s_bk_w,
+    s_a_b, s_a_k,
+    s_bb_k, s_bb_o,
+    KH: tl.constexpr, KW: tl.constexpr,
+    SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr,
+    DH: tl.constexpr, DW: tl.constexpr,
+    K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NEED_BANK: tl.constexpr, NEED_ROUTING: tl.constexpr, NEED_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    NEED_GW: tl.constexpr = NEED_BANK or NEED_ROUTING
+    BIAS_TERMS: tl.constexpr = HAS_BIAS and (NEED_BIAS or NEED_ROUTING)
+    nred = CIG * KH * KW
+    tiles_m = (COG + BLOCK_M - 1) // BLOCK_M
+    tiles_n = (nred + BLOCK_N - 1) // BLOCK_N
+    tile = tl.program_id(0)
+    split = tl.program_id(1)
+    g = tile // (tiles_m * tiles_n)
+    tile_m = (tile // tiles_n) % tiles_m
+    tile_n = tile % tiles_n
+
+    co = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output channel within group g
+    co_ok = co < COG
+    co_glob = (g * COG + co).to(tl.int64)
+    n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (ci, kh, kw) flattened, as in the bank
+    n_ok = n < nred
+    ci = n // (KH * KW)
+    kh = (n // KW) % KH
+    kw = n % KW
+    ci_glob = (g * CIG + ci).to(tl.int64)
+    kk = tl.arange(0, K_PAD)
+    k_ok = kk < NUM_EXPERTS
+    tile_mask = co_ok[:, None] & n_ok[None, :]
+    bank_tile_off = (co_glob[:, None] * s_bk_o + ci[None, :].to(tl.int64) * s_bk_i
+                     + kh[None, :] * s_bk_h + kw[None, :] * s_bk_w)
+    first_n = tile_n == 0
+    pixels = HO * WO
+
+    gbank_acc = tl.zeros((K_PAD, BLOCK_M, BLOCK_N), dtype=tl.float32)
+    gbias_acc = tl.zeros((K_PAD, BLOCK_M), dtype=tl.float32)
+    b_start = split * SAMPLES_PER_SPLIT
+    b_stop = tl.minimum(b_start + SAMPLES_PER_SPLIT, BATCH)
+    for b in range(b_start, b_stop):
+        b64 = b_start.to(tl.int64) + (b - b_start)  # (the interpreter's loop yields a Python int)
+        gy_base = gy_ptr + b64 * s_gy_b + co_glob[:, None] * s_gy_c
+        x_base = x_ptr + b64 * s_x_b + ci_glob[None, :] * s_x_c
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        gsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for p0 in range(0, pixels, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            p_ok = p < pixels
+            oh = p // WO
+            ow = p % WO
+            gy = tl.load(
+                gy_base + oh[None, :].to(tl.int64) * s_gy_h + ow[None, :].to(tl.int64) * s_gy_w,
+                mask=co_ok[:, None] & p_ok[None, :], other=0.0,
+            )
+            if NEED_GW:
+                ih = oh[:, None] * SH - PH + kh[None, :] * DH
+                iw = ow[:, None] * SW - PW + kw[None, :] * DW
+                x_ok = (p_ok[:, None] & n_ok[None, :] & (ih >= 0) & (ih < H)
+                        & (iw >= 0) & (iw < W))
+                xt = tl.load(x_base + ih.to(tl.int64) * s_x_h + iw.to(tl.int64) * s_x_w,
+                             mask=x_ok, other=0.0)
+                if UPCAST:
+                    acc += tl.dot(gy.to(tl.float32), xt.to(tl.float32),
+                                  input_precision=INPUT_PRECISION)
+                else:
+                    acc += tl.dot(gy, xt, input_precision=INPUT_PRECISION)
+            if BIAS_TERMS:
+                gsum += tl.sum(gy.to(tl.float32), axis=1)
+
+        a_row = tl.load(a_ptr + b64 * s_a_b + kk * s_a_k, mask=k_ok, other=0.0).to(tl.float32)
+        ga = tl.zeros((K_PAD,), dtype=tl.float32)
+        if NEED_BANK:
+            gbank_acc += a_row[:, None, None] * acc[None, :, :]
+        if NEED_ROUTING:
+            for k in range(NUM_EXPERTS):
+                bank_k = tl.load(bank_ptr + k * s_bk_k + bank_tile_off, mask=tile_mask,
+                                 other=0.0).to(tl.float32)
+                ga = tl.where(kk == k, ga + tl.sum(tl.sum(bank_k * acc, axis=1), axis=0), ga)
+        if BIAS_TERMS:
+            if NEED_BIAS:
+                gbias_acc += a_row[:, None] * gsum[None, :]
+            if NEED_ROUTING:
+                bias_k = tl.load(
+                    bias_ptr + kk[:, None] * s_bb_k + co_glob[None, :] * s_bb_o,
+                    mask=k_ok[:, None] & co_ok[None, :] & first_n, other=0.0,
+                ).to(tl.float32)
+                ga += tl.sum(bias_k * gsum[None, :], axis=1)
+        if NEED_ROUTING:
+            ga_off = (tile.to(tl.int64) * BATCH + b64) * NUM_EXPERTS + kk
+            tl.store(ga_ptr + ga_off, ga, mask=k_ok)
+
+    split64 = split.to(tl.int64)
+    if NEED_BANK:
+        gbank_off = (((split64 * NUM_EXPERTS + kk[:, None, None]) * COUT + co_glob[None, :, None])
+                     * nred + n[None, None, :])
+        tl.store(gbank_ptr + gbank_off, gbank_acc,
+                 mask=k_ok[:, None, None] & tile_mask[None, :, :])
+    if BIAS_TERMS:
+        if NEED_BIAS:
+            gbias_off = (split64 * NUM_EXPERTS + kk[:, None]) * COUT + co_glob[None, :]
+            tl.store(gbias_ptr + gbias_off, gbias_acc,
+                     mask=k_ok[:, None] & co_ok[None, :] & first_n)
+
+
+WGRAD_KEY = ["H", "W", "HO", "WO", "CIG", "COG", "NUM_EXPERTS", "SAMPLES_PER_SPLIT", "KH", "KW",
+             "SH", "SW", "PH", "PW", "DH", "DW", "K_PAD", "HAS_BIAS", "NEED_BANK",
+             "NEED_ROUTING", "NEED_BIAS", "UPCAST", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N"]
+
+# Every buffer element is written once per launch (stores, no accumulation into memory), so a
+# config re-run while tuning leaves the right answer: no reset_to_zero needed.
+wgrad_kernel_tuned = triton.autotune(configs=wgrad_configs(), key=WGRAD_KEY)(wgrad_kernel)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tf32 for fp32 operands when cuDNN is allowed tf32 (PyTorch's own rule), else ieee."""
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _interpreting():
+        return "tf32"
+    return "ieee"
+
+
+def samples_per_split(batch: int, tiles: int, weight_numel: int, num_experts: int) -> int:
+    """Samples per program: enough splits to fill the GPU, few enough for the partial budget."""
+    if _interpreting():
+        return batch
+    max_splits = max(1, PARTIAL_BUDGET_BYTES // (4 * num_experts * weight_numel))
+    splits = max(1, min(batch, max_splits, triton.cdiv(TARGET_PROGRAMS, tiles)))
+    return triton.cdiv(batch, splits)
+
+
+def conv_wgrad(grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
+               need_bank=True, need_routing=True, need_bias=True, samples_per_program=None,
+               config=None):
+    """grad_bank, grad_routing, grad_bias of dynamic convolution, without forming gW per batch.
+
+    Args:
+        grad_out: (B, Cout, Ho, Wo); x: (B, Cin, H, W); any strides, same dtype.
+        weight_bank: (K, Cout, Cin // groups, kh, kw); routing: (B, K);
+        bias_bank: (K, Cout) or None.
+        stride, padding, dilation: pairs of ints (symmetric padding); groups: int.
+        need_bank / need_routing / need_bias: which gradients to compute.
+        samples_per_program: samples each program walks (the batch split); default from the
+            GPU size and PARTIAL_BUDGET_BYTES.
+        config: optional dict of BLOCK_P (+ num_warps, num_stages) to bypass autotuning.
+
+    Returns:
+        (grad_bank (K, Cout, Cin // groups, kh, kw) contiguous, grad_routing (B, K),
+        grad_bias (K, Cout)), each in x's dtype, or None where not requested (grad_bias is
+        None when bias_bank is None).
+    """
+    batch, in_channels, height, width = x.shape
+    num_experts, out_channels, cig, kh, kw = weight_bank.shape
+    ho, wo = grad_out.shape[2], grad_out.shape[3]
+    need_bias = need_bias and bias_bank is not None
+    if not (need_bank or need_routing or need_bias):
+        return None, None, None
+    cog = out_channels // groups
+    nred = cig * kh * kw
+    block_m, block_n = tile_shape(num_experts, cog, nred)
+    tiles = groups * triton.cdiv(cog, block_m) * triton.cdiv(nred, block_n)
+    weight_numel = out_channels * nred
+    if samples_per_program is None:
+        samples_per_program = samples_per_split(batch, tiles, weight_numel, num_experts)
+    samples_per_program = max(1, samples_per_program)
+    splits = triton.cdiv(batch, samples_per_program)
+    f32 = {"device": x.device, "dtype": torch.float32}
+    gbank = torch.empty((splits, num_experts, out_channels, nred), **f32) if need_bank else None
+    ga = torch.empty((tiles, batch, num_experts), **f32) if need_routing else None
+    gbias = torch.empty((splits, num_experts, out_channels), **f32) if need_bias else None
+    dummy = torch.empty(1, **f32)
+    bias_arg = bias_bank if bias_bank is not None else dummy
+    bias_strides = bias_bank.stride() if bias_bank is not None else (0, 0)
+    args = (
+        grad_out, x, weight_bank, routing, bias_arg,
+        dummy if gbank is None else gbank, dummy if ga is None else ga,
+        dummy if gbias is None else gbias,
+        batch, samples_per_program, height, width, ho, wo, cig, cog, out_channels, num_experts,
+        *grad_out.stride(), *x.stride(), *weight_bank.stride(), *routing.stride(), *bias_strides,
+    )
+    meta = dict(
+        KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
+        DH=dilation[0], DW=dilation[1], K_PAD=triton.next_power_of_2(num_experts),
+        HAS_BIAS=bias_bank is not None, NEED_BANK=need_bank, NEED_ROUTING=need_routing,
+        NEED_BIAS=need_bias, UPCAST=x.dtype == torch.bfloat16 and _interpreting(),
+        INPUT_PRECISION=input_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+    )
+    grid = (tiles, splits)
+    if batch > 0:
+        if config is None:
+            wgrad_kernel_tuned[grid](*args, **meta)
+        else:
+            config = dict(config)
+            launch = {key: config.pop(key) for key in ("num_warps", "num_stages") if key in config}
+            wgrad_kernel[grid](*args, **meta, **config, **launch)
+    grad_bank = grad_routing = grad_bias = None
+    if need_bank:
+        grad_bank = gbank.sum(0).to(x.dtype).reshape(weight_bank.shape)
+    if need_routing:
+        grad_routing = ga.sum(0).to(x.dtype)
+    if need_bias:
+        grad_bias = gbias.sum(0).to(x.dtype)
+    return grad_bank, grad_routing, grad_bias
