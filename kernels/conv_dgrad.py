@@ -2,7 +2,8 @@
 
 For sample b of group g::
 
-    grad_x[b, g*Cig + ci, ih, iw] = sum_{co, kh, kw} grad_y[b, g*Cog + co, oh, ow] * W_b[g*Cog + co, ci, kh, kw]
+    grad_x[b, g*Cig + ci, ih, iw] = sum_{co, kh, kw} grad_y[b, g*Cog + co, oh, ow]
+                                                      * W_b[g*Cog + co, ci, kh, kw]
     with ih = oh*sh - ph + kh*dh, iw = ow*sw - pw + kw*dw,  W_b = sum_k a[b, k] * bank[k]
 
 One program computes a BLOCK_M x BLOCK_N tile of grad_x for one sample: rows are input pixels
