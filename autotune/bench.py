@@ -1,0 +1,669 @@
+"""``python -m dynconv.autotune bench``: time and measure dynamic convolution providers.
+
+For every case (a conv shape x batch x K x dtype x layout) and every provider, the forward, the
+backward and forward+backward are timed, each *interleaved* with the static ``F.conv2d`` of the
+same shape (one static run, one provider run, repeated), so that the ratio to the static conv
+holds on a noisy machine. Timings are medians. Peak memory is
+``torch.cuda.max_memory_allocated`` on a GPU, and on the CPU the peak RSS (``VmHWM``) of a fresh
+process forked from a clean server that has only imported torch, minus its RSS just before the
+run.
+
+Providers (all at the functional level: x, the bank, the bias bank and the routing weights are
+leaves that need gradients; the router MLP is not part of the timing):
+
+- ``static``: ``F.conv2d`` with one (Cout, Cin/g, kh, kw) weight: the floor.
+- ``loop``: one ``F.conv2d`` per sample. ``grouped``: the grouped-conv trick, plain autograd.
+- ``dynconv``: ``dynamic_conv2d(..., backend="auto")``. ``triton``: ``backend="triton"``, only
+  on CUDA (the CPU interpreter is not something to time).
+
+The output is one long-format CSV per run, ``<out>/<device>/bench_<preset>.csv``: one row per
+(group, case, provider, mode), with the device, the versions and the figures; a provider that
+cannot run has ``status`` ``skipped`` (or ``error``/``oom``) and a ``note`` saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .shapes import (
+    SHAPE_SETS,
+    ConvShape,
+    find_layer,
+    geometry_key,
+    get_shape_set,
+    parse_shape,
+    tiny,
+)
+
+PROVIDERS = ("static", "loop", "grouped", "dynconv", "triton")
+MODES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LAYOUTS = ("nchw", "channels_last")
+PRESETS = ("quick", "gpu", "tiny")
+BACKEND_OF = {"loop": "loop", "grouped": "grouped", "dynconv": "auto", "triton": "triton"}
+
+# Dense tensor-core peaks (TFLOP/s) from the vendors' datasheets: (bf16/fp16, tf32, fp32).
+DEVICE_PEAK_TFLOPS = {
+    "h200": (989.4, 494.7, 66.9),
+    "h100 sxm": (989.4, 494.7, 66.9),
+    "h100 80gb hbm3": (989.4, 494.7, 66.9),
+    "h100 pcie": (756.0, 378.0, 51.2),
+    "h100": (756.0, 378.0, 51.2),
+    "a100": (312.0, 156.0, 19.5),
+    "l40s": (362.1, 183.0, 91.6),
+    "l4": (121.0, 60.0, 30.3),
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark point. ``group`` names the sweep it belongs to (the axis that varies)."""
+
+    group: str
+    shape: ConvShape
+    batch: int
+    experts: int = 4
+    dtype: str = "fp32"
+    layout: str = "nchw"
+    memory: bool = True
+
+    def key(self) -> tuple:
+        """Identity of the measurement (the group is only a label)."""
+        return (geometry_key(self.shape), self.batch, self.experts, self.dtype, self.layout)
+
+
+# ---------------------------------------------------------------------------------------------
+# presets
+
+
+def _square(name, channels, size, k=3, stride=1, cout=None) -> ConvShape:
+    return ConvShape(name, channels, cout or channels, size, size, k, k, stride, k // 2)
+
+
+def preset_cases(preset: str, device: str) -> list[Case]:
+    """The cases of a named preset.
+
+    ``quick``: small enough for a 2-core CPU in a few minutes; one axis varies per group around
+    a 64-channel 3x3 conv at 14x14, batch 16, K=4, fp32 NCHW, plus five ResNet-18 layers and a
+    MobileNetV2 depthwise layer at batch 4. ``gpu``: ResNet-18 layers at batch 32 and 128 in bf16
+    and fp32, channels_last, plus a batch sweep. ``tiny``: a toy shape, for tests.
+    """
+    if preset == "tiny":
+        shape = _square("tiny", 4, 6)
+        cases = [Case("batch", shape, b) for b in (1, 2)]
+        cases.append(Case("dtype", shape, 2, dtype="bf16", layout="channels_last", memory=False))
+        return cases
+    if preset == "quick":
+        base = _square("c64@14", 64, 14)
+        cases = [Case("batch", base, b) for b in (1, 4, 16, 64)]
+        layers = [find_layer("resnet18", n) for n in (
+            "layer1.0.conv1", "layer2.0.conv1", "layer2.0.downsample", "layer3.0.conv2",
+            "layer4.0.conv2")]
+        layers.append(find_layer("mobilenetv2", "features.3.depthwise"))
+        cases += [Case("layers", s, 4, memory=False) for s in layers]
+        cases += [Case("experts", base, 16, experts=k, memory=False) for k in (1, 2, 4, 8, 16)]
+        cases += [Case("width", _square(f"c{c}@14", c, 14), 16, memory=False)
+                  for c in (16, 32, 64, 128)]
+        cases += [Case("spatial", _square(f"c64@{s}", 64, s), 16, memory=False)
+                  for s in (7, 14, 28)]
+        cases += [Case("dtype", base, 16, dtype=d, layout=lay, memory=False)
+                  for d in ("fp32", "bf16") for lay in LAYOUTS]
+        return cases
+    if preset == "gpu":
+        base = find_layer("resnet18", "layer2.0.conv2")
+        cases = [Case("batch", base, b, dtype="bf16", layout="channels_last")
+                 for b in (8, 32, 128, 256)]
+        cases += [Case("layers", s, b, dtype=d, layout="channels_last")
+                  for d in ("bf16", "fp32") for b in (32, 128) for s in get_shape_set("resnet18")]
+        cases += [Case("experts", base, 128, experts=k, dtype="bf16", layout="channels_last")
+                  for k in (2, 4, 8, 16)]
+        return cases
+    raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
+
+
+# ---------------------------------------------------------------------------------------------
+# environment
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
+
+
+def device_slug(device: str) -> str:
+    """Folder name of a device's reports: ``cpu`` or the GPU model, e.g. ``nvidia_h200``."""
+    if device == "cpu":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "_", device_name(device).lower()).strip("_")
+
+
+def versions() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    return {"torch": torch.__version__, "triton": triton_version,
+            "python": platform.python_version()}
+
+
+def device_peak_tflops(device: str, dtype: str) -> float:
+    """The device's dense peak for ``dtype`` (fp32 counts as tf32 when cuDNN may use it)."""
+    if device != "cuda":
+        return float("nan")
+    name = device_name(device).lower()
+    for model, peaks in DEVICE_PEAK_TFLOPS.items():
+        if model in name:
+            if dtype in ("bf16", "fp16"):
+                return peaks[0]
+            return peaks[1] if torch.backends.cudnn.allow_tf32 else peaks[2]
+    return float("nan")
+
+
+def triton_unavailable_reason(device: str) -> str | None:
+    """Why the ``triton`` provider cannot be timed here, or None if it can."""
+    if device != "cuda":
+        return "needs CUDA (Triton's CPU interpreter is for correctness, not timing)"
+    try:
+        import triton  # noqa: F401
+
+        from dynconv import triton_backend  # noqa: F401
+    except ImportError as exc:
+        return f"Triton backend not importable: {exc}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the operations being timed
+
+
+def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
+    """Leaf tensors of a case: x, the static weight/bias, the bank, bias bank and routing."""
+    generator = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[case.dtype]
+    s = case.shape
+
+    def leaf(*size, scale=1.0):
+        t = torch.randn(*size, generator=generator) * scale
+        return t.to(device=device, dtype=dtype).requires_grad_(True)
+
+    fan_in = (s.cin // s.groups) * s.kh * s.kw
+    x = torch.randn(case.batch, s.cin, s.h, s.w, generator=generator)
+    x = x.to(device=device, dtype=dtype)
+    if case.layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    routing = torch.softmax(torch.randn(case.batch, case.experts, generator=generator), dim=1)
+    return {
+        "x": x,
+        "weight": leaf(s.cout, s.cin // s.groups, s.kh, s.kw, scale=fan_in ** -0.5),
+        "bias": leaf(s.cout, scale=0.1),
+        "bank": leaf(case.experts, s.cout, s.cin // s.groups, s.kh, s.kw, scale=fan_in ** -0.5),
+        "bias_bank": leaf(case.experts, s.cout, scale=0.1),
+        "routing": routing.to(device=device, dtype=dtype).requires_grad_(True),
+    }
+
+
+def forward_fn(provider: str, case: Case, t: dict) -> tuple[Callable[[], torch.Tensor], list]:
+    """(a zero-argument forward, the leaves its backward differentiates) for ``provider``."""
+    s = case.shape
+    if provider == "static":
+        return (lambda: F.conv2d(t["x"], t["weight"], t["bias"], s.stride, s.padding, s.dilation,
+                                 s.groups),
+                [t["x"], t["weight"], t["bias"]])
+    from dynconv import dynamic_conv2d
+
+    backend = BACKEND_OF[provider]
+    return (lambda: dynamic_conv2d(t["x"], t["bank"], t["routing"], t["bias_bank"], s.stride,
+                                   s.padding, s.dilation, s.groups, backend=backend),
+            [t["x"], t["bank"], t["routing"], t["bias_bank"]])
+
+
+def mode_fn(mode: str, forward: Callable, leaves: list) -> Callable[[], object]:
+    """The callable timed for ``mode``; ``bwd`` reuses one forward graph (retain_graph)."""
+    if mode == "fwd":
+        return forward
+    if mode == "fwd+bwd":
+        def fwd_bwd():
+            y = forward()
+            return torch.autograd.grad(y, leaves, torch.ones_like(y))
+        return fwd_bwd
+    y = forward()
+    grad = torch.ones_like(y)
+    return lambda: torch.autograd.grad(y, leaves, grad, retain_graph=True)
+
+
+def mode_flops(case: Case, mode: str) -> int:
+    """Useful FLOPs of the static conv (backward = data grad + weight grad = 2x forward)."""
+    return case.shape.flops(case.batch) * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+class Timer:
+    """Times one callable once, in ms: wall clock on CPU, ``do_bench``'s median on a GPU."""
+
+    def __init__(self, device: str, rep_ms: float = 25.0):
+        self.device = device
+        self.rep_ms = rep_ms
+
+    def __call__(self, fn: Callable) -> float:
+        if self.device == "cuda":
+            import triton.testing
+
+            return float(triton.testing.do_bench(fn, warmup=max(1, int(self.rep_ms // 4)),
+                                                 rep=int(self.rep_ms), return_mode="median"))
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+
+def interleaved(timer: Timer, fn: Callable, static_fn: Callable, rounds: int,
+                warmup: int = 1) -> tuple[list[float], list[float]]:
+    """Alternate static and provider runs ``rounds`` times; return both lists of times (ms)."""
+    for _ in range(warmup):
+        static_fn()
+        fn()
+    times, static_times = [], []
+    for _ in range(rounds):
+        static_times.append(timer(static_fn))
+        times.append(timer(fn))
+    return times, static_times
+
+
+def cuda_peak_memory(fn: Callable) -> tuple[int, int]:
+    """(max_memory_allocated during one call, that minus what was allocated before), bytes."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated()
+    return peak, peak - before
+
+
+def _read_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _memory_worker(case: Case, provider: str, conn) -> None:
+    """In a fresh process: build the inputs, run forward+backward once, send (peak, extra)."""
+    try:
+        # a first run on a miniature of the case loads every lazily initialised code path
+        # (oneDNN primitives, custom-op dispatch) so that the peak below is the case's own
+        mini = Case(case.group, tiny(case.shape, 4, 5), 1, case.experts, case.dtype, case.layout)
+        mini_forward, mini_leaves = forward_fn(provider, mini, make_inputs(mini, "cpu"))
+        mode_fn("fwd+bwd", mini_forward, mini_leaves)()
+        del mini_forward, mini_leaves
+        tensors = make_inputs(case, "cpu")
+        forward, leaves = forward_fn(provider, case, tensors)
+        before = _read_status_kb("VmRSS")
+        try:  # reset the high-water mark to the current RSS (Linux >= 4.0)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        mode_fn("fwd+bwd", forward, leaves)()
+        peak = _read_status_kb("VmHWM")
+        if peak is None or before is None:
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            conn.send(("ok", peak, None))
+        else:
+            conn.send(("ok", peak, peak - before))
+    except Exception as exc:  # reported in the CSV row, not raised in the parent
+        conn.send(("error", None, f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+_FORK_CONTEXT = None
+
+
+def fresh_process_peak_rss(case: Case, provider: str, timeout_s: float = 300.0):
+    """Peak RSS of forward+backward in a fresh process: (status, peak bytes, extra or note)."""
+    global _FORK_CONTEXT
+    if _FORK_CONTEXT is None:
+        methods = multiprocessing.get_all_start_methods()
+        _FORK_CONTEXT = multiprocessing.get_context(
+            "forkserver" if "forkserver" in methods else "spawn")
+        if "forkserver" in methods:
+            # children fork from a server that imported torch once but never ran an op
+            _FORK_CONTEXT.set_forkserver_preload(["torch", "dynconv", "dynconv.autotune.bench"])
+    receiver, sender = _FORK_CONTEXT.Pipe(duplex=False)
+    process = _FORK_CONTEXT.Process(target=_memory_worker, args=(case, provider, sender))
+    process.start()
+    sender.close()
+    result = ("error", None, f"no result within {timeout_s:.0f} s")
+    if receiver.poll(timeout_s):
+        try:
+            result = receiver.recv()
+        except EOFError:
+            result = ("error", None, "the memory worker exited without a result")
+    process.join(5)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    elif process.exitcode not in (0, None) and result[0] == "ok":
+        result = ("error", None, f"the memory worker exited with code {process.exitcode}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# a run
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int, timer: Timer,
+                 memory: bool) -> list[dict]:
+    """Rows (one per provider x mode) of one case; failures become rows with a status."""
+    nan = float("nan")
+    tensors = make_inputs(case, device)
+    static_forward, static_leaves = forward_fn("static", case, tensors)
+    static_samples: dict[str, list[float]] = {m: [] for m in MODES}
+    rows = []
+    triton_reason = triton_unavailable_reason(device)
+    for provider in providers:
+        for mode in MODES:
+            row = {"provider": provider, "mode": mode, "status": "ok", "note": "",
+                   "time_ms": nan, "static_time_ms": nan, "peak_mem_bytes": nan,
+                   "mem_extra_bytes": nan, "mem_method": ""}
+            rows.append(row)
+            if provider == "triton" and triton_reason:
+                row.update(status="skipped", note=triton_reason)
+                continue
+            try:
+                forward, leaves = forward_fn(provider, case, tensors)
+                static_fn = mode_fn(mode, static_forward, static_leaves)
+                fn = static_fn if provider == "static" else mode_fn(mode, forward, leaves)
+                times, static_times = interleaved(timer, fn, static_fn, rounds)
+                static_samples[mode] += static_times
+                if provider == "static":
+                    static_samples[mode] += times
+                row.update(time_ms=_median(times), static_time_ms=_median(static_times))
+                if memory and device == "cuda":
+                    peak, extra = cuda_peak_memory(mode_fn(mode, forward, leaves))
+                    row.update(peak_mem_bytes=peak, mem_extra_bytes=extra,
+                               mem_method="cuda_max_memory_allocated")
+                del fn, static_fn
+            except Exception as exc:
+                if device == "cuda" and _is_oom(exc):
+                    row.update(status="oom", note=str(exc).splitlines()[0][:200])
+                    torch.cuda.empty_cache()
+                else:
+                    row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
+        if memory and device == "cpu" and provider != "triton":
+            status, peak, extra = fresh_process_peak_rss(case, provider)
+            row = rows[-1]  # the fwd+bwd row of this provider
+            if status == "ok":
+                row.update(peak_mem_bytes=peak, mem_extra_bytes=nan if extra is None else extra,
+                           mem_method="fresh_process_vmhwm")
+            else:
+                row["note"] = (row["note"] + "; " if row["note"] else "") + f"memory: {extra}"
+    for row in rows:
+        if row["provider"] == "static":
+            # the floor's own time: every static sample of this case and mode
+            row["time_ms"] = _median(static_samples[row["mode"]])
+            row["static_time_ms"] = row["time_ms"]
+    return rows
+
+
+def case_columns(case: Case) -> dict:
+    s = case.shape
+    return {"group": case.group, "layer": s.name, "shape": s.label(), "cin": s.cin,
+            "cout": s.cout, "h": s.h, "w": s.w, "kh": s.kh, "kw": s.kw, "stride": s.stride,
+            "padding": s.padding, "dilation": s.dilation, "groups": s.groups, "batch": case.batch,
+            "experts": case.experts, "dtype": case.dtype, "layout": case.layout}
+
+
+def derived_columns(row: dict, case: Case, device: str) -> dict:
+    time_ms, static_ms = row["time_ms"], row["static_time_ms"]
+    flops = mode_flops(case, row["mode"])
+    tflops = flops / (time_ms * 1e-3) / 1e12 if time_ms == time_ms and time_ms > 0 else float("nan")
+    peak = device_peak_tflops(device, case.dtype)
+    return {
+        "ratio_to_static": time_ms / static_ms if static_ms and static_ms > 0 else float("nan"),
+        "samples_per_s": case.batch / (time_ms * 1e-3) if time_ms > 0 else float("nan"),
+        "gflop": flops / 1e9,
+        "tflops": tflops,
+        "device_peak_tflops": peak,
+        "peak_fraction": tflops / peak if peak == peak else float("nan"),
+    }
+
+
+COLUMNS = [
+    "run_id", "timestamp", "preset", "device", "device_name", "device_slug", "torch", "triton",
+    "python", "threads", "rounds", "group", "layer", "shape", "cin", "cout", "h", "w", "kh", "kw",
+    "stride", "padding", "dilation", "groups", "batch", "experts", "dtype", "layout", "provider",
+    "mode", "status", "note", "time_ms", "static_time_ms", "ratio_to_static", "samples_per_s",
+    "gflop", "tflops", "device_peak_tflops", "peak_fraction", "peak_mem_bytes",
+    "mem_extra_bytes", "mem_method",
+]
+
+
+def run(cases: list[Case], providers: list[str], device: str, rounds: int, out_csv: str,
+        preset: str, memory: bool = True, progress: bool = True, time_budget_s: float = 0.0,
+        rep_ms: float = 25.0) -> str:
+    """Measure every case; rewrite ``out_csv`` after each case (a cut-short run keeps data)."""
+    import pandas as pd
+
+    os.makedirs(os.path.dirname(os.path.abspath(out_csv)), exist_ok=True)
+    meta = {"run_id": time.strftime("%Y%m%dT%H%M%S"), "timestamp": time.strftime(
+        "%Y-%m-%dT%H:%M:%S%z"), "preset": preset, "device": device,
+        "device_name": device_name(device), "device_slug": device_slug(device), **versions(),
+        "threads": torch.get_num_threads(), "rounds": rounds}
+    timer = Timer(device, rep_ms)
+    measured: dict[tuple, list[dict]] = {}
+    records: list[dict] = []
+    started = time.monotonic()
+    bar = _progress(len(cases), progress)
+    try:
+        for case in cases:
+            if time_budget_s and time.monotonic() - started > time_budget_s:
+                print(f"bench: time budget of {time_budget_s:.0f} s spent; stopping before "
+                      f"{case.group} {case.shape.label()} b{case.batch}", file=sys.stderr)
+                break
+            bar.set_postfix_str(f"{case.group} {case.shape.label()} b{case.batch} {case.dtype}")
+            if case.key() not in measured:
+                measured[case.key()] = measure_case(case, providers, device, rounds, timer,
+                                                    memory and case.memory)
+            for row in measured[case.key()]:
+                records.append({**meta, **case_columns(case), **row,
+                                **derived_columns(row, case, device)})
+            pd.DataFrame.from_records(records, columns=COLUMNS).to_csv(out_csv, index=False)
+            bar.update(1)
+    finally:
+        bar.close()
+    return out_csv
+
+
+class _NoBar:
+    def set_postfix_str(self, _text):
+        pass
+
+    def update(self, _n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def csv_list(choices: Iterable[str], what: str):
+    """argparse type: a comma-separated subset of ``choices``, with a clear error."""
+    choices = tuple(choices)
+
+    def parse(text: str) -> list[str]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        bad = [item for item in items if item not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(map(repr, bad)) or repr(text)}; "
+                f"expected a comma-separated list from {list(choices)}")
+        return items
+
+    return parse
+
+
+def int_list(what: str):
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(item) for item in text.split(",") if item.strip()]
+        except ValueError:
+            values = []
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a comma-separated list of positive ints, got {text!r}")
+        return values
+
+    return parse
+
+
+def shape_arg(text: str) -> ConvShape:
+    try:
+        return parse_shape(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dynconv.autotune bench",
+        description="Time forward / backward / forward+backward and peak memory of dynamic conv "
+                    "providers against the static conv of the same shape; write a long CSV to "
+                    "<out>/<device>/bench_<preset>.csv.")
+    parser.add_argument("--preset", choices=PRESETS,
+                        help="named set of cases (default: quick on CPU, gpu on CUDA); ignored "
+                             "when --set or --shape is given")
+    parser.add_argument("--set", dest="shape_set", choices=sorted(SHAPE_SETS),
+                        help="bench every layer of this network instead of a preset")
+    parser.add_argument("--shape", type=shape_arg, action="append", default=[],
+                        help="a custom layer, e.g. cin=64,cout=128,hw=56,k=3,stride=2 "
+                             "(repeatable)")
+    parser.add_argument("--batch", type=int_list("--batch"), default=[8],
+                        help="batch sizes for --set/--shape (default 8)")
+    parser.add_argument("--experts", type=int_list("--experts"), default=[4],
+                        help="K values for --set/--shape (default 4)")
+    parser.add_argument("--dtype", type=csv_list(DTYPES, "dtype"), default=["fp32"],
+                        help="dtypes for --set/--shape (default fp32)")
+    parser.add_argument("--layout", type=csv_list(LAYOUTS, "layout"), default=["nchw"],
+                        help="memory layouts for --set/--shape (default nchw)")
+    parser.add_argument("--providers", type=csv_list(PROVIDERS, "provider"),
+                        default=list(PROVIDERS), help=f"subset of {','.join(PROVIDERS)}")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved repeats per measurement (default 5 CPU, 3 GPU)")
+    parser.add_argument("--rep-ms", type=float, default=25.0,
+                        help="GPU: do_bench's rep (ms) per timed sample")
+    parser.add_argument("--time-budget", type=float, default=0.0,
+                        help="stop starting new cases after this many seconds (0: no limit)")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    parser.add_argument("--out", default="perf_reports", help="output root folder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the cases and providers that would run, then exit")
+    return parser
+
+
+def resolve_cases(args, device: str) -> tuple[str, list[Case]]:
+    """(preset label, cases) from parsed arguments."""
+    if args.shape_set or args.shape:
+        shapes = list(get_shape_set(args.shape_set)) if args.shape_set else []
+        shapes += args.shape
+        label = args.shape_set or "custom"
+        cases = [Case("layers", s, b, k, d, lay) for d in args.dtype for lay in args.layout
+                 for k in args.experts for b in args.batch for s in shapes]
+        return label, cases
+    preset = args.preset or ("gpu" if device == "cuda" else "quick")
+    return preset, preset_cases(preset, device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for but torch.cuda.is_available() is False")
+    rounds = args.rounds or (3 if device == "cuda" else 5)
+    if rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {rounds}")
+    label, cases = resolve_cases(args, device)
+    providers = args.providers
+    if "static" not in providers:
+        providers = ["static", *providers]
+    out_csv = os.path.join(args.out, device_slug(device), f"bench_{label}.csv")
+    if args.dry_run:
+        print(f"dry run: {len(cases)} cases x providers {','.join(providers)} x modes "
+              f"{','.join(MODES)} on {device} ({device_name(device)}), {rounds} rounds")
+        for case in cases:
+            print(f"  {case.group:8s} {case.shape.name:22s} {case.shape.label():26s} "
+                  f"batch={case.batch:<4d} K={case.experts:<3d} {case.dtype:5s} {case.layout}"
+                  f"{'  +memory' if case.memory and not args.no_memory else ''}")
+        reason = triton_unavailable_reason(device)
+        if "triton" in providers and reason:
+            print(f"  (provider triton would be skipped: {reason})")
+        print(f"would write {out_csv}")
+        return 0
+    run(cases, providers, device, rounds, out_csv, label, memory=not args.no_memory,
+        progress=not args.no_progress, time_budget_s=args.time_budget, rep_ms=args.rep_ms)
+    print(f"bench: wrote {out_csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
