@@ -77,7 +77,9 @@ def dynamic_conv2d(
         y, (B, Cout, Ho, Wo), in x's dtype.
     """
     check_backend(backend)
-    geometry = check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups)
+    geometry = check_conv_inputs(
+        x, weight_bank, routing, bias_bank, stride, padding, dilation, groups
+    )
     if geometry.extra_padding != (0, 0):
         # padding="same" with an even dilated kernel: pad the extra row/column at the bottom/right
         # as F.conv2d does, then every backend sees symmetric padding.

@@ -25,9 +25,24 @@ class DynamicConv2d(nn.Module):
     Shapes: x (B, Cin, H, W) -> y (B, Cout, Ho, Wo); with ``return_routing=True`` also a (B, K).
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, num_experts=4, temperature=1.0, gate="softmax",
-                 reduction=4, backend="auto", device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=True,
+        num_experts=4,
+        temperature=1.0,
+        gate="softmax",
+        reduction=4,
+        backend="auto",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.in_channels = check_positive_int(in_channels, "in_channels")
@@ -46,17 +61,22 @@ class DynamicConv2d(nn.Module):
         self.num_experts = check_positive_int(num_experts, "num_experts")
         self.backend = check_backend(backend)
         self.weight = nn.Parameter(
-            torch.empty(num_experts, out_channels, in_channels // groups, *self.kernel_size,
-                        **factory)
+            torch.empty(
+                num_experts, out_channels, in_channels // groups, *self.kernel_size, **factory
+            )
         )
-        self.bias = nn.Parameter(torch.empty(num_experts, out_channels, **factory)) if bias else None
+        self.bias = (
+            nn.Parameter(torch.empty(num_experts, out_channels, **factory)) if bias else None
+        )
         self.router = RoutingMLP(in_channels, num_experts, reduction, temperature, gate, **factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Each bank kernel like ``nn.Conv2d``: kaiming uniform a=sqrt(5) on one kernel's fan-in."""
         fan_in = self.weight.shape[2] * self.weight.shape[3] * self.weight.shape[4]
-        for expert in self.weight.data:  # init per (Cout, Cin/g, kh, kw) kernel, not on the 5-D bank
+        for (
+            expert
+        ) in self.weight.data:  # init per (Cout, Cin/g, kh, kw) kernel, not on the 5-D bank
             nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(fan_in)
@@ -79,13 +99,24 @@ class DynamicConv2d(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight, routing = x.to(dtype), weight.to(dtype), routing.to(dtype)
             bias = None if bias is None else bias.to(dtype)
-        y = dynamic_conv2d(x, weight, routing, bias, self.stride, self.padding, self.dilation,
-                           self.groups, backend=self.backend)
+        y = dynamic_conv2d(
+            x,
+            weight,
+            routing,
+            bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            backend=self.backend,
+        )
         return (y, routing) if return_routing else y
 
     def extra_repr(self) -> str:
-        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding}, num_experts={self.num_experts}")
+        text = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, num_experts={self.num_experts}"
+        )
         if self.dilation != (1, 1):
             text += f", dilation={self.dilation}"
         if self.groups != 1:
@@ -101,17 +132,43 @@ class DynamicBlock(nn.Module):
     Shapes: x (B, Cin, H, W) -> (B, Cout, ceil(H / stride), ceil(W / stride)).
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, num_experts=4,
-                 dilation=1, groups=1, temperature=1.0, gate="softmax", reduction=4,
-                 backend="auto", device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size=3,
+        stride=1,
+        num_experts=4,
+        dilation=1,
+        groups=1,
+        temperature=1.0,
+        gate="softmax",
+        reduction=4,
+        backend="auto",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         k = pair(kernel_size, "kernel_size", 1)
         d = pair(dilation, "dilation", 1)
         padding = tuple(di * (ki - 1) // 2 for ki, di in zip(k, d))
-        self.conv = DynamicConv2d(in_channels, out_channels, k, stride, padding, d, groups,
-                                  bias=False, num_experts=num_experts, temperature=temperature,
-                                  gate=gate, reduction=reduction, backend=backend, **factory)
+        self.conv = DynamicConv2d(
+            in_channels,
+            out_channels,
+            k,
+            stride,
+            padding,
+            d,
+            groups,
+            bias=False,
+            num_experts=num_experts,
+            temperature=temperature,
+            gate=gate,
+            reduction=reduction,
+            backend=backend,
+            **factory,
+        )
         self.bn = nn.BatchNorm2d(out_channels, **factory)
         self.act = nn.ReLU(inplace=True)
 
@@ -128,9 +185,20 @@ class DynamicCNN(nn.Module):
     also a list of three (B, K) routing tensors, one per dynamic stage.
     """
 
-    def __init__(self, in_channels=3, num_classes=10, num_experts=4, widths=(32, 64, 128),
-                 stem_channels=16, temperature=1.0, gate="softmax", reduction=4, backend="auto",
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels=3,
+        num_classes=10,
+        num_experts=4,
+        widths=(32, 64, 128),
+        stem_channels=16,
+        temperature=1.0,
+        gate="softmax",
+        reduction=4,
+        backend="auto",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         check_positive_int(in_channels, "in_channels")
@@ -145,8 +213,18 @@ class DynamicCNN(nn.Module):
         )
         stage_in = (stem_channels,) + widths[:-1]
         self.stages = nn.ModuleList(
-            DynamicBlock(cin, cout, 3, stride=2, num_experts=num_experts, temperature=temperature,
-                         gate=gate, reduction=reduction, backend=backend, **factory)
+            DynamicBlock(
+                cin,
+                cout,
+                3,
+                stride=2,
+                num_experts=num_experts,
+                temperature=temperature,
+                gate=gate,
+                reduction=reduction,
+                backend=backend,
+                **factory,
+            )
             for cin, cout in zip(stage_in, widths)
         )
         self.head = nn.Linear(widths[-1], num_classes, **factory)

@@ -31,8 +31,13 @@ def loop_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeomet
         bias = None if bias_bank is None else routing[b] @ bias_bank
         outputs.append(
             F.conv2d(
-                x[b : b + 1], weight, bias, geometry.stride, geometry.padding,
-                geometry.dilation, geometry.groups,
+                x[b : b + 1],
+                weight,
+                bias,
+                geometry.stride,
+                geometry.padding,
+                geometry.dilation,
+                geometry.groups,
             )
         )
     return torch.cat(outputs, dim=0)
@@ -42,10 +47,17 @@ def grouped_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeo
     """The grouped-conv trick: the batch becomes groups. x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
     batch, in_channels, height, width = x.shape
     out_channels = weight_bank.shape[1]
-    weight = mix_bank(routing, weight_bank).reshape((batch * out_channels,) + tuple(weight_bank.shape[2:]))
+    weight = mix_bank(routing, weight_bank).reshape(
+        (batch * out_channels,) + tuple(weight_bank.shape[2:])
+    )
     bias = None if bias_bank is None else (routing @ bias_bank).reshape(-1)
     y = F.conv2d(
-        x.reshape(1, batch * in_channels, height, width), weight, bias, geometry.stride,
-        geometry.padding, geometry.dilation, batch * geometry.groups,
+        x.reshape(1, batch * in_channels, height, width),
+        weight,
+        bias,
+        geometry.stride,
+        geometry.padding,
+        geometry.dilation,
+        batch * geometry.groups,
     )
     return y.reshape(batch, out_channels, y.shape[2], y.shape[3])

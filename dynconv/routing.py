@@ -21,8 +21,16 @@ class RoutingMLP(nn.Module):
     Shapes: x (B, C, H, W) -> routing (B, K).
     """
 
-    def __init__(self, in_channels, num_experts=4, reduction=4, temperature=1.0, gate="softmax",
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels,
+        num_experts=4,
+        reduction=4,
+        temperature=1.0,
+        gate="softmax",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.in_channels = check_positive_int(in_channels, "in_channels")

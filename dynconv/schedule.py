@@ -52,13 +52,19 @@ class TemperatureSchedule:
         return self.temperature
 
     def state_dict(self) -> dict:
-        return {"start": self.start, "end": self.end, "steps": self.steps,
-                "step_count": self.step_count}
+        return {
+            "start": self.start,
+            "end": self.end,
+            "steps": self.steps,
+            "step_count": self.step_count,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.__init__(state["start"], state["end"], state["steps"])
         self.step_count = int(state["step_count"])
 
     def __repr__(self) -> str:
-        return (f"TemperatureSchedule(start={self.start:g}, end={self.end:g}, steps={self.steps}, "
-                f"step_count={self.step_count})")
+        return (
+            f"TemperatureSchedule(start={self.start:g}, end={self.end:g}, steps={self.steps}, "
+            f"step_count={self.step_count})"
+        )

@@ -45,7 +45,9 @@ def check_positive_int(value, name: str) -> int:
 def check_temperature(value) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
-            raise ValueError(f"temperature must be a scalar, got a tensor of shape {tuple(value.shape)}")
+            raise ValueError(
+                f"temperature must be a scalar, got a tensor of shape {tuple(value.shape)}"
+            )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(value).__name__} {value!r}")
@@ -90,7 +92,9 @@ def resolve_padding(padding, kernel_size, stride, dilation):
             return (0, 0), (0, 0)
         if padding == "same":
             if stride != (1, 1):
-                raise ValueError(f"padding='same' needs stride 1 (as in nn.Conv2d), got stride={stride}")
+                raise ValueError(
+                    f"padding='same' needs stride 1 (as in nn.Conv2d), got stride={stride}"
+                )
             totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
             return (totals[0] // 2, totals[1] // 2), (totals[0] % 2, totals[1] % 2)
         raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
@@ -126,16 +130,22 @@ def check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilat
             f"{weight_bank.dim()}-D with {_describe(weight_bank)}"
         )
     if routing.dim() != 2:
-        raise ValueError(f"routing must be 2-D (B, K), got {routing.dim()}-D with {_describe(routing)}")
+        raise ValueError(
+            f"routing must be 2-D (B, K), got {routing.dim()}-D with {_describe(routing)}"
+        )
     tensors = {"x": x, "weight_bank": weight_bank, "routing": routing}
     if bias_bank is not None:
         check_tensor(bias_bank, "bias_bank")
         tensors["bias_bank"] = bias_bank
     for name, t in tensors.items():
         if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to one device")
+            raise ValueError(
+                f"{name} is on {t.device} but x is on {x.device}; move them to one device"
+            )
         if t.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match")
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match"
+            )
 
     groups = check_positive_int(groups, "groups")
     batch, in_channels = x.shape[0], x.shape[1]
@@ -144,10 +154,13 @@ def check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilat
     if num_experts < 1 or out_channels < 1 or in_per_group < 1 or min(kernel_size) < 1:
         raise ValueError(f"weight_bank must have no empty dimension, got {_describe(weight_bank)}")
     if in_channels % groups != 0:
-        raise ValueError(f"groups={groups} must divide the input channels of x, got Cin={in_channels}")
+        raise ValueError(
+            f"groups={groups} must divide the input channels of x, got Cin={in_channels}"
+        )
     if out_channels % groups != 0:
         raise ValueError(
-            f"groups={groups} must divide the output channels of weight_bank, got Cout={out_channels}"
+            f"groups={groups} must divide the output channels of weight_bank, "
+            f"got Cout={out_channels}"
         )
     if in_per_group * groups != in_channels:
         raise ValueError(
@@ -156,8 +169,8 @@ def check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilat
         )
     if tuple(routing.shape) != (batch, num_experts):
         raise ValueError(
-            f"routing must have shape (B, K) = ({batch}, {num_experts}) to match x and weight_bank, "
-            f"got {tuple(routing.shape)}"
+            f"routing must have shape (B, K) = ({batch}, {num_experts}) to match x and "
+            f"weight_bank, got {tuple(routing.shape)}"
         )
     if bias_bank is not None and tuple(bias_bank.shape) != (num_experts, out_channels):
         raise ValueError(
