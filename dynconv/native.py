@@ -5,26 +5,64 @@ trick under plain autograd it
 
 - saves only x, the routing weights and the parameters for backward, never the mixed
   per-sample weights (B x |W|): those are recomputed chunk by chunk in backward;
-- processes the batch in chunks so that the mixed weights and the weight gradients that exist at
-  any moment are bounded (see :func:`batch_chunk_size`);
+- processes the batch in chunks so that the temporaries that exist at any moment (mixed
+  weights, their gradient, im2col patches) are bounded (see :func:`batch_chunk_size`);
+- picks, per shape and thread count, how each chunk is convolved (grouped convolution,
+  per-sample convolution or im2col + batched matmul: :mod:`dynconv.native_formulations`) with
+  a rule measured by ``python -m dynconv.autotune.cpu_formulations``
+  (:mod:`dynconv.native_rule`);
 - is a ``torch.library`` custom op, so ``torch.compile(fullgraph=True, dynamic=True)`` treats it
   as one opaque node (Inductor cannot lower a convolution whose ``groups`` depends on a symbolic
-  batch size).
+  batch size), and the choice above is made at run time on concrete shapes.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from .native_formulations import FORMULATIONS, conv_backward, conv_forward, output_hw
+from .native_rule import choose_formulation
 from .validation import ConvGeometry
 
-# Bytes of mixed weights (and of their gradient in backward) allowed to exist per chunk.
+# Bytes that each per-chunk temporary (the mixed weights, their gradient, the im2col patches
+# and their gradient) may take.
 MIXED_WEIGHT_BUDGET_BYTES = 8 * 2**20
 
+# Set by :func:`force_formulation` (tests, benchmarks): (formulation or None, chunk or None).
+_forced: tuple[str | None, int | None] = (None, None)
 
-def batch_chunk_size(batch: int, weight_numel: int, element_size: int) -> int:
-    """Samples per chunk so that one chunk's mixed weights fit MIXED_WEIGHT_BUDGET_BYTES."""
-    return max(1, min(batch, MIXED_WEIGHT_BUDGET_BYTES // max(1, weight_numel * element_size)))
+
+@contextlib.contextmanager
+def force_formulation(formulation: str | None = None, chunk: int | None = None):
+    """Within the block, every native op uses ``formulation`` and/or ``chunk`` samples per chunk.
+
+    For tests and benchmarks; ``None`` leaves that choice to the rule / the memory budget.
+    """
+    global _forced
+    if formulation is not None and formulation not in FORMULATIONS:
+        raise ValueError(f"formulation must be one of {FORMULATIONS} or None, got {formulation!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be an int >= 1 or None, got {chunk!r}")
+    previous = _forced
+    _forced = (formulation, chunk)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def batch_chunk_size(
+    batch: int, weight_numel: int, element_size: int, sample_temp_numel: int = 0
+) -> int:
+    """Samples per chunk so that each per-chunk temporary fits MIXED_WEIGHT_BUDGET_BYTES.
+
+    weight_numel is |W| (one sample's mixed weights); sample_temp_numel the size of the largest
+    other per-sample temporary of the formulation (e.g. im2col patches).
+    """
+    per_sample = max(1, weight_numel, sample_temp_numel) * element_size
+    return max(1, min(batch, MIXED_WEIGHT_BUDGET_BYTES // per_sample))
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -36,22 +74,27 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _output_hw(x, weight_bank, stride, padding, dilation):
-    sizes = []
-    for axis in range(2):
-        reach = dilation[axis] * (weight_bank.shape[3 + axis] - 1) + 1
-        sizes.append((x.shape[2 + axis] + 2 * padding[axis] - reach) // stride[axis] + 1)
-    return sizes
+def _plan(x, weight_bank, stride, padding, dilation, groups) -> tuple[str, int]:
+    """(formulation, samples per chunk) for this call: forced, else the rule within the budget."""
+    batch, in_channels, height, width = x.shape
+    out_channels, kernel = weight_bank.shape[1], tuple(weight_bank.shape[3:])
+    out_h, out_w = output_hw((height, width), kernel, stride, padding, dilation)
+    formulation, chunk = _forced
+    if formulation is None:
+        formulation = choose_formulation(
+            batch, in_channels, out_channels, (height, width), kernel, (out_h, out_w), groups,
+            x.dtype, output_memory_format(x) == torch.channels_last, torch.get_num_threads(),
+        )
+    if chunk is None:
+        temp = 0
+        if formulation == "im2col":
+            temp = in_channels * kernel[0] * kernel[1] * out_h * out_w
+        chunk = batch_chunk_size(batch, weight_bank[0].numel(), x.element_size(), temp)
+    return formulation, min(chunk, batch)
 
 
-def _grouped_chunk(x_chunk, weights, bias, stride, padding, dilation, groups):
-    """Convolve a chunk of n samples with their own weights via one grouped convolution."""
-    n, in_channels, height, width = x_chunk.shape
-    y = torch.nn.functional.conv2d(
-        x_chunk.reshape(1, n * in_channels, height, width), weights, bias, stride, padding,
-        dilation, n * groups,
-    )
-    return y.reshape(n, -1, y.shape[2], y.shape[3])
+def _same_layout(t: torch.Tensor, like: torch.Tensor) -> bool:
+    return t.shape == like.shape and t.stride() == like.stride()
 
 
 @torch.library.custom_op("dynconv::native_forward", mutates_args=())
@@ -68,28 +111,35 @@ def native_forward(
     """y (B, Cout, Ho, Wo) from x (B, Cin, H, W), bank (K, Cout, Cin/g, kh, kw), routing (B, K)."""
     batch = x.shape[0]
     num_experts, out_channels = weight_bank.shape[:2]
-    kernel_shape = tuple(weight_bank.shape[2:])
     bank_2d = weight_bank.reshape(num_experts, -1)
-    chunk = batch_chunk_size(batch, bank_2d.shape[1], x.element_size())
-    height_out, width_out = _output_hw(x, weight_bank, stride, padding, dilation)
-    y = x.new_empty((batch, out_channels, height_out, width_out)).contiguous(
-        memory_format=output_memory_format(x)
-    )
+    formulation, chunk = _plan(x, weight_bank, stride, padding, dilation, groups)
+    y = _native_forward_fake(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups)
+    # One buffer for the mixed weights of a chunk, reused by every chunk: fresh large
+    # allocations cost page faults on every call.
+    mixed = bank_2d.new_empty((chunk, bank_2d.shape[1]))
     for start in range(0, batch, chunk):
-        a = routing[start : start + chunk]
-        weights = (a @ bank_2d).reshape((a.shape[0] * out_channels,) + kernel_shape)
-        bias = None if bias_bank is None else (a @ bias_bank).reshape(-1)
-        y[start : start + chunk] = _grouped_chunk(
-            x[start : start + chunk], weights, bias, stride, padding, dilation, groups
+        stop = min(batch, start + chunk)
+        a = routing[start:stop]
+        weights = torch.mm(a, bank_2d, out=mixed[: stop - start])
+        weights = weights.view((stop - start,) + tuple(weight_bank.shape[1:]))
+        bias = None if bias_bank is None else a @ bias_bank
+        y_chunk = conv_forward(
+            formulation, x[start:stop], weights, bias, stride, padding, dilation, groups
         )
+        if chunk == batch and _same_layout(y_chunk, y):
+            return y_chunk
+        y[start:stop] = y_chunk
     return y
 
 
 @native_forward.register_fake
 def _native_forward_fake(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
-    height_out, width_out = _output_hw(x, weight_bank, stride, padding, dilation)
-    return x.new_empty((x.shape[0], weight_bank.shape[1], height_out, width_out)).contiguous(
-        memory_format=output_memory_format(x)
+    height_out, width_out = output_hw(
+        x.shape[2:], weight_bank.shape[3:], stride, padding, dilation
+    )
+    return torch.empty(
+        (x.shape[0], weight_bank.shape[1], height_out, width_out), dtype=x.dtype,
+        device=x.device, memory_format=output_memory_format(x),
     )
 
 
@@ -109,57 +159,58 @@ def native_backward(
     """Gradients (x, weight_bank, routing, bias_bank); an unrequested one is an empty tensor.
 
     For each chunk of samples the mixed weights W_b are recomputed, the per-sample weight
-    gradient gW_b comes from one grouped ``convolution_backward``, and it is contracted at once:
+    gradient gW_b comes from the chunk's formulation, and it is contracted at once:
     grad_bank += a^T gW, grad_routing[b, k] = <gW_b, bank[k]> (+ the bias terms).
     """
     need_x, need_bank, need_routing, need_bias = output_mask
     need_bias = need_bias and bias_bank is not None
+    need_weight = need_bank or need_routing
     batch = x.shape[0]
-    num_experts, out_channels = weight_bank.shape[:2]
-    kernel_shape = tuple(weight_bank.shape[2:])
+    num_experts = weight_bank.shape[0]
     bank_2d = weight_bank.reshape(num_experts, -1)
     # Low-precision gradients are summed over chunks in fp32, then cast once.
     acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     # Outputs of a custom op may not alias each other: each unrequested gradient gets its own
     # empty tensor.
-    empty = lambda: x.new_empty(0)  # noqa: E731
-    grad_x = torch.empty_like(x) if need_x else empty()
-    grad_bank = bank_2d.new_zeros(bank_2d.shape, dtype=acc_dtype) if need_bank else None
-    grad_routing = torch.empty_like(routing) if need_routing else empty()
-    grad_bias = (
-        bias_bank.new_zeros(bias_bank.shape, dtype=acc_dtype) if need_bias else None
+    grad_x, grad_bank, grad_routing, grad_bias = _native_backward_fake(
+        grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
+        output_mask,
     )
-    need_weight = need_bank or need_routing
-    chunk = batch_chunk_size(batch, bank_2d.shape[1], x.element_size())
+    bank_acc = bank_2d.new_zeros(bank_2d.shape, dtype=acc_dtype) if need_bank else None
+    bias_acc = bias_bank.new_zeros(bias_bank.shape, dtype=acc_dtype) if need_bias else None
+    formulation, chunk = _plan(x, weight_bank, stride, padding, dilation, groups)
+    mixed = bank_2d.new_empty((chunk, bank_2d.shape[1])) if need_x or need_weight else None
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)
         n = stop - start
         a = routing[start:stop]
         if need_x or need_weight:
-            weights = (a @ bank_2d).reshape((n * out_channels,) + kernel_shape)
-            x_chunk = x[start:stop]
-            gx, gw, _ = torch.ops.aten.convolution_backward(
-                grad_out[start:stop].reshape(1, n * out_channels, *grad_out.shape[2:]),
-                x_chunk.reshape(1, -1, *x.shape[2:]),
-                weights, None, stride, padding, dilation, False, [0, 0], n * groups,
-                [need_x, need_weight, False],
+            weights = torch.mm(a, bank_2d, out=mixed[:n]).view((n,) + tuple(weight_bank.shape[1:]))
+            gx, gw = conv_backward(
+                formulation, grad_out[start:stop], x[start:stop], weights, stride, padding,
+                dilation, groups, need_x, need_weight,
             )
             if need_x:
-                grad_x[start:stop] = gx.reshape(x_chunk.shape)
+                if chunk == batch and _same_layout(gx, grad_x):
+                    grad_x = gx
+                else:
+                    grad_x[start:stop] = gx
             if need_weight:
                 gw_2d = gw.reshape(n, -1)
                 if need_bank:
-                    grad_bank.addmm_(a.t().to(acc_dtype), gw_2d.to(acc_dtype))
+                    bank_acc.addmm_(a.t().to(acc_dtype), gw_2d.to(acc_dtype))
                 if need_routing:
-                    grad_routing[start:stop] = gw_2d @ bank_2d.t()
+                    torch.mm(gw_2d, bank_2d.t(), out=grad_routing[start:stop])
         if bias_bank is not None and (need_bias or need_routing):
             grad_b = grad_out[start:stop].sum(dim=(2, 3))
             if need_bias:
-                grad_bias.addmm_(a.t().to(acc_dtype), grad_b.to(acc_dtype))
+                bias_acc.addmm_(a.t().to(acc_dtype), grad_b.to(acc_dtype))
             if need_routing:
                 grad_routing[start:stop] += grad_b @ bias_bank.t()
-    grad_bank = grad_bank.to(x.dtype).reshape(weight_bank.shape) if need_bank else empty()
-    grad_bias = grad_bias.to(x.dtype) if need_bias else empty()
+    if need_bank:
+        grad_bank.copy_(bank_acc.view(weight_bank.shape))
+    if need_bias:
+        grad_bias.copy_(bias_acc)
     return grad_x, grad_bank, grad_routing, grad_bias
 
 

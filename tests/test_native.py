@@ -1,0 +1,182 @@
+"""The native (CPU) backend: every formulation, forced, against an independent float64 per-sample
+loop (forward and the gradients of x, the bank, the bias bank and the routing weights), chunk
+boundaries, what autograd saves, channels_last, and the selection rule's contract."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dynconv import dynamic_conv2d, native
+from dynconv.native_formulations import FORMULATIONS
+from dynconv.native_rule import choose_formulation
+
+
+def loop_reference(x, bank, routing, bias_bank, stride, padding, dilation, groups):
+    """Float64-friendly reference: each sample's kernel mixed by an explicit sum, one conv each."""
+    outputs = []
+    for b in range(x.shape[0]):
+        weight = sum(routing[b, k] * bank[k] for k in range(bank.shape[0]))
+        bias = None
+        if bias_bank is not None:
+            bias = sum(routing[b, k] * bias_bank[k] for k in range(bank.shape[0]))
+        outputs.append(F.conv2d(x[b : b + 1], weight, bias, stride, padding, dilation, groups))
+    return torch.cat(outputs)
+
+
+# (batch, cin, cout, H, W, (kh, kw), stride, padding, dilation, groups, K, bias)
+CASES = [
+    (3, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 4, True),
+    (2, 3, 5, 6, 7, (1, 1), 1, 0, 1, 1, 3, False),  # 1x1
+    (2, 5, 4, 9, 8, (3, 3), 2, 1, 1, 1, 2, True),  # stride 2, odd channels
+    (2, 6, 4, 9, 9, (3, 5), (1, 2), (2, 1), (2, 1), 2, 3, True),  # groups, pairs, dilation
+    (3, 6, 6, 8, 7, (3, 3), 1, 1, 1, 6, 2, True),  # depthwise
+    (1, 4, 4, 5, 5, (2, 2), 1, 0, 1, 1, 1, True),  # batch 1, K = 1, even kernel
+]
+
+
+def _case_id(case):
+    b, cin, cout, h, w, k, s, p, d, g, n, bias = case
+    return f"B{b}-{cin}to{cout}-{h}x{w}-k{k[0]}x{k[1]}-s{s}-p{p}-d{d}-g{g}-K{n}-b{int(bias)}"
+
+
+def _inputs(case, dtype=torch.float64, seed=0):
+    b, cin, cout, h, w, k, s, p, d, g, n, bias = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, cin, h, w, generator=gen, dtype=dtype)
+    bank = torch.randn(n, cout, cin // g, *k, generator=gen, dtype=dtype)
+    bank /= (cin // g * k[0] * k[1]) ** 0.5
+    routing = torch.softmax(torch.randn(b, n, generator=gen, dtype=dtype), dim=1)
+    bias_bank = torch.randn(n, cout, generator=gen, dtype=dtype) if bias else None
+    return x, bank, routing, bias_bank, dict(stride=s, padding=p, dilation=d, groups=g)
+
+
+def _forward_backward(fn, tensors, upstream_seed=1):
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
+    y = fn(*leaves)
+    gen = torch.Generator().manual_seed(upstream_seed)
+    upstream = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+    y.backward(upstream)
+    return y.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def _check_against_reference(case, formulation, chunk=None, channels_last=False):
+    x, bank, routing, bias, geometry = _inputs(case)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want_y, want_grads = _forward_backward(
+        lambda *t: loop_reference(*t, **geometry), (x, bank, routing, bias)
+    )
+    with native.force_formulation(formulation, chunk):
+        got_y, got_grads = _forward_backward(
+            lambda *t: dynamic_conv2d(*t, backend="native", **geometry), (x, bank, routing, bias)
+        )
+    # float64 against float64: only summation order differs, ~1e-15 relative per product.
+    torch.testing.assert_close(got_y, want_y, rtol=1e-10, atol=1e-10)
+    names = ("x", "bank", "routing", "bias")
+    for name, got, want in zip(names, got_grads, want_grads, strict=True):
+        if want is None:
+            assert got is None, name
+            continue
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"grad of {name}")
+    if channels_last:
+        assert got_y.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_formulation_matches_float64_loop(formulation, case):
+    _check_against_reference(case, formulation)
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_formulation_channels_last(formulation):
+    _check_against_reference(CASES[0], formulation, chunk=2, channels_last=True)
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_chunk_boundary_batch_of_chunk_plus_one(formulation):
+    # 5 samples in chunks of 4: one full chunk and a chunk of one.
+    case = (5, 4, 6, 6, 6, (3, 3), 1, 1, 1, 2, 3, True)
+    _check_against_reference(case, formulation, chunk=4)
+
+
+def test_budget_sets_chunk_size(monkeypatch):
+    # Budget for 3 samples of the largest per-sample temporary: 7 samples run as 3, 3, 1.
+    monkeypatch.setattr(native, "MIXED_WEIGHT_BUDGET_BYTES", 3 * 100 * 8)
+    assert native.batch_chunk_size(7, 100, 8) == 3
+    assert native.batch_chunk_size(7, 10, 8, sample_temp_numel=100) == 3
+    assert native.batch_chunk_size(2, 100, 8) == 2
+    assert native.batch_chunk_size(7, 10_000, 8) == 1
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_gradcheck_float64(formulation):
+    x, bank, routing, bias, geometry = _inputs((3, 2, 2, 4, 4, (3, 3), 1, 1, 1, 1, 2, True))
+    leaves = tuple(t.requires_grad_(True) for t in (x, bank, routing, bias))
+
+    def fn(*t):
+        return dynamic_conv2d(*t, backend="native", **geometry)
+
+    # Three samples in chunks of two: the chunk loop is part of what is checked.
+    with native.force_formulation(formulation, chunk=2):
+        assert torch.autograd.gradcheck(fn, leaves, fast_mode=True)
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_saved_tensors_exclude_mixed_weights(formulation):
+    batch, cin, cout, k = 6, 4, 5, 3
+    case = (batch, cin, cout, 6, 6, (k, k), 1, 1, 1, 1, 3, True)
+    x, bank, routing, bias, geometry = _inputs(case)
+    leaves = [t.requires_grad_(True) for t in (x, bank, routing, bias)]
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with native.force_formulation(formulation), torch.autograd.graph.saved_tensors_hooks(
+        pack, lambda t: t
+    ):
+        y = dynamic_conv2d(*leaves, backend="native", **geometry)
+    assert saved, "the op saved nothing for backward"
+    mixed_numel = batch * cout * cin * k * k
+    for t in saved:
+        assert t.numel() < mixed_numel or t.shape == x.shape, tuple(t.shape)
+        assert tuple(t.shape) != (batch, cout, cin, k, k)
+    y.sum().backward()
+
+
+def test_only_requested_gradients_are_computed():
+    x, bank, routing, bias, geometry = _inputs(CASES[0])
+    want_y, want_grads = _forward_backward(
+        lambda *t: loop_reference(*t, **geometry), (x, bank, routing, bias)
+    )
+    x_leaf = x.clone().requires_grad_(True)
+    y = dynamic_conv2d(x_leaf, bank, routing, bias, backend="native", **geometry)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype))
+    torch.testing.assert_close(x_leaf.grad, want_grads[0], rtol=1e-10, atol=1e-10)
+
+
+def test_force_formulation_rejects_unknown_names():
+    with pytest.raises(ValueError, match="formulation"):
+        with native.force_formulation("winograd"):
+            pass
+    with pytest.raises(ValueError, match="chunk"):
+        with native.force_formulation(chunk=0):
+            pass
+
+
+@pytest.mark.parametrize("threads", [1, 2, 16])
+@pytest.mark.parametrize("shape", [
+    (32, 64, 64, (32, 32)), (64, 128, 128, (16, 16)), (16, 256, 256, (14, 14)),
+    (128, 64, 64, (8, 8)), (1, 3, 8, (5, 5)),
+])
+def test_rule_returns_a_formulation(shape, threads):
+    batch, cin, cout, hw = shape
+    for groups in (1, cin):
+        if cout % groups:
+            continue
+        got = choose_formulation(
+            batch, cin, cout, hw, (3, 3), hw, groups, torch.float32, False, threads
+        )
+        assert got in FORMULATIONS
