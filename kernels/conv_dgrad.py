@@ -17,36 +17,35 @@ exactly one program (no atomics: deterministic).
 
 from __future__ import annotations
 
-import os
-
-import torch
 import triton
 import triton.language as tl
 
+from .configs import MIN_DOT_BLOCK, CompileCase, interpreting
+from .mix import dot_settings
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_N and BLOCK_K >= 16 for tl.dot.
+_DGRAD_CANDIDATES = [
+    (32, 16, 16, 2, 3),
+    (64, 16, 32, 4, 3),
+    (64, 32, 32, 4, 3),
+    (128, 32, 32, 4, 3),
+    (64, 64, 32, 4, 3),
+    (128, 64, 32, 8, 3),
+    (128, 128, 32, 8, 3),
+    (64, 64, 64, 4, 2),
+]
+# Interpreter: one config with large row tiles (its cost is per program and per op).
+_DGRAD_INTERPRETER = (64, 16, 16, 4, 1)
 
 
-def dgrad_configs() -> list[triton.Config]:
-    """Candidate tile configs. The interpreter gets one config (it cannot time kernels)."""
-    if _interpreting():
-        # Large row tiles: the interpreter's cost is per program and per op, not per element.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=4)]
-    configs = []
-    for block_m in (32, 64, 128):
-        for block_n in (16, 32, 64):
-            for block_k in (16, 32):
-                for num_warps, num_stages in ((4, 2), (4, 3), (8, 3)):
-                    if block_m * block_n >= 128 * 64 and num_warps == 4:
-                        continue
-                    configs.append(
-                        triton.Config(
-                            {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k},
-                            num_warps=num_warps, num_stages=num_stages,
-                        )
-                    )
-    return configs
+def dgrad_configs(interpreter: bool | None = None) -> list[triton.Config]:
+    """Candidate tile configs (one under the interpreter, which cannot time kernels)."""
+    interpreter = interpreting() if interpreter is None else interpreter
+    table = [_DGRAD_INTERPRETER] if interpreter else _DGRAD_CANDIDATES
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
+        for m, n, k, w, st in table
+    ]
 
 
 def _prune_dgrad(configs, named_args, **kwargs):
@@ -55,8 +54,8 @@ def _prune_dgrad(configs, named_args, **kwargs):
     pixels = named_args["H"] * named_args["W"]
     kept = [
         c for c in configs
-        if c.kwargs["BLOCK_N"] <= max(16, triton.next_power_of_2(cig))
-        and c.kwargs["BLOCK_K"] <= max(16, triton.next_power_of_2(cog))
+        if c.kwargs["BLOCK_N"] <= max(MIN_DOT_BLOCK, triton.next_power_of_2(cig))
+        and c.kwargs["BLOCK_K"] <= max(MIN_DOT_BLOCK, triton.next_power_of_2(cog))
         and c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(pixels))
     ]
     return kept or configs[:1]
@@ -94,9 +93,12 @@ def dgrad_kernel(
     col_ok = cols < CIG
     red = tl.arange(0, BLOCK_K)  # output channels within group g
 
+    # 64-bit arithmetic only for the per-sample / per-group base pointers; offsets inside one
+    # sample (and inside the bank) are int32: fewer registers (the launcher checks the spans).
     b64 = b.to(tl.int64)
     gy_base = gy_ptr + b64 * s_gy_b + (g * COG).to(tl.int64) * s_gy_c
-    bank_base = bank_ptr + (g * COG).to(tl.int64) * s_bk_o + cols[None, :].to(tl.int64) * s_bk_i
+    bank_base = bank_ptr + (g * COG).to(tl.int64) * s_bk_o
+    a_base = a_ptr + b64 * s_a_b
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kh in range(KH):
@@ -109,20 +111,18 @@ def dgrad_kernel(
             ok_w = (num_w >= 0) & (num_w % SW == 0) & (ow < WO)
             ok_row = row_ok & ok_h & ok_w
             # Rows with ok_row False have meaningless (oh, ow); their loads are masked.
-            pix_off = oh.to(tl.int64) * s_gy_h + ow.to(tl.int64) * s_gy_w
+            pix_off = oh * s_gy_h + ow * s_gy_w
             tap_off = kh * s_bk_h + kw * s_bk_w
             for co0 in range(0, COG, BLOCK_K):
                 co = co0 + red
                 co_ok = co < COG
-                gy = tl.load(
-                    gy_base + pix_off[:, None] + co[None, :].to(tl.int64) * s_gy_c,
-                    mask=ok_row[:, None] & co_ok[None, :], other=0.0,
-                )
+                gy = tl.load(gy_base + (pix_off[:, None] + co[None, :] * s_gy_c),
+                             mask=ok_row[:, None] & co_ok[None, :], other=0.0)
                 w_mask = co_ok[:, None] & col_ok[None, :]
-                w_off = co[:, None].to(tl.int64) * s_bk_o + tap_off
+                w_off = co[:, None] * s_bk_o + cols[None, :] * s_bk_i + tap_off
                 w = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
                 for k in range(NUM_EXPERTS):
-                    a_k = tl.load(a_ptr + b64 * s_a_b + k * s_a_k).to(tl.float32)
+                    a_k = tl.load(a_base + k * s_a_k).to(tl.float32)
                     tile = tl.load(bank_base + k * s_bk_k + w_off, mask=w_mask, other=0.0)
                     w += a_k * tile.to(tl.float32)
                 if UPCAST:
@@ -130,13 +130,9 @@ def dgrad_kernel(
                 else:
                     acc += tl.dot(gy, w.to(gy.dtype), input_precision=INPUT_PRECISION)
 
-    gx_off = (
-        b64 * s_gx_b
-        + ((g * CIG).to(tl.int64) + cols[None, :]) * s_gx_c
-        + ih[:, None].to(tl.int64) * s_gx_h
-        + iw[:, None].to(tl.int64) * s_gx_w
-    )
-    tl.store(gx_ptr + gx_off, acc.to(gx_ptr.dtype.element_ty),
+    gx_base = gx_ptr + b64 * s_gx_b + (g * CIG).to(tl.int64) * s_gx_c
+    gx_off = cols[None, :] * s_gx_c + ih[:, None] * s_gx_h + iw[:, None] * s_gx_w
+    tl.store(gx_base + gx_off, acc.to(gx_ptr.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -151,15 +147,8 @@ dgrad_kernel_tuned = triton.autotune(
 )(dgrad_kernel)
 
 
-def input_precision(dtype: torch.dtype) -> str:
-    """tf32 for fp32 operands when cuDNN is allowed tf32 (PyTorch's own rule), else ieee."""
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _interpreting():
-        return "tf32"
-    return "ieee"
-
-
 def conv_dgrad(grad_out, weight_bank, routing, x_shape, stride, padding, dilation, groups,
-               out=None, config=None):
+               out=None, config=None, interpreter=False):
     """grad_x of dynamic convolution.
 
     Args:
@@ -169,7 +158,9 @@ def conv_dgrad(grad_out, weight_bank, routing, x_shape, stride, padding, dilatio
         x_shape: (B, Cin, H, W) of the forward input.
         stride, padding, dilation: pairs of ints (symmetric padding); groups: int.
         out: optional preallocated (B, Cin, H, W) tensor (any strides) to write into.
-        config: optional dict of BLOCK_M / BLOCK_N / BLOCK_K (+ num_warps) to bypass autotuning.
+        config: optional dict of BLOCK_M / BLOCK_N / BLOCK_K (+ num_warps, num_stages) to
+            bypass autotuning.
+        interpreter: whether the kernel runs under the Triton interpreter (CPU tensors).
 
     Returns:
         grad_x (B, Cin, H, W) in grad_out's dtype; ``out`` when given, else contiguous.
@@ -182,7 +173,7 @@ def conv_dgrad(grad_out, weight_bank, routing, x_shape, stride, padding, dilatio
     if out.numel() == 0:
         return out
     cog = out_channels // groups
-    upcast = grad_out.dtype == torch.bfloat16 and _interpreting()
+    upcast, precision = dot_settings(grad_out.dtype, interpreter)
     args = (
         grad_out, weight_bank, routing, out,
         height, width, ho, wo, cig, cog, num_experts,
@@ -191,7 +182,7 @@ def conv_dgrad(grad_out, weight_bank, routing, x_shape, stride, padding, dilatio
     meta = dict(
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
         DH=dilation[0], DW=dilation[1], UPCAST=upcast,
-        INPUT_PRECISION=input_precision(grad_out.dtype),
+        INPUT_PRECISION=precision,
     )
     if config is None:
         def grid(m):
@@ -200,8 +191,44 @@ def conv_dgrad(grad_out, weight_bank, routing, x_shape, stride, padding, dilatio
         dgrad_kernel_tuned[grid](*args, **meta)
     else:
         config = dict(config)
-        num_warps = config.pop("num_warps", 4)
+        launch = {key: config.pop(key) for key in ("num_warps", "num_stages") if key in config}
         grid = (batch * triton.cdiv(height * width, config["BLOCK_M"]),
                 groups * triton.cdiv(cig, config["BLOCK_N"]))
-        dgrad_kernel[grid](*args, **meta, **config, num_warps=num_warps)
+        dgrad_kernel[grid](*args, **meta, **config, **launch)
     return out
+
+
+_INT_ARGS = [
+    "H", "W", "HO", "WO", "CIG", "COG", "NUM_EXPERTS",
+    "s_gy_b", "s_gy_c", "s_gy_h", "s_gy_w",
+    "s_bk_k", "s_bk_o", "s_bk_i", "s_bk_h", "s_bk_w",
+    "s_a_b", "s_a_k",
+    "s_gx_b", "s_gx_c", "s_gx_h", "s_gx_w",
+]
+# (KH, KW, stride, padding, dilation) compiled by the compile-check: the common 3x3 (stride 1
+# and 2) and a 1x1; the geometry is constexpr, so each is its own binary.
+COMPILE_GEOMETRIES = [(3, 3, 1, 1, 1), (3, 3, 2, 1, 1), (1, 1, 1, 0, 1)]
+
+
+def compile_cases() -> list[CompileCase]:
+    """Every dgrad config x {fp32 (tf32), fp16, bf16} x COMPILE_GEOMETRIES."""
+    cases = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        for kh, kw, stride, pad, dil in COMPILE_GEOMETRIES:
+            for config in dgrad_configs(interpreter=False):
+                signature = {name: f"*{dtype}" for name in ("gy_ptr", "bank_ptr", "a_ptr",
+                                                            "gx_ptr")}
+                signature.update({name: "i32" for name in _INT_ARGS})
+                constexprs = {
+                    "KH": kh, "KW": kw, "SH": stride, "SW": stride, "PH": pad, "PW": pad,
+                    "DH": dil, "DW": dil, "UPCAST": False,
+                    "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee", **config.kwargs,
+                }
+                signature.update({name: "constexpr" for name in constexprs})
+                kwargs = config.kwargs
+                name = (f"conv_dgrad {dtype} k{kh}x{kw} s{stride} M{kwargs['BLOCK_M']} "
+                        f"N{kwargs['BLOCK_N']} K{kwargs['BLOCK_K']} w{config.num_warps} "
+                        f"s{config.num_stages}")
+                cases.append(CompileCase(dgrad_kernel, signature, constexprs, config.num_warps,
+                                         config.num_stages, name))
+    return cases

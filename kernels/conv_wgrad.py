@@ -30,48 +30,58 @@ launch, so no reset_to_zero is needed.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .configs import MIN_DOT_BLOCK, CompileCase, interpreting
+from .mix import dot_settings
+
 # Largest fp32 element count of the (K, BLOCK_M, BLOCK_N) grad_bank accumulator per program.
-ACC_BUDGET = 8192
+ACC_BUDGET = 4096
 # Bytes allowed for the per-split grad_bank partials (S x K x |W| fp32).
 PARTIAL_BUDGET_BYTES = 32 * 2**20
 # Programs to aim for on a GPU when choosing how many splits of the batch to run.
 TARGET_PROGRAMS = 512
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# (BLOCK_P, num_warps, num_stages); BLOCK_P is tl.dot's reduction dimension (>= 16).
+_WGRAD_CANDIDATES = [
+    (16, 4, 2),
+    (32, 4, 2),
+    (64, 4, 2),
+    (32, 4, 3),
+    (16, 8, 2),
+    (32, 8, 3),
+    (64, 8, 3),
+]
+# Interpreter: one config, long pixel chunks (its cost is per program and per op).
+_WGRAD_INTERPRETER = (64, 4, 1)
 
 
-def wgrad_configs() -> list[triton.Config]:
-    """Candidate BLOCK_P / warps / stages. The interpreter gets one config."""
-    if _interpreting():
-        return [triton.Config({"BLOCK_P": 64}, num_warps=4)]
-    return [
-        triton.Config({"BLOCK_P": block_p}, num_warps=num_warps, num_stages=num_stages)
-        for block_p in (16, 32, 64)
-        for num_warps, num_stages in ((4, 2), (4, 3), (8, 2), (8, 3))
-    ]
+def wgrad_configs(interpreter: bool | None = None) -> list[triton.Config]:
+    """Candidate BLOCK_P / warps / stages (one under the interpreter)."""
+    interpreter = interpreting() if interpreter is None else interpreter
+    table = [_WGRAD_INTERPRETER] if interpreter else _WGRAD_CANDIDATES
+    return [triton.Config({"BLOCK_P": p}, num_warps=w, num_stages=st) for p, w, st in table]
 
 
-def tile_shape(num_experts: int, cog: int, nred: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) for the gW tile: as large as the problem and the register budget allow.
+def tile_shape(num_experts: int, cog: int, nred: int,
+               interpreter: bool = False) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the gW tile: as large as the problem and the register budget allow.
 
     ``tl.dot`` needs each tile side >= 16 when compiled.
     """
+    small = MIN_DOT_BLOCK
+    if interpreter:
+        # One program per group for the tiny test problems: the interpreter pays per program.
+        return (max(small, triton.next_power_of_2(cog)),
+                max(small, triton.next_power_of_2(nred)))
     k_pad = triton.next_power_of_2(num_experts)
-    if _interpreting():
-        # One program per group when the problem is tiny: the interpreter pays per program.
-        return max(16, triton.next_power_of_2(cog)), max(16, triton.next_power_of_2(nred))
-    block_m = min(64, max(16, triton.next_power_of_2(cog)))
-    block_n = min(128, max(16, triton.next_power_of_2(nred)))
-    while k_pad * block_m * block_n > ACC_BUDGET and (block_m > 16 or block_n > 16):
-        if block_n >= block_m and block_n > 16:
+    block_m = min(64, max(small, triton.next_power_of_2(cog)))
+    block_n = min(64, max(small, triton.next_power_of_2(nred)))
+    while k_pad * block_m * block_n > ACC_BUDGET and (block_m > small or block_n > small):
+        if block_n >= block_m and block_n > small:
             block_n //= 2
         else:
             block_m //= 2
@@ -110,20 +120,21 @@ def wgrad_kernel(
 
     co = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output channel within group g
     co_ok = co < COG
-    co_glob = (g * COG + co).to(tl.int64)
     n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (ci, kh, kw) flattened, as in the bank
     n_ok = n < nred
     ci = n // (KH * KW)
     kh = (n // KW) % KH
     kw = n % KW
-    ci_glob = (g * CIG + ci).to(tl.int64)
     kk = tl.arange(0, K_PAD)
     k_ok = kk < NUM_EXPERTS
     tile_mask = co_ok[:, None] & n_ok[None, :]
-    bank_tile_off = (co_glob[:, None] * s_bk_o + ci[None, :].to(tl.int64) * s_bk_i
-                     + kh[None, :] * s_bk_h + kw[None, :] * s_bk_w)
     first_n = tile_n == 0
     pixels = HO * WO
+    # 64-bit arithmetic only for base pointers; offsets inside one sample (and inside the bank)
+    # are int32: fewer registers (the launcher checks the spans).
+    g_co = (g * COG).to(tl.int64)
+    x_n_off = ci * s_x_c + (kh * DH) * s_x_h + (kw * DW) * s_x_w
+    gy_co_off = co * s_gy_c
 
     gbank_acc = tl.zeros((K_PAD, BLOCK_M, BLOCK_N), dtype=tl.float32)
     gbias_acc = tl.zeros((K_PAD, BLOCK_M), dtype=tl.float32)
@@ -131,8 +142,8 @@ def wgrad_kernel(
     b_stop = tl.minimum(b_start + SAMPLES_PER_SPLIT, BATCH)
     for b in range(b_start, b_stop):
         b64 = b_start.to(tl.int64) + (b - b_start)  # (the interpreter's loop yields a Python int)
-        gy_base = gy_ptr + b64 * s_gy_b + co_glob[:, None] * s_gy_c
-        x_base = x_ptr + b64 * s_x_b + ci_glob[None, :] * s_x_c
+        gy_base = gy_ptr + b64 * s_gy_b + g_co * s_gy_c
+        x_base = x_ptr + b64 * s_x_b + (g * CIG).to(tl.int64) * s_x_c
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         gsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for p0 in range(0, pixels, BLOCK_P):
@@ -140,16 +151,16 @@ def wgrad_kernel(
             p_ok = p < pixels
             oh = p // WO
             ow = p % WO
-            gy = tl.load(
-                gy_base + oh[None, :].to(tl.int64) * s_gy_h + ow[None, :].to(tl.int64) * s_gy_w,
-                mask=co_ok[:, None] & p_ok[None, :], other=0.0,
-            )
+            gy = tl.load(gy_base + (gy_co_off[:, None] + (oh * s_gy_h + ow * s_gy_w)[None, :]),
+                         mask=co_ok[:, None] & p_ok[None, :], other=0.0)
             if NEED_GW:
-                ih = oh[:, None] * SH - PH + kh[None, :] * DH
-                iw = ow[:, None] * SW - PW + kw[None, :] * DW
+                ih0 = oh * SH - PH
+                iw0 = ow * SW - PW
+                ih = ih0[:, None] + (kh * DH)[None, :]
+                iw = iw0[:, None] + (kw * DW)[None, :]
                 x_ok = (p_ok[:, None] & n_ok[None, :] & (ih >= 0) & (ih < H)
                         & (iw >= 0) & (iw < W))
-                xt = tl.load(x_base + ih.to(tl.int64) * s_x_h + iw.to(tl.int64) * s_x_w,
+                xt = tl.load(x_base + ((ih0 * s_x_h + iw0 * s_x_w)[:, None] + x_n_off[None, :]),
                              mask=x_ok, other=0.0)
                 if UPCAST:
                     acc += tl.dot(gy.to(tl.float32), xt.to(tl.float32),
@@ -164,8 +175,11 @@ def wgrad_kernel(
         if NEED_BANK:
             gbank_acc += a_row[:, None, None] * acc[None, :, :]
         if NEED_ROUTING:
+            bank_off = (co[:, None] * s_bk_o + ci[None, :] * s_bk_i + kh[None, :] * s_bk_h
+                        + kw[None, :] * s_bk_w)
+            bank_base = bank_ptr + g_co * s_bk_o
             for k in range(NUM_EXPERTS):
-                bank_k = tl.load(bank_ptr + k * s_bk_k + bank_tile_off, mask=tile_mask,
+                bank_k = tl.load(bank_base + k * s_bk_k + bank_off, mask=tile_mask,
                                  other=0.0).to(tl.float32)
                 ga = tl.where(kk == k, ga + tl.sum(tl.sum(bank_k * acc, axis=1), axis=0), ga)
         if BIAS_TERMS:
@@ -173,7 +187,7 @@ def wgrad_kernel(
                 gbias_acc += a_row[:, None] * gsum[None, :]
             if NEED_ROUTING:
                 bias_k = tl.load(
-                    bias_ptr + kk[:, None] * s_bb_k + co_glob[None, :] * s_bb_o,
+                    bias_ptr + g_co * s_bb_o + (kk[:, None] * s_bb_k + co[None, :] * s_bb_o),
                     mask=k_ok[:, None] & co_ok[None, :] & first_n, other=0.0,
                 ).to(tl.float32)
                 ga += tl.sum(bias_k * gsum[None, :], axis=1)
@@ -181,6 +195,7 @@ def wgrad_kernel(
             ga_off = (tile.to(tl.int64) * BATCH + b64) * NUM_EXPERTS + kk
             tl.store(ga_ptr + ga_off, ga, mask=k_ok)
 
+    co_glob = g_co + co
     split64 = split.to(tl.int64)
     if NEED_BANK:
         gbank_off = (((split64 * NUM_EXPERTS + kk[:, None, None]) * COUT + co_glob[None, :, None])
@@ -203,17 +218,11 @@ WGRAD_KEY = ["H", "W", "HO", "WO", "CIG", "COG", "NUM_EXPERTS", "SAMPLES_PER_SPL
 wgrad_kernel_tuned = triton.autotune(configs=wgrad_configs(), key=WGRAD_KEY)(wgrad_kernel)
 
 
-def input_precision(dtype: torch.dtype) -> str:
-    """tf32 for fp32 operands when cuDNN is allowed tf32 (PyTorch's own rule), else ieee."""
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not _interpreting():
-        return "tf32"
-    return "ieee"
-
-
-def samples_per_split(batch: int, tiles: int, weight_numel: int, num_experts: int) -> int:
+def samples_per_split(batch: int, tiles: int, weight_numel: int, num_experts: int,
+                      interpreter: bool = False) -> int:
     """Samples per program: enough splits to fill the GPU, few enough for the partial budget."""
-    if _interpreting():
-        return batch
+    if interpreter:
+        return max(1, batch)
     max_splits = max(1, PARTIAL_BUDGET_BYTES // (4 * num_experts * weight_numel))
     splits = max(1, min(batch, max_splits, triton.cdiv(TARGET_PROGRAMS, tiles)))
     return triton.cdiv(batch, splits)
@@ -221,7 +230,7 @@ def samples_per_split(batch: int, tiles: int, weight_numel: int, num_experts: in
 
 def conv_wgrad(grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
                need_bank=True, need_routing=True, need_bias=True, samples_per_program=None,
-               config=None):
+               config=None, interpreter=False):
     """grad_bank, grad_routing, grad_bias of dynamic convolution, without forming gW per batch.
 
     Args:
@@ -233,6 +242,7 @@ def conv_wgrad(grad_out, x, weight_bank, routing, bias_bank, stride, padding, di
         samples_per_program: samples each program walks (the batch split); default from the
             GPU size and PARTIAL_BUDGET_BYTES.
         config: optional dict of BLOCK_P (+ num_warps, num_stages) to bypass autotuning.
+        interpreter: whether the kernel runs under the Triton interpreter (CPU tensors).
 
     Returns:
         (grad_bank (K, Cout, Cin // groups, kh, kw) contiguous, grad_routing (B, K),
@@ -247,11 +257,12 @@ def conv_wgrad(grad_out, x, weight_bank, routing, bias_bank, stride, padding, di
         return None, None, None
     cog = out_channels // groups
     nred = cig * kh * kw
-    block_m, block_n = tile_shape(num_experts, cog, nred)
+    block_m, block_n = tile_shape(num_experts, cog, nred, interpreter)
     tiles = groups * triton.cdiv(cog, block_m) * triton.cdiv(nred, block_n)
     weight_numel = out_channels * nred
     if samples_per_program is None:
-        samples_per_program = samples_per_split(batch, tiles, weight_numel, num_experts)
+        samples_per_program = samples_per_split(batch, tiles, weight_numel, num_experts,
+                                                interpreter)
     samples_per_program = max(1, samples_per_program)
     splits = triton.cdiv(batch, samples_per_program)
     f32 = {"device": x.device, "dtype": torch.float32}
@@ -268,12 +279,13 @@ def conv_wgrad(grad_out, x, weight_bank, routing, bias_bank, stride, padding, di
         batch, samples_per_program, height, width, ho, wo, cig, cog, out_channels, num_experts,
         *grad_out.stride(), *x.stride(), *weight_bank.stride(), *routing.stride(), *bias_strides,
     )
+    upcast, precision = dot_settings(x.dtype, interpreter)
     meta = dict(
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
         DH=dilation[0], DW=dilation[1], K_PAD=triton.next_power_of_2(num_experts),
         HAS_BIAS=bias_bank is not None, NEED_BANK=need_bank, NEED_ROUTING=need_routing,
-        NEED_BIAS=need_bias, UPCAST=x.dtype == torch.bfloat16 and _interpreting(),
-        INPUT_PRECISION=input_precision(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n,
+        NEED_BIAS=need_bias, UPCAST=upcast, INPUT_PRECISION=precision,
+        BLOCK_M=block_m, BLOCK_N=block_n,
     )
     grid = (tiles, splits)
     if batch > 0:
@@ -291,3 +303,47 @@ def conv_wgrad(grad_out, x, weight_bank, routing, bias_bank, stride, padding, di
     if need_bias:
         grad_bias = gbias.sum(0).to(x.dtype)
     return grad_bank, grad_routing, grad_bias
+
+
+_INT_ARGS = [
+    "BATCH", "SAMPLES_PER_SPLIT", "H", "W", "HO", "WO", "CIG", "COG", "COUT", "NUM_EXPERTS",
+    "s_gy_b", "s_gy_c", "s_gy_h", "s_gy_w",
+    "s_x_b", "s_x_c", "s_x_h", "s_x_w",
+    "s_bk_k", "s_bk_o", "s_bk_i", "s_bk_h", "s_bk_w",
+    "s_a_b", "s_a_k",
+    "s_bb_k", "s_bb_o",
+]
+# Experts compiled by the compile-check: K sets the accumulator's depth and so the tile shape
+# (tile_shape at a layer wide enough to reach the largest tile).
+COMPILE_EXPERTS = (1, 4, 16)
+
+
+def compile_cases() -> list[CompileCase]:
+    """Every wgrad config x {fp32 (tf32), fp16, bf16} x COMPILE_EXPERTS, 3x3 stride 1, with a
+    bias and all three gradients (the largest live state)."""
+    cases = []
+    for dtype in ("fp32", "fp16", "bf16"):
+        for num_experts in COMPILE_EXPERTS:
+            block_m, block_n = tile_shape(num_experts, 256, 256 * 9)
+            for stride in (1,):
+                for config in wgrad_configs(interpreter=False):
+                    signature = {name: f"*{dtype}" for name in ("gy_ptr", "x_ptr", "bank_ptr",
+                                                                "a_ptr", "bias_ptr")}
+                    signature.update({name: "*fp32" for name in ("gbank_ptr", "ga_ptr",
+                                                                 "gbias_ptr")})
+                    signature.update({name: "i32" for name in _INT_ARGS})
+                    constexprs = {
+                        "KH": 3, "KW": 3, "SH": stride, "SW": stride, "PH": 1, "PW": 1,
+                        "DH": 1, "DW": 1, "K_PAD": triton.next_power_of_2(num_experts),
+                        "HAS_BIAS": True, "NEED_BANK": True, "NEED_ROUTING": True,
+                        "NEED_BIAS": True, "UPCAST": False,
+                        "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee",
+                        "BLOCK_M": block_m, "BLOCK_N": block_n, **config.kwargs,
+                    }
+                    signature.update({name: "constexpr" for name in constexprs})
+                    name = (f"conv_wgrad {dtype} K{num_experts} s{stride} M{block_m} "
+                            f"N{block_n} P{config.kwargs['BLOCK_P']} w{config.num_warps} "
+                            f"s{config.num_stages}")
+                    cases.append(CompileCase(wgrad_kernel, signature, constexprs,
+                                             config.num_warps, config.num_stages, name))
+    return cases

@@ -1,0 +1,156 @@
+"""The ``triton`` backend as ``torch.library`` custom ops, trainable and ``torch.compile``-able.
+
+- ``dynconv::triton_forward``: y from the Triton forward kernels
+  (:func:`dynconv.triton_backend.triton_forward_impl`).
+- ``dynconv::triton_backward``: the four gradients from the Triton dgrad / wgrad kernels
+  (:mod:`dynconv.kernels.conv_dgrad`, :mod:`dynconv.kernels.conv_wgrad`).
+
+Autograd saves x, the routing weights and the parameters only. The per-sample kernels
+``W_b = sum_k a[b, k] bank[k]`` are never saved and never formed for the whole batch: dgrad mixes
+them tile by tile in registers, and wgrad contracts each sample's weight gradient onto the bank,
+the routing and the bias bank in its epilogue. No kernel uses atomics, so the gradients are
+bit-identical run to run, which is what ``torch.use_deterministic_algorithms(True)`` asks for.
+
+The ops mirror :mod:`dynconv.native` (same argument lists, same ``output_mask`` convention: an
+unrequested gradient is an empty tensor of its own). Under ``torch.compile`` each op is one
+opaque node whose fake implementation gives exactly the real output's sizes, strides and dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .functional import triton_interpreter_enabled
+from .native import output_memory_format
+from .validation import ConvGeometry
+
+
+def _output_hw(x, weight_bank, stride, padding, dilation):
+    sizes = []
+    for axis in range(2):
+        reach = dilation[axis] * (weight_bank.shape[3 + axis] - 1) + 1
+        sizes.append((x.shape[2 + axis] + 2 * padding[axis] - reach) // stride[axis] + 1)
+    return sizes
+
+
+def _interpreter(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and triton_interpreter_enabled()
+
+
+@torch.library.custom_op("dynconv::triton_forward", mutates_args=())
+def triton_forward(
+    x: torch.Tensor,
+    weight_bank: torch.Tensor,
+    routing: torch.Tensor,
+    bias_bank: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> torch.Tensor:
+    """y (B, Cout, Ho, Wo) from x (B, Cin, H, W), bank (K, Cout, Cin/g, kh, kw), routing (B, K).
+
+    y is channels_last when x is (:func:`dynconv.native.output_memory_format`).
+    """
+    from .triton_backend import triton_forward_impl
+
+    return triton_forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation,
+                               groups)
+
+
+@triton_forward.register_fake
+def _triton_forward_fake(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
+    height_out, width_out = _output_hw(x, weight_bank, stride, padding, dilation)
+    return torch.empty((x.shape[0], weight_bank.shape[1], height_out, width_out), dtype=x.dtype,
+                       device=x.device, memory_format=output_memory_format(x))
+
+
+@torch.library.custom_op("dynconv::triton_backward", mutates_args=())
+def triton_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight_bank: torch.Tensor,
+    routing: torch.Tensor,
+    bias_bank: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (x, weight_bank, routing, bias_bank) for ``output_mask``.
+
+    grad_out (B, Cout, Ho, Wo), any strides. Returns grad_x like x (same strides), grad_bank
+    (K, Cout, Cin/g, kh, kw), grad_routing (B, K) and grad_bias (K, Cout), contiguous; an
+    unrequested gradient (or grad_bias without a bias bank) is an empty tensor.
+    """
+    from .kernels.conv_dgrad import conv_dgrad
+    from .kernels.conv_wgrad import conv_wgrad
+
+    need_x, need_bank, need_routing, need_bias = output_mask
+    need_bias = need_bias and bias_bank is not None
+    interpreter = _interpreter(x)
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    grad_x = grad_bank = grad_routing = grad_bias = None
+    if need_x:
+        grad_x = conv_dgrad(grad_out, weight_bank, routing, x.shape, stride, padding, dilation,
+                            groups, out=torch.empty_like(x), interpreter=interpreter)
+    if need_bank or need_routing or need_bias:
+        grad_bank, grad_routing, grad_bias = conv_wgrad(
+            grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
+            need_bank=need_bank, need_routing=need_routing, need_bias=need_bias,
+            interpreter=interpreter,
+        )
+    # Outputs of a custom op may not alias each other: each missing gradient is its own tensor.
+    return tuple(g if g is not None else x.new_empty(0)
+                 for g in (grad_x, grad_bank, grad_routing, grad_bias))
+
+
+@triton_backward.register_fake
+def _triton_backward_fake(
+    grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, output_mask
+):
+    need_x, need_bank, need_routing, need_bias = output_mask
+    empty = lambda: x.new_empty(0)  # noqa: E731
+    return (
+        torch.empty_like(x) if need_x else empty(),
+        torch.empty_like(weight_bank, memory_format=torch.contiguous_format)
+        if need_bank else empty(),
+        torch.empty_like(routing, memory_format=torch.contiguous_format)
+        if need_routing else empty(),
+        torch.empty_like(bias_bank, memory_format=torch.contiguous_format)
+        if (need_bias and bias_bank is not None) else empty(),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight_bank, routing, bias_bank, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight_bank, routing, bias_bank)
+    ctx.geometry = (stride, padding, dilation, groups)
+
+
+def _backward(ctx, grad_out):
+    x, weight_bank, routing, bias_bank = ctx.saved_tensors
+    stride, padding, dilation, groups = ctx.geometry
+    mask = list(ctx.needs_input_grad[:4])
+    grad_x, grad_bank, grad_routing, grad_bias = triton_backward(
+        grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, mask
+    )
+    return (
+        grad_x if mask[0] else None,
+        grad_bank if mask[1] else None,
+        grad_routing if mask[2] else None,
+        grad_bias if mask[3] and bias_bank is not None else None,
+        None, None, None, None,
+    )
+
+
+triton_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def triton_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
+    """Dispatch entry point of ``backend="triton"``: x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
+    return triton_forward(
+        x, weight_bank, routing, bias_bank, list(geometry.stride), list(geometry.padding),
+        list(geometry.dilation), geometry.groups,
+    )
