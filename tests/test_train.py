@@ -1,0 +1,168 @@
+"""dynconv.train: the digits training demo (single process, 2-process gloo, argument errors)."""
+
+import csv
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dynconv import DynamicCNN
+from dynconv.train import main
+from dynconv.train_data import NUM_CLASSES, TEST_SIZE, load_digits_split
+from dynconv.train_models import (
+    StaticCNN,
+    count_multiply_adds,
+    count_parameters,
+)
+
+ARTIFACTS = {"checkpoint.pt", "metrics.csv", "routing_per_class.csv", "results.md",
+             "routing_per_class_auto.png", "routing_entropy_auto.png"}
+# Small but long enough to learn: 15 steps per epoch, 3 epochs.
+SHORT_RUN = ["--epochs", "3", "--train-subset", "480", "--batch-size", "32", "--threads", "1",
+             "--no-progress"]
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_digits_split_is_fixed_and_normalised():
+    first, second = load_digits_split(32), load_digits_split(32, train_subset=100)
+    assert first.train_x.shape == (1797 - TEST_SIZE, 1, 32, 32)
+    assert first.test_x.shape == (TEST_SIZE, 1, 32, 32)
+    assert torch.equal(first.test_y, second.test_y)
+    assert torch.equal(first.train_y[:100], second.train_y)
+    assert sorted(first.test_y.unique().tolist()) == list(range(NUM_CLASSES))
+    assert abs(float(first.train_x.mean())) < 1e-4
+    assert abs(float(first.train_x.std()) - 1) < 1e-4
+
+
+@pytest.mark.parametrize("bad", [0, 1438, True])
+def test_digits_subset_out_of_range(bad):
+    with pytest.raises(ValueError, match="train_subset"):
+        load_digits_split(32, train_subset=bad)
+
+
+def test_static_twin_mirrors_dynamic_cnn():
+    widths = (8, 16, 24)
+    static = StaticCNN(1, 10, widths)
+    dynamic = DynamicCNN(1, 10, num_experts=3, widths=widths)
+    x = torch.randn(2, 1, 20, 20)
+    assert static(x).shape == dynamic(x).shape == (2, 10)
+    static_convs = [m for m in static.modules() if isinstance(m, torch.nn.Conv2d)]
+    dynamic_convs = [dynamic.stem[0]] + [stage.conv for stage in dynamic.stages]
+    for s, d in zip(static_convs, dynamic_convs, strict=True):
+        assert s.weight.shape == d.weight.shape[-4:]
+        assert (s.stride, s.padding, s.bias is None) == (d.stride, d.padding, d.bias is None)
+    # Same parameters except the extra K-1 kernels of each bank and the routers.
+    extra = sum((d.weight.shape[0] - 1) * d.weight[0].numel()
+                + count_parameters(d.router) for d in dynamic_convs[1:])
+    assert count_parameters(dynamic) == count_parameters(static) + extra
+
+
+def test_multiply_adds_match_flop_counter():
+    widths = (8, 16, 24)
+    x = torch.randn(1, 1, 16, 16)
+    static = StaticCNN(1, 10, widths).eval()
+    with FlopCounterMode(display=False) as counter:
+        static(x)
+    assert count_multiply_adds(static, (1, 16, 16)) == counter.get_total_flops() // 2
+    # The grouped backend runs the mixing as one matmul and the conv as one grouped conv, both of
+    # which the flop counter sees: it must agree with the analytic count, router included.
+    dynamic = DynamicCNN(1, 10, num_experts=3, widths=widths, backend="grouped").eval()
+    with FlopCounterMode(display=False) as counter:
+        dynamic(x)
+    assert count_multiply_adds(dynamic, (1, 16, 16)) == counter.get_total_flops() // 2
+
+
+def test_short_run_writes_artifacts_and_learns(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(SHORT_RUN + ["--out", str(out)]) == 0
+    assert ARTIFACTS <= {p.name for p in out.iterdir()}
+    printed = capsys.readouterr().out
+    assert "| static CNN (nn.Conv2d) |" in printed and "| DynamicCNN (K=4) | auto |" in printed
+
+    rows = _read_csv(out / "metrics.csv")
+    assert [(r["model"], int(r["epoch"])) for r in rows] == (
+        [("static", e) for e in range(4)] + [("DynamicCNN", e) for e in range(4)])
+    final = {r["model"]: float(r["test_acc"]) for r in rows if r["epoch"] == "3"}
+    assert final["static"] > 0.6 and final["DynamicCNN"] > 0.6, final  # chance is 0.1
+    dynamic_rows = [r for r in rows if r["model"] == "DynamicCNN"]
+    assert float(dynamic_rows[0]["temperature"]) == pytest.approx(30.0)
+    assert float(dynamic_rows[-1]["temperature"]) == pytest.approx(1.0)
+    for r in dynamic_rows:
+        for stage in (1, 2, 3):
+            assert 0 <= float(r[f"entropy_stage{stage}"]) <= torch.log(torch.tensor(4.0)) + 1e-6
+
+    routing = _read_csv(out / "routing_per_class.csv")
+    assert len(routing) == 3 * NUM_CLASSES * 4
+    for stage in (1, 2, 3):
+        for label in range(NUM_CLASSES):
+            weights = [float(r["mean_routing"]) for r in routing
+                       if r["stage"] == str(stage) and r["class"] == str(label)]
+            assert sum(weights) == pytest.approx(1.0, abs=1e-4)
+
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    StaticCNN(1, 10).load_state_dict(checkpoint["static"])
+    DynamicCNN(1, 10).load_state_dict(checkpoint["dynamic"]["auto"])
+    assert checkpoint["run"]["epochs"] == 3
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_process_gloo_run_writes_one_set_of_artifacts(tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+        "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+        "-m", "dynconv.train", "--epochs", "1", "--train-subset", "128", "--batch-size", "32",
+        "--threads", "1", "--no-progress", "--out", str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 process(es) on cpu" in done.stdout
+    assert done.stdout.count("| DynamicCNN (K=4) | auto |") == 1  # only rank 0 prints
+    assert {p.name for p in out.iterdir()} == ARTIFACTS
+    rows = _read_csv(out / "metrics.csv")
+    assert len(rows) == 4  # (static, dynamic) x (epoch 0, epoch 1): not one set per rank
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "0"], "argument --epochs: expected an int >= 1, got 0"),
+        (["--batch-size", "x"], "argument --batch-size: expected an int >= 1, got 'x'"),
+        (["--lr", "-1"], "argument --lr: expected a finite float > 0, got -1.0"),
+        (["--momentum", "1.5"], "argument --momentum: expected a float in [0, 1), got 1.5"),
+        (["--optimizer", "adam"], "argument --optimizer: invalid choice: 'adam'"),
+        (["--epochs", "3", "--anneal-epochs", "4"],
+         "argument --anneal-epochs: expected at most --epochs=3, got 4"),
+        (["--image-size", "4"], "argument --image-size: expected an int >= 8, got 4"),
+        (["--backend", "nope"], "argument --backend: 'nope' cannot run on cpu"),
+        (["--backend", "loop", "loop"], "argument --backend: expected distinct backends"),
+        (["--train-subset", "5000"], "argument --train-subset: train_subset must be an int in"),
+    ],
+)
+def test_bad_arguments_exit_with_a_clear_message(argv, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--out", str(tmp_path / "never")])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when CUDA is missing")
+def test_cuda_device_without_cuda_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["--device", "cuda"])
+    assert "argument --device: 'cuda' was asked for but torch sees no CUDA device" in (
+        capsys.readouterr().err)
