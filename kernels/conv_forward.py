@@ -27,6 +27,7 @@ import triton.language as tl
 from .configs import (
     CONV_FORWARD_KEY,
     CompileCase,
+    compile_check_dtypes,
     conv_forward_configs,
     prune_conv_forward_configs,
 )
@@ -78,6 +79,7 @@ def conv_forward_kernel(
     w0 = wo * stride_w - pad_w
 
     x_base = x_ptr + b * x_stride_b + g * C_IN_G * x_stride_c
+    x_rows = h0 * x_stride_h + w0 * x_stride_w
     if FUSED:
         w_base = w_ptr + g * w_stride_g
     else:
@@ -95,14 +97,15 @@ def conv_forward_kernel(
         tap = offs_r // C_IN_G
         i = tap // KW
         j = tap % KW
-        hi = h0[:, None] + (i * dil_h)[None, :]
-        wi = w0[:, None] + (j * dil_w)[None, :]
+        dh = i * dil_h
+        dw = j * dil_w
+        hi = h0[:, None] + dh[None, :]
+        wi = w0[:, None] + dw[None, :]
         mask_x = (mask_m[:, None] & mask_r[None, :]
                   & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
-        x_tile = tl.load(
-            x_base + c[None, :] * x_stride_c + hi * x_stride_h + wi * x_stride_w,
-            mask=mask_x, other=0.0,
-        )
+        # The input offset separates into a row (pixel) part and a column (tap, channel) part.
+        x_cols = c * x_stride_c + dh * x_stride_h + dw * x_stride_w
+        x_tile = tl.load(x_base + x_rows[:, None] + x_cols[None, :], mask=mask_x, other=0.0)
         w_offs = (c * w_stride_c + i * w_stride_h + j * w_stride_w)[:, None] + w_cols
         mask_w = mask_r[:, None] & mask_n[None, :]
         if FUSED:
@@ -164,6 +167,7 @@ def conv_forward(
     batch_count: int,
     stride, padding, dilation,
     interpreter: bool = False,
+    offset_64: bool | None = None,
 ) -> None:
     """Write ``y[batch_start : batch_start + batch_count]``.
 
@@ -174,6 +178,9 @@ def conv_forward(
             bank, mixed with ``routing`` (B, K) in the kernel.
         bias: (E, C_out) laid out like ``weights`` along E, or None.
         stride, padding, dilation: (h, w) pairs; padding symmetric.
+        interpreter: running under TRITON_INTERPRET (bf16 dots are upcast there).
+        offset_64: force int64 (True) or int32 (False) in-sample offsets; None decides from the
+            tensors' extents.
     """
     fused = routing is not None
     num_experts, groups, out_per_group, in_per_group, kh, kw = weights.shape
@@ -181,7 +188,9 @@ def conv_forward(
     dot_fp32, precision = dot_settings(x.dtype, interpreter)
     # Sample offsets are int64 in the kernel; the rest fits int32 unless one sample, or the
     # bank (fused, addressed as k * stride) / one sample's mixed weights (premix), spans more.
-    offset_64 = max(_span(x, 1), _span(y, 1), _span(weights, 0 if fused else 1)) > _INT32_LIMIT
+    if offset_64 is None:
+        spans = (_span(x, 1), _span(y, 1), _span(weights, 0 if fused else 1))
+        offset_64 = max(spans) > _INT32_LIMIT
     bias_arg = bias if bias is not None else y
     a_arg = routing if fused else y
     grid = lambda meta: (
@@ -215,11 +224,12 @@ _INT_ARGS = [
 
 
 def compile_cases() -> list[CompileCase]:
-    """Every conv config x {premix, fused} x {fp32 (tf32), fp16, bf16}, with a bias."""
+    """Every conv config x {premix, fused}, in fp32 (tf32) and fp16 (bf16 for some), with bias."""
     cases = []
-    for dtype in ("fp32", "fp16", "bf16"):
-        for fused in (False, True):
-            for config in conv_forward_configs(interpreter=False):
+    configs = conv_forward_configs(interpreter=False)
+    for index, config in enumerate(configs):
+        for dtype in compile_check_dtypes(index, len(configs)):
+            for fused in (False, True):
                 signature = {name: f"*{dtype}" for name in ("x_ptr", "w_ptr", "bias_ptr",
                                                             "a_ptr", "y_ptr")}
                 signature.update({name: "i32" for name in _INT_ARGS})
