@@ -3,10 +3,10 @@
 For every case (a conv shape x batch x K x dtype x layout) and every provider, the forward, the
 backward and forward+backward are timed, each *interleaved* with the static ``F.conv2d`` of the
 same shape (one static run, one provider run, repeated), so that the ratio to the static conv
-holds on a noisy machine. Timings are medians. Peak memory is
-``torch.cuda.max_memory_allocated`` on a GPU, and on the CPU the peak RSS (``VmHWM``) of a fresh
-process forked from a clean server that has only imported torch, minus its RSS just before the
-run.
+holds on a noisy machine. Times are medians; the ratio is the median of the per-round ratios.
+Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, and on the CPU the peak RSS
+(``VmHWM``) of a fresh process forked from a clean server that has only imported torch, minus
+its RSS just before the run.
 
 Providers (all at the functional level: x, the bank, the bias bank and the routing weights are
 leaves that need gradients; the router MLP is not part of the timing):
@@ -24,6 +24,7 @@ cannot run has ``status`` ``skipped`` (or ``error``/``oom``) and a ``note`` sayi
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import os
 import platform
@@ -95,19 +96,21 @@ def _square(name, channels, size, k=3, stride=1, cout=None) -> ConvShape:
 def preset_cases(preset: str, device: str) -> list[Case]:
     """The cases of a named preset.
 
-    ``quick``: small enough for a 2-core CPU in a few minutes; one axis varies per group around
-    a 64-channel 3x3 conv at 14x14, batch 16, K=4, fp32 NCHW, plus five ResNet-18 layers and a
-    MobileNetV2 depthwise layer at batch 4. ``gpu``: ResNet-18 layers at batch 32 and 128 in bf16
+    ``quick``: small enough for a 2-core CPU in a few minutes: a batch sweep of a 256-channel
+    3x3 conv at 7x7 (with peak memory); one axis varies per other group around a 64-channel 3x3
+    conv at 14x14, batch 16, K=4, fp32 NCHW; five ResNet-18 layers and a MobileNetV2 depthwise
+    layer at batch 4. ``gpu``: ResNet-18 layers at batch 32 and 128 in bf16
     and fp32, channels_last, plus a batch sweep. ``tiny``: a toy shape, for tests.
     """
     if preset == "tiny":
         shape = _square("tiny", 4, 6)
-        cases = [Case("batch", shape, b) for b in (1, 2)]
+        cases = [Case("batch", shape, 1, memory=False), Case("batch", shape, 2)]
         cases.append(Case("dtype", shape, 2, dtype="bf16", layout="channels_last", memory=False))
         return cases
     if preset == "quick":
         base = _square("c64@14", 64, 14)
-        cases = [Case("batch", base, b) for b in (1, 4, 16, 64)]
+        # wide enough that the B x |W| mixed weights (2.4 MB a sample) show in peak memory
+        cases = [Case("batch", _square("c256@7", 256, 7), b) for b in (1, 4, 16, 32)]
         layers = [find_layer("resnet18", n) for n in (
             "layer1.0.conv1", "layer2.0.conv1", "layer2.0.downsample", "layer3.0.conv2",
             "layer4.0.conv2")]
@@ -265,33 +268,50 @@ def mode_flops(case: Case, mode: str) -> int:
 
 
 class Timer:
-    """Times one callable once, in ms: wall clock on CPU, ``do_bench``'s median on a GPU."""
+    """Times a callable in ms: wall clock on CPU, ``do_bench``'s median on a GPU.
 
-    def __init__(self, device: str, rep_ms: float = 25.0):
+    On CPU one sample runs the callable ``calls`` times back to back (see :meth:`calls_for`) and
+    returns the mean, so that sub-millisecond ops are not lost in scheduler noise.
+    """
+
+    def __init__(self, device: str, rep_ms: float = 25.0, min_sample_ms: float = 10.0,
+                 max_calls: int = 20):
         self.device = device
         self.rep_ms = rep_ms
+        self.min_sample_ms = min_sample_ms
+        self.max_calls = max_calls
 
-    def __call__(self, fn: Callable) -> float:
+    def calls_for(self, fn: Callable) -> int:
+        """Run ``fn`` once (a warm-up) and return how many calls make one CPU sample."""
+        if self.device == "cuda":
+            fn()
+            return 1
+        start = time.perf_counter()
+        fn()
+        once = (time.perf_counter() - start) * 1e3
+        return max(1, min(self.max_calls, math.ceil(self.min_sample_ms / max(once, 1e-3))))
+
+    def __call__(self, fn: Callable, calls: int = 1) -> float:
         if self.device == "cuda":
             import triton.testing
 
             return float(triton.testing.do_bench(fn, warmup=max(1, int(self.rep_ms // 4)),
                                                  rep=int(self.rep_ms), return_mode="median"))
         start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) * 1e3 / calls
 
 
-def interleaved(timer: Timer, fn: Callable, static_fn: Callable, rounds: int,
-                warmup: int = 1) -> tuple[list[float], list[float]]:
-    """Alternate static and provider runs ``rounds`` times; return both lists of times (ms)."""
-    for _ in range(warmup):
-        static_fn()
-        fn()
+def interleaved(timer: Timer, fn: Callable, static_fn: Callable,
+                rounds: int) -> tuple[list[float], list[float]]:
+    """Alternate static and provider samples ``rounds`` times; both lists of times (ms)."""
+    static_calls = timer.calls_for(static_fn)
+    calls = timer.calls_for(fn)
     times, static_times = [], []
     for _ in range(rounds):
-        static_times.append(timer(static_fn))
-        times.append(timer(fn))
+        static_times.append(timer(static_fn, static_calls))
+        times.append(timer(fn, calls))
     return times, static_times
 
 
@@ -317,9 +337,11 @@ def _read_status_kb(field: str) -> int | None:
     return None
 
 
-def _memory_worker(case: Case, provider: str, conn) -> None:
+def _memory_worker(case: Case, provider: str, threads: int, conn) -> None:
     """In a fresh process: build the inputs, run forward+backward once, send (peak, extra)."""
     try:
+        if threads:
+            torch.set_num_threads(threads)
         # a first run on a miniature of the case loads every lazily initialised code path
         # (oneDNN primitives, custom-op dispatch) so that the peak below is the case's own
         mini = Case(case.group, tiny(case.shape, 4, 5), 1, case.experts, case.dtype, case.layout)
@@ -352,7 +374,8 @@ def _memory_worker(case: Case, provider: str, conn) -> None:
 _FORK_CONTEXT = None
 
 
-def fresh_process_peak_rss(case: Case, provider: str, timeout_s: float = 300.0):
+def fresh_process_peak_rss(case: Case, provider: str, threads: int = 0,
+                           timeout_s: float = 300.0):
     """Peak RSS of forward+backward in a fresh process: (status, peak bytes, extra or note)."""
     global _FORK_CONTEXT
     if _FORK_CONTEXT is None:
@@ -363,7 +386,7 @@ def fresh_process_peak_rss(case: Case, provider: str, timeout_s: float = 300.0):
             # children fork from a server that imported torch once but never ran an op
             _FORK_CONTEXT.set_forkserver_preload(["torch", "dynconv", "dynconv.autotune.bench"])
     receiver, sender = _FORK_CONTEXT.Pipe(duplex=False)
-    process = _FORK_CONTEXT.Process(target=_memory_worker, args=(case, provider, sender))
+    process = _FORK_CONTEXT.Process(target=_memory_worker, args=(case, provider, threads, sender))
     process.start()
     sender.close()
     result = ("error", None, f"no result within {timeout_s:.0f} s")
@@ -405,7 +428,8 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
     for provider in providers:
         for mode in MODES:
             row = {"provider": provider, "mode": mode, "status": "ok", "note": "",
-                   "time_ms": nan, "static_time_ms": nan, "peak_mem_bytes": nan,
+                   "time_ms": nan, "static_time_ms": nan, "ratio_to_static": nan,
+                   "peak_mem_bytes": nan,
                    "mem_extra_bytes": nan, "mem_method": ""}
             rows.append(row)
             if provider == "triton" and triton_reason:
@@ -419,7 +443,9 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
                 static_samples[mode] += static_times
                 if provider == "static":
                     static_samples[mode] += times
-                row.update(time_ms=_median(times), static_time_ms=_median(static_times))
+                row.update(time_ms=_median(times), static_time_ms=_median(static_times),
+                           ratio_to_static=_median([t / s for t, s in zip(times, static_times,
+                                                                          strict=True) if s > 0]))
                 if memory and device == "cuda":
                     peak, extra = cuda_peak_memory(mode_fn(mode, forward, leaves))
                     row.update(peak_mem_bytes=peak, mem_extra_bytes=extra,
@@ -432,7 +458,8 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
                 else:
                     row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
         if memory and device == "cpu" and provider != "triton":
-            status, peak, extra = fresh_process_peak_rss(case, provider)
+            status, peak, extra = fresh_process_peak_rss(case, provider,
+                                                         torch.get_num_threads())
             row = rows[-1]  # the fwd+bwd row of this provider
             if status == "ok":
                 row.update(peak_mem_bytes=peak, mem_extra_bytes=nan if extra is None else extra,
@@ -444,6 +471,7 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
             # the floor's own time: every static sample of this case and mode
             row["time_ms"] = _median(static_samples[row["mode"]])
             row["static_time_ms"] = row["time_ms"]
+            row["ratio_to_static"] = 1.0 if row["status"] == "ok" else nan
     return rows
 
 
@@ -456,12 +484,11 @@ def case_columns(case: Case) -> dict:
 
 
 def derived_columns(row: dict, case: Case, device: str) -> dict:
-    time_ms, static_ms = row["time_ms"], row["static_time_ms"]
+    time_ms = row["time_ms"]
     flops = mode_flops(case, row["mode"])
     tflops = flops / (time_ms * 1e-3) / 1e12 if time_ms == time_ms and time_ms > 0 else float("nan")
     peak = device_peak_tflops(device, case.dtype)
     return {
-        "ratio_to_static": time_ms / static_ms if static_ms and static_ms > 0 else float("nan"),
         "samples_per_s": case.batch / (time_ms * 1e-3) if time_ms > 0 else float("nan"),
         "gflop": flops / 1e9,
         "tflops": tflops,
@@ -605,6 +632,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved repeats per measurement (default 5 CPU, 3 GPU)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU: torch threads (default 1: on a shared or busy machine several "
+                             "OpenMP threads make timings erratic; 0 keeps torch's default)")
     parser.add_argument("--rep-ms", type=float, default=25.0,
                         help="GPU: do_bench's rep (ms) per timed sample")
     parser.add_argument("--time-budget", type=float, default=0.0,
@@ -641,6 +671,10 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds or (3 if device == "cuda" else 5)
     if rounds < 1:
         parser.error(f"--rounds must be >= 1, got {rounds}")
+    if args.threads < 0:
+        parser.error(f"--threads must be >= 0, got {args.threads}")
+    if device == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
     label, cases = resolve_cases(args, device)
     providers = args.providers
     if "static" not in providers:

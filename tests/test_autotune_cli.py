@@ -1,0 +1,183 @@
+"""The ``python -m dynconv.autotune`` command line on CPU: help, dry runs, a tiny bench, the
+report rendered from it, the interpreter sweep's write-then-load cycle, and bad arguments."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+from dynconv.autotune import __main__ as cli
+from dynconv.autotune.bench import COLUMNS, MODES, PROVIDERS
+from dynconv.autotune.shapes import SHAPE_SETS, get_shape_set, parse_shape, tiny
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """Run the dispatcher in-process; (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- help and dry runs -------------------------------------------------------------------------
+
+
+def test_dispatcher_help_lists_commands(capsys):
+    code, _, err = run_cli(capsys, "--help")
+    assert code == 0
+    for command in ("bench", "report", "sweep", "gpu-check", "compile-check"):
+        assert command in err
+
+
+def test_unknown_command_is_an_error(capsys):
+    code, _, err = run_cli(capsys, "benchmark")
+    assert code == 2
+    assert "bench" in err
+
+
+@pytest.mark.parametrize("command", ["bench", "report", "sweep", "gpu-check"])
+def test_subcommand_help(capsys, command):
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0
+    assert "usage:" in out
+
+
+def test_bench_dry_run_lists_cases_and_writes_nothing(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "bench", "--preset", "quick", "--dry-run", "--out",
+                           str(tmp_path))
+    assert code == 0
+    assert "dry run: 26 cases" in out
+    assert "layer3.0.conv2" in out and "256->256 k3 s1 @14" in out
+    assert "provider triton would be skipped" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_console_script_entry_point_runs():
+    """``python -m dynconv.autotune`` (what the dynconv-autotune script calls) in a subprocess."""
+    result = subprocess.run([sys.executable, "-m", "dynconv.autotune", "bench", "--dry-run",
+                             "--preset", "tiny"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "dry run: 3 cases" in result.stdout
+
+
+# --- bad arguments -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["bench", "--set", "resnet99"], ["resnet99", "resnet18"]),
+        (["bench", "--providers", "static,cudnn"], ["'cudnn'", "dynconv"]),
+        (["bench", "--dtype", "fp8"], ["'fp8'", "bf16"]),
+        (["bench", "--layout", "nhwc"], ["'nhwc'", "channels_last"]),
+        (["bench", "--batch", "0"], ["--batch", "'0'"]),
+        (["bench", "--shape", "cin=64,cout=64"], ["hw", "cin=64,cout=64"]),
+        (["bench", "--shape", "cin=64,cout=64,hw=8,k=3,groups=5"], ["groups=5", "divide"]),
+        (["bench", "--preset", "huge"], ["'huge'", "quick"]),
+        (["sweep", "--set", "vgg"], ["'vgg'", "mobilenetv2"]),
+        (["sweep", "--dtype", "int8"], ["'int8'", "fp16"]),
+        (["sweep", "--kernels", "conv_forward,conv3d"], ["'conv3d'", "conv_forward"]),
+    ],
+)
+def test_bad_arguments_give_a_clear_error(capsys, argv, needles):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_report_on_a_non_bench_csv_is_an_error(capsys, tmp_path):
+    path = tmp_path / "bench_other.csv"
+    path.write_text("a,b\n1,2\n")
+    code, _, err = run_cli(capsys, "report", str(path))
+    assert code == 2
+    assert "not a bench CSV" in err and "device_slug" in err
+
+
+# --- shape sets --------------------------------------------------------------------------------
+
+
+def test_shape_sets_have_the_networks_conv_counts():
+    # ResNet-18: 20 convs; ResNet-50: 53; MobileNetV2: 52 (stem, 17 blocks, final 1x1).
+    counts = {name: sum(s.count for s in shapes) for name, shapes in SHAPE_SETS.items()}
+    assert counts == {"resnet18": 20, "resnet50": 53, "mobilenetv2": 52}
+    last = get_shape_set("resnet18")[-1]
+    assert (last.cin, last.cout, last.h, last.ho, last.kh) == (512, 512, 7, 7, 3)
+    depthwise = [s for s in get_shape_set("mobilenetv2") if s.groups > 1]
+    assert all(s.groups == s.cin == s.cout for s in depthwise) and len(depthwise) == 10
+
+
+def test_parse_shape_defaults_and_tiny():
+    shape = parse_shape("cin=64,cout=128,hw=56,k=3,stride=2")
+    assert (shape.padding, shape.ho, shape.groups) == (1, 28, 1)
+    small = tiny(get_shape_set("mobilenetv2")[1])  # depthwise 32 @112
+    assert small.groups == small.cin == small.cout == 8 and small.h == 6
+
+
+# --- a tiny bench and its report ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_bench(tmp_path_factory):
+    """Run ``bench --preset tiny`` once (about 10-20 s on 2 cores) and return its CSV path."""
+    out = tmp_path_factory.mktemp("bench")
+    code = cli.main(["bench", "--preset", "tiny", "--rounds", "2", "--no-progress", "--out",
+                     str(out)])
+    assert code == 0
+    path = out / "cpu" / "bench_tiny.csv"
+    assert path.is_file()
+    return path
+
+
+def test_tiny_bench_writes_every_provider_and_mode(tiny_bench):
+    with open(tiny_bench) as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    seen = {(r["provider"], r["mode"]) for r in rows}
+    assert seen == {(p, m) for p in PROVIDERS for m in MODES}
+    for row in rows:
+        assert row["device"] == "cpu" and row["torch"]
+        if row["provider"] == "triton":
+            assert row["status"] == "skipped" and "CUDA" in row["note"]
+            continue
+        assert row["status"] == "ok", row
+        assert float(row["time_ms"]) > 0 and float(row["static_time_ms"]) > 0
+        assert float(row["ratio_to_static"]) > 0
+    memory = [r for r in rows if r["mem_method"]]
+    # fresh-process peak RSS for the forward+backward of each runnable provider, one case
+    assert {r["provider"] for r in memory} == {"static", "loop", "grouped", "dynconv"}
+    assert all(r["mode"] == "fwd+bwd" and float(r["peak_mem_bytes"]) > 2**20 for r in memory)
+    assert all(float(r["mem_extra_bytes"]) >= 0 for r in memory)
+
+
+def test_report_renders_pngs_and_summary(capsys, tiny_bench, tmp_path):
+    code, out, _ = run_cli(capsys, "report", str(tiny_bench.parent.parent), "--out",
+                           str(tmp_path))
+    assert code == 0
+    folder = tmp_path / "cpu"
+    pngs = sorted(p.name for p in folder.glob("*.png"))
+    assert pngs == ["tiny_memory_vs_batch.png", "tiny_ratio_vs_axis.png",
+                    "tiny_throughput_vs_batch.png"]
+    for name in pngs:
+        data = (folder / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000
+    summary = (folder / "summary.md").read_text()
+    assert "Preset `tiny`" in summary and "Batch sweep" in summary
+    assert "| dynconv" not in summary or "dynconv ratio" in summary
+    assert "`triton`: skipped" in summary
+    assert f"report: wrote {folder / 'summary.md'}" in out
+
+
+def test_report_in_place_next_to_the_csv(capsys, tiny_bench):
+    code, _, _ = run_cli(capsys, "report", str(tiny_bench))
+    assert code == 0
+    assert (tiny_bench.parent / "summary.md").is_file()
+    assert os.path.isfile(tiny_bench.parent / "tiny_throughput_vs_batch.png")
