@@ -92,6 +92,6 @@ def dynamic_conv2d(
     if backend == "native":
         return native_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry)
     check_triton_can_run(x.device)
-    from .triton_backend import triton_dynamic_conv2d
+    from .triton_ops import triton_dynamic_conv2d
 
     return triton_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry)
