@@ -175,7 +175,7 @@ def _write_artifacts(out: Path, args, ctx: DistContext, rows, summaries, routing
     run = {key: (str(value) if isinstance(value, Path) else value)
            for key, value in vars(args).items()}
     run.update(world_size=ctx.world_size, device_type=ctx.device.type,
-               torch_version=torch.__version__, wall_seconds=wall_seconds)
+               torch_version=str(torch.__version__), wall_seconds=wall_seconds)
     save_checkpoint(out / "checkpoint.pt", run, models["static"], models["dynamic"])
     settings = (f"{args.epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {args.lr:g} "
                 f"wd {args.weight_decay:g}, cosine; T {args.temperature_start:g} -> "
