@@ -1,0 +1,341 @@
+"""The Triton forward (mix + conv kernels, premix and fused) against a float64 per-sample loop.
+
+Runs the compiled kernels on CUDA when a GPU is present, else the Triton interpreter on CPU
+(tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported). Shapes are tiny: the
+interpreter costs about a millisecond per operation per program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dynconv
+from dynconv.functional import triton_interpreter_enabled
+from dynconv.triton_backend import (
+    choose_strategy,
+    premix_chunk_size,
+    triton_dynamic_conv2d,
+    triton_forward_impl,
+)
+from dynconv.validation import ConvGeometry
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+if not ON_GPU and not triton_interpreter_enabled():
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1 (set by conftest.py)", allow_module_level=True)
+
+STRATEGIES = ("premix", "fused")
+
+
+@pytest.fixture
+def tf32_mode(request):
+    """Set torch.backends.cudnn.allow_tf32 (which the fp32 kernels follow) for one test."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = request.param
+    yield request.param
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
+def _ieee_by_default():
+    """fp32 tests default to ieee dots so that their tolerance can be fp32's."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+def relative_tolerance(dtype: torch.dtype, tf32: bool) -> float:
+    """Bound on |y - y_ref| relative to sum |x| |W| (see :func:`check_close`).
+
+    Low precision: the mixed weights and the dot operands are rounded to the dtype's mantissa
+    (fp16 and tf32: 10 bits, unit roundoff 2**-11; bf16: 7 bits, 2**-8), the output once more;
+    the sum of |x||W| bounds how those relative errors add up. 4 roundings is a safe margin.
+    fp32 with ieee dots: fp32 accumulation of at most 150 products, 150 * 2**-24 < 1e-5.
+    """
+    if dtype == torch.bfloat16:
+        return 4 * 2.0**-8
+    if dtype == torch.float16 or (dtype == torch.float32 and tf32):
+        return 4 * 2.0**-11
+    return 1e-5
+
+
+def reference(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
+    """Float64 per-sample loop; also returns the error scale sum_k |a_k| (|x| * |bank_k|)."""
+    outputs, scales = [], []
+    for b in range(x.shape[0]):
+        a = routing[b].double()
+        xb = x[b : b + 1].double()
+        weight = torch.einsum("k,k...->...", a, weight_bank.double())
+        weight_abs = torch.einsum("k,k...->...", a.abs(), weight_bank.double().abs())
+        bias = bias_abs = None
+        if bias_bank is not None:
+            bias = a @ bias_bank.double()
+            bias_abs = a.abs() @ bias_bank.double().abs()
+        outputs.append(F.conv2d(xb, weight, bias, stride, padding, dilation, groups))
+        scales.append(F.conv2d(xb.abs(), weight_abs, bias_abs, stride, padding, dilation, groups))
+    return torch.cat(outputs), torch.cat(scales)
+
+
+def check_close(y, y_ref, scale, dtype, tf32=False):
+    assert y.dtype == dtype
+    assert y.shape == y_ref.shape
+    assert torch.isfinite(y).all()
+    error = (y.double().cpu() - y_ref.cpu()).abs()
+    # atol: a few fp32 ulps of 1 for outputs whose scale is ~0 (all-padding windows, no bias).
+    bound = relative_tolerance(dtype, tf32) * scale.cpu() + 1e-6
+    worst = (error - bound).max().item()
+    assert worst <= 0, (
+        f"max error {error.max().item():.3g} exceeds the bound by {worst:.3g} "
+        f"(rtol {relative_tolerance(dtype, tf32):.3g} of sum|x||W|)"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One convolution: x (batch, cin, h, w), bank (experts, cout, cin/groups, *kernel)."""
+
+    batch: int = 3
+    cin: int = 6
+    cout: int = 4
+    h: int = 7
+    w: int = 5
+    kernel: tuple = (3, 3)
+    stride: tuple = (1, 1)
+    padding: tuple = (1, 1)
+    dilation: tuple = (1, 1)
+    groups: int = 1
+    experts: int = 5
+    bias: bool = True
+    layout: str = "nchw"  # "nchw", "channels_last" or "strided" (a non-contiguous view)
+
+
+CASES = {
+    "base_3x3": Case(),
+    "kernel_1x1": Case(kernel=(1, 1), padding=(0, 0)),
+    "kernel_5x5": Case(kernel=(5, 5), padding=(2, 2), cin=3),
+    "kernel_1x3": Case(kernel=(1, 3), padding=(0, 1)),
+    "stride_2": Case(stride=(2, 2)),
+    "stride_2x1_pad_0": Case(stride=(2, 1), padding=(0, 0)),
+    "dilation_2": Case(dilation=(2, 2), padding=(2, 2)),
+    "dilation_2x1": Case(dilation=(2, 1), padding=(0, 1)),
+    "groups_2": Case(groups=2, cout=6),
+    "depthwise": Case(groups=6, cout=6),
+    "depthwise_multiplier_2": Case(groups=3, cin=3, cout=6),
+    "odd_hw": Case(h=5, w=3, cin=5, cout=7),
+    "batch_1": Case(batch=1),
+    "experts_1": Case(experts=1),
+    "no_bias": Case(bias=False),
+    "channels_last": Case(layout="channels_last"),
+    "channels_last_groups_2": Case(layout="channels_last", groups=2, stride=(2, 2)),
+    "strided_input": Case(layout="strided"),
+}
+
+
+def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (case.batch, case.cin, case.h, case.w)
+    if case.layout == "strided":
+        # Every other column of a wider tensor, channel axis permuted: no contiguous layout.
+        x = torch.randn(case.batch, case.h, case.cin, 2 * case.w, generator=g)
+        x = x[..., ::2].permute(0, 2, 1, 3)
+    else:
+        x = torch.randn(shape, generator=g)
+    x = x.to(DEVICE, dtype)
+    if case.layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    bank_shape = (case.experts, case.cout, case.cin // case.groups, *case.kernel)
+    fan_in = math.prod(bank_shape[2:])
+    bank = (torch.randn(bank_shape, generator=g) / math.sqrt(fan_in)).to(DEVICE, dtype)
+    routing = torch.softmax(torch.randn(case.batch, case.experts, generator=g), 1)
+    routing = routing.to(DEVICE, dtype)
+    bias = None
+    if case.bias:
+        bias = torch.randn(case.experts, case.cout, generator=g).to(DEVICE, dtype)
+    return x, bank, routing, bias
+
+
+def run_case(case: Case, strategy: str, dtype: torch.dtype, tf32: bool = False, **kwargs):
+    x, bank, routing, bias = make_inputs(case, dtype)
+    with torch.no_grad():
+        y = triton_forward_impl(x, bank, routing, bias, case.stride, case.padding,
+                                case.dilation, case.groups, strategy=strategy, **kwargs)
+    y_ref, scale = reference(x.cpu(), bank.cpu(), routing.cpu(),
+                             None if bias is None else bias.cpu(), case.stride, case.padding,
+                             case.dilation, case.groups)
+    check_close(y, y_ref, scale, dtype, tf32)
+    return x, y
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_fp32(name, strategy):
+    case = CASES[name]
+    x, y = run_case(case, strategy, torch.float32)
+    expected = torch.channels_last if case.layout == "channels_last" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=expected)
+
+
+LOW_PRECISION_CASES = ["base_3x3", "stride_2", "depthwise", "channels_last", "experts_1"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name", LOW_PRECISION_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_forward_low_precision(name, strategy, dtype):
+    run_case(CASES[name], strategy, dtype)
+
+
+@pytest.mark.parametrize("tf32_mode", [True, False], ids=["tf32", "ieee"], indirect=True)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_forward_fp32_tf32_setting(tf32_mode, strategy):
+    """fp32 follows torch.backends.cudnn.allow_tf32; ieee must meet the fp32 tolerance."""
+    run_case(Case(cin=8, cout=5), strategy, torch.float32, tf32=tf32_mode)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_premix_batch_larger_than_chunk(dtype):
+    case = Case(batch=5)
+    x, bank, routing, bias = make_inputs(case, dtype)
+    row_bytes = (case.cout * case.cin * 9 + case.cout) * x.element_size()
+    # A budget of two samples' rows (rounded-up row length included) gives chunks of 2, 2, 1.
+    budget = 2 * (row_bytes + 32 * x.element_size())
+    assert premix_chunk_size(case.batch, row_bytes // x.element_size() + 32, x.element_size(),
+                             budget) == 2
+    run_case(case, "premix", dtype, premix_buffer_bytes=budget)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_padding_same_through_dispatcher(strategy, monkeypatch):
+    """padding="same" with an even kernel: the dispatcher pads the extra row/column first."""
+    case = Case(kernel=(2, 3), padding=(0, 0))
+    x, bank, routing, bias = make_inputs(case, torch.float32)
+    monkeypatch.setattr("dynconv.triton_backend.choose_strategy", lambda *args: strategy)
+    with torch.no_grad():
+        y = dynconv.dynamic_conv2d(x, bank, routing, bias, padding="same", backend="triton")
+        y_loop = dynconv.dynamic_conv2d(x, bank, routing, bias, padding="same", backend="loop")
+    assert y.shape == x.shape[:1] + (case.cout,) + x.shape[2:]
+    torch.testing.assert_close(y, y_loop, rtol=1e-5, atol=1e-5)  # both fp32 ieee
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_int64_offsets_path(strategy):
+    """The OFFSET_64 variant (used when a sample spans > 2**31 elements) computes the same."""
+    from dynconv.kernels.conv_forward import conv_forward
+    from dynconv.kernels.mix import mix, mixed_views
+
+    case = Case(stride=(2, 1), layout="channels_last")
+    x, bank, routing, bias = make_inputs(case, torch.float32)
+    y_ref, scale = reference(x.cpu(), bank.cpu(), routing.cpu(), bias.cpu(), case.stride,
+                             case.padding, case.dilation, case.groups)
+    y = torch.empty(y_ref.shape, device=DEVICE, dtype=x.dtype)
+    interpreter = not ON_GPU
+    with torch.no_grad():
+        if strategy == "fused":
+            conv_forward(x, bank.unflatten(1, (1, case.cout)), bias, routing, y, 0, case.batch,
+                         case.stride, case.padding, case.dilation, interpreter, offset_64=True)
+        else:
+            buffer = mix(routing, bank, bias, case.groups, interpreter=interpreter)
+            weights, mixed_bias = mixed_views(buffer, bank.shape, case.groups, True)
+            conv_forward(x, weights, mixed_bias, None, y, 0, case.batch, case.stride,
+                         case.padding, case.dilation, interpreter, offset_64=True)
+    check_close(y, y_ref, scale, torch.float32)
+
+
+# --- mix kernel alone ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("experts", [1, 5, 16, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_mix_kernel(experts, dtype):
+    from dynconv.kernels.mix import mix, mixed_views
+
+    g = torch.Generator().manual_seed(experts)
+    batch, cout, cin_g, groups = 3, 6, 2, 3
+    bank = torch.randn(experts, cout, cin_g, 3, 1, generator=g).to(DEVICE, dtype)
+    bias = torch.randn(experts, cout, generator=g).to(DEVICE, dtype)
+    routing = torch.randn(batch, experts, generator=g).to(DEVICE, dtype)
+    buffer = mix(routing, bank, bias, groups, interpreter=not ON_GPU)
+    weights, mixed_bias = mixed_views(buffer, bank.shape, groups, True)
+    a, k = routing.double().cpu(), experts
+    w_ref = (a @ bank.double().cpu().view(k, -1)).view(batch, groups, cout // groups, cin_g, 3, 1)
+    w_scale = (a.abs() @ bank.double().cpu().abs().view(k, -1)).view(w_ref.shape)
+    b_ref, b_scale = a @ bias.double().cpu(), a.abs() @ bias.double().cpu().abs()
+    # One rounding of the fp32-accumulated sum to the dtype (fp32: K <= 17 terms, < 2e-6).
+    rtol = {torch.float32: 2e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+    assert ((weights.double().cpu() - w_ref).abs() <= rtol * w_scale + 1e-7).all()
+    assert ((mixed_bias.double().cpu() - b_ref).abs() <= rtol * b_scale + 1e-7).all()
+
+
+def test_mix_kernel_strided_bank_and_chunk_buffer():
+    """A non-contiguous bank is gathered through its strides; ``out`` rows beyond n untouched."""
+    from dynconv.kernels.mix import mix, mixed_layout, mixed_views
+
+    g = torch.Generator().manual_seed(1)
+    bank = torch.randn(4, 3, 5, 3, 2, generator=g).permute(0, 2, 1, 4, 3).to(DEVICE)  # (4,5,3,2,3)
+    routing = torch.randn(2, 4, generator=g).to(DEVICE)
+    layout = mixed_layout(bank.shape, False)
+    out = torch.full((3, layout.row_stride), 7.0, device=DEVICE)
+    mix(routing, bank, None, 1, out=out, interpreter=not ON_GPU)
+    weights, bias = mixed_views(out[:2], bank.shape, 1, False)
+    assert bias is None
+    expected = (routing.double() @ bank.double().reshape(4, -1)).view(2, 1, *bank.shape[1:])
+    torch.testing.assert_close(weights.double(), expected, rtol=1e-6, atol=1e-6)
+    assert (out[2] == 7.0).all()
+
+
+# --- module, dispatch and errors ----------------------------------------------------------------
+
+
+def test_dynamic_cnn_forward_matches_loop():
+    torch.manual_seed(0)
+    net = dynconv.DynamicCNN(in_channels=3, num_classes=5, num_experts=3, widths=(8, 12, 16),
+                             stem_channels=8, backend="loop").to(DEVICE).eval()
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+    with torch.no_grad():
+        logits_loop, routings_loop = net(x, return_routing=True)
+        for module in net.modules():
+            if isinstance(module, dynconv.DynamicConv2d):
+                module.backend = "triton"
+        logits, routings = net(x, return_routing=True)
+    for a, a_loop in zip(routings, routings_loop, strict=True):
+        torch.testing.assert_close(a, a_loop)
+    torch.testing.assert_close(logits, logits_loop, rtol=1e-4, atol=1e-5)  # fp32 ieee
+
+
+def test_grad_raises_until_backward_lands():
+    case = Case()
+    x, bank, routing, bias = make_inputs(case, torch.float32)
+    bank.requires_grad_(True)
+    geometry = ConvGeometry(case.stride, case.padding, case.dilation, case.groups)
+    with pytest.raises(NotImplementedError, match="backward"):
+        triton_dynamic_conv2d(x, bank, routing, bias, geometry)
+    with torch.no_grad():
+        y = triton_dynamic_conv2d(x, bank, routing, bias, geometry)
+    assert y.shape == (case.batch, case.cout, case.h, case.w)
+
+
+def test_unknown_strategy():
+    x, bank, routing, bias = make_inputs(Case(), torch.float32)
+    with pytest.raises(ValueError, match="strategy"):
+        triton_forward_impl(x, bank, routing, bias, (1, 1), (1, 1), (1, 1), 1, strategy="both")
+
+
+def test_cpu_tensors_without_interpreter_raise(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, bank, routing, bias = (t.cpu() for t in make_inputs(Case(), torch.float32))
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        dynconv.dynamic_conv2d(x, bank, routing, bias, padding=1, backend="triton")
+
+
+def test_choose_strategy_heuristic():
+    # Late layer: 4x4 output, K=4 -> one row tile, fused. Early layer: 56x56 output -> premix.
+    assert choose_strategy((8, 64, 8, 8), (4, 64, 64, 3, 3), (4, 4)) == "fused"
+    assert choose_strategy((8, 64, 56, 56), (4, 64, 64, 3, 3), (56, 56)) == "premix"
+    assert choose_strategy((8, 64, 8, 8), (64, 64, 64, 3, 3), (8, 8)) == "premix"
