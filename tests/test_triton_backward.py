@@ -1,0 +1,277 @@
+"""The Triton backward (dgrad + wgrad kernels, through the dynconv::triton_* custom ops) against
+torch autograd of a float64 per-sample loop: gradients of x, the kernel bank, the routing weights
+and the bias bank.
+
+Runs the compiled kernels on CUDA when a GPU is present, else the Triton interpreter on CPU
+(tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported). Shapes are tiny: the
+interpreter costs about a millisecond per operation per program.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dynconv.kernels.conv_dgrad import conv_dgrad
+from dynconv.kernels.conv_wgrad import conv_wgrad
+
+import dynconv
+from dynconv.functional import triton_interpreter_enabled
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ON_GPU = DEVICE.type == "cuda"
+INTERPRETER = not ON_GPU
+if not ON_GPU and not triton_interpreter_enabled():
+    pytest.skip("needs a GPU or TRITON_INTERPRET=1 (set by conftest.py)", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """fp32 dots in ieee (not tf32) so that fp32 tolerances can be fp32's."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved
+
+
+def relative_tolerance(dtype: torch.dtype) -> float:
+    """Bound on |grad - grad_ref| relative to the sum of |terms| of that gradient element.
+
+    fp16 / bf16: the kernels round the mixed weights (dgrad) and each result once to the dtype
+    (unit roundoff 2**-11 / 2**-8) and accumulate in fp32; 4 roundings is a safe margin. fp32
+    (ieee dots): fp32 sums of at most ~400 terms here (a pixel GEMM, then a contraction over
+    one kernel's elements), 400 * 2**-24 < 3e-5.
+    """
+    if dtype == torch.bfloat16:
+        return 4 * 2.0**-8
+    if dtype == torch.float16:
+        return 4 * 2.0**-11
+    return 5e-5
+
+
+def reference_conv(x, bank, routing, bias_bank, stride, padding, dilation, groups):
+    """The loop the kernels must match: sum_k a[b, k] bank[k] per sample, one F.conv2d each."""
+    outputs = []
+    for b in range(x.shape[0]):
+        weight = sum(routing[b, k] * bank[k] for k in range(bank.shape[0]))
+        bias = None
+        if bias_bank is not None:
+            bias = sum(routing[b, k] * bias_bank[k] for k in range(bank.shape[0]))
+        outputs.append(F.conv2d(x[b : b + 1], weight, bias, stride, padding, dilation, groups))
+    return torch.cat(outputs)
+
+
+def reference_grads(x, bank, routing, bias_bank, grad_out, geometry):
+    """Float64 gradients (x, bank, routing, bias) and their error scales.
+
+    Every gradient element is a sum of products of the operands; running the same autograd on
+    their absolute values gives the sum of |products| of each element: the scale that rounding
+    errors grow with.
+    """
+    def grads(transform):
+        leaves = [transform(t).double().cpu().requires_grad_(True)
+                  for t in (x, bank, routing)]
+        bias = None
+        if bias_bank is not None:
+            bias = transform(bias_bank).double().cpu().requires_grad_(True)
+            leaves.append(bias)
+        y = reference_conv(leaves[0], leaves[1], leaves[2], bias, **geometry)
+        y.backward(transform(grad_out).double().cpu())
+        return [t.grad for t in leaves]
+
+    return grads(lambda t: t), grads(torch.abs)
+
+
+def check_grads(actual, expected, scales, dtype, names=("x", "bank", "routing", "bias")):
+    tol = relative_tolerance(dtype)
+    for name, got, ref, scale in zip(names, actual, expected, scales):
+        assert got is not None, f"grad of {name} missing"
+        assert got.shape == ref.shape, f"grad of {name}: shape {got.shape} != {ref.shape}"
+        assert got.dtype == dtype, f"grad of {name}: dtype {got.dtype}, expected {dtype}"
+        # atol: a few fp32 ulps of 1 for elements whose scale is ~0.
+        error = (got.double().cpu() - ref).abs()
+        bound = tol * scale + 1e-6
+        worst = (error - bound).argmax()
+        assert (error <= bound).all(), (
+            f"grad of {name}: error {error.flatten()[worst]:.3g} > bound "
+            f"{bound.flatten()[worst]:.3g} (max error {error.max():.3g})"
+        )
+
+
+# (batch, cin, cout, H, W, (kh, kw), stride, padding, dilation, groups, K, bias, channels_last)
+CASES = {
+    "3x3": (2, 4, 6, 7, 5, (3, 3), 1, 1, 1, 1, 3, True, False),
+    "stride2-groups2-K1": (3, 6, 6, 7, 7, (3, 3), 2, 1, 1, 2, 1, True, False),
+    "depthwise-dil2-K5-nobias": (2, 4, 4, 6, 7, (3, 3), (2, 1), 2, 2, 4, 5, False, False),
+    "batch1-odd-kernel": (1, 3, 5, 5, 6, (2, 3), (1, 2), (0, 1), (2, 1), 1, 2, True, False),
+    "channels_last": (2, 4, 4, 6, 5, (3, 3), 1, 1, 1, 2, 3, True, True),
+    "1x1-stride2": (2, 5, 3, 5, 5, (1, 1), 2, 0, 1, 1, 2, False, False),
+    "stride3-wide-pad": (2, 2, 4, 7, 6, (3, 3), 3, 2, 1, 1, 4, True, False),
+}
+
+
+def make_inputs(case, dtype, seed=0):
+    b, cin, cout, h, w, k, s, p, d, g, n, bias, channels_last = case
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, cin, h, w, generator=gen)
+    bank = torch.randn(n, cout, cin // g, *k, generator=gen) / (cin // g * k[0] * k[1]) ** 0.5
+    routing = torch.softmax(torch.randn(b, n, generator=gen), dim=1)
+    bias_bank = torch.randn(n, cout, generator=gen) if bias else None
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    move = lambda t: None if t is None else t.to(DEVICE, dtype)  # noqa: E731
+    geometry = dict(stride=s, padding=p, dilation=d, groups=g)
+    return move(x), move(bank), move(routing), move(bias_bank), geometry
+
+
+def triton_grads(x, bank, routing, bias_bank, grad_out, geometry):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, bank, routing)]
+    if bias_bank is not None:
+        leaves.append(bias_bank.detach().clone().requires_grad_(True))
+    bias = leaves[3] if bias_bank is not None else None
+    y = dynconv.dynamic_conv2d(leaves[0], leaves[1], leaves[2], bias, backend="triton",
+                               **geometry)
+    y.backward(grad_out)
+    return [t.grad for t in leaves]
+
+
+def run_case(case, dtype):
+    x, bank, routing, bias_bank, geometry = make_inputs(case, dtype)
+    with torch.no_grad():
+        y = dynconv.dynamic_conv2d(x, bank, routing, bias_bank, backend="loop", **geometry)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    got = triton_grads(x, bank, routing, bias_bank, grad_out, geometry)
+    expected, scales = reference_grads(x, bank, routing, bias_bank, grad_out, geometry)
+    if case[12]:
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+    check_grads(got, expected, scales, dtype)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradients_fp32(name):
+    run_case(CASES[name], torch.float32)
+
+
+@pytest.mark.parametrize("name", ["3x3", "depthwise-dil2-K5-nobias", "channels_last"])
+def test_gradients_fp16(name):
+    run_case(CASES[name], torch.float16)
+
+
+def test_gradients_bf16():
+    run_case(CASES["stride2-groups2-K1"], torch.bfloat16)
+
+
+@pytest.mark.parametrize("samples_per_program", [1, 2])
+def test_batch_spanning_several_splits(samples_per_program):
+    """wgrad's batch split: each run of samples writes its own partial, summed at the end."""
+    case = (5, 4, 6, 5, 5, (3, 3), 1, 1, 1, 2, 3, True, False)
+    x, bank, routing, bias_bank, geometry = make_inputs(case, torch.float32)
+    grad_out = torch.randn(5, 6, 5, 5, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    pairs = lambda v: (v, v)  # noqa: E731
+    grad_bank, grad_routing, grad_bias = conv_wgrad(
+        grad_out, x, bank, routing, bias_bank, pairs(1), pairs(1), pairs(1), 2,
+        samples_per_program=samples_per_program, interpreter=INTERPRETER,
+    )
+    expected, scales = reference_grads(x, bank, routing, bias_bank, grad_out, geometry)
+    check_grads([grad_bank, grad_routing, grad_bias], expected[1:], scales[1:], torch.float32,
+                names=("bank", "routing", "bias"))
+
+
+def test_strided_views_in_and_out():
+    """Non-contiguous grad_out, x and bank (slices), and a strided grad_x buffer."""
+    case = (2, 4, 4, 6, 5, (3, 3), 1, 1, 1, 2, 3, True, False)
+    x, bank, routing, bias_bank, geometry = make_inputs(case, torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 6, 5, generator=gen).to(DEVICE)[:, ::2]
+    bank = torch.randn(3, 4, 2, 3, 6, generator=gen).to(DEVICE)[..., ::2]
+    grad_out = torch.randn(2, 4, 6, 10, generator=gen).to(DEVICE)[..., ::2]
+    grad_x = torch.zeros(2, 4, 6, 10, device=DEVICE)[..., 1::2]
+    pairs = lambda v: (v, v)  # noqa: E731
+    conv_dgrad(grad_out, bank, routing, x.shape, pairs(1), pairs(1), pairs(1), 2, out=grad_x,
+               interpreter=INTERPRETER)
+    grads = conv_wgrad(grad_out, x, bank, routing, bias_bank, pairs(1), pairs(1), pairs(1), 2,
+                       interpreter=INTERPRETER)
+    expected, scales = reference_grads(x, bank, routing, bias_bank, grad_out, geometry)
+    check_grads([grad_x, *grads], expected, scales, torch.float32)
+
+
+@pytest.mark.parametrize("wanted", [(True, False, False, False), (False, False, True, False),
+                                    (False, True, False, True)])
+def test_only_requested_gradients(wanted):
+    case = CASES["3x3"]
+    x, bank, routing, bias_bank, geometry = make_inputs(case, torch.float32)
+    leaves = [t.detach().clone().requires_grad_(w)
+              for t, w in zip((x, bank, routing, bias_bank), wanted)]
+    y = dynconv.dynamic_conv2d(*leaves, backend="triton", **geometry)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    y.backward(grad_out)
+    expected, scales = reference_grads(x, bank, routing, bias_bank, grad_out, geometry)
+    for leaf, w, ref, scale, name in zip(leaves, wanted, expected, scales,
+                                         ("x", "bank", "routing", "bias")):
+        if w:
+            check_grads([leaf.grad], [ref], [scale], torch.float32, names=(name,))
+        else:
+            assert leaf.grad is None
+
+
+def test_deterministic_mode_bit_identical():
+    """No kernel of the backward uses atomics: two runs give the same bits."""
+    case = (3, 4, 6, 6, 5, (3, 3), 2, 1, 1, 2, 4, True, False)
+    x, bank, routing, bias_bank, geometry = make_inputs(case, torch.float32)
+    grad_out = torch.randn(3, 6, 3, 3, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = triton_grads(x, bank, routing, bias_bank, grad_out, geometry)
+        second = triton_grads(x, bank, routing, bias_bank, grad_out, geometry)
+    finally:
+        torch.use_deterministic_algorithms(saved)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_autograd_saves_only_inputs_and_parameters():
+    """Saved for backward: x, the routing weights and the parameters; never W_b (B x |W|)."""
+    case = CASES["3x3"]
+    x, bank, routing, bias_bank, geometry = make_inputs(case, torch.float32)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, bank, routing, bias_bank)]
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = dynconv.dynamic_conv2d(*leaves, backend="triton", **geometry)
+    assert len(saved) == 4
+    for t, leaf in zip(saved, leaves):
+        assert t.shape == leaf.shape and t.data_ptr() == leaf.data_ptr()
+    y.sum().backward()
+    assert all(leaf.grad is not None for leaf in leaves)
+
+
+def test_training_matches_loop_step_for_step():
+    """Three SGD steps of a tiny DynamicCNN: backend='triton' against backend='loop'."""
+    torch.manual_seed(0)
+    kwargs = dict(in_channels=3, num_classes=4, num_experts=3, widths=(4, 6, 8),
+                  stem_channels=4)
+    nets = {b: dynconv.DynamicCNN(backend=b, **kwargs).to(DEVICE) for b in ("loop", "triton")}
+    nets["triton"].load_state_dict(nets["loop"].state_dict())
+    opts = {b: torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+            for b, net in nets.items()}
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        x = torch.randn(2, 3, 8, 8, generator=gen).to(DEVICE)
+        target = torch.randint(0, 4, (2,), generator=gen).to(DEVICE)
+        losses = {}
+        for b, net in nets.items():
+            opts[b].zero_grad()
+            loss = F.cross_entropy(net(x), target)
+            loss.backward()
+            opts[b].step()
+            losses[b] = loss.item()
+        # fp32 throughout; differences are rounding (different summation orders), amplified a
+        # little by BatchNorm over a batch of 2 and by three steps of SGD.
+        assert abs(losses["triton"] - losses["loop"]) <= 1e-4 * max(1.0, abs(losses["loop"]))
+        for (name, p), q in zip(nets["loop"].named_parameters(), nets["triton"].parameters()):
+            assert torch.allclose(q, p, rtol=1e-4, atol=1e-5), name
