@@ -50,7 +50,10 @@ class Result:
 
 
 def discover_cases(only: str | None = None):
-    """(module name, CompileCase) for every ``compile_cases()`` in ``dynconv.kernels``."""
+    """(module name, index, CompileCase) for every ``compile_cases()`` in ``dynconv.kernels``.
+
+    ``only`` is a regular expression that the case names must match.
+    """
     import dynconv.kernels as package
 
     found = []
@@ -59,9 +62,9 @@ def discover_cases(only: str | None = None):
         make = getattr(module, "compile_cases", None)
         if make is None:
             continue
-        for case in make():
+        for index, case in enumerate(make()):
             if only is None or re.search(only, case.name):
-                found.append((module.__name__, case))
+                found.append((module.__name__, index, case))
     return found
 
 
@@ -173,16 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     if not cases:
         print("no compile cases found", file=sys.stderr)
         return 1
-    # compile_one looks cases up by (module, index) so that only picklable values cross
-    # process boundaries.
-    indices: dict[str, int] = {}
-    jobs = []
-    for module_name, _case in cases:
-        all_names = [c.name for c in importlib.import_module(module_name).compile_cases()]
-        index = all_names.index(_case.name, indices.get(module_name, 0))
-        indices[module_name] = index + 1
-        for arch in args.arch or TARGETS:
-            jobs.append((module_name, index, arch))
+    # Workers get (module, index, arch) and rebuild the case: only plain values are pickled.
+    jobs = [(module_name, index, arch)
+            for module_name, index, _case in cases for arch in args.arch or TARGETS]
     start = time.perf_counter()
     if args.jobs > 1:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
