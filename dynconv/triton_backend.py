@@ -18,6 +18,9 @@ STRATEGIES = ("auto", "premix", "fused")
 # in chunks of as many samples as fit.
 PREMIX_BUFFER_BYTES = 64 * 2**20
 
+# Samples are the third grid axis of the conv kernel, which CUDA limits to 65535 programs.
+MAX_SAMPLES_PER_LAUNCH = 65535
+
 # Output rows per tile that the fused strategy's heuristic assumes (a typical BLOCK_M).
 _FUSED_ROWS_PER_TILE = 64
 # Fused re-mixes the bank once per output-row tile: it is chosen while that costs at most this
@@ -101,13 +104,20 @@ def triton_forward_impl(
     interpreter = triton_interpreter_enabled() and x.device.type == "cpu"
 
     if strategy == "fused":
+        # The bank repacked once (K x |W|, small next to the B x |W| premix would write) into
+        # the mixed layout, so that the kernel's weight tiles are read with output channels
+        # contiguous; then viewed back as (K, G, C_out/G, C_in/G, KH, KW).
         bank = weight_bank.unflatten(1, (groups, out_channels // groups))
-        conv_forward(x, bank, bias_bank, routing, y, 0, batch, stride, padding, dilation,
-                     interpreter=interpreter)
+        bank = bank.permute(0, 1, 4, 5, 3, 2).contiguous().permute(0, 1, 5, 4, 2, 3)
+        for start in range(0, batch, MAX_SAMPLES_PER_LAUNCH):
+            count = min(MAX_SAMPLES_PER_LAUNCH, batch - start)
+            conv_forward(x, bank, bias_bank, routing, y, start, count, stride, padding,
+                         dilation, interpreter=interpreter)
         return y
 
     layout = mixed_layout(weight_bank.shape, bias_bank is not None)
     chunk = premix_chunk_size(batch, layout.row_stride, x.element_size(), premix_buffer_bytes)
+    chunk = min(chunk, MAX_SAMPLES_PER_LAUNCH)
     buffer = x.new_empty((chunk, layout.row_stride))
     for start in range(0, batch, chunk):
         count = min(chunk, batch - start)

@@ -198,6 +198,23 @@ def test_forward_fp32_tf32_setting(tf32_mode, strategy):
     run_case(Case(cin=8, cout=5), strategy, torch.float32, tf32=tf32_mode)
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_non_contiguous_bank_routing_and_bias(strategy):
+    """Parameters are read through their strides too (views of larger or permuted tensors)."""
+    case = Case(groups=2)
+    x, bank, routing, bias = make_inputs(case, torch.float32)
+    bank = bank.permute(0, 1, 2, 4, 3).contiguous().permute(0, 1, 2, 4, 3)
+    routing = routing.t().contiguous().t()
+    bias = torch.cat([bias, bias], dim=1)[:, ::2]
+    assert not (bank.is_contiguous() or routing.is_contiguous() or bias.is_contiguous())
+    with torch.no_grad():
+        y = triton_forward_impl(x, bank, routing, bias, case.stride, case.padding,
+                                case.dilation, case.groups, strategy=strategy)
+    y_ref, scale = reference(x.cpu(), bank.cpu(), routing.cpu(), bias.cpu(), case.stride,
+                             case.padding, case.dilation, case.groups)
+    check_close(y, y_ref, scale, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_premix_batch_larger_than_chunk(dtype):
     case = Case(batch=5)
