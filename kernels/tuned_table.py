@@ -174,17 +174,18 @@ def config_label(data: dict) -> str:
 @contextmanager
 def forcing(kernel_name: str, config) -> Iterator[list]:
     """Within the block, launches of ``kernel_name`` use ``config`` (a ``triton.Config``) and
-    bypass both the table and the autotuner. Yields a list that collects the keys launched.
+    bypass both the table and the autotuner. Yields a list that collects, for each launch,
+    ``(key, named positional arguments, keyword arguments)``.
 
     The sweep uses it to time candidates through the real launchers.
     """
     forced = getattr(_FORCED, "configs", {})
     previous = forced.get(kernel_name)
-    keys: list[str] = []
-    forced[kernel_name] = (config, keys)
+    launches: list[tuple] = []
+    forced[kernel_name] = (config, launches)
     _FORCED.configs = forced
     try:
-        yield keys
+        yield launches
     finally:
         if previous is None:
             forced.pop(kernel_name, None)
@@ -224,8 +225,9 @@ class TunedKernel:
             forced = getattr(_FORCED, "configs", {}).get(self.name)
             self.last_key = key
             if forced is not None:
-                config, keys = forced
-                keys.append(key)
+                config, launches = forced
+                named = dict(zip(self.arg_names, args, strict=False))
+                launches.append((key, named, dict(kwargs)))
                 self.last_source, self.last_config = "forced", config_to_dict(config)
                 return self._run(config, grid, args, kwargs)
             data = lookup(self.name, key, self._device(args))

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from dynconv.autotune import __main__ as cli
-from dynconv.autotune.bench import COLUMNS, MODES, PROVIDERS
+from dynconv.autotune.bench import COLUMNS, MODES, PROVIDERS, preset_cases
 from dynconv.autotune.shapes import SHAPE_SETS, get_shape_set, parse_shape, tiny
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -53,18 +53,10 @@ def test_bench_dry_run_lists_cases_and_writes_nothing(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "bench", "--preset", "quick", "--dry-run", "--out",
                            str(tmp_path))
     assert code == 0
-    assert "dry run: 26 cases" in out
+    assert f"dry run: {len(preset_cases('quick', 'cpu'))} cases" in out
     assert "layer3.0.conv2" in out and "256->256 k3 s1 @14" in out
     assert "provider triton would be skipped" in out
     assert list(tmp_path.iterdir()) == []
-
-
-def test_console_script_entry_point_runs():
-    """``python -m dynconv.autotune`` (what the dynconv-autotune script calls) in a subprocess."""
-    result = subprocess.run([sys.executable, "-m", "dynconv.autotune", "bench", "--dry-run",
-                             "--preset", "tiny"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "dry run: 3 cases" in result.stdout
 
 
 # --- bad arguments -----------------------------------------------------------------------------
@@ -181,3 +173,101 @@ def test_report_in_place_next_to_the_csv(capsys, tiny_bench):
     assert code == 0
     assert (tiny_bench.parent / "summary.md").is_file()
     assert os.path.isfile(tiny_bench.parent / "tiny_throughput_vs_batch.png")
+
+
+# --- the interpreter sweep: write a table, the next launch uses it -----------------------------
+
+TINY_LAYER = "cin=8,cout=8,hw=5,k=3,name=tiny"
+
+# Run in a fresh process (the "next launch"): the forward kernel is launched through the public
+# API and the wrapper reports where its config came from. If the kernel module has no tuned-table
+# hook yet, the hook is applied here the way the one-line hook does it.
+LOAD_SCRIPT = r"""
+import json, os, sys, warnings
+import torch
+import dynconv
+from dynconv.autotune.sweep import KERNELS, hooked_kernel
+from dynconv.kernels import tuned_table
+
+kernel, _ = hooked_kernel(KERNELS["conv_forward"])
+torch.manual_seed(0)
+x = torch.randn(2, 8, 5, 5)
+bank = torch.randn(4, 8, 8, 3, 3) * 0.1
+bias = torch.randn(4, 8) * 0.1
+routing = torch.softmax(torch.randn(2, 4), dim=1)
+
+def launch():
+    with torch.no_grad():
+        y = dynconv.dynamic_conv2d(x, bank, routing, bias, padding=1, backend="triton")
+    ref = dynconv.dynamic_conv2d(x, bank, routing, bias, padding=1, backend="native")
+    return {"source": kernel.last_source, "key": kernel.last_key, "config": kernel.last_config,
+            "max_error": float((y - ref).abs().max())}
+
+result = {"tuned": launch()}
+os.environ["DYNCONV_TUNED"] = "0"
+tuned_table.clear_cache()
+result["disabled"] = launch()
+del os.environ["DYNCONV_TUNED"]
+os.environ["DYNCONV_TUNED_DIR"] = sys.argv[1]
+tuned_table.clear_cache()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    result["stale"] = launch()
+result["stale"]["warnings"] = [str(w.message) for w in caught]
+print(json.dumps(result))
+"""
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DYNCONV_TUNED")}
+    env["TRITON_INTERPRET"] = "1"
+    env.update(extra)
+    return env
+
+
+def test_sweep_dry_run_lists_kernels_and_shapes(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "sweep", "--set", "mobilenetv2", "--batch", "8", "--dtype",
+                           "fp16", "--dry-run", "--table-dir", str(tmp_path))
+    assert code == 0
+    assert "conv_forward" in out and "candidate configs" in out
+    assert "features.2.depthwise" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interpreter_sweep_writes_a_table_the_next_launch_uses(tmp_path):
+    import json
+
+    table_dir = tmp_path / "tuned"
+    sweep = subprocess.run(
+        [sys.executable, "-m", "dynconv.autotune", "sweep", "--shape", TINY_LAYER, "--batch",
+         "2", "--dtype", "fp32", "--layout", "nchw", "--kernels", "conv_forward", "--reps", "1",
+         "--no-progress", "--table-dir", str(table_dir)],
+        capture_output=True, text=True, timeout=300, env=_env())
+    assert sweep.returncode == 0, sweep.stderr
+    path = table_dir / "interpreter.json"
+    table = json.loads(path.read_text())
+    assert table["device"] == "Triton interpreter (CPU)" and table["triton"] and table["torch"]
+    entries = table["kernels"]["conv_forward"]
+    assert {e["variant"] for e in entries.values()} == {"premix", "fused"}
+    for entry in entries.values():
+        assert entry["ms"] > 0 and entry["config"]["kwargs"]["BLOCK_M"] >= 16
+        assert all(isinstance(v, float) or v.startswith(("failed", "wrong")) for v in
+                   entry["timings_ms"].values())
+
+    # a copy claiming another Triton version must be ignored with a warning
+    stale_dir = tmp_path / "stale"
+    stale_dir.mkdir()
+    (stale_dir / "interpreter.json").write_text(json.dumps({**table, "triton": "2.0.0"}))
+
+    load = subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(stale_dir)],
+                          capture_output=True, text=True, timeout=300,
+                          env=_env(DYNCONV_TUNED_DIR=str(table_dir)))
+    assert load.returncode == 0, load.stderr
+    result = json.loads(load.stdout.strip().splitlines()[-1])
+    tuned = result["tuned"]
+    assert tuned["source"] == "table"
+    assert tuned["config"] == entries[tuned["key"]]["config"]
+    assert tuned["max_error"] < 1e-4
+    assert result["disabled"]["source"] == "autotune"
+    assert result["stale"]["source"] == "autotune"
+    assert any("Triton '2.0.0'" in w for w in result["stale"]["warnings"])
