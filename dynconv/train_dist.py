@@ -84,3 +84,15 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
+
+
+def broadcast_buffers(module: torch.nn.Module, ctx: DistContext) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each training forward, but the last forward of an
+    epoch then updates each rank's running statistics from its own batch: without this, ranks
+    would evaluate with slightly different BatchNorm statistics.
+    """
+    if ctx.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from .schedule import TemperatureSchedule
-from .train_dist import DistContext, all_reduce_sum
+from .train_dist import DistContext, all_reduce_sum, broadcast_buffers
 
 
 @dataclass
@@ -213,6 +213,7 @@ def fit(name: str, backend: str, model: nn.Module, data, config: TrainConfig, ct
         temperature.apply(model)
 
     def evaluate_row(epoch, train_loss, train_acc, seconds, lr):
+        broadcast_buffers(model, ctx)
         ev = evaluate(model, data.test_x, data.test_y, ctx, data.num_classes,
                       config.eval_batch_size, dynamic)
         row = {"model": name, "backend": backend, "epoch": epoch,

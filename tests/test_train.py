@@ -135,6 +135,22 @@ def test_two_process_gloo_run_writes_one_set_of_artifacts(tmp_path):
     rows = _read_csv(out / "metrics.csv")
     assert len(rows) == 4  # (static, dynamic) x (epoch 0, epoch 1): not one set per rank
 
+    # Before training, the metrics reduced over the two ranks' halves of the test set must equal
+    # one pass over the whole test set with the same seed's initial weights.
+    data = load_digits_split(32)
+    torch.manual_seed(0)
+    static = StaticCNN(1, 10).eval()
+    torch.manual_seed(0)
+    dynamic = DynamicCNN(1, 10, temperature=30.0).eval()
+    for model, row in ((static, rows[0]), (dynamic, rows[2])):
+        assert row["epoch"] == "0"
+        with torch.no_grad():
+            logits = model(data.test_x)
+        expected_loss = float(torch.nn.functional.cross_entropy(logits, data.test_y))
+        expected_acc = float((logits.argmax(1) == data.test_y).float().mean())
+        assert float(row["test_loss"]) == pytest.approx(expected_loss, rel=1e-5)
+        assert float(row["test_acc"]) == pytest.approx(expected_acc, abs=1e-9)
+
 
 @pytest.mark.parametrize(
     ("argv", "message"),
