@@ -8,6 +8,9 @@ Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, and on the CPU the 
 (``VmHWM``) of a fresh process forked from a clean server that has only imported torch, minus
 its RSS just before the run.
 
+Modes: ``fwd`` is inference (``torch.no_grad``), ``fwd+bwd`` a training step's forward and
+backward, ``bwd`` the backward alone on a retained graph.
+
 Providers (all at the functional level: x, the bank, the bias bank and the routing weights are
 leaves that need gradients; the router MLP is not part of the timing):
 
@@ -125,11 +128,15 @@ def preset_cases(preset: str, device: str) -> list[Case]:
                   for d in ("fp32", "bf16") for lay in LAYOUTS]
         return cases
     if preset == "gpu":
+        # most telling first: a cut-short run (gpu-check's time budget) keeps those
         base = find_layer("resnet18", "layer2.0.conv2")
-        cases = [Case("batch", base, b, dtype="bf16", layout="channels_last")
-                 for b in (8, 32, 128, 256)]
-        cases += [Case("layers", s, b, dtype=d, layout="channels_last")
-                  for d in ("bf16", "fp32") for b in (32, 128) for s in get_shape_set("resnet18")]
+        layers = get_shape_set("resnet18")
+        cases = [Case("layers", s, 32, dtype="bf16", layout="channels_last") for s in layers]
+        cases += [Case("batch", base, b, dtype="bf16", layout="channels_last")
+                  for b in (8, 32, 128, 256)]
+        cases += [Case("layers", s, 128, dtype="bf16", layout="channels_last") for s in layers]
+        cases += [Case("layers", s, b, dtype="fp32", layout="channels_last")
+                  for b in (32, 128) for s in layers]
         cases += [Case("experts", base, 128, experts=k, dtype="bf16", layout="channels_last")
                   for k in (2, 4, 8, 16)]
         return cases
@@ -245,9 +252,16 @@ def forward_fn(provider: str, case: Case, t: dict) -> tuple[Callable[[], torch.T
 
 
 def mode_fn(mode: str, forward: Callable, leaves: list) -> Callable[[], object]:
-    """The callable timed for ``mode``; ``bwd`` reuses one forward graph (retain_graph)."""
+    """The callable timed for ``mode``.
+
+    ``fwd`` is inference (under ``torch.no_grad``); ``fwd+bwd`` a training step's forward and
+    backward; ``bwd`` the backward alone, replayed on one forward graph (``retain_graph``).
+    """
     if mode == "fwd":
-        return forward
+        def fwd():
+            with torch.no_grad():
+                return forward()
+        return fwd
     if mode == "fwd+bwd":
         def fwd_bwd():
             y = forward()

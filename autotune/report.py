@@ -88,6 +88,20 @@ def _save(plt, fig, path: str, title: str) -> str:
     return path
 
 
+def _plain_ticks(ax, xs=None) -> None:
+    """Plain numbers on log axes (``16``, not ``2^4``); x ticks at the measured values."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    plain = FuncFormatter(lambda value, _pos: f"{value:g}")
+    if xs is not None:
+        ax.set_xticks(sorted(set(xs)))
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain if ax.get_ylim()[1] / ax.get_ylim()[0] < 20
+                                 else NullFormatter())
+
+
 def _variants(frame: pd.DataFrame, columns: list[str]) -> list[tuple]:
     return list(frame[columns].drop_duplicates().itertuples(index=False, name=None))
 
@@ -119,6 +133,7 @@ def plot_throughput_vs_batch(frame: pd.DataFrame, path: str, title: str) -> str 
             ax.set_title(f"{mode}: {variant[0]}, {variant[1]} {variant[2]}, K={variant[3]}",
                          fontsize=9)
             ax.grid(True, which="both", alpha=0.3)
+            _plain_ticks(ax, sub["batch"])
     axes[0][0].legend(fontsize=8)
     return _save(plt, fig, path, title)
 
@@ -153,6 +168,7 @@ def plot_ratio_by_layer(frame: pd.DataFrame, path: str, title: str) -> str | Non
             ax.set_title(f"{mode}: {variant[0]} {variant[1]}, batch {variant[2]}, "
                          f"K={variant[3]}", fontsize=9)
             ax.grid(True, axis="y", which="both", alpha=0.3)
+            _plain_ticks(ax)
     axes[0][0].legend(fontsize=8)
     return _save(plt, fig, path, title)
 
@@ -179,6 +195,7 @@ def plot_memory_vs_batch(frame: pd.DataFrame, path: str, title: str) -> str | No
     ax.set_title(f"forward+backward, {first['shape']}, {first['dtype']} {first['layout']}\n"
                  f"({method})", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
+    _plain_ticks(ax, data["batch"])
     ax.legend(fontsize=8)
     return _save(plt, fig, path, title)
 
@@ -212,6 +229,7 @@ def plot_ratio_vs_axis(frame: pd.DataFrame, path: str, title: str) -> str | None
         first = sub.iloc[0]
         ax.set_title(f"{group} sweep (batch {first['batch']})", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
+        _plain_ticks(ax, None if categorical else order)
     axes[0][0].legend(fontsize=8)
     return _save(plt, fig, path, title)
 
@@ -327,11 +345,22 @@ def summary_section(frame: pd.DataFrame, images: list[str]) -> list[str]:
     return lines
 
 
-def render(csv_paths: list[str], out_root: str | None = None) -> list[str]:
-    """Render every CSV; return the paths written (PNGs and one summary.md per folder)."""
+def render(csv_paths: list[str], out_root: str | None = None,
+           explicit: tuple[str, ...] = ()) -> list[str]:
+    """Render every CSV; return the paths written (PNGs and one summary.md per folder).
+
+    A CSV in ``explicit`` (named on the command line) that is not a bench CSV is an error; one
+    found by searching a folder is skipped with a message.
+    """
     by_folder: dict[str, list[tuple[str, pd.DataFrame]]] = {}
     for path in csv_paths:
-        frame = load(path)
+        try:
+            frame = load(path)
+        except ValueError as exc:
+            if path in explicit:
+                raise
+            print(f"report: skipping {exc}", file=sys.stderr)
+            continue
         if frame.empty:
             print(f"report: {path} has no rows; skipped", file=sys.stderr)
             continue
@@ -380,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     if not csvs:
         parser.error(f"no bench_*.csv found under {args.paths}")
     try:
-        written = render(csvs, args.out)
+        written = render(csvs, args.out, tuple(p for p in args.paths if os.path.isfile(p)))
     except ValueError as exc:
         parser.error(str(exc))
     for path in written:

@@ -53,14 +53,20 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
+_DEVICE_IDS: dict[int, tuple[str, str]] = {}
+
+
 def device_id(tensor_device) -> tuple[str, str]:
     """(file slug, human device name) of the device a launch runs on."""
-    if getattr(tensor_device, "type", "cpu") == "cuda":
-        import torch
+    if getattr(tensor_device, "type", "cpu") != "cuda":
+        return INTERPRETER_DEVICE, "Triton interpreter (CPU)"
+    import torch
 
-        name = torch.cuda.get_device_name(tensor_device)
-        return slug(name), name
-    return INTERPRETER_DEVICE, "Triton interpreter (CPU)"
+    index = tensor_device.index if tensor_device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_IDS:
+        name = torch.cuda.get_device_name(index)
+        _DEVICE_IDS[index] = (slug(name), name)
+    return _DEVICE_IDS[index]
 
 
 def triton_version() -> str:
