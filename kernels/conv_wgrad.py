@@ -10,10 +10,12 @@ and the gradients the caller needs are contractions of it with the routing weigh
     grad_a[b, k]    = <gW_b, bank[k]> + <gb_b, bias_bank[k]>,   gb_b[co] = sum_p grad_y[b, co, p]
     grad_bias[k]    = sum_b a[b, k] * gb_b
 
-One program owns one (co, n) tile of gW for one group and walks a run of samples. For each
-sample it forms that tile of gW_b in registers, then at once adds ``a[b, :] x tile`` into a
-(K, BLOCK_M, BLOCK_N) register accumulator of grad_bank and reduces ``tile . bank[k]`` to the
-tile's share of grad_a[b, :]. So gW_b never reaches memory, and nothing of size B x |W| exists.
+One program owns one (co, n) tile of gW for one group and one block of at most K_BLOCK experts,
+and walks a run of samples. For each sample it forms that tile of gW_b in registers, then at once
+adds ``a[b, k] * tile`` into a (K_BLOCK, BLOCK_M, BLOCK_N) register accumulator of grad_bank and
+reduces ``tile . bank[k]`` to the tile's share of grad_a[b, k], for the block's experts k. So
+gW_b never reaches memory, and nothing of size B x |W| exists. With more than K_BLOCK experts the
+tile of gW_b is recomputed once per expert block (the accumulator must stay in registers).
 
 Partial results are written, never accumulated, to small fp32 buffers:
 
@@ -24,7 +26,8 @@ Partial results are written, never accumulated, to small fp32 buffers:
 The launcher sums them over the first axis with ``torch.sum``, a fixed-order reduction. No
 atomics anywhere: results are bit-identical run to run, so this is also the deterministic path.
 The tile shape (which fixes T) is chosen by the launcher from a register budget; autotuning only
-varies BLOCK_P and the warp / stage counts, and every buffer element is written exactly once per
+varies BLOCK_P and the warp / stage counts (pruned by :func:`config_fits`, the rule the
+compile-check's no-spill results follow), and every buffer element is written exactly once per
 launch, so no reset_to_zero is needed.
 """
 
@@ -37,8 +40,13 @@ import triton.language as tl
 from .configs import MIN_DOT_BLOCK, CompileCase, interpreting
 from .mix import dot_settings
 
-# Largest fp32 element count of the (K, BLOCK_M, BLOCK_N) grad_bank accumulator per program.
+# Largest fp32 element count of the (K_BLOCK, BLOCK_M, BLOCK_N) grad_bank accumulator.
 ACC_BUDGET = 4096
+# Most experts one program accumulates (more are split over the grid's third axis).
+MAX_K_BLOCK = 16
+# Most accumulator elements (grad_bank's and gW's) per thread: past this, ptxas spills (measured
+# for sm_80 / sm_90 by the compile-check).
+MAX_ACC_PER_THREAD = 40
 # Bytes allowed for the per-split grad_bank partials (S x K x |W| fp32).
 PARTIAL_BUDGET_BYTES = 32 * 2**20
 # Programs to aim for on a GPU when choosing how many splits of the batch to run.
@@ -49,7 +57,6 @@ TARGET_PROGRAMS = 512
 _WGRAD_CANDIDATES = [
     (16, 4, 2),
     (32, 4, 2),
-    (64, 4, 2),
     (32, 4, 3),
     (16, 8, 2),
     (32, 8, 3),
@@ -66,6 +73,31 @@ def wgrad_configs(interpreter: bool | None = None) -> list[triton.Config]:
     return [triton.Config({"BLOCK_P": p}, num_warps=w, num_stages=st) for p, w, st in table]
 
 
+def expert_block(num_experts: int) -> int:
+    """K_BLOCK: experts accumulated per program (a power of two, at most MAX_K_BLOCK)."""
+    return min(triton.next_power_of_2(num_experts), MAX_K_BLOCK)
+
+
+def config_fits(config: triton.Config, k_block: int, element_size: int) -> bool:
+    """Whether a config compiles without spills for every tile of a K_BLOCK (the compile-check's
+    findings, judged at the largest tile :func:`tile_shape` gives that K_BLOCK).
+
+    The accumulators take ``(K_BLOCK + 1) * BLOCK_M * BLOCK_N`` fp32 over ``32 * num_warps``
+    threads; with 4-byte operands a 64-pixel chunk adds too many live loads.
+    """
+    block_m, block_n = tile_shape(k_block, 1 << 16, 1 << 16)
+    threads = 32 * config.num_warps
+    if (k_block + 1) * block_m * block_n > MAX_ACC_PER_THREAD * threads:
+        return False
+    return not (element_size == 4 and config.kwargs["BLOCK_P"] > 32)
+
+
+def _prune_wgrad(configs, named_args, **kwargs):
+    element_size = named_args["x_ptr"].element_size()
+    kept = [c for c in configs if config_fits(c, kwargs["K_BLOCK"], element_size)]
+    return kept or configs[:1]
+
+
 def tile_shape(num_experts: int, cog: int, nred: int,
                interpreter: bool = False) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the gW tile: as large as the problem and the register budget allow.
@@ -77,10 +109,10 @@ def tile_shape(num_experts: int, cog: int, nred: int,
         # One program per group for the tiny test problems: the interpreter pays per program.
         return (max(small, triton.next_power_of_2(cog)),
                 max(small, triton.next_power_of_2(nred)))
-    k_pad = triton.next_power_of_2(num_experts)
+    k_block = expert_block(num_experts)
     block_m = min(64, max(small, triton.next_power_of_2(cog)))
     block_n = min(64, max(small, triton.next_power_of_2(nred)))
-    while k_pad * block_m * block_n > ACC_BUDGET and (block_m > small or block_n > small):
+    while k_block * block_m * block_n > ACC_BUDGET and (block_m > small or block_n > small):
         if block_n >= block_m and block_n > small:
             block_n //= 2
         else:
@@ -102,7 +134,7 @@ def wgrad_kernel(
     SH: tl.constexpr, SW: tl.constexpr,
     PH: tl.constexpr, PW: tl.constexpr,
     DH: tl.constexpr, DW: tl.constexpr,
-    K_PAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+    K_BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
     NEED_BANK: tl.constexpr, NEED_ROUTING: tl.constexpr, NEED_BIAS: tl.constexpr,
     UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
@@ -125,7 +157,9 @@ def wgrad_kernel(
     ci = n // (KH * KW)
     kh = (n // KW) % KH
     kw = n % KW
-    kk = tl.arange(0, K_PAD)
+    k_start = tl.program_id(2) * K_BLOCK
+    k_stop = tl.minimum(k_start + K_BLOCK, NUM_EXPERTS)
+    kk = k_start + tl.arange(0, K_BLOCK)
     k_ok = kk < NUM_EXPERTS
     tile_mask = co_ok[:, None] & n_ok[None, :]
     first_n = tile_n == 0
@@ -136,8 +170,8 @@ def wgrad_kernel(
     x_n_off = ci * s_x_c + (kh * DH) * s_x_h + (kw * DW) * s_x_w
     gy_co_off = co * s_gy_c
 
-    gbank_acc = tl.zeros((K_PAD, BLOCK_M, BLOCK_N), dtype=tl.float32)
-    gbias_acc = tl.zeros((K_PAD, BLOCK_M), dtype=tl.float32)
+    gbank_acc = tl.zeros((K_BLOCK, BLOCK_M, BLOCK_N), dtype=tl.float32)
+    gbias_acc = tl.zeros((K_BLOCK, BLOCK_M), dtype=tl.float32)
     b_start = split * SAMPLES_PER_SPLIT
     b_stop = tl.minimum(b_start + SAMPLES_PER_SPLIT, BATCH)
     for b in range(b_start, b_stop):
@@ -171,14 +205,14 @@ def wgrad_kernel(
                 gsum += tl.sum(gy.to(tl.float32), axis=1)
 
         a_row = tl.load(a_ptr + b64 * s_a_b + kk * s_a_k, mask=k_ok, other=0.0).to(tl.float32)
-        ga = tl.zeros((K_PAD,), dtype=tl.float32)
+        ga = tl.zeros((K_BLOCK,), dtype=tl.float32)
         if NEED_BANK:
             gbank_acc += a_row[:, None, None] * acc[None, :, :]
         if NEED_ROUTING:
             bank_off = (co[:, None] * s_bk_o + ci[None, :] * s_bk_i + kh[None, :] * s_bk_h
                         + kw[None, :] * s_bk_w)
             bank_base = bank_ptr + g_co * s_bk_o
-            for k in range(NUM_EXPERTS):
+            for k in range(k_start, k_stop):
                 bank_k = tl.load(bank_base + k * s_bk_k + bank_off, mask=tile_mask,
                                  other=0.0).to(tl.float32)
                 ga = tl.where(kk == k, ga + tl.sum(tl.sum(bank_k * acc, axis=1), axis=0), ga)
@@ -210,12 +244,14 @@ def wgrad_kernel(
 
 
 WGRAD_KEY = ["H", "W", "HO", "WO", "CIG", "COG", "NUM_EXPERTS", "SAMPLES_PER_SPLIT", "KH", "KW",
-             "SH", "SW", "PH", "PW", "DH", "DW", "K_PAD", "HAS_BIAS", "NEED_BANK",
+             "SH", "SW", "PH", "PW", "DH", "DW", "K_BLOCK", "HAS_BIAS", "NEED_BANK",
              "NEED_ROUTING", "NEED_BIAS", "UPCAST", "INPUT_PRECISION", "BLOCK_M", "BLOCK_N"]
 
 # Every buffer element is written once per launch (stores, no accumulation into memory), so a
 # config re-run while tuning leaves the right answer: no reset_to_zero needed.
-wgrad_kernel_tuned = triton.autotune(configs=wgrad_configs(), key=WGRAD_KEY)(wgrad_kernel)
+wgrad_kernel_tuned = triton.autotune(
+    configs=wgrad_configs(), key=WGRAD_KEY, prune_configs_by={"early_config_prune": _prune_wgrad},
+)(wgrad_kernel)
 
 
 def samples_per_split(batch: int, tiles: int, weight_numel: int, num_experts: int,
@@ -257,6 +293,7 @@ def conv_wgrad(grad_out, x, weight_bank, routing, bias_bank, stride, padding, di
         return None, None, None
     cog = out_channels // groups
     nred = cig * kh * kw
+    k_block = expert_block(num_experts)
     block_m, block_n = tile_shape(num_experts, cog, nred, interpreter)
     tiles = groups * triton.cdiv(cog, block_m) * triton.cdiv(nred, block_n)
     weight_numel = out_channels * nred
@@ -282,12 +319,12 @@ def conv_wgrad(grad_out, x, weight_bank, routing, bias_bank, stride, padding, di
     upcast, precision = dot_settings(x.dtype, interpreter)
     meta = dict(
         KH=kh, KW=kw, SH=stride[0], SW=stride[1], PH=padding[0], PW=padding[1],
-        DH=dilation[0], DW=dilation[1], K_PAD=triton.next_power_of_2(num_experts),
+        DH=dilation[0], DW=dilation[1], K_BLOCK=k_block,
         HAS_BIAS=bias_bank is not None, NEED_BANK=need_bank, NEED_ROUTING=need_routing,
         NEED_BIAS=need_bias, UPCAST=upcast, INPUT_PRECISION=precision,
         BLOCK_M=block_m, BLOCK_N=block_n,
     )
-    grid = (tiles, splits)
+    grid = (tiles, splits, triton.cdiv(num_experts, k_block))
     if batch > 0:
         if config is None:
             wgrad_kernel_tuned[grid](*args, **meta)
@@ -313,37 +350,37 @@ _INT_ARGS = [
     "s_a_b", "s_a_k",
     "s_bb_k", "s_bb_o",
 ]
-# Experts compiled by the compile-check: K sets the accumulator's depth and so the tile shape
-# (tile_shape at a layer wide enough to reach the largest tile).
-COMPILE_EXPERTS = (1, 4, 16)
+_DTYPE_SIZES = {"fp32": 4, "fp16": 2, "bf16": 2}
 
 
 def compile_cases() -> list[CompileCase]:
-    """Every wgrad config x {fp32 (tf32), fp16, bf16} x COMPILE_EXPERTS, 3x3 stride 1, with a
-    bias and all three gradients (the largest live state)."""
+    """Every K_BLOCK x {fp32 (tf32), fp16, bf16} x every config that :func:`config_fits` allows,
+    at the largest tile of that K_BLOCK (3x3, stride 1, a bias and all three gradients: the
+    largest live state)."""
     cases = []
-    for dtype in ("fp32", "fp16", "bf16"):
-        for num_experts in COMPILE_EXPERTS:
-            block_m, block_n = tile_shape(num_experts, 256, 256 * 9)
-            for stride in (1,):
-                for config in wgrad_configs(interpreter=False):
-                    signature = {name: f"*{dtype}" for name in ("gy_ptr", "x_ptr", "bank_ptr",
-                                                                "a_ptr", "bias_ptr")}
-                    signature.update({name: "*fp32" for name in ("gbank_ptr", "ga_ptr",
-                                                                 "gbias_ptr")})
-                    signature.update({name: "i32" for name in _INT_ARGS})
-                    constexprs = {
-                        "KH": 3, "KW": 3, "SH": stride, "SW": stride, "PH": 1, "PW": 1,
-                        "DH": 1, "DW": 1, "K_PAD": triton.next_power_of_2(num_experts),
-                        "HAS_BIAS": True, "NEED_BANK": True, "NEED_ROUTING": True,
-                        "NEED_BIAS": True, "UPCAST": False,
-                        "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee",
-                        "BLOCK_M": block_m, "BLOCK_N": block_n, **config.kwargs,
-                    }
-                    signature.update({name: "constexpr" for name in constexprs})
-                    name = (f"conv_wgrad {dtype} K{num_experts} s{stride} M{block_m} "
-                            f"N{block_n} P{config.kwargs['BLOCK_P']} w{config.num_warps} "
-                            f"s{config.num_stages}")
-                    cases.append(CompileCase(wgrad_kernel, signature, constexprs,
-                                             config.num_warps, config.num_stages, name))
+    for dtype, element_size in _DTYPE_SIZES.items():
+        k_block = 1
+        while k_block <= MAX_K_BLOCK:
+            block_m, block_n = tile_shape(k_block, 1 << 16, 1 << 16)
+            for config in wgrad_configs(interpreter=False):
+                if not config_fits(config, k_block, element_size):
+                    continue
+                signature = {name: f"*{dtype}" for name in ("gy_ptr", "x_ptr", "bank_ptr",
+                                                            "a_ptr", "bias_ptr")}
+                signature.update({name: "*fp32" for name in ("gbank_ptr", "ga_ptr",
+                                                             "gbias_ptr")})
+                signature.update({name: "i32" for name in _INT_ARGS})
+                constexprs = {
+                    "KH": 3, "KW": 3, "SH": 1, "SW": 1, "PH": 1, "PW": 1, "DH": 1, "DW": 1,
+                    "K_BLOCK": k_block, "HAS_BIAS": True, "NEED_BANK": True,
+                    "NEED_ROUTING": True, "NEED_BIAS": True, "UPCAST": False,
+                    "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee",
+                    "BLOCK_M": block_m, "BLOCK_N": block_n, **config.kwargs,
+                }
+                signature.update({name: "constexpr" for name in constexprs})
+                name = (f"conv_wgrad {dtype} Kb{k_block} M{block_m} N{block_n} "
+                        f"P{config.kwargs['BLOCK_P']} w{config.num_warps} s{config.num_stages}")
+                cases.append(CompileCase(wgrad_kernel, signature, constexprs,
+                                         config.num_warps, config.num_stages, name))
+            k_block *= 2
     return cases

@@ -107,6 +107,8 @@ CASES = {
     "channels_last": (2, 4, 4, 6, 5, (3, 3), 1, 1, 1, 2, 3, True, True),
     "1x1-stride2": (2, 5, 3, 5, 5, (1, 1), 2, 0, 1, 1, 2, False, False),
     "stride3-wide-pad": (2, 2, 4, 7, 6, (3, 3), 3, 2, 1, 1, 4, True, False),
+    # More experts than wgrad accumulates per program (MAX_K_BLOCK = 16): two expert blocks.
+    "K17": (2, 2, 2, 4, 4, (3, 3), 1, 1, 1, 1, 17, True, False),
 }
 
 
