@@ -1,4 +1,5 @@
-"""``python -m dynconv.autotune <command> [args]``: dispatch to one tool module per command."""
+"""``python -m dynconv.autotune <command> [args]`` (also the ``dynconv-autotune`` script):
+dispatch to one tool module per command; ``<command> --help`` tells each one's options."""
 
 from __future__ import annotations
 
@@ -12,14 +13,30 @@ COMMANDS = {
     "sweep": "dynconv.autotune.sweep",
     "gpu-check": "dynconv.autotune.gpu_check",
 }
+SUMMARIES = {
+    "compile-check": "compile every Triton kernel x config for sm_80 / sm_90 (no GPU needed)",
+    "bench": "time fwd / bwd / fwd+bwd and peak memory of each provider vs the static conv",
+    "report": "turn bench CSVs into PNG plots and a summary.md",
+    "sweep": "autotune the Triton kernels over a shape set; write the per-GPU tuned table",
+    "gpu-check": "on a GPU machine: Triton tests, a short sweep, the GPU bench and its report",
+}
+
+
+def usage() -> str:
+    lines = ["usage: python -m dynconv.autotune <command> [--help] [args]", "", "commands:"]
+    lines += [f"  {name:14s} {SUMMARIES[name]}" for name in COMMANDS]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        names = ", ".join(COMMANDS)
-        print(f"usage: python -m dynconv.autotune {{{names}}} [--help]", file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage(), file=sys.stderr)
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"unknown command {argv[0]!r}; expected one of {list(COMMANDS)}\n\n{usage()}",
+              file=sys.stderr)
+        return 2
     module = importlib.import_module(COMMANDS[argv[0]])
     return module.main(argv[1:]) or 0
 

@@ -25,6 +25,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -48,11 +49,13 @@ class Log:
 
     def __init__(self, path: str):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.file = open(path, "w", buffering=1)  # noqa: SIM115 - closed in close()
+        self.file = open(path, "w", buffering=1)  # closed by close()
+        self.lock = threading.Lock()
 
     def __call__(self, text: str = "") -> None:
-        print(text, flush=True)
-        self.file.write(text + "\n")
+        with self.lock:
+            print(text, flush=True)
+            self.file.write(text + "\n")
 
     def close(self) -> None:
         self.file.close()
@@ -108,33 +111,26 @@ def run_step(step: Step, log: Log) -> None:
         step.status = f"failed to start: {exc}"
         log(step.status)
         return
-    timed_out = False
     assert process.stdout is not None
-    os.set_blocking(process.stdout.fileno(), False)
-    pending = ""
-    while True:
-        chunk = process.stdout.read()
-        if chunk:
-            pending += chunk
-            *lines, pending = pending.split("\n")
-            for line in lines:
-                log(line.split("\r")[-1])  # keep the last state of progress bars
-        if process.poll() is not None:
-            rest = process.stdout.read() or ""
-            for line in (pending + rest).split("\n"):
-                if line:
-                    log(line.split("\r")[-1])
-            break
-        if time.monotonic() - start > step.timeout_s:
-            timed_out = True
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            break
-        time.sleep(0.2)
+
+    def pump():  # a thread, so that a silent process can still be timed out
+        for line in process.stdout:
+            log(line.rstrip("\n").split("\r")[-1])  # progress bars: keep their last state
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    timed_out = False
+    try:
+        process.wait(timeout=step.timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    reader.join(10)
     step.seconds = time.monotonic() - start
     if timed_out:
         step.status = f"timed out after {step.timeout_s:.0f} s"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from dynconv.autotune import __main__ as cli
 from dynconv.autotune.bench import COLUMNS, MODES, PROVIDERS, preset_cases
 from dynconv.autotune.shapes import SHAPE_SETS, get_shape_set, parse_shape, tiny
@@ -271,3 +272,43 @@ def test_interpreter_sweep_writes_a_table_the_next_launch_uses(tmp_path):
     assert result["disabled"]["source"] == "autotune"
     assert result["stale"]["source"] == "autotune"
     assert any("Triton '2.0.0'" in w for w in result["stale"]["warnings"])
+
+
+# --- gpu-check ---------------------------------------------------------------------------------
+
+
+def test_gpu_check_step_runner_reports_ok_failure_and_timeout(tmp_path):
+    from dynconv.autotune.gpu_check import Log, Step, run_step
+
+    log = Log(str(tmp_path / "check.log"))
+    steps = [
+        Step("ok", [sys.executable, "-c", "print('hello from a step')"], 60),
+        Step("fails", [sys.executable, "-c", "import sys; sys.exit(3)"], 60),
+        Step("hangs", [sys.executable, "-c", "import time; time.sleep(60)"], 1),
+        Step("skipped", ["true"], 60, skip_reason="no GPU"),
+    ]
+    for step in steps:
+        run_step(step, log)
+    log.close()
+    assert [s.status for s in steps] == ["ok", "failed (exit code 3)", "timed out after 1 s",
+                                         "skipped: no GPU"]
+    assert steps[2].seconds < 30
+    assert "hello from a step" in (tmp_path / "check.log").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would run the real check")
+def test_gpu_check_without_a_gpu_reports_every_step_skipped(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "gpu-check", "--out", str(tmp_path))
+    assert code == 1
+    text = (tmp_path / "no_gpu" / "gpu_check.log").read_text()
+    for step in ("tests", "sweep", "bench", "report"):
+        assert f"  {step:7s} skipped: torch.cuda.is_available() is False" in text
+    assert "summary" in out
+
+
+def test_gpu_check_dry_run_names_the_steps(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "gpu-check", "--dry-run", "--out", str(tmp_path))
+    assert code == 0
+    for needle in ("pytest", "sweep --set resnet18", "bench --preset gpu", "report"):
+        assert needle in out
+    assert list(tmp_path.iterdir()) == []
