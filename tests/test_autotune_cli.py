@@ -312,3 +312,26 @@ def test_gpu_check_dry_run_names_the_steps(capsys, tmp_path):
     for needle in ("pytest", "sweep --set resnet18", "bench --preset gpu", "report"):
         assert needle in out
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tuned_table_trusts_only_its_own_device_and_triton(tmp_path):
+    import json
+    import warnings
+
+    import triton
+    from dynconv.kernels import tuned_table
+
+    good = {"format": 1, "device": "NVIDIA H200", "triton": triton.__version__, "kernels": {}}
+    assert tuned_table.check_table(good, "NVIDIA H200", "t.json") is None
+    assert "tuned on 'NVIDIA H200'" in tuned_table.check_table(good, "NVIDIA A100", "t.json")
+    older = {**good, "triton": "2.3.1"}
+    assert "Triton '2.3.1'" in tuned_table.check_table(older, "NVIDIA H200", "t.json")
+    assert "format-1" in tuned_table.check_table({"format": 0}, "NVIDIA H200", "t.json")
+
+    (tmp_path / "nvidia_h200.json").write_text(json.dumps({**good, "device": "NVIDIA A100"}))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert tuned_table.load_table("nvidia_h200", "NVIDIA H200", str(tmp_path)) is None
+    assert any("ignoring tuned table" in str(w.message) for w in caught)
+    (tmp_path / "nvidia_h200.json").write_text(json.dumps(good))
+    assert tuned_table.load_table("nvidia_h200", "NVIDIA H200", str(tmp_path)) == good
