@@ -17,11 +17,15 @@ exactly one program (no atomics: deterministic).
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from .configs import MIN_DOT_BLOCK, CompileCase, interpreting
 from .mix import dot_settings
+from .tuned_table import with_tuned_table
+
+_INT32_LIMIT = 2**31 - 1
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_N and BLOCK_K >= 16 for tl.dot.
 _DGRAD_CANDIDATES = [
@@ -140,10 +144,26 @@ DGRAD_KEY = ["H", "W", "HO", "WO", "CIG", "COG", "NUM_EXPERTS", "KH", "KW", "SH"
 
 # Every output element is written once by one program, so re-running a config while tuning
 # leaves the right answer: no reset_to_zero needed.
-dgrad_kernel_tuned = triton.autotune(
+dgrad_kernel_tuned = with_tuned_table("conv_dgrad", triton.autotune(
     configs=dgrad_configs(), key=DGRAD_KEY,
     prune_configs_by={"early_config_prune": _prune_dgrad},
-)(dgrad_kernel)
+)(dgrad_kernel))
+
+
+def span(t: torch.Tensor, skip_dims: int = 0) -> int:
+    """Largest element offset reachable inside ``t`` ignoring its first ``skip_dims`` dims."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[skip_dims:],
+                                                                t.stride()[skip_dims:]))
+
+
+def check_int32_spans(**spans: int) -> None:
+    """The backward kernels address inside one sample (and the bank) with int32 offsets."""
+    for name, value in spans.items():
+        if value > _INT32_LIMIT:
+            raise ValueError(
+                f"{name} spans {value} elements, more than the 2**31 - 1 that the Triton "
+                f"backward kernels address with 32-bit offsets; split the input"
+            )
 
 
 def conv_dgrad(grad_out, weight_bank, routing, x_shape, stride, padding, dilation, groups,
@@ -172,6 +192,8 @@ def conv_dgrad(grad_out, weight_bank, routing, x_shape, stride, padding, dilatio
     if out.numel() == 0:
         return out
     cog = out_channels // groups
+    check_int32_spans(**{"one sample of grad_out": span(grad_out, 1),
+                         "one sample of grad_x": span(out, 1), "weight_bank": span(weight_bank)})
     upcast, precision = dot_settings(grad_out.dtype, interpreter)
     args = (
         grad_out, weight_bank, routing, out,

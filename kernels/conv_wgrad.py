@@ -38,7 +38,9 @@ import triton
 import triton.language as tl
 
 from .configs import MIN_DOT_BLOCK, CompileCase, interpreting
+from .conv_dgrad import check_int32_spans, span
 from .mix import dot_settings
+from .tuned_table import with_tuned_table
 
 # Largest fp32 element count of the (K_BLOCK, BLOCK_M, BLOCK_N) grad_bank accumulator.
 ACC_BUDGET = 4096
@@ -249,9 +251,9 @@ WGRAD_KEY = ["H", "W", "HO", "WO", "CIG", "COG", "NUM_EXPERTS", "SAMPLES_PER_SPL
 
 # Every buffer element is written once per launch (stores, no accumulation into memory), so a
 # config re-run while tuning leaves the right answer: no reset_to_zero needed.
-wgrad_kernel_tuned = triton.autotune(
+wgrad_kernel_tuned = with_tuned_table("conv_wgrad", triton.autotune(
     configs=wgrad_configs(), key=WGRAD_KEY, prune_configs_by={"early_config_prune": _prune_wgrad},
-)(wgrad_kernel)
+)(wgrad_kernel))
 
 
 def samples_per_split(batch: int, tiles: int, weight_numel: int, num_experts: int,
@@ -293,6 +295,8 @@ def conv_wgrad(grad_out, x, weight_bank, routing, bias_bank, stride, padding, di
         return None, None, None
     cog = out_channels // groups
     nred = cig * kh * kw
+    check_int32_spans(**{"one sample of grad_out": span(grad_out, 1),
+                         "one sample of x": span(x, 1), "weight_bank": span(weight_bank)})
     k_block = expert_block(num_experts)
     block_m, block_n = tile_shape(num_experts, cog, nred, interpreter)
     tiles = groups * triton.cdiv(cog, block_m) * triton.cdiv(nred, block_n)

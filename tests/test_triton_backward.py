@@ -277,3 +277,20 @@ def test_training_matches_loop_step_for_step():
         assert abs(losses["triton"] - losses["loop"]) <= 1e-4 * max(1.0, abs(losses["loop"]))
         for (name, p), q in zip(nets["loop"].named_parameters(), nets["triton"].parameters()):
             assert torch.allclose(q, p, rtol=1e-4, atol=1e-5), name
+
+
+def test_spans_past_int32_are_refused():
+    """The kernels use int32 offsets inside a sample and the bank: larger spans fail loudly
+    (checked before any launch; meta tensors stand in for the memory)."""
+    meta = dict(device="meta", dtype=torch.float32)
+    x = torch.empty(2, 4, 7, 5, **meta)
+    routing = torch.empty(2, 3, **meta)
+    huge_bank = torch.empty_strided((3, 6, 4, 3, 3), (2**31, 36, 9, 3, 1), **meta)
+    grad_out = torch.empty(2, 6, 7, 5, **meta)
+    pairs = lambda v: (v, v)  # noqa: E731
+    with pytest.raises(ValueError, match="weight_bank spans"):
+        conv_dgrad(grad_out, huge_bank, routing, x.shape, pairs(1), pairs(1), pairs(1), 1,
+                   interpreter=INTERPRETER)
+    with pytest.raises(ValueError, match="weight_bank spans"):
+        conv_wgrad(grad_out, x, huge_bank, routing, None, pairs(1), pairs(1), pairs(1), 1,
+                   interpreter=INTERPRETER)
