@@ -265,10 +265,16 @@ def summary_section(frame: pd.DataFrame, images: list[str]) -> list[str]:
         f"- device: {first['device_name']} ({first['device']}), {first.get('threads', '?')} "
         f"threads; torch {first['torch']}, Triton {first['triton'] or '-'}, "
         f"Python {first['python']}",
-        f"- timing: median of {first.get('rounds', '?')} rounds, each round one static-conv run "
-        f"then one provider run of the same shape"
-        + (" (`triton.testing.do_bench` median per run)" if gpu else " (wall clock)")
-        + "; ratio = provider time / static time of the same rounds",
+        f"- timing: median of {first.get('rounds', '?')} rounds, each round one static-conv "
+        f"sample then one provider sample of the same shape"
+        + (" (`triton.testing.do_bench` median per sample)" if gpu else
+           " (wall clock; a sample repeats sub-10 ms calls up to 20 times)")
+        + "; ratio = median of the per-round ratios provider / static",
+        "- modes: fwd = inference forward (no_grad), bwd = backward alone, fwd+bwd = both; "
+        "the router MLP is not included (routing weights are an input)",
+        f"- reproduce: `python -m dynconv.autotune bench --preset {first['preset']}"
+        + (" --device cpu" if not gpu else "") + "` then `python -m dynconv.autotune report "
+        "<folder>`" + (" (`make report` does both)" if first["preset"] == "quick" else ""),
         "- memory: " + ("`torch.cuda.max_memory_allocated` during one call, minus what was "
                         "allocated before it" if gpu else
                         "peak RSS (VmHWM) of a fresh process during one forward+backward, "

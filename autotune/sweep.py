@@ -305,10 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "--shape is given)")
     parser.add_argument("--shape", type=shape_arg, action="append", default=[],
                         help="a custom layer, e.g. cin=64,cout=128,hw=56,k=3,stride=2")
-    parser.add_argument("--batch", type=int_list("--batch"), default=[32])
-    parser.add_argument("--experts", type=int_list("--experts"), default=[4])
-    parser.add_argument("--dtype", type=csv_list(DTYPES, "dtype"), default=["bf16", "fp32"])
-    parser.add_argument("--layout", type=csv_list(LAYOUTS, "layout"), default=["channels_last"])
+    parser.add_argument("--batch", type=int_list("--batch"), default=[32],
+                        help="comma-separated batch sizes (default 32; at most 2 when "
+                             "interpreting)")
+    parser.add_argument("--experts", type=int_list("--experts"), default=[4],
+                        help="comma-separated K values (default 4)")
+    parser.add_argument("--dtype", type=csv_list(DTYPES, "dtype"), default=["bf16", "fp32"],
+                        help=f"comma-separated subset of {','.join(DTYPES)} (default bf16,fp32)")
+    parser.add_argument("--layout", type=csv_list(LAYOUTS, "layout"), default=["channels_last"],
+                        help=f"comma-separated subset of {','.join(LAYOUTS)} (default "
+                             "channels_last)")
     parser.add_argument("--kernels", type=csv_list(KERNELS, "kernel"), default=list(KERNELS),
                         help=f"subset of {','.join(KERNELS)}")
     parser.add_argument("--table-dir", default=None,

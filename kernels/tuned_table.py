@@ -217,6 +217,8 @@ class TunedKernel:
 
     def __getattr__(self, attr):
         # configs, cache, best_config, fn... stay reachable as on the autotuner
+        if attr == "autotuner":  # not set yet (copy / unpickling): no recursion
+            raise AttributeError(attr)
         return getattr(self.autotuner, attr)
 
     def _device(self, args):
