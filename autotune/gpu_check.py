@@ -11,9 +11,9 @@ own time limit (limits add up to about 8 minutes):
 4. the ``report`` of that bench.
 
 Everything goes to ``<out>/<device>/``: ``gpu_check.log`` (every step's output and a final
-status table), ``tuned_<device>.json``, ``bench_gpu.csv``, the PNGs and ``summary.md``. A step
-that cannot run (no CUDA, no tests folder, missing module) is reported as skipped or failed in
-the log and the exit status; it does not stop the steps after it.
+status table), the tuned table ``<device>.json``, ``bench_gpu.csv``, the PNGs and
+``summary.md``. A step that cannot run (no CUDA, no tests folder, missing module) is reported
+as skipped or failed in the log and the exit status; it does not stop the steps after it.
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests-dir", default="tests", help="where the test files are")
     parser.add_argument("--tests-timeout", type=float, default=150.0, metavar="S")
     parser.add_argument("--sweep-budget", type=float, default=60.0, metavar="S",
-                        help="the sweep stops starting new shapes after S seconds")
+                        help="the sweep starts no new kernel x shape after S seconds")
     parser.add_argument("--bench-budget", type=float, default=120.0, metavar="S",
                         help="bench stops starting new cases after S seconds")
     parser.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")

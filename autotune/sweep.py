@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder of the table (default: $DYNCONV_TUNED_DIR or the "
                              "package's kernels/tuned/)")
     parser.add_argument("--time-budget", type=float, default=0.0,
-                        help="stop starting new shapes after this many seconds (0: no limit)")
+                        help="start no new kernel x shape after this many seconds (0: no "
+                             "limit)")
     parser.add_argument("--reps", type=int, default=3,
                         help="CPU timer (interpreter): calls per candidate, median taken")
     parser.add_argument("--no-progress", action="store_true")
@@ -386,15 +387,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     bar = _progress(len(items) * len(kernels), not args.no_progress)
     tuned = 0
+    over_budget = lambda: (args.time_budget  # noqa: E731
+                           and time.monotonic() - started > args.time_budget)
     try:
         for item in items:
-            if args.time_budget and time.monotonic() - started > args.time_budget:
-                print(f"sweep: time budget of {args.time_budget:.0f} s spent; stopping",
-                      file=sys.stderr)
+            if over_budget():
                 break
             t = make_tensors(item, device)
             ref = reference(item, t)
             for kernel_name, kernel in kernels.items():
+                if over_budget():
+                    break
                 bar.set_postfix_str(f"{kernel_name} {item.shape.label()} b{item.batch} "
                                     f"{item.dtype}")
                 try:
@@ -407,9 +410,12 @@ def main(argv: list[str] | None = None) -> int:
                 table["kernels"].setdefault(kernel_name, {}).update(entries)
                 tuned += len(entries)
                 bar.update(1)
-            write_table(table, path)
+                write_table(table, path)  # after each kernel: a killed sweep keeps its work
     finally:
         bar.close()
+    if over_budget():
+        print(f"sweep: time budget of {args.time_budget:.0f} s spent; stopped early",
+              file=sys.stderr)
     tuned_table.clear_cache()
     print(f"sweep: {tuned} tuned entries written to {path}")
     return 0
