@@ -126,7 +126,6 @@ def preset_cases(preset: str, device: str) -> list[Case]:
                   for s in (7, 14, 28)]
         cases += [Case("dtype", base, 16, dtype=d, layout=lay, memory=False)
                   for d in ("fp32", "bf16") for lay in LAYOUTS]
-        cases.append(Case("dtype", base, 16, dtype="fp16", memory=False))
         return cases
     if preset == "gpu":
         # most telling first: a cut-short run (gpu-check's time budget) keeps those
