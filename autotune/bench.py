@@ -513,11 +513,11 @@ def derived_columns(row: dict, case: Case, device: str) -> dict:
 
 COLUMNS = [
     "run_id", "timestamp", "preset", "device", "device_name", "device_slug", "torch", "triton",
-    "python", "threads", "rounds", "group", "layer", "shape", "cin", "cout", "h", "w", "kh", "kw",
-    "stride", "padding", "dilation", "groups", "batch", "experts", "dtype", "layout", "provider",
-    "mode", "status", "note", "time_ms", "static_time_ms", "ratio_to_static", "samples_per_s",
-    "gflop", "tflops", "device_peak_tflops", "peak_fraction", "peak_mem_bytes",
-    "mem_extra_bytes", "mem_method",
+    "python", "threads", "cpus", "load_avg_1min", "rounds", "group", "layer", "shape", "cin",
+    "cout", "h", "w", "kh", "kw", "stride", "padding", "dilation", "groups", "batch", "experts",
+    "dtype", "layout", "provider", "mode", "status", "note", "time_ms", "static_time_ms",
+    "ratio_to_static", "samples_per_s", "gflop", "tflops", "device_peak_tflops", "peak_fraction",
+    "peak_mem_bytes", "mem_extra_bytes", "mem_method",
 ]
 
 
@@ -531,7 +531,7 @@ def run(cases: list[Case], providers: list[str], device: str, rounds: int, out_c
     meta = {"run_id": time.strftime("%Y%m%dT%H%M%S"), "timestamp": time.strftime(
         "%Y-%m-%dT%H:%M:%S%z"), "preset": preset, "device": device,
         "device_name": device_name(device), "device_slug": device_slug(device), **versions(),
-        "threads": torch.get_num_threads(), "rounds": rounds}
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "rounds": rounds}
     timer = Timer(device, rep_ms)
     measured: dict[tuple, list[dict]] = {}
     records: list[dict] = []
@@ -544,11 +544,13 @@ def run(cases: list[Case], providers: list[str], device: str, rounds: int, out_c
                       f"{case.group} {case.shape.label()} b{case.batch}", file=sys.stderr)
                 break
             bar.set_postfix_str(f"{case.group} {case.shape.label()} b{case.batch} {case.dtype}")
+            # how busy the machine was (other processes skew CPU timings; ratios less so)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             if case.key() not in measured:
                 measured[case.key()] = measure_case(case, providers, device, rounds, timer,
                                                     memory and case.memory)
             for row in measured[case.key()]:
-                records.append({**meta, **case_columns(case), **row,
+                records.append({**meta, "load_avg_1min": load, **case_columns(case), **row,
                                 **derived_columns(row, case, device)})
             pd.DataFrame.from_records(records, columns=COLUMNS).to_csv(out_csv, index=False)
             bar.update(1)

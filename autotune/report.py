@@ -253,6 +253,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def _load_line(frame: pd.DataFrame) -> list[str]:
+    """The machine's 1-minute load average during a CPU run (other processes skew timings)."""
+    if "load_avg_1min" not in frame or frame["load_avg_1min"].isna().all():
+        return []
+    first = frame.iloc[0]
+    if first["device"] == "cuda":
+        return []
+    load = frame["load_avg_1min"]
+    cpus = first.get("cpus", "?")
+    return [f"- machine load (1-minute load average) during the run: {load.min():.1f} to "
+            f"{load.max():.1f} on {cpus} CPUs"]
+
+
 def summary_section(frame: pd.DataFrame, images: list[str]) -> list[str]:
     """Markdown for one bench CSV: run facts, then the figures behind each plot."""
     first = frame.iloc[0]
@@ -265,6 +278,7 @@ def summary_section(frame: pd.DataFrame, images: list[str]) -> list[str]:
         f"- device: {first['device_name']} ({first['device']}), {first.get('threads', '?')} "
         f"threads; torch {first['torch']}, Triton {first['triton'] or '-'}, "
         f"Python {first['python']}",
+        *_load_line(frame),
         f"- timing: median of {first.get('rounds', '?')} rounds, each round one static-conv "
         f"sample then one provider sample of the same shape"
         + (" (`triton.testing.do_bench` median per sample)" if gpu else

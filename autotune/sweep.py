@@ -180,7 +180,11 @@ def time_call(fn: Callable, device: str, reps: int = 3) -> float:
 
 def tune_one(kernel_name: str, kernel, item: Item, device: str, interpreter: bool,
              t: dict, ref: dict, reps: int = 3) -> dict[str, dict]:
-    """Entries {key: entry} for one kernel and one item, every variant of the kernel."""
+    """Entries {key: entry} for one kernel and one item, every variant of the kernel.
+
+    Launches are forced and entries filed under ``kernel.name``: the name the kernel module's
+    hook gave its wrapper, which is what run-time lookups use.
+    """
     from dynconv.kernels import tuned_table
 
     candidates = _resolve(KERNELS[kernel_name].configs)(interpreter=False)
@@ -188,7 +192,7 @@ def tune_one(kernel_name: str, kernel, item: Item, device: str, interpreter: boo
     for variant in KERNELS[kernel_name].variants:
         run = driver(kernel_name, variant, item, t, interpreter)
         # a first launch with the first candidate tells the key and the arguments to prune on
-        with tuned_table.forcing(kernel_name, candidates[0]) as launches:
+        with tuned_table.forcing(kernel.name, candidates[0]) as launches:
             run()
         if not launches:
             continue  # this variant does not launch this kernel for this shape
@@ -202,7 +206,7 @@ def tune_one(kernel_name: str, kernel, item: Item, device: str, interpreter: boo
         for config in pruned:
             label = tuned_table.config_label(tuned_table.config_to_dict(config))
             try:
-                with tuned_table.forcing(kernel_name, config):
+                with tuned_table.forcing(kernel.name, config):
                     error = relative_error(run(), ref)
                     if error > TOLERANCE[item.dtype]:
                         timings[label] = f"wrong result (relative error {error:.2e})"
@@ -407,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"sweep: {kernel_name} on {item.shape.label()} failed: "
                           f"{type(exc).__name__}: {exc}", file=sys.stderr)
                     entries = {}
-                table["kernels"].setdefault(kernel_name, {}).update(entries)
+                table["kernels"].setdefault(kernel.name, {}).update(entries)
                 tuned += len(entries)
                 bar.update(1)
                 write_table(table, path)  # after each kernel: a killed sweep keeps its work
