@@ -141,18 +141,33 @@ def shared_limit(arch: int) -> int:
     return SHARED_MEMORY_LIMITS[arch]
 
 
+HEADER = f"{'case':<52} {'sm':>3} {'regs':>5} {'spill':>6} {'shared':>7} {'s':>5}  status"
+
+
+def format_row(r: Result) -> str:
+    problems = r.problems(shared_limit(r.arch))
+    status = "ok" if not problems else "FAIL: " + "; ".join(problems)
+    regs = "-" if r.registers is None else str(r.registers)
+    spill = "-" if r.spill_bytes is None else str(r.spill_bytes)
+    shared = "-" if r.shared_bytes is None else str(r.shared_bytes)
+    return f"{r.name:<52} {r.arch:>3} {regs:>5} {spill:>6} {shared:>7} {r.seconds:>5.1f}  {status}"
+
+
 def format_table(results: list[Result]) -> str:
-    header = f"{'case':<52} {'sm':>3} {'regs':>5} {'spill':>6} {'shared':>7} {'s':>5}  status"
-    lines = [header, "-" * len(header)]
-    for r in results:
-        problems = r.problems(shared_limit(r.arch))
-        status = "ok" if not problems else "FAIL: " + "; ".join(problems)
-        regs = "-" if r.registers is None else str(r.registers)
-        spill = "-" if r.spill_bytes is None else str(r.spill_bytes)
-        shared = "-" if r.shared_bytes is None else str(r.shared_bytes)
-        lines.append(f"{r.name:<52} {r.arch:>3} {regs:>5} {spill:>6} {shared:>7} "
-                     f"{r.seconds:>5.1f}  {status}")
-    return "\n".join(lines)
+    return "\n".join([HEADER, "-" * len(HEADER)] + [format_row(r) for r in results])
+
+
+class _Serial:
+    """In-process stand-in for a process pool (``--jobs 1``)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, function, *iterables):
+        return map(function, *iterables)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,12 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(module_name, index, arch)
             for module_name, index, _case in cases for arch in args.arch or TARGETS]
     start = time.perf_counter()
-    if args.jobs > 1:
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            results = list(pool.map(compile_one, *zip(*jobs, strict=True)))
-    else:
-        results = [compile_one(*job) for job in jobs]
-    print(format_table(results))
+    print(HEADER)
+    print("-" * len(HEADER), flush=True)
+    results = []
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) if args.jobs > 1 else _Serial() as pool:
+        for result in pool.map(compile_one, *zip(*jobs, strict=True)):
+            results.append(result)
+            print(format_row(result), flush=True)  # rows as they finish: CI shows progress
     failures = [r for r in results if r.problems(shared_limit(r.arch))]
     print(f"\n{len(results)} compiles in {time.perf_counter() - start:.0f} s, "
           f"{len(failures)} failed")

@@ -33,6 +33,7 @@ MIN_DOT_BLOCK = 16
 CONV_FORWARD_KEY = [
     "C_IN_G", "C_OUT_G", "H", "W", "HO", "WO", "KH", "KW",
     "stride_h", "stride_w", "dil_h", "dil_w", "NUM_EXPERTS", "x_stride_c",
+    "FUSED", "TAP_MAJOR", "OFFSET_64",
 ]
 MIX_KEY = ["NUM_EXPERTS", "N_WEIGHT", "N_BIAS"]
 
@@ -110,6 +111,9 @@ _CONV_FORWARD_CANDIDATES = [
     (64, 128, 32, 8, 3),
     (128, 128, 32, 8, 3),
 ]
+# With int64 offsets (a sample spanning > 2**31 elements, rare) only these compile without
+# register spills; the compile-check holds them to that.
+_CONV_FORWARD_INT64 = {(64, 16, 32, 4, 3)}
 # Interpreter: one config; large rows and reduction chunks mean fewer interpreted programs.
 _CONV_FORWARD_INTERPRETER = (64, 16, 32, 4, 1)
 
@@ -124,6 +128,13 @@ def conv_forward_configs(interpreter: bool | None = None) -> list[triton.Config]
     ]
 
 
+def conv_forward_int64_ok(config: triton.Config) -> bool:
+    """Whether ``config`` is allowed with int64 offsets (OFFSET_64); see _CONV_FORWARD_INT64."""
+    kw = config.kwargs
+    entry = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages)
+    return entry in _CONV_FORWARD_INT64 or interpreting()
+
+
 def conv_forward_shared_bytes(config: triton.Config, element_size: int) -> int:
     """Estimated shared memory of the pipelined x and weight tiles of one conv program."""
     kw = config.kwargs
@@ -132,9 +143,13 @@ def conv_forward_shared_bytes(config: triton.Config, element_size: int) -> int:
 
 
 def prune_conv_forward_configs(configs, named_args, **kwargs):
-    """early_config_prune hook: blocks no larger than the problem, shared memory within limit."""
+    """early_config_prune hook: blocks no larger than the problem, shared memory within limit,
+    and only int64-capable configs with OFFSET_64."""
+    named_args = {**named_args, **kwargs}  # constexprs given by keyword arrive in kwargs
     x = named_args["x_ptr"]
     reduction = named_args["C_IN_G"] * named_args["KH"] * named_args["KW"]
+    if named_args.get("OFFSET_64"):
+        configs = [c for c in configs if conv_forward_int64_ok(c)]
     kept = _fit_blocks(
         configs,
         {

@@ -26,14 +26,36 @@ import triton.language as tl
 
 from .configs import (
     CONV_FORWARD_KEY,
+    MIN_DOT_BLOCK,
     CompileCase,
     compile_check_dtypes,
     conv_forward_configs,
+    conv_forward_int64_ok,
     prune_conv_forward_configs,
 )
 from .mix import dot_settings
 
 _INT32_LIMIT = 2**31 - 1
+
+
+@triton.jit
+def _accumulate(acc, x_tile, w_base, w_offs, mask_w, a_row_ptr, a_stride_k, w_stride_e,
+                NUM_EXPERTS, FUSED: tl.constexpr, DOT_FP32: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc + x_tile @ W tile; fused mixes the W tile from the K bank tiles first."""
+    if FUSED:
+        mixed = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        for k in range(0, NUM_EXPERTS):
+            a_k = tl.load(a_row_ptr + k * a_stride_k).to(tl.float32)
+            bank_tile = tl.load(w_base + k * w_stride_e + w_offs, mask=mask_w, other=0.0)
+            mixed += a_k * bank_tile.to(tl.float32)
+        # Round the mixed weights to the input dtype, as premix stores them.
+        w_tile = mixed.to(x_tile.dtype)
+    else:
+        w_tile = tl.load(w_base + w_offs, mask=mask_w, other=0.0)
+    if DOT_FP32:
+        return tl.dot(x_tile.to(tl.float32), w_tile.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit
@@ -48,7 +70,7 @@ def conv_forward_kernel(
     a_stride_b, a_stride_k,
     y_stride_b, y_stride_c, y_stride_h, y_stride_w,
     FUSED: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSET_64: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    TAP_MAJOR: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Grid: (cdiv(HO * WO, BLOCK_M), G * cdiv(C_OUT_G, BLOCK_N), samples in this launch).
@@ -79,50 +101,61 @@ def conv_forward_kernel(
     w0 = wo * stride_w - pad_w
 
     x_base = x_ptr + b * x_stride_b + g * C_IN_G * x_stride_c
-    x_rows = h0 * x_stride_h + w0 * x_stride_w
     if FUSED:
         w_base = w_ptr + g * w_stride_g
     else:
         w_base = w_ptr + pid_b.to(tl.int64) * w_stride_e + g * w_stride_g
     w_cols = offs_n[None, :] * w_stride_o
 
-    reduction = C_IN_G * KH * KW
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, reduction, BLOCK_K):
-        offs_r = r0 + tl.arange(0, BLOCK_K)
-        if OFFSET_64:
-            offs_r = offs_r.to(tl.int64)
-        mask_r = offs_r < reduction
-        c = offs_r % C_IN_G
-        tap = offs_r // C_IN_G
-        i = tap // KW
-        j = tap % KW
-        dh = i * dil_h
-        dw = j * dil_w
-        hi = h0[:, None] + dh[None, :]
-        wi = w0[:, None] + dw[None, :]
-        mask_x = (mask_m[:, None] & mask_r[None, :]
-                  & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
-        # The input offset separates into a row (pixel) part and a column (tap, channel) part.
-        x_cols = c * x_stride_c + dh * x_stride_h + dw * x_stride_w
-        x_tile = tl.load(x_base + x_rows[:, None] + x_cols[None, :], mask=mask_x, other=0.0)
-        w_offs = (c * w_stride_c + i * w_stride_h + j * w_stride_w)[:, None] + w_cols
-        mask_w = mask_r[:, None] & mask_n[None, :]
-        if FUSED:
-            mixed = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-            for k in range(0, NUM_EXPERTS):
-                a_k = tl.load(a_ptr + b * a_stride_b + k * a_stride_k).to(tl.float32)
-                bank_tile = tl.load(w_base + k * w_stride_e + w_offs, mask=mask_w, other=0.0)
-                mixed += a_k * bank_tile.to(tl.float32)
-            # Round the mixed weights to the input dtype, as premix stores them.
-            w_tile = mixed.to(x_ptr.dtype.element_ty)
-        else:
-            w_tile = tl.load(w_base + w_offs, mask=mask_w, other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(x_tile.to(tl.float32), w_tile.to(tl.float32), acc,
-                         input_precision="ieee")
-        else:
-            acc = tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
+    if TAP_MAJOR:
+        # One tap per step, BLOCK_K channels of it: all index math is per row or per column.
+        c_chunks = tl.cdiv(C_IN_G, BLOCK_K)
+        for step in range(0, KH * KW * c_chunks):
+            tap = step // c_chunks
+            i = tap // KW
+            j = tap % KW
+            c = (step % c_chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            if OFFSET_64:
+                c = c.to(tl.int64)
+            mask_r = c < C_IN_G
+            hi = h0 + i * dil_h
+            wi = w0 + j * dil_w
+            row_ok = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+            x_tile = tl.load(
+                x_base + (hi * x_stride_h + wi * x_stride_w)[:, None]
+                + (c * x_stride_c)[None, :],
+                mask=row_ok[:, None] & mask_r[None, :], other=0.0,
+            )
+            w_offs = (c * w_stride_c)[:, None] + w_cols + (i * w_stride_h + j * w_stride_w)
+            acc = _accumulate(acc, x_tile, w_base, w_offs, mask_r[:, None] & mask_n[None, :],
+                              a_ptr + b * a_stride_b, a_stride_k, w_stride_e, NUM_EXPERTS,
+                              FUSED, DOT_FP32, INPUT_PRECISION, BLOCK_K, BLOCK_N)
+    else:
+        # Flattened reduction r = tap * C_IN_G + c: no lane wasted when C_IN_G < BLOCK_K, at
+        # the price of per-element (BLOCK_M x BLOCK_K) index math, kept in int32.
+        tl.static_assert(not OFFSET_64, "int64 offsets need TAP_MAJOR")
+        reduction = C_IN_G * KH * KW
+        x_rows = h0 * x_stride_h + w0 * x_stride_w
+        for r0 in range(0, reduction, BLOCK_K):
+            offs_r = r0 + tl.arange(0, BLOCK_K)
+            mask_r = offs_r < reduction
+            c = offs_r % C_IN_G
+            tap = offs_r // C_IN_G
+            dh = (tap // KW) * dil_h
+            dw = (tap % KW) * dil_w
+            hi = h0[:, None] + dh[None, :]
+            wi = w0[:, None] + dw[None, :]
+            mask_x = (mask_m[:, None] & mask_r[None, :]
+                      & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
+            # The input offset separates into a row (pixel) part and a column part.
+            x_cols = c * x_stride_c + dh * x_stride_h + dw * x_stride_w
+            x_tile = tl.load(x_base + x_rows[:, None] + x_cols[None, :], mask=mask_x, other=0.0)
+            w_rows = c * w_stride_c + (tap // KW) * w_stride_h + (tap % KW) * w_stride_w
+            acc = _accumulate(acc, x_tile, w_base, w_rows[:, None] + w_cols,
+                              mask_r[:, None] & mask_n[None, :],
+                              a_ptr + b * a_stride_b, a_stride_k, w_stride_e, NUM_EXPERTS,
+                              FUSED, DOT_FP32, INPUT_PRECISION, BLOCK_K, BLOCK_N)
 
     if HAS_BIAS:
         channel = g * C_OUT_G + offs_n
@@ -146,7 +179,7 @@ def conv_forward_kernel(
 
 
 conv_forward_autotuned = triton.autotune(
-    configs=conv_forward_configs(), key=CONV_FORWARD_KEY + ["FUSED"],
+    configs=conv_forward_configs(), key=CONV_FORWARD_KEY,
     prune_configs_by={"early_config_prune": prune_conv_forward_configs},
 )(conv_forward_kernel)
 
@@ -168,6 +201,7 @@ def conv_forward(
     stride, padding, dilation,
     interpreter: bool = False,
     offset_64: bool | None = None,
+    tap_major: bool | None = None,
 ) -> None:
     """Write ``y[batch_start : batch_start + batch_count]``.
 
@@ -181,6 +215,9 @@ def conv_forward(
         interpreter: running under TRITON_INTERPRET (bf16 dots are upcast there).
         offset_64: force int64 (True) or int32 (False) in-sample offsets; None decides from the
             tensors' extents.
+        tap_major: walk the reduction tap by tap, BLOCK_K channels at a time (True), or as one
+            flattened (tap, channel) axis (False); None: tap-major when C_in/G >= 16 or with
+            int64 offsets, flattened otherwise.
     """
     fused = routing is not None
     num_experts, groups, out_per_group, in_per_group, kh, kw = weights.shape
@@ -191,6 +228,10 @@ def conv_forward(
     if offset_64 is None:
         spans = (_span(x, 1), _span(y, 1), _span(weights, 0 if fused else 1))
         offset_64 = max(spans) > _INT32_LIMIT
+    if tap_major is None:
+        tap_major = offset_64 or in_per_group >= MIN_DOT_BLOCK
+    if offset_64 and not tap_major:
+        raise ValueError("int64 offsets need tap_major=True")
     bias_arg = bias if bias is not None else y
     a_arg = routing if fused else y
     grid = lambda meta: (
@@ -208,7 +249,8 @@ def conv_forward(
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
         routing.stride(0) if fused else 0, routing.stride(1) if fused else 0,
         *y.stride(),
-        FUSED=fused, HAS_BIAS=bias is not None, OFFSET_64=offset_64, DOT_FP32=dot_fp32,
+        FUSED=fused, HAS_BIAS=bias is not None, OFFSET_64=offset_64, TAP_MAJOR=tap_major,
+        DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision,
     )
 
@@ -224,23 +266,36 @@ _INT_ARGS = [
 
 
 def compile_cases() -> list[CompileCase]:
-    """Every conv config x {premix, fused}, in fp32 (tf32) and fp16 (bf16 for some), with bias."""
+    """The conv configs x {premix, fused} with a bias, in the variants the launcher uses.
+
+    Tap-major (C_in/G >= 16): every config in fp32 (tf32) and fp16, bf16 for the smallest and
+    largest; int64 offsets for the configs allowed them. Flattened (C_in/G < 16): every config
+    in fp16.
+    """
     cases = []
     configs = conv_forward_configs(interpreter=False)
     for index, config in enumerate(configs):
-        for dtype in compile_check_dtypes(index, len(configs)):
+        variants = [(dtype, True, False) for dtype in compile_check_dtypes(index, len(configs))]
+        if conv_forward_int64_ok(config):
+            variants += [("fp32", True, True), ("fp16", True, True)]
+        variants.append(("fp16", False, False))
+        for dtype, tap_major, offset_64 in variants:
             for fused in (False, True):
                 signature = {name: f"*{dtype}" for name in ("x_ptr", "w_ptr", "bias_ptr",
                                                             "a_ptr", "y_ptr")}
                 signature.update({name: "i32" for name in _INT_ARGS})
                 signature["BATCH_START"] = "i64"
+                if offset_64:
+                    signature.update({name: "i64" for name in _INT_ARGS if "stride_" in name})
                 constexprs = {
-                    "FUSED": fused, "HAS_BIAS": True, "OFFSET_64": False, "DOT_FP32": False,
+                    "FUSED": fused, "HAS_BIAS": True, "OFFSET_64": offset_64,
+                    "TAP_MAJOR": tap_major, "DOT_FP32": False,
                     "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee", **config.kwargs,
                 }
                 signature.update({name: "constexpr" for name in constexprs})
                 kw = config.kwargs
-                name = (f"conv_fwd {'fused' if fused else 'premix'} {dtype} "
+                variant = "i64" if offset_64 else ("tap" if tap_major else "flat")
+                name = (f"conv_fwd {'fused' if fused else 'premix'} {variant} {dtype} "
                         f"M{kw['BLOCK_M']} N{kw['BLOCK_N']} K{kw['BLOCK_K']} "
                         f"w{config.num_warps} s{config.num_stages}")
                 cases.append(CompileCase(conv_forward_kernel, signature, constexprs,

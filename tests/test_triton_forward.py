@@ -181,6 +181,25 @@ def test_forward_fp32(name, strategy):
     assert y.is_contiguous(memory_format=expected)
 
 
+TAP_MAJOR_CASES = ["base_3x3", "stride_2", "dilation_2", "groups_2", "depthwise", "odd_hw",
+                   "no_bias", "channels_last", "strided_input"]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("name", TAP_MAJOR_CASES)
+def test_forward_fp32_tap_major(name, strategy, monkeypatch):
+    """The tap-major reduction (used from C_in/G >= 16) forced on small channel counts."""
+    monkeypatch.setattr("dynconv.kernels.conv_forward.MIN_DOT_BLOCK", 1)
+    run_case(CASES[name], strategy, torch.float32)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_forward_wide_channels(strategy, dtype):
+    """C_in/G = 18 >= 16 selects tap-major by itself, with a partial channel chunk."""
+    run_case(Case(cin=18, cout=5, h=5, w=4, experts=2), strategy, dtype)
+
+
 LOW_PRECISION_CASES = ["base_3x3", "stride_2", "depthwise", "channels_last", "experts_1"]
 
 
