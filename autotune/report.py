@@ -98,8 +98,9 @@ def _plain_ticks(ax, xs=None) -> None:
         ax.xaxis.set_major_formatter(plain)
         ax.xaxis.set_minor_formatter(NullFormatter())
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain if ax.get_ylim()[1] / ax.get_ylim()[0] < 20
-                                 else NullFormatter())
+    # minor ticks of a log axis: label only 2x and 5x a power of ten, to stay readable
+    ax.yaxis.set_minor_formatter(FuncFormatter(
+        lambda value, _pos: f"{value:g}" if f"{value:.0e}"[0] in "25" else ""))
 
 
 def _variants(frame: pd.DataFrame, columns: list[str]) -> list[tuple]:
