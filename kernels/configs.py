@@ -7,7 +7,8 @@ This module is the one place where launch configurations are chosen:
   benchmarks there.
 - ``prune_*`` are the ``early_config_prune`` hooks of the autotuners: they drop configs whose
   blocks are larger than the problem or whose estimated shared memory passes the device's limit.
-  A persisted per-GPU tuned table, when it exists, is to be consulted first in these hooks.
+  Before any of this, the persisted per-GPU tuned table (``dynconv.kernels.tuned_table``, which
+  wraps each autotuner) is consulted by exact key.
 - ``*_KEY`` name the kernel arguments the autotuners key on (Triton adds every tensor argument's
   dtype to the key by itself).
 

@@ -34,6 +34,7 @@ from .configs import (
     prune_conv_forward_configs,
 )
 from .mix import dot_settings
+from .tuned_table import with_tuned_table
 
 _INT32_LIMIT = 2**31 - 1
 
@@ -178,10 +179,11 @@ def conv_forward_kernel(
              mask=mask_m[:, None] & mask_n[None, :])
 
 
-conv_forward_autotuned = triton.autotune(
+# The persisted per-GPU tuned table is consulted first, then the autotuner.
+conv_forward_autotuned = with_tuned_table("conv_forward", triton.autotune(
     configs=conv_forward_configs(), key=CONV_FORWARD_KEY,
     prune_configs_by={"early_config_prune": prune_conv_forward_configs},
-)(conv_forward_kernel)
+)(conv_forward_kernel))
 
 
 def _span(t: torch.Tensor, skip_dims: int = 0) -> int:

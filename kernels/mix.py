@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .configs import MIX_KEY, CompileCase, compile_check_dtypes, mix_configs, prune_mix_configs
+from .tuned_table import with_tuned_table
 
 _ALIGN = 16  # elements: keeps each row and the bias section 16-element aligned
 
@@ -133,10 +134,11 @@ def mix_kernel(
              mask=mask_b[:, None] & (is_weight | is_bias)[None, :])
 
 
-mix_autotuned = triton.autotune(
+# The persisted per-GPU tuned table is consulted first, then the autotuner.
+mix_autotuned = with_tuned_table("mix", triton.autotune(
     configs=mix_configs(), key=MIX_KEY,
     prune_configs_by={"early_config_prune": prune_mix_configs},
-)(mix_kernel)
+)(mix_kernel))
 
 
 def dot_settings(dtype: torch.dtype, interpreter: bool) -> tuple[bool, str]:
