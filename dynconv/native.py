@@ -90,6 +90,10 @@ def _plan(x, weight_bank, stride, padding, dilation, groups) -> tuple[str, int]:
         if formulation == "im2col":
             temp = in_channels * kernel[0] * kernel[1] * out_h * out_w
         chunk = batch_chunk_size(batch, weight_bank[0].numel(), x.element_size(), temp)
+        # Every chunk reads the whole bank (mixing, twice with backward) and updates its
+        # gradient: with at least K samples per chunk that traffic stays at most that of the
+        # chunk's own mixed weights, for temporaries no larger than the bank itself.
+        chunk = max(chunk, weight_bank.shape[0])
     return formulation, min(chunk, batch)
 
 

@@ -1,0 +1,323 @@
+"""``python -m dynconv.autotune.cpu_formulations``: measure the native CPU formulations.
+
+This is the benchmark behind :mod:`dynconv.native_rule` (which formulation the native backend
+runs for a shape and thread count) and behind the figures in ``perf_reports/cpu_native/``.
+
+For every case (the shapes of project issue 5 and the CPU shape set of the perf harness,
+``bench --preset quick``) and every provider, forward and forward+backward are timed, each run
+*interleaved* with the static ``F.conv2d`` of the same shape (static, provider, static, ...), and
+the figure kept is the median of the per-round ratios provider / static. Providers:
+
+- ``loop`` and ``grouped``: the plain-autograd baselines (``backend="loop"`` / ``"grouped"``);
+- ``native:<formulation>[@chunk]``: the native op with its formulation (and chunk size) forced;
+- ``auto``: ``backend="auto"``, i.e. the native op with the rule's choice.
+
+With ``--memory``, each provider's forward+backward also runs once in a fresh Python process
+(``subprocess``), and the figure is its peak RSS (``VmHWM``, reset through
+``/proc/self/clear_refs`` after the inputs are built and a miniature warm-up has run) minus its
+RSS just before the run: what the allocator actually took from the OS, whatever the allocator.
+
+Output: ``<out>/cpu_formulations.csv`` (long format, one row per case x threads x provider x
+mode) and, with ``--memory``, ``<out>/cpu_memory.csv``; a summary table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import torch
+
+from dynconv import native
+from dynconv.native_formulations import FORMULATIONS
+from dynconv.native_rule import choose_formulation
+
+from .bench import Case, forward_fn, make_inputs, mode_fn, preset_cases
+from .shapes import ConvShape
+
+BASELINES = ("loop", "grouped")
+MODES = ("fwd", "fwd+bwd")
+
+
+def issue_cases() -> list[Case]:
+    """The shapes of issue 5's table: fp32, 3x3, stride 1, Cin = Cout = C, K = 4 and 8."""
+    cases = []
+    for batch, channels, size in ((32, 64, 32), (64, 128, 16), (16, 256, 14), (128, 64, 8)):
+        shape = ConvShape(f"c{channels}@{size}", channels, channels, size, size, 3, 3, 1, 1)
+        cases += [Case("issue", shape, batch, experts=k) for k in (4, 8)]
+    return cases
+
+
+def quick_cases() -> list[Case]:
+    """The perf harness's CPU shape set (``bench --preset quick``), duplicates removed."""
+    seen, cases = set(), []
+    for case in preset_cases("quick", "cpu"):
+        if case.key() not in seen:
+            seen.add(case.key())
+            cases.append(replace(case, memory=False))
+    return cases
+
+
+def case_set(name: str) -> list[Case]:
+    if name == "issue":
+        return issue_cases()
+    if name == "quick":
+        return quick_cases()
+    if name == "all":
+        return issue_cases() + quick_cases()
+    raise ValueError(f"--set must be one of issue, quick, all; got {name!r}")
+
+
+def parse_provider(provider: str) -> tuple[str, str | None, int | None]:
+    """``loop`` / ``grouped`` / ``auto`` / ``native:<formulation>[@chunk]`` -> parts."""
+    if provider in BASELINES or provider == "auto":
+        return provider, None, None
+    kind, _, rest = provider.partition(":")
+    formulation, _, chunk = rest.partition("@")
+    if kind != "native" or formulation not in FORMULATIONS or (chunk and not chunk.isdigit()):
+        raise ValueError(
+            f"provider must be loop, grouped, auto or native:<one of {FORMULATIONS}>[@chunk], "
+            f"got {provider!r}"
+        )
+    return "native", formulation, int(chunk) if chunk else None
+
+
+def provider_forward(provider: str, case: Case, tensors: dict):
+    """(forward, leaves) of a provider; a native one runs inside force_formulation."""
+    kind, formulation, chunk = parse_provider(provider)
+    if kind in BASELINES:
+        return forward_fn(kind, case, tensors)
+    forward, leaves = forward_fn("dynconv", case, tensors)
+    if kind == "auto":
+        return forward, leaves
+
+    def forced():
+        with native.force_formulation(formulation, chunk):
+            return forward()
+
+    return forced, leaves
+
+
+def rule_choice(case: Case, threads: int) -> str:
+    s = case.shape
+    return choose_formulation(
+        case.batch, s.cin, s.cout, (s.h, s.w), (s.kh, s.kw), (s.ho, s.wo), s.groups,
+        {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype],
+        case.layout == "channels_last", threads,
+    )
+
+
+def case_columns(case: Case) -> dict:
+    s = case.shape
+    return {
+        "shape": s.label(), "batch": case.batch, "cin": s.cin, "cout": s.cout, "h": s.h,
+        "w": s.w, "k": s.kh, "stride": s.stride, "groups": s.groups, "experts": case.experts,
+        "dtype": case.dtype, "layout": case.layout,
+    }
+
+
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+
+
+def measure(case: Case, providers: list[str], threads: int, rounds: int, modes,
+            clock: str = "wall") -> list[dict]:
+    """Rows of one case: median ratio to the static conv, interleaved run by run.
+
+    ``clock="process"`` times CPU time of this process instead of wall time: with one thread it
+    does not count the time other processes hold the core (a shared machine), with more it also
+    counts OpenMP threads waiting at barriers.
+    """
+    now = CLOCKS[clock]
+
+    def _timed(fn) -> float:
+        start = now()
+        fn()
+        return now() - start
+
+    torch.set_num_threads(threads)
+    tensors = make_inputs(case, "cpu")
+    static_forward, static_leaves = forward_fn("static", case, tensors)
+    rows = []
+    for mode in modes:
+        static_fn = mode_fn(mode, static_forward, static_leaves)
+        for provider in providers:
+            forward, leaves = provider_forward(provider, case, tensors)
+            fn = mode_fn(mode, forward, leaves)
+            static_fn()
+            fn()
+            times, static_times = [], []
+            for _ in range(rounds):
+                static_times.append(_timed(static_fn))
+                times.append(_timed(fn))
+            ratios = [t / s for t, s in zip(times, static_times, strict=True)]
+            rows.append({
+                **case_columns(case), "threads": threads, "clock": clock, "provider": provider,
+                "mode": mode,
+                "time_ms": 1e3 * statistics.median(times),
+                "static_ms": 1e3 * statistics.median(static_times),
+                "ratio": statistics.median(ratios),
+                "ratio_of_mins": min(times) / min(static_times),
+                "rule": rule_choice(case, threads),
+            })
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# peak memory in a fresh process
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_child(spec: dict) -> dict:
+    """Run in the fresh process: one forward+backward, peak RSS over the RSS just before."""
+    torch.set_num_threads(spec["threads"])
+    shape = ConvShape(**spec["shape"])
+    case = Case("memory", shape, spec["batch"], spec["experts"], spec["dtype"], spec["layout"])
+    provider = spec["provider"]
+    # A miniature warm-up loads the lazily initialised code paths (oneDNN primitives,
+    # custom-op dispatch), so that the figure below is the case's own.
+    mini_shape = replace(shape, cin=4, cout=4, h=6, w=6, groups=1)
+    mini = Case("memory", mini_shape, 2, spec["experts"], spec["dtype"], spec["layout"])
+    if provider == "static":
+        fwd, leaves = forward_fn("static", mini, make_inputs(mini, "cpu"))
+    else:
+        fwd, leaves = provider_forward(provider, mini, make_inputs(mini, "cpu"))
+    mode_fn("fwd+bwd", fwd, leaves)()
+    tensors = make_inputs(case, "cpu")
+    if provider == "static":
+        fwd, leaves = forward_fn("static", case, tensors)
+    else:
+        fwd, leaves = provider_forward(provider, case, tensors)
+    run = mode_fn("fwd+bwd", fwd, leaves)
+    before = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    grads = run()
+    peak = _status_bytes("VmHWM")
+    del grads
+    return {"peak_rss_bytes": peak, "extra_bytes": peak - before, "rss_before_bytes": before}
+
+
+def fresh_process_memory(case: Case, provider: str, threads: int) -> dict:
+    s = case.shape
+    spec = {
+        "shape": s.as_dict(), "batch": case.batch, "experts": case.experts,
+        "dtype": case.dtype, "layout": case.layout, "provider": provider, "threads": threads,
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "dynconv.autotune.cpu_formulations", "--memory-child",
+         json.dumps(spec)], capture_output=True, text=True, timeout=600, check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"memory child for {provider} failed: {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    if not rows:
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _summary(rows: list[dict], mode: str) -> str:
+    """One line per case and thread count: every provider's ratio, the rule's pick, the best."""
+    lines = []
+    by_case: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        if row["mode"] == mode:
+            key = (row["shape"], row["batch"], row["experts"], row["dtype"], row["layout"],
+                   row["threads"])
+            by_case.setdefault(key, {})[row["provider"]] = row
+    for key, providers in by_case.items():
+        cells = " ".join(f"{p}={r['ratio']:.2f}" for p, r in providers.items())
+        rule = next(iter(providers.values()))["rule"]
+        lines.append(f"{key} rule={rule} | {cells}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dynconv.autotune.cpu_formulations",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--set", default="all", help="issue, quick or all (default)")
+    parser.add_argument("--providers", default=",".join(
+        list(BASELINES) + [f"native:{f}" for f in FORMULATIONS] + ["auto"]),
+        help="comma-separated: loop, grouped, auto, native:<formulation>[@chunk]")
+    parser.add_argument("--threads", default=str(torch.get_num_threads()),
+                        help="comma-separated thread counts (default: torch's current)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per figure")
+    parser.add_argument("--modes", default="fwd,fwd+bwd")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall (default) or process CPU time (robust with --threads 1)")
+    parser.add_argument("--filter", default="", help="only cases whose label contains this")
+    parser.add_argument("--memory", action="store_true",
+                        help="peak RSS of static, loop, grouped and auto at B=64, C=128, 16x16, "
+                             "K=4 (one fresh process each) instead of timings")
+    parser.add_argument("--out", default="perf_reports/cpu_native")
+    parser.add_argument("--tag", default="", help="suffix of the CSV file name")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child is not None:
+        print(json.dumps(memory_child(json.loads(args.memory_child))))
+        return 0
+    threads = [int(t) for t in args.threads.split(",")]
+    providers = [p for p in args.providers.split(",") if p]
+    for provider in providers:
+        parse_provider(provider)
+    suffix = f"_{args.tag}" if args.tag else ""
+    if args.memory:
+        shape = ConvShape("c128@16", 128, 128, 16, 16, 3, 3, 1, 1)
+        case = Case("memory", shape, 64, experts=4)
+        rows = []
+        for t in threads:
+            for provider in ["static"] + providers:
+                result = fresh_process_memory(case, provider, t)
+                rows.append({**case_columns(case), "threads": t, "provider": provider,
+                             "method": "fresh process VmHWM - VmRSS before", **result})
+                print(f"threads={t} {provider:>22}: +{result['extra_bytes'] / 2**20:7.1f} MiB",
+                      flush=True)
+        _write_csv(os.path.join(args.out, f"cpu_memory{suffix}.csv"), rows)
+        return 0
+    modes = [m for m in args.modes.split(",") if m]
+    rows = []
+    for case in case_set(args.set):
+        label = f"B{case.batch} {case.shape.label()} K{case.experts} {case.dtype} {case.layout}"
+        if args.filter and args.filter not in label:
+            continue
+        for t in threads:
+            case_rows = measure(case, providers, t, args.rounds, modes, args.clock)
+            rows += case_rows
+            cells = " ".join(
+                f"{r['provider']}={r['ratio']:.2f}" for r in case_rows if r["mode"] == modes[-1]
+            )
+            print(f"{label} threads={t} [{modes[-1]}] rule={case_rows[0]['rule']}: {cells}",
+                  flush=True)
+    _write_csv(os.path.join(args.out, f"cpu_formulations{suffix}.csv"), rows)
+    for mode in modes:
+        print(f"\n== {mode} (ratio to static conv, median of interleaved rounds)")
+        print(_summary(rows, mode))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
