@@ -1,7 +1,7 @@
 """``python -m dynconv.autotune gpu-check``: the one command to run on a GPU machine.
 
 With torch and Triton installed and no network it runs, each step in its own process with its
-own time limit (limits add up to about 8 minutes):
+own time limit (limits add up to 7.5 minutes by default):
 
 1. ``pytest`` on the test files that exercise the Triton kernels (CUDA tensors on this machine);
 2. a short autotune ``sweep`` (ResNet-18 layers, bf16, batch 32), whose table is written to the
@@ -166,7 +166,7 @@ def build_steps(args, device_slug: str, gpu_reason: str | None) -> list[Step]:
         Step("tests", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs", *tests],
              args.tests_timeout, skip_reason=test_skip),
         Step("sweep", sweep_argv, args.sweep_budget + 45, skip_reason=gpu_reason),
-        Step("bench", bench_argv, args.bench_budget + 60,
+        Step("bench", bench_argv, args.bench_budget + 45,
              env={"DYNCONV_TUNED_DIR": table_dir}, skip_reason=gpu_reason),
         Step("report", [py, "-m", "dynconv.autotune", "report", folder], 60,
              skip_reason=gpu_reason),
@@ -180,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
                     "sweep, the GPU bench and its report, written to OUT/<device>/.")
     parser.add_argument("--out", default="perf_reports", help="output root (default %(default)s)")
     parser.add_argument("--tests-dir", default="tests", help="where the test files are")
-    parser.add_argument("--tests-timeout", type=float, default=150.0, metavar="S")
-    parser.add_argument("--sweep-budget", type=float, default=60.0, metavar="S",
+    parser.add_argument("--tests-timeout", type=float, default=140.0, metavar="S")
+    parser.add_argument("--sweep-budget", type=float, default=50.0, metavar="S",
                         help="the sweep starts no new kernel x shape after S seconds")
-    parser.add_argument("--bench-budget", type=float, default=120.0, metavar="S",
+    parser.add_argument("--bench-budget", type=float, default=110.0, metavar="S",
                         help="bench stops starting new cases after S seconds")
     parser.add_argument("--dry-run", action="store_true", help="print the steps, run nothing")
     args = parser.parse_args(argv)
