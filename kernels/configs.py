@@ -103,11 +103,9 @@ def compile_check_dtypes(config_index: int, config_count: int) -> tuple[str, ...
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_N and BLOCK_K >= 16 for tl.dot.
 _CONV_FORWARD_CANDIDATES = [
-    (32, 16, 32, 2, 3),
     (64, 16, 32, 4, 3),
     (64, 32, 32, 4, 3),
     (64, 64, 32, 4, 3),
-    (128, 32, 32, 8, 3),
     (128, 64, 32, 8, 3),
     (64, 128, 32, 8, 3),
     (128, 128, 32, 8, 3),
@@ -133,7 +131,7 @@ def conv_forward_int64_ok(config: triton.Config) -> bool:
     """Whether ``config`` is allowed with int64 offsets (OFFSET_64); see _CONV_FORWARD_INT64."""
     kw = config.kwargs
     entry = (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages)
-    return entry in _CONV_FORWARD_INT64 or interpreting()
+    return entry in _CONV_FORWARD_INT64
 
 
 def conv_forward_shared_bytes(config: triton.Config, element_size: int) -> int:
