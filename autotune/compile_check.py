@@ -91,6 +91,19 @@ def parse_resource_usage(text: str) -> tuple[int, int, int]:
     return registers, stack + local, shared
 
 
+def divisibility_attrs(case) -> dict:
+    """Triton's ``attrs`` for the case's arguments that are multiples of 16 (none by default)."""
+    names = getattr(case, "divisible", ())
+    if not names:
+        return {}
+    from triton.backends.compiler import BaseBackend
+
+    parse = getattr(BaseBackend, "parse_attr", None)
+    attr = parse("D") if parse is not None else [["tt.divisibility", 16]]
+    arg_names = list(case.kernel.arg_names)
+    return {(arg_names.index(name),): attr for name in names}
+
+
 def compile_one(module_name: str, index: int, arch: int) -> Result:
     """Compile case ``index`` of ``module_name.compile_cases()`` for sm_``arch``."""
     import triton
@@ -102,7 +115,8 @@ def compile_one(module_name: str, index: int, arch: int) -> Result:
     result = Result(case.name, arch)
     start = time.perf_counter()
     try:
-        source = ASTSource(case.kernel, case.signature, case.constexprs)
+        source = ASTSource(case.kernel, case.signature, case.constexprs,
+                           divisibility_attrs(case))
         compiled = triton.compile(
             source, target=GPUTarget("cuda", arch, 32),
             options={"num_warps": case.num_warps, "num_stages": case.num_stages},

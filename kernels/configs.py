@@ -44,7 +44,8 @@ class CompileCase(NamedTuple):
 
     kernel: the ``@triton.jit`` function (not the autotuner wrapping it); signature: argument
     name -> Triton type string (``"*fp16"``, ``"i32"``, ``"constexpr"``...); constexprs: argument
-    name -> value, block sizes included; name: readable, unique within the run.
+    name -> value, block sizes included; name: readable, unique within the run; divisible:
+    optional names of arguments known to be multiples of 16.
     """
 
     kernel: Any
@@ -53,6 +54,9 @@ class CompileCase(NamedTuple):
     num_warps: int
     num_stages: int
     name: str
+    # Arguments Triton would specialize as multiples of 16 ("D"): pointers 16-byte aligned, ints
+    # divisible by 16. Real launches get these when tensors are aligned; they change codegen.
+    divisible: tuple = ()
 
 
 def interpreting() -> bool:

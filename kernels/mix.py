@@ -217,5 +217,7 @@ def compile_cases() -> list[CompileCase]:
                 name = (f"mix {'dot' if use_dot else 'fma'} {dtype} "
                         f"B{kw['BLOCK_B']} N{kw['BLOCK_N']} w{config.num_warps}")
                 cases.append(CompileCase(mix_kernel, signature, constexprs, config.num_warps,
-                                         config.num_stages, name))
+                                         config.num_stages, name,
+                                         ("a_ptr", "bank_ptr", "bias_ptr", "out_ptr",
+                                          "BIAS_OFFSET", "out_stride_b")))
     return cases
