@@ -12,7 +12,7 @@ package (``pkgutil.iter_modules``) and, where a module defines a module-level fu
                 signature,  # {arg name: "*fp16" | "*bf16" | "*fp32" | "i32" | "i64" | "constexpr"}
                 constexprs, # {arg name: value} for every constexpr (block sizes included)
                 num_warps, num_stages,
-                name)       # readable and unique, e.g. "conv_fwd fused fp16 M64 N32 K32 w4 s3"
+                name)       # readable and unique, e.g. "conv_fwd fused tap fp16 M64 N32 K32 w4 s3"
 
 A kernel module adds its own ``compile_cases()`` (usually every config of its config function
 in a few representative dtypes); nothing needs registering elsewhere. Any compile error, any
