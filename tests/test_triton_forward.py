@@ -134,6 +134,9 @@ CASES = {
     "channels_last": Case(layout="channels_last"),
     "channels_last_groups_2": Case(layout="channels_last", groups=2, stride=(2, 2)),
     "strided_input": Case(layout="strided"),
+    # Several row tiles (72 pixels) and column tiles (18 channels) per sample.
+    "multi_tile": Case(h=9, w=8, cin=4, cout=18),
+    "groups_2_multi_n_tile": Case(groups=2, cin=4, cout=36, h=4, w=4, experts=2),
 }
 
 
@@ -182,7 +185,7 @@ def test_forward_fp32(name, strategy):
 
 
 TAP_MAJOR_CASES = ["base_3x3", "stride_2", "dilation_2", "groups_2", "depthwise", "odd_hw",
-                   "no_bias", "channels_last", "strided_input"]
+                   "no_bias", "channels_last", "strided_input", "multi_tile"]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -198,6 +201,13 @@ def test_forward_fp32_tap_major(name, strategy, monkeypatch):
 def test_forward_wide_channels(strategy, dtype):
     """C_in/G = 18 >= 16 selects tap-major by itself, with a partial channel chunk."""
     run_case(Case(cin=18, cout=5, h=5, w=4, experts=2), strategy, dtype)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_forward_wide_channels_several_chunks(strategy):
+    """C_in/G = 70: more than one BLOCK_K channel chunk per tap, the last one partial."""
+    run_case(Case(cin=70, cout=3, h=5, w=3, kernel=(1, 3), padding=(0, 1), stride=(2, 1),
+                  experts=2, layout="channels_last"), strategy, torch.float32)
 
 
 LOW_PRECISION_CASES = ["base_3x3", "stride_2", "depthwise", "channels_last", "experts_1"]
