@@ -256,6 +256,25 @@ def _summary(rows: list[dict], mode: str) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(path: str, mode: str = "fwd+bwd") -> str:
+    """A markdown table of a cpu_formulations CSV: one row per case and thread count."""
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["mode"] == mode]
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    cases: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        key = (r["shape"], r["batch"], r["experts"], r["dtype"], r["layout"], r["threads"])
+        cases.setdefault(key, {})[r["provider"]] = r
+    head = ["shape", "B", "K", "dtype", "layout", "threads", "rule", *providers]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, by_provider in cases.items():
+        rule = next(iter(by_provider.values()))["rule"]
+        cells = [f"{float(by_provider[p]['ratio']):.2f}" if p in by_provider else ""
+                 for p in providers]
+        lines.append("| " + " | ".join([*key, rule, *cells]) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dynconv.autotune.cpu_formulations",
                                      description=__doc__.splitlines()[0])
@@ -275,8 +294,15 @@ def main(argv: list[str] | None = None) -> int:
                              "K=4 (one fresh process each) instead of timings")
     parser.add_argument("--out", default="perf_reports/cpu_native")
     parser.add_argument("--tag", default="", help="suffix of the CSV file name")
+    parser.add_argument("--table", default=None, metavar="CSV",
+                        help="print a markdown table of a CSV written earlier, then exit")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.table is not None:
+        for mode in [m for m in args.modes.split(",") if m]:
+            print(f"\n{mode}: ratio to the static conv (median of interleaved rounds)\n")
+            print(markdown_table(args.table, mode))
+        return 0
     if args.memory_child is not None:
         print(json.dumps(memory_child(json.loads(args.memory_child))))
         return 0

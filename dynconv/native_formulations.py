@@ -109,12 +109,14 @@ def _im2col_backward(grad_out, x, weights, stride, padding, dilation, groups, ne
     gy = grad_out.reshape(n * groups, out_channels // groups, -1)
     w = weights.reshape(n * groups, out_channels // groups, -1)
     gx = gw = None
-    if need_x:
-        grad_cols = torch.bmm(w.transpose(1, 2), gy).view(n, -1, gy.shape[2])
-        gx = F.fold(grad_cols, tuple(x.shape[2:]), kernel, dilation, padding, stride)
+    # One patch-sized temporary at a time: the patches are freed before their gradient exists.
     if need_w:
         cols = _im2col(x, kernel, stride, padding, dilation, groups, out_hw)
         gw = torch.bmm(gy, cols.transpose(1, 2)).view(weights.shape)
+        del cols
+    if need_x:
+        grad_cols = torch.bmm(w.transpose(1, 2), gy).view(n, -1, gy.shape[2])
+        gx = F.fold(grad_cols, tuple(x.shape[2:]), kernel, dilation, padding, stride)
     return gx, gw
 
 
