@@ -180,3 +180,42 @@ def test_rule_returns_a_formulation(shape, threads):
             batch, cin, cout, hw, (3, 3), hw, groups, torch.float32, False, threads
         )
         assert got in FORMULATIONS
+
+
+def test_rule_follows_thread_count():
+    # One sample cannot occupy two threads through a grouped conv over samples.
+    args = (1, 64, 64, (14, 14), (3, 3), (14, 14), 1, torch.float32, False)
+    assert choose_formulation(*args, 2) == "per_sample"
+    assert choose_formulation(*args, 1) == "grouped"
+
+
+def test_compiled_op_switches_formulation_with_dynamic_batch():
+    # fullgraph + dynamic shapes: the op is opaque, so the per-call choice (per_sample for a
+    # batch below the thread count, grouped above) happens at run time without a recompile.
+    # (Batches 2 and 3 with 3 threads: dynamo always specialises a size of 1.)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    x, bank, routing, bias, geometry = _inputs(CASES[0])
+
+    def fn(*t):
+        return dynamic_conv2d(*t, backend="native", **geometry)
+
+    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        for batch in (2, 3):
+            tensors = (x[:batch].contiguous(memory_format=torch.channels_last), bank,
+                       routing[:batch], bias)
+            want_y, want_grads = _forward_backward(
+                lambda *t: loop_reference(*t, **geometry), tensors
+            )
+            got_y, got_grads = _forward_backward(compiled, tensors)
+            torch.testing.assert_close(got_y, want_y, rtol=1e-10, atol=1e-10)
+            for got, want in zip(got_grads, want_grads, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    finally:
+        torch.set_num_threads(threads)
+    assert counter.frame_count == 1
