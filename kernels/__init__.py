@@ -12,9 +12,13 @@ package (``pkgutil.iter_modules``) and, where a module defines a module-level fu
                 signature,  # {arg name: "*fp16" | "*bf16" | "*fp32" | "i32" | "i64" | "constexpr"}
                 constexprs, # {arg name: value} for every constexpr (block sizes included)
                 num_warps, num_stages,
-                name)       # readable and unique, e.g. "conv_fwd fused tap fp16 M64 N32 K32 w4 s3"
+                name,       # readable, unique: "conv_fwd fused tap cl fp16 M64 N32 K32 w4 s3"
+                divisible)  # optional: names of arguments that are multiples of 16 (aligned)
 
 A kernel module adds its own ``compile_cases()`` (usually every config of its config function
-in a few representative dtypes); nothing needs registering elsewhere. Any compile error, any
-register spill and any shared memory above the target's limit fail the check.
+in a few representative dtypes); nothing needs registering elsewhere. Arguments that real
+launches pass as 1 (unit strides) are specialized by Triton as constexpr 1: compile them that
+way (signature "constexpr", value 1) so the check sees the code that actually runs. Any
+compile error, any register spill and any shared memory above the target's limit fail the
+check.
 """

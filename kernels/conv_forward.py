@@ -267,30 +267,47 @@ _INT_ARGS = [
 ]
 
 
-def compile_cases() -> list[CompileCase]:
-    """The conv configs x {premix, fused} with a bias, in the variants the launcher uses.
+# Arguments that real launches pass as 1, which Triton then specializes as constexpr 1: the
+# weights' output-channel stride (both weight layouts), dilation 1, and the unit stride of x and y
+# (along W for NCHW, along C for channels_last). The compile-check builds these variants.
+_UNIT_ARGS = {
+    "nchw": ("w_stride_o", "dil_h", "dil_w", "x_stride_w", "y_stride_w"),
+    "cl": ("w_stride_o", "dil_h", "dil_w", "x_stride_c", "y_stride_c"),
+}
+_ALIGNED_ARGS = ("C_IN_G", "C_OUT_G", "x_stride_b", "x_stride_h", "x_stride_w", "x_stride_c",
+                 "w_stride_e", "w_stride_g", "w_stride_c", "y_stride_b", "y_stride_h",
+                 "y_stride_w", "y_stride_c")
 
-    Tap-major (C_in/G >= 16): every config in fp32 (tf32) and fp16, bf16 for the smallest and
-    largest; int64 offsets for the configs allowed them. Flattened (C_in/G < 16): every config
-    in fp16.
+
+def _variants(index: int, count: int, config) -> list[tuple[str, bool, bool, str]]:
+    """(dtype, tap_major, offset_64, layout) variants compiled for config ``index``."""
+    variants = [("fp16", True, False, "cl"), ("fp16", True, False, "nchw"),
+                ("fp32", True, False, "cl"), ("fp16", False, False, "nchw")]
+    if "bf16" in compile_check_dtypes(index, count):
+        variants.append(("bf16", True, False, "cl"))
+    if conv_forward_int64_ok(config):
+        variants += [("fp32", True, True, "nchw"), ("fp16", True, True, "cl")]
+    return variants
+
+
+def compile_cases() -> list[CompileCase]:
+    """The conv configs x {premix, fused} with a bias, in the variants real launches compile.
+
+    Tap-major (C_in/G >= 16): every config in fp16 (channels_last and NCHW) and fp32 (tf32,
+    channels_last), bf16 for the smallest and largest; int64 offsets for the configs allowed
+    them. Flattened (C_in/G < 16): every config in fp16, NCHW. Pointers are 16-byte aligned
+    everywhere; channels_last variants also have every channel count and stride a multiple of
+    16 (the most vectorised specialization, as in real networks).
     """
     cases = []
     configs = conv_forward_configs(interpreter=False)
     for index, config in enumerate(configs):
-        variants = [(dtype, True, False) for dtype in compile_check_dtypes(index, len(configs))]
-        if conv_forward_int64_ok(config):
-            variants += [("fp32", True, True), ("fp16", True, True)]
-        variants.append(("fp16", False, False))
-        for dtype, tap_major, offset_64 in variants:
-            # Pointers are 16-byte aligned (torch allocations; the mixed buffer's bias section
-            # is aligned too).
+        for dtype, tap_major, offset_64, layout in _variants(index, len(configs), config):
             divisible = ("x_ptr", "w_ptr", "bias_ptr", "a_ptr", "y_ptr")
-            if tap_major and not offset_64 and index == len(configs) - 1:
-                # Channel counts that are multiples of 16 (channels_last strides too): the
-                # most vectorised specialization, checked on the largest config.
-                divisible += ("C_IN_G", "C_OUT_G", "x_stride_b", "x_stride_h", "x_stride_w",
-                              "w_stride_e", "w_stride_g", "w_stride_c", "y_stride_b",
-                              "y_stride_h", "y_stride_w")
+            unit = _UNIT_ARGS[layout]
+            if layout == "cl":
+                # Channels multiples of 16 as in real networks: vectorised, pipelined loads.
+                divisible += tuple(name for name in _ALIGNED_ARGS if name not in unit)
             for fused in (False, True):
                 signature = {name: f"*{dtype}" for name in ("x_ptr", "w_ptr", "bias_ptr",
                                                             "a_ptr", "y_ptr")}
@@ -303,10 +320,11 @@ def compile_cases() -> list[CompileCase]:
                     "TAP_MAJOR": tap_major, "DOT_FP32": False,
                     "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee", **config.kwargs,
                 }
+                constexprs.update({name: 1 for name in unit})
                 signature.update({name: "constexpr" for name in constexprs})
                 kw = config.kwargs
                 variant = "i64" if offset_64 else ("tap" if tap_major else "flat")
-                name = (f"conv_fwd {'fused' if fused else 'premix'} {variant} {dtype} "
+                name = (f"conv_fwd {'fused' if fused else 'premix'} {variant} {layout} {dtype} "
                         f"M{kw['BLOCK_M']} N{kw['BLOCK_N']} K{kw['BLOCK_K']} "
                         f"w{config.num_warps} s{config.num_stages}")
                 cases.append(CompileCase(conv_forward_kernel, signature, constexprs,

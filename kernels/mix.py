@@ -212,6 +212,9 @@ def compile_cases() -> list[CompileCase]:
                     "HAS_BIAS": True, "USE_DOT": use_dot, "DOT_FP32": False,
                     "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee", **config.kwargs,
                 }
+                # Contiguous routing, bank and bias have these unit strides, which Triton
+                # specializes as constexpr 1 at launch.
+                constexprs.update({"a_stride_k": 1, "bank_stride_w": 1, "bias_stride_o": 1})
                 signature.update({name: "constexpr" for name in constexprs})
                 kw = config.kwargs
                 name = (f"mix {'dot' if use_dot else 'fma'} {dtype} "

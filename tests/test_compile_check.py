@@ -61,8 +61,8 @@ def test_discovery_finds_forward_kernels_with_complete_signatures():
 
 
 def test_only_filter():
-    cases = compile_check.discover_cases(r"^conv_fwd fused tap fp16 M64 N32 ")
-    assert [case.name for _, _, case in cases] == ["conv_fwd fused tap fp16 M64 N32 K32 w4 s3"]
+    cases = compile_check.discover_cases(r"^conv_fwd fused tap cl fp16 M64 N32 ")
+    assert [case.name for _, _, case in cases] == ["conv_fwd fused tap cl fp16 M64 N32 K32 w4 s3"]
 
 
 def test_refuses_to_run_under_interpreter(monkeypatch, capsys):
