@@ -59,7 +59,9 @@ def _accumulate(acc, x_tile, w_base, w_offs, mask_w, a_row_ptr, a_stride_k, w_st
     return tl.dot(x_tile, w_tile, acc, input_precision=INPUT_PRECISION)
 
 
-@triton.jit
+# BATCH_START changes from one premix chunk to the next: not specializing it (on 1 or on
+# divisibility by 16) keeps one compiled kernel for all chunks.
+@triton.jit(do_not_specialize=["BATCH_START"])
 def conv_forward_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, y_ptr,
     BATCH_START, NUM_EXPERTS,

@@ -257,6 +257,14 @@ def test_premix_batch_larger_than_chunk(dtype):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+def test_empty_batch(strategy):
+    x, bank, routing, bias = make_inputs(Case(batch=1), torch.float32)
+    y = triton_forward_impl(x[:0], bank, routing[:0], bias, (2, 2), (1, 1), (1, 1), 1,
+                            strategy=strategy)
+    assert y.shape == (0, 4, 4, 3)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_padding_same_through_dispatcher(strategy, monkeypatch):
     """padding="same" with an even kernel: the dispatcher pads the extra row/column first."""
     case = Case(kernel=(2, 3), padding=(0, 0))
