@@ -6,9 +6,11 @@ For sample b and group g the program computes a (BLOCK_M x BLOCK_N) tile of
 
 with rows m = ho * WO + wo (that sample's output pixels), columns n (that group's output
 channels) and the reduction r = (i * KW + j) * C_IN_G + c over the taps and input channels,
-walked in BLOCK_K chunks. Padding is a load mask. Accumulation is fp32; the result is cast to
-y's dtype in the epilogue. x, y and the weights are addressed through their strides, so NCHW,
-channels_last and other strided tensors need no copy.
+walked in BLOCK_K chunks: tap by tap, BLOCK_K channels at a time, from C_IN_G >= 16
+(``TAP_MAJOR``: all index math per row or per column), or as one flattened axis below that
+(no lanes wasted on small channel counts, per-element index math). Padding is a load mask.
+Accumulation is fp32; the result is cast to y's dtype in the epilogue. x, y and the weights are
+addressed through their strides, so NCHW, channels_last and other strided tensors need no copy.
 
 Two strategies share the kernel:
 
