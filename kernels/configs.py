@@ -139,10 +139,11 @@ def conv_forward_int64_ok(config: triton.Config) -> bool:
 
 
 def conv_forward_shared_bytes(config: triton.Config, element_size: int) -> int:
-    """Estimated shared memory of the pipelined x and weight tiles of one conv program."""
+    """Estimated shared memory of one conv program: num_stages buffers of the x and weight
+    tiles (what the compile-check measures for pipelined channels_last launches)."""
     kw = config.kwargs
     tiles = kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]
-    return max(1, config.num_stages - 1) * tiles * element_size
+    return max(1, config.num_stages) * tiles * element_size
 
 
 def prune_conv_forward_configs(configs, named_args, **kwargs):
