@@ -97,3 +97,23 @@ def test_compiles_one_case_for_sm90():
     assert row.split()[-1] == "ok"
     registers = int(row.split()[-5])
     assert 0 < registers <= 255
+
+
+def test_shared_memory_estimate_covers_compiled_kernel():
+    """The runtime pruning's shared-memory estimate is not below what the compiler allocates."""
+    from dynconv.kernels.configs import conv_forward_configs, conv_forward_shared_bytes
+
+    largest = conv_forward_configs(interpreter=False)[-1]
+    kw = largest.kwargs
+    pattern = (rf"^conv_fwd premix tap cl fp32 M{kw['BLOCK_M']} N{kw['BLOCK_N']} "
+               rf"K{kw['BLOCK_K']} ")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-m", "dynconv.autotune", "compile-check", "--only", pattern,
+         "--arch", "90", "--jobs", "1"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    row = next(line for line in run.stdout.splitlines() if line.startswith("conv_fwd"))
+    shared = int(row.split()[-3])
+    assert 0 < shared <= conv_forward_shared_bytes(largest, 4)
