@@ -180,8 +180,16 @@ def native_backward(
         grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
         output_mask,
     )
-    bank_acc = bank_2d.new_zeros(bank_2d.shape, dtype=acc_dtype) if need_bank else None
-    bias_acc = bias_bank.new_zeros(bias_bank.shape, dtype=acc_dtype) if need_bias else None
+    # The bank gradients are accumulated over chunks straight in the outputs (the first chunk
+    # writes, the others add), or in fp32 buffers cast once for low-precision inputs.
+    low_precision = acc_dtype != x.dtype
+    bank_acc = bias_acc = None
+    if need_bank:
+        bank_acc = bank_2d.new_empty(bank_2d.shape, dtype=acc_dtype) if low_precision else (
+            grad_bank.view(bank_2d.shape))
+    if need_bias:
+        bias_acc = bias_bank.new_empty(bias_bank.shape, dtype=acc_dtype) if low_precision else (
+            grad_bias)
     formulation, chunk = _plan(x, weight_bank, stride, padding, dilation, groups)
     mixed = bank_2d.new_empty((chunk, bank_2d.shape[1])) if need_x or need_weight else None
     for start in range(0, batch, chunk):
@@ -202,20 +210,28 @@ def native_backward(
             if need_weight:
                 gw_2d = gw.reshape(n, -1)
                 if need_bank:
-                    bank_acc.addmm_(a.t().to(acc_dtype), gw_2d.to(acc_dtype))
+                    _accumulate_mm(bank_acc, a.t().to(acc_dtype), gw_2d.to(acc_dtype), start)
                 if need_routing:
                     torch.mm(gw_2d, bank_2d.t(), out=grad_routing[start:stop])
         if bias_bank is not None and (need_bias or need_routing):
             grad_b = grad_out[start:stop].sum(dim=(2, 3))
             if need_bias:
-                bias_acc.addmm_(a.t().to(acc_dtype), grad_b.to(acc_dtype))
+                _accumulate_mm(bias_acc, a.t().to(acc_dtype), grad_b.to(acc_dtype), start)
             if need_routing:
                 grad_routing[start:stop] += grad_b @ bias_bank.t()
-    if need_bank:
+    if need_bank and low_precision:
         grad_bank.copy_(bank_acc.view(weight_bank.shape))
-    if need_bias:
+    if need_bias and low_precision:
         grad_bias.copy_(bias_acc)
     return grad_x, grad_bank, grad_routing, grad_bias
+
+
+def _accumulate_mm(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, start: int):
+    """out = left @ right for the first chunk (start 0), out += left @ right after."""
+    if start == 0:
+        torch.mm(left, right, out=out)
+    else:
+        out.addmm_(left, right)
 
 
 @native_backward.register_fake

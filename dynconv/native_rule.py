@@ -6,9 +6,11 @@ of the per-round ratios) on the shapes of project issue 5 and the perf harness's
 figures behind each branch are in ``perf_reports/cpu_native/`` (README.md there). In short, on
 the 2-core reference machine:
 
-- ``grouped`` was the fastest formulation, or within the run-to-run noise (~10%) of it, on every
-  shape with a kernel larger than 1x1 and on every grouped / depthwise shape (im2col is 4x
-  slower than it on the depthwise layer, since patches of a depthwise conv are pure copies);
+- ``grouped`` was the fastest formulation, or within 15% of it, on every shape with a kernel
+  larger than 1x1, with one thread and CPU time (the robust measurement on a shared machine);
+  where another one led, a neighbouring row (same shape, other K or batch) had grouped ahead,
+  so those leads are run-to-run noise, not a shape effect. On the depthwise layer im2col is 4x
+  slower than grouped (its patches are pure copies there);
 - a 1x1 kernel is a batched matmul: ``im2col`` (whose patches are then a plain strided copy)
   beat ``grouped`` there (1.53 vs 1.66 of the static conv with one thread, 0.7-1.0 vs 2.1-3.2
   with two);
