@@ -24,19 +24,20 @@ MAX_SAMPLES_PER_LAUNCH = 65535
 # Output rows per tile that the fused strategy's heuristic assumes (a typical BLOCK_M).
 _FUSED_ROWS_PER_TILE = 64
 # Fused re-mixes the bank once per output-row tile: it is chosen while that costs at most this
-# many bank-tile loads per weight element (tiles x K).
+# many bank-tile loads and multiply-adds per weight element and sample (row tiles x K).
 _FUSED_MAX_REMIX = 32
 
 
 def choose_strategy(x_shape, weight_bank_shape, output_hw) -> str:
     """``"premix"`` or ``"fused"`` for one call, by a heuristic that has not been measured yet.
 
-    Fused mixes the K bank tiles inside the conv's reduction loop: every output-row tile of every
-    sample reloads and re-mixes the whole bank, i.e. ``ceil(HO*WO / 64) * K`` bank-tile loads
-    per weight element and sample. Premix mixes each sample's weights once but writes them to
-    memory and reads them back (about 3 passes over B x |W|). So fused is chosen when a sample
-    has few output-row tiles and few experts (late, low-resolution layers), premix otherwise.
-    The threshold (``_FUSED_MAX_REMIX``) is a guess until it is measured on a GPU.
+    Every output-row tile of a sample needs that sample's whole weight matrix. Premix mixes it
+    once per sample (K x |W| multiply-adds), writes it (B x |W| to memory) and each row tile
+    reads it back. Fused writes nothing but each row tile loads the K bank tiles (the bank is
+    small and cache-resident) and mixes them again: ``ceil(HO*WO / 64) * K`` multiply-adds and
+    tile loads per weight element and sample, on CUDA cores beside the tensor-core dot. So fused
+    is chosen when a sample has few row tiles and few experts (late, low-resolution layers),
+    premix otherwise. The threshold (``_FUSED_MAX_REMIX``) is a guess until measured on a GPU.
     """
     del x_shape  # the decision depends on the output size and K only, for now
     num_experts = weight_bank_shape[0]
