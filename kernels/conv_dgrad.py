@@ -166,7 +166,7 @@ def check_int32_spans(**spans: int) -> None:
 
 
 def conv_dgrad(grad_out, weight_bank, routing, x_shape, stride, padding, dilation, groups,
-               out=None, config=None, interpreter=False):
+               out=None, interpreter=False):
     """grad_x of dynamic convolution.
 
     Args:
@@ -176,8 +176,6 @@ def conv_dgrad(grad_out, weight_bank, routing, x_shape, stride, padding, dilatio
         x_shape: (B, Cin, H, W) of the forward input.
         stride, padding, dilation: pairs of ints (symmetric padding); groups: int.
         out: optional preallocated (B, Cin, H, W) tensor (any strides) to write into.
-        config: optional dict of BLOCK_M / BLOCK_N / BLOCK_K (+ num_warps, num_stages) to
-            bypass autotuning.
         interpreter: whether the kernel runs under the Triton interpreter (CPU tensors).
 
     Returns:
@@ -204,17 +202,12 @@ def conv_dgrad(grad_out, weight_bank, routing, x_shape, stride, padding, dilatio
         DH=dilation[0], DW=dilation[1], UPCAST=upcast,
         INPUT_PRECISION=precision,
     )
-    if config is None:
-        def grid(m):
-            return (batch * triton.cdiv(height * width, m["BLOCK_M"]),
-                    groups * triton.cdiv(cig, m["BLOCK_N"]))
-        dgrad_kernel_tuned[grid](*args, **meta)
-    else:
-        config = dict(config)
-        launch = {key: config.pop(key) for key in ("num_warps", "num_stages") if key in config}
-        grid = (batch * triton.cdiv(height * width, config["BLOCK_M"]),
-                groups * triton.cdiv(cig, config["BLOCK_N"]))
-        dgrad_kernel[grid](*args, **meta, **config, **launch)
+
+    def grid(m):
+        return (batch * triton.cdiv(height * width, m["BLOCK_M"]),
+                groups * triton.cdiv(cig, m["BLOCK_N"]))
+
+    dgrad_kernel_tuned[grid](*args, **meta)
     return out
 
 

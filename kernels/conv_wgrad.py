@@ -281,7 +281,7 @@ def samples_per_split(batch: int, tiles: int, weight_numel: int, num_experts: in
 
 def conv_wgrad(grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
                need_bank=True, need_routing=True, need_bias=True, samples_per_program=None,
-               config=None, interpreter=False):
+               interpreter=False):
     """grad_bank, grad_routing, grad_bias of dynamic convolution, without forming gW per batch.
 
     Args:
@@ -292,7 +292,6 @@ def conv_wgrad(grad_out, x, weight_bank, routing, bias_bank, stride, padding, di
         need_bank / need_routing / need_bias: which gradients to compute.
         samples_per_program: samples each program walks (the batch split); default from the
             GPU size and PARTIAL_BUDGET_BYTES.
-        config: optional dict of BLOCK_P (+ num_warps, num_stages) to bypass autotuning.
         interpreter: whether the kernel runs under the Triton interpreter (CPU tensors).
 
     Returns:
@@ -343,12 +342,7 @@ def conv_wgrad(grad_out, x, weight_bank, routing, bias_bank, stride, padding, di
     )
     grid = (tiles, splits, triton.cdiv(num_experts, k_block))
     if batch > 0:
-        if config is None:
-            wgrad_kernel_tuned[grid](*args, **meta)
-        else:
-            config = dict(config)
-            launch = {key: config.pop(key) for key in ("num_warps", "num_stages") if key in config}
-            wgrad_kernel[grid](*args, **meta, **config, **launch)
+        wgrad_kernel_tuned[grid](*args, **meta)
     grad_bank = grad_routing = grad_bias = None
     if need_bank:
         grad_bank = gbank.sum(0).to(x.dtype).reshape(weight_bank.shape)
