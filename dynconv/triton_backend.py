@@ -10,7 +10,6 @@ import torch
 
 from .functional import triton_interpreter_enabled
 from .native import output_memory_format
-from .validation import ConvGeometry
 
 STRATEGIES = ("auto", "premix", "fused")
 
@@ -129,19 +128,3 @@ def triton_forward_impl(
                      interpreter=interpreter)
     return y
 
-
-def triton_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
-    """Dispatch entry point of ``backend="triton"``: x (B, C_in, H, W) -> (B, C_out, HO, WO).
-
-    Forward only for now: with autograd recording and any input requiring grad it raises
-    NotImplementedError (the Triton backward kernels are not wired in yet).
-    """
-    tensors = (x, weight_bank, routing, bias_bank)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        raise NotImplementedError(
-            "backend='triton' has no backward yet (the Triton dgrad/wgrad kernels are not wired "
-            "in): run it under torch.no_grad() / torch.inference_mode(), or use backend='native' "
-            "for training"
-        )
-    return triton_forward_impl(x, weight_bank, routing, bias_bank, geometry.stride,
-                               geometry.padding, geometry.dilation, geometry.groups)

@@ -19,10 +19,8 @@ from dynconv.functional import triton_interpreter_enabled
 from dynconv.triton_backend import (
     choose_strategy,
     premix_chunk_size,
-    triton_dynamic_conv2d,
     triton_forward_impl,
 )
-from dynconv.validation import ConvGeometry
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -362,18 +360,6 @@ def test_dynamic_cnn_forward_matches_loop():
     for a, a_loop in zip(routings, routings_loop, strict=True):
         torch.testing.assert_close(a, a_loop)
     torch.testing.assert_close(logits, logits_loop, rtol=1e-4, atol=1e-5)  # fp32 ieee
-
-
-def test_grad_raises_until_backward_lands():
-    case = Case()
-    x, bank, routing, bias = make_inputs(case, torch.float32)
-    bank.requires_grad_(True)
-    geometry = ConvGeometry(case.stride, case.padding, case.dilation, case.groups)
-    with pytest.raises(NotImplementedError, match="backward"):
-        triton_dynamic_conv2d(x, bank, routing, bias, geometry)
-    with torch.no_grad():
-        y = triton_dynamic_conv2d(x, bank, routing, bias, geometry)
-    assert y.shape == (case.batch, case.cout, case.h, case.w)
 
 
 def test_unknown_strategy():
