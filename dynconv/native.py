@@ -94,7 +94,7 @@ def _plan(x, weight_bank, stride, padding, dilation, groups) -> tuple[str, int]:
         # gradient: with at least K samples per chunk that traffic stays at most that of the
         # chunk's own mixed weights, for temporaries no larger than the bank itself.
         chunk = max(chunk, weight_bank.shape[0])
-    return formulation, min(chunk, batch)
+    return formulation, max(1, min(chunk, batch))
 
 
 def _same_layout(t: torch.Tensor, like: torch.Tensor) -> bool:
@@ -180,6 +180,8 @@ def native_backward(
         grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
         output_mask,
     )
+    if batch == 0:  # no chunk runs: the bank gradients are exact zeros
+        return grad_x, grad_bank.zero_(), grad_routing, grad_bias.zero_()
     # The bank gradients are accumulated over chunks straight in the outputs (the first chunk
     # writes, the others add), or in fp32 buffers cast once for low-precision inputs.
     low_precision = acc_dtype != x.dtype

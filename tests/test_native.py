@@ -219,3 +219,16 @@ def test_compiled_op_switches_formulation_with_dynamic_batch():
     finally:
         torch.set_num_threads(threads)
     assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_empty_batch(formulation):
+    x, bank, routing, bias, geometry = _inputs(CASES[0])
+    leaves = [t[:0].clone() if t.shape[0] == x.shape[0] and t is not bank else t.clone()
+              for t in (x, bank, routing, bias)]
+    leaves = [t.requires_grad_(True) for t in leaves]
+    with native.force_formulation(formulation):
+        y = dynamic_conv2d(*leaves, backend="native", **geometry)
+    assert y.shape == (0, bank.shape[1], 7, 6)
+    y.sum().backward()
+    assert torch.count_nonzero(leaves[1].grad) == 0 and leaves[0].grad.shape == leaves[0].shape
