@@ -24,6 +24,7 @@ import torch
 
 from .native_formulations import FORMULATIONS, conv_backward, conv_forward, output_hw
 from .native_rule import choose_formulation
+from .op_autograd import call_forward, fake_backward_outputs, register_autograd
 from .validation import ConvGeometry
 
 # Bytes that each per-chunk temporary (the mixed weights, their gradient, the im2col patches
@@ -240,47 +241,12 @@ def _accumulate_mm(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, s
 def _native_backward_fake(
     grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, output_mask
 ):
-    need_x, need_bank, need_routing, need_bias = output_mask
-    empty = lambda: x.new_empty(0)  # noqa: E731
-    return (
-        torch.empty_like(x) if need_x else empty(),
-        torch.empty_like(weight_bank, memory_format=torch.contiguous_format)
-        if need_bank else empty(),
-        torch.empty_like(routing, memory_format=torch.contiguous_format)
-        if need_routing else empty(),
-        bias_bank.new_empty(bias_bank.shape)
-        if (need_bias and bias_bank is not None) else empty(),
-    )
+    return fake_backward_outputs(x, weight_bank, routing, bias_bank, output_mask)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight_bank, routing, bias_bank, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(x, weight_bank, routing, bias_bank)
-    ctx.geometry = (stride, padding, dilation, groups)
-
-
-def _backward(ctx, grad_out):
-    x, weight_bank, routing, bias_bank = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.geometry
-    mask = list(ctx.needs_input_grad[:4])
-    grad_x, grad_bank, grad_routing, grad_bias = native_backward(
-        grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, mask
-    )
-    return (
-        grad_x if mask[0] else None,
-        grad_bank if mask[1] else None,
-        grad_routing if mask[2] else None,
-        grad_bias if mask[3] and bias_bank is not None else None,
-        None, None, None, None,
-    )
-
-
-native_forward.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(native_forward, native_backward)
 
 
 def native_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
     """Dispatch entry point: x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
-    return native_forward(
-        x, weight_bank, routing, bias_bank, list(geometry.stride), list(geometry.padding),
-        list(geometry.dilation), geometry.groups,
-    )
+    return call_forward(native_forward, x, weight_bank, routing, bias_bank, geometry)

@@ -22,6 +22,7 @@ import torch
 
 from .functional import triton_interpreter_enabled
 from .native import output_memory_format
+from .op_autograd import call_forward, fake_backward_outputs, register_autograd
 from .validation import ConvGeometry
 
 
@@ -110,47 +111,12 @@ def triton_backward(
 def _triton_backward_fake(
     grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, output_mask
 ):
-    need_x, need_bank, need_routing, need_bias = output_mask
-    empty = lambda: x.new_empty(0)  # noqa: E731
-    return (
-        torch.empty_like(x) if need_x else empty(),
-        torch.empty_like(weight_bank, memory_format=torch.contiguous_format)
-        if need_bank else empty(),
-        torch.empty_like(routing, memory_format=torch.contiguous_format)
-        if need_routing else empty(),
-        torch.empty_like(bias_bank, memory_format=torch.contiguous_format)
-        if (need_bias and bias_bank is not None) else empty(),
-    )
+    return fake_backward_outputs(x, weight_bank, routing, bias_bank, output_mask)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight_bank, routing, bias_bank, stride, padding, dilation, groups = inputs
-    ctx.save_for_backward(x, weight_bank, routing, bias_bank)
-    ctx.geometry = (stride, padding, dilation, groups)
-
-
-def _backward(ctx, grad_out):
-    x, weight_bank, routing, bias_bank = ctx.saved_tensors
-    stride, padding, dilation, groups = ctx.geometry
-    mask = list(ctx.needs_input_grad[:4])
-    grad_x, grad_bank, grad_routing, grad_bias = triton_backward(
-        grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, mask
-    )
-    return (
-        grad_x if mask[0] else None,
-        grad_bank if mask[1] else None,
-        grad_routing if mask[2] else None,
-        grad_bias if mask[3] and bias_bank is not None else None,
-        None, None, None, None,
-    )
-
-
-triton_forward.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(triton_forward, triton_backward)
 
 
 def triton_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
-    """Dispatch entry point of ``backend="triton"``: x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
-    return triton_forward(
-        x, weight_bank, routing, bias_bank, list(geometry.stride), list(geometry.padding),
-        list(geometry.dilation), geometry.groups,
-    )
+    """Dispatch entry point: x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
+    return call_forward(triton_forward, x, weight_bank, routing, bias_bank, geometry)

@@ -1,0 +1,57 @@
+"""What the ``native`` and ``triton`` custom ops share: the fake backward and the autograd glue.
+
+Both backends register a forward op ``(x, weight_bank, routing, bias_bank, stride, padding,
+dilation, groups) -> y`` and a backward op that also takes ``grad_out`` (first) and an
+``output_mask`` (last) and returns (grad_x, grad_bank, grad_routing, grad_bias), an unrequested
+gradient being an empty tensor of its own (outputs of a custom op may not alias each other).
+Autograd saves x, the bank, the routing weights and the bias bank: never the mixed weights.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .validation import ConvGeometry
+
+
+def fake_backward_outputs(x, weight_bank, routing, bias_bank, output_mask):
+    """Fake (meta) results of a backward op: contiguous gradients of the requested inputs."""
+    need_x, need_bank, need_routing, need_bias = output_mask
+
+    def like(t, needed):
+        if not needed or t is None:
+            return x.new_empty(0)
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    return (
+        torch.empty_like(x) if need_x else x.new_empty(0),
+        like(weight_bank, need_bank),
+        like(routing, need_routing),
+        like(bias_bank, need_bias),
+    )
+
+
+def register_autograd(forward_op, backward_op) -> None:
+    """Make ``forward_op`` differentiable through ``backward_op``."""
+
+    def setup_context(ctx, inputs, output):
+        x, weight_bank, routing, bias_bank, stride, padding, dilation, groups = inputs
+        ctx.save_for_backward(x, weight_bank, routing, bias_bank)
+        ctx.geometry = (stride, padding, dilation, groups)
+
+    def backward(ctx, grad_out):
+        x, weight_bank, routing, bias_bank = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:4])
+        grads = backward_op(grad_out, x, weight_bank, routing, bias_bank, *ctx.geometry, mask)
+        needed = mask[:3] + [mask[3] and bias_bank is not None]
+        return tuple(g if need else None for g, need in zip(grads, needed)) + (None,) * 4
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+
+
+def call_forward(forward_op, x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
+    """Dispatch entry point of a backend: x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
+    return forward_op(
+        x, weight_bank, routing, bias_bank, list(geometry.stride), list(geometry.padding),
+        list(geometry.dilation), geometry.groups,
+    )
