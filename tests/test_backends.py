@@ -3,23 +3,11 @@ of x, the kernel bank, the bias bank and the routing weights."""
 
 import pytest
 import torch
-import torch.nn.functional as F
+from loop_reference import reference_dynamic_conv2d
 
 from dynconv import dynamic_conv2d
 
 BACKENDS = ["loop", "grouped", "native", "auto"]
-
-
-def reference_dynamic_conv2d(x, bank, routing, bias_bank, stride, padding, dilation, groups):
-    """Float64 reference: mix each sample's kernel with an explicit sum over k, one conv each."""
-    outputs = []
-    for b in range(x.shape[0]):
-        weight = sum(routing[b, k] * bank[k] for k in range(bank.shape[0]))
-        bias = None
-        if bias_bank is not None:
-            bias = sum(routing[b, k] * bias_bank[k] for k in range(bank.shape[0]))
-        outputs.append(F.conv2d(x[b : b + 1], weight, bias, stride, padding, dilation, groups))
-    return torch.cat(outputs)
 
 
 # (batch, cin, cout, H, W, kernel (kh, kw), stride, padding, dilation, groups, K, bias)

@@ -4,24 +4,11 @@ boundaries, what autograd saves, channels_last, and the selection rule's contrac
 
 import pytest
 import torch
-import torch.nn.functional as F
+from loop_reference import reference_dynamic_conv2d
 
 from dynconv import dynamic_conv2d, native
 from dynconv.native_formulations import FORMULATIONS
 from dynconv.native_rule import choose_formulation
-
-
-def loop_reference(x, bank, routing, bias_bank, stride, padding, dilation, groups):
-    """Float64-friendly reference: each sample's kernel mixed by an explicit sum, one conv each."""
-    outputs = []
-    for b in range(x.shape[0]):
-        weight = sum(routing[b, k] * bank[k] for k in range(bank.shape[0]))
-        bias = None
-        if bias_bank is not None:
-            bias = sum(routing[b, k] * bias_bank[k] for k in range(bank.shape[0]))
-        outputs.append(F.conv2d(x[b : b + 1], weight, bias, stride, padding, dilation, groups))
-    return torch.cat(outputs)
-
 
 # (batch, cin, cout, H, W, (kh, kw), stride, padding, dilation, groups, K, bias)
 CASES = [
@@ -64,7 +51,7 @@ def _check_against_reference(case, formulation, chunk=None, channels_last=False)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     want_y, want_grads = _forward_backward(
-        lambda *t: loop_reference(*t, **geometry), (x, bank, routing, bias)
+        lambda *t: reference_dynamic_conv2d(*t, **geometry), (x, bank, routing, bias)
     )
     with native.force_formulation(formulation, chunk):
         got_y, got_grads = _forward_backward(
@@ -149,7 +136,7 @@ def test_saved_tensors_exclude_mixed_weights(formulation):
 def test_only_requested_gradients_are_computed():
     x, bank, routing, bias, geometry = _inputs(CASES[0])
     want_y, want_grads = _forward_backward(
-        lambda *t: loop_reference(*t, **geometry), (x, bank, routing, bias)
+        lambda *t: reference_dynamic_conv2d(*t, **geometry), (x, bank, routing, bias)
     )
     x_leaf = x.clone().requires_grad_(True)
     y = dynamic_conv2d(x_leaf, bank, routing, bias, backend="native", **geometry)
@@ -210,7 +197,7 @@ def test_compiled_op_switches_formulation_with_dynamic_batch():
             tensors = (x[:batch].contiguous(memory_format=torch.channels_last), bank,
                        routing[:batch], bias)
             want_y, want_grads = _forward_backward(
-                lambda *t: loop_reference(*t, **geometry), tensors
+                lambda *t: reference_dynamic_conv2d(*t, **geometry), tensors
             )
             got_y, got_grads = _forward_backward(compiled, tensors)
             torch.testing.assert_close(got_y, want_y, rtol=1e-10, atol=1e-10)

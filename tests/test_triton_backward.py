@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from dynconv.kernels.conv_dgrad import conv_dgrad
 from dynconv.kernels.conv_wgrad import conv_wgrad
+from loop_reference import reference_dynamic_conv2d
 
 import dynconv
 from dynconv.functional import triton_interpreter_enabled
@@ -51,18 +52,6 @@ def relative_tolerance(dtype: torch.dtype) -> float:
     return 5e-5
 
 
-def reference_conv(x, bank, routing, bias_bank, stride, padding, dilation, groups):
-    """The loop the kernels must match: sum_k a[b, k] bank[k] per sample, one F.conv2d each."""
-    outputs = []
-    for b in range(x.shape[0]):
-        weight = sum(routing[b, k] * bank[k] for k in range(bank.shape[0]))
-        bias = None
-        if bias_bank is not None:
-            bias = sum(routing[b, k] * bias_bank[k] for k in range(bank.shape[0]))
-        outputs.append(F.conv2d(x[b : b + 1], weight, bias, stride, padding, dilation, groups))
-    return torch.cat(outputs)
-
-
 def reference_grads(x, bank, routing, bias_bank, grad_out, geometry):
     """Float64 gradients (x, bank, routing, bias) and their error scales.
 
@@ -77,7 +66,7 @@ def reference_grads(x, bank, routing, bias_bank, grad_out, geometry):
         if bias_bank is not None:
             bias = transform(bias_bank).double().cpu().requires_grad_(True)
             leaves.append(bias)
-        y = reference_conv(leaves[0], leaves[1], leaves[2], bias, **geometry)
+        y = reference_dynamic_conv2d(leaves[0], leaves[1], leaves[2], bias, **geometry)
         y.backward(transform(grad_out).double().cpu())
         return [t.grad for t in leaves]
 
