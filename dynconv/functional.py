@@ -27,10 +27,19 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def check_triton_can_run(device: torch.device) -> None:
-    """Raise a ValueError saying why ``backend="triton"`` cannot run on ``device``."""
+# The dtypes the Triton kernels compute in (fp32 accumulation); float64 stays on "native".
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_triton_can_run(device: torch.device, dtype: torch.dtype) -> None:
+    """Raise a ValueError saying why ``backend="triton"`` cannot run on ``device`` / ``dtype``."""
     if not triton_importable():
         raise ValueError("backend='triton' needs the triton package, which is not installed")
+    if dtype not in TRITON_DTYPES:
+        raise ValueError(
+            f"backend='triton' supports dtypes {TRITON_DTYPES}, got {dtype}; use backend='native' "
+            f"(or 'auto', which picks it) for {dtype}"
+        )
     if device.type == "cuda":
         return
     if device.type == "cpu" and triton_interpreter_enabled():
@@ -45,7 +54,7 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The concrete backend that ``backend`` means for input ``x``."""
     if backend != "auto":
         return backend
-    if x.device.type == "cuda" and triton_importable():
+    if x.device.type == "cuda" and x.dtype in TRITON_DTYPES and triton_importable():
         return "triton"
     return "native"
 
@@ -91,7 +100,7 @@ def dynamic_conv2d(
         return grouped_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry)
     if backend == "native":
         return native_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry)
-    check_triton_can_run(x.device)
+    check_triton_can_run(x.device, x.dtype)
     from .triton_ops import triton_dynamic_conv2d
 
     return triton_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry)

@@ -86,11 +86,14 @@ def triton_forward_impl(
     Returns:
         y, (B, C_out, HO, WO) in x's dtype, channels_last when x is (as ``F.conv2d``).
     """
+    from .kernels.conv_dgrad import check_int32_spans, span
     from .kernels.conv_forward import conv_forward
     from .kernels.mix import mix, mixed_layout, mixed_views
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    # The mix kernel and the fused conv step through the bank with 32-bit offsets.
+    check_int32_spans(weight_bank=span(weight_bank))
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     batch = x.shape[0]
     num_experts, out_channels, in_per_group, kh, kw = weight_bank.shape

@@ -156,12 +156,12 @@ def span(t: torch.Tensor, skip_dims: int = 0) -> int:
 
 
 def check_int32_spans(**spans: int) -> None:
-    """The backward kernels address inside one sample (and the bank) with int32 offsets."""
+    """The Triton kernels address the bank (and, in backward, one sample) with int32 offsets."""
     for name, value in spans.items():
         if value > _INT32_LIMIT:
             raise ValueError(
                 f"{name} spans {value} elements, more than the 2**31 - 1 that the Triton "
-                f"backward kernels address with 32-bit offsets; split the input"
+                f"kernels address with 32-bit offsets; split the input or the bank"
             )
 
 

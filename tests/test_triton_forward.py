@@ -427,3 +427,33 @@ def test_conv_configs_with_int64_offsets():
                                       OFFSET_64=True)
     assert kept and len(kept) < len(configs)
     assert all(conv_forward_int64_ok(c) for c in kept)
+
+
+@pytest.mark.parametrize("strategy", ["premix", "fused"])
+def test_bank_span_past_int32_is_refused(strategy):
+    """The mix and fused conv step through the bank with int32 offsets: a larger bank fails with
+    a ValueError before any launch (meta tensors stand in for the memory)."""
+    meta = dict(device="meta", dtype=torch.float16)
+    x = torch.empty(1, 4, 7, 5, **meta)
+    routing = torch.empty(1, 3, **meta)
+    huge_bank = torch.empty_strided((3, 6, 4, 3, 3), (2**30, 36, 9, 3, 1), **meta)
+    with pytest.raises(ValueError, match="weight_bank spans 2147483863 elements"):
+        triton_forward_impl(x, huge_bank, routing, None, (1, 1), (1, 1), (1, 1), 1,
+                            strategy=strategy)
+
+
+def test_float64_is_refused_with_a_clear_error():
+    x, bank, routing, bias = make_inputs(Case(), torch.float32)
+    as64 = [t.double() for t in (x, bank, routing, bias)]
+    with pytest.raises(ValueError, match="backend='triton' supports dtypes .* got torch.float64"):
+        dynconv.dynamic_conv2d(*as64, padding=1, backend="triton")
+
+
+def test_auto_keeps_float64_off_triton():
+    from dynconv.functional import resolve_backend
+
+    assert resolve_backend("auto", torch.ones(1, dtype=torch.float64)) == "native"
+    if torch.cuda.is_available():
+        cuda64 = torch.ones(1, device="cuda", dtype=torch.float64)
+        assert resolve_backend("auto", cuda64) == "native"
+        assert resolve_backend("auto", torch.ones(1, device="cuda")) == "triton"
