@@ -22,10 +22,10 @@ import contextlib
 
 import torch
 
-from .native_formulations import FORMULATIONS, conv_backward, conv_forward, output_hw
+from .native_formulations import FORMULATIONS, conv_backward, conv_forward
 from .native_rule import choose_formulation
 from .op_autograd import call_forward, fake_backward_outputs, register_autograd
-from .validation import ConvGeometry
+from .validation import ConvGeometry, output_hw
 
 # Bytes that each per-chunk temporary (the mixed weights, their gradient, the im2col patches
 # and their gradient) may take.

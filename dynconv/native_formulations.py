@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .validation import output_hw
+
 FORMULATIONS = ("grouped", "per_sample", "im2col")
 
 
@@ -130,14 +132,6 @@ _BACKWARD = {
     "per_sample": _per_sample_backward,
     "im2col": _im2col_backward,
 }
-
-
-def output_hw(in_hw, kernel, stride, padding, dilation) -> tuple[int, int]:
-    """(Ho, Wo) of a convolution with symmetric padding."""
-    return tuple(
-        (in_hw[a] + 2 * padding[a] - dilation[a] * (kernel[a] - 1) - 1) // stride[a] + 1
-        for a in range(2)
-    )
 
 
 def conv_forward(formulation, x, weights, bias, stride, padding, dilation, groups):

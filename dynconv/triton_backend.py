@@ -10,6 +10,7 @@ import torch
 
 from .functional import triton_interpreter_enabled
 from .native import output_memory_format
+from .validation import output_hw
 
 STRATEGIES = ("auto", "premix", "fused")
 
@@ -27,7 +28,7 @@ _FUSED_ROWS_PER_TILE = 64
 _FUSED_MAX_REMIX = 32
 
 
-def choose_strategy(x_shape, weight_bank_shape, output_hw) -> str:
+def choose_strategy(x_shape, weight_bank_shape, out_hw) -> str:
     """``"premix"`` or ``"fused"`` for one call, by a heuristic that has not been measured yet.
 
     Every output-row tile of a sample needs that sample's whole weight matrix. Premix mixes it
@@ -40,7 +41,7 @@ def choose_strategy(x_shape, weight_bank_shape, output_hw) -> str:
     """
     del x_shape  # the decision depends on the output size and K only, for now
     num_experts = weight_bank_shape[0]
-    row_tiles = -(-(output_hw[0] * output_hw[1]) // _FUSED_ROWS_PER_TILE)
+    row_tiles = -(-(out_hw[0] * out_hw[1]) // _FUSED_ROWS_PER_TILE)
     return "fused" if row_tiles * num_experts <= _FUSED_MAX_REMIX else "premix"
 
 
@@ -49,14 +50,6 @@ def premix_chunk_size(batch: int, row_elements: int, element_size: int,
     """Samples per premix chunk so that the mixed buffer fits ``budget_bytes``."""
     budget = PREMIX_BUFFER_BYTES if budget_bytes is None else budget_bytes
     return max(1, min(batch, budget // max(1, row_elements * element_size)))
-
-
-def _output_hw(x_shape, weight_bank_shape, stride, padding, dilation) -> tuple[int, int]:
-    sizes = []
-    for axis in range(2):
-        reach = dilation[axis] * (weight_bank_shape[3 + axis] - 1) + 1
-        sizes.append((x_shape[2 + axis] + 2 * padding[axis] - reach) // stride[axis] + 1)
-    return sizes[0], sizes[1]
 
 
 def triton_forward_impl(
@@ -86,9 +79,9 @@ def triton_forward_impl(
     Returns:
         y, (B, C_out, HO, WO) in x's dtype, channels_last when x is (as ``F.conv2d``).
     """
-    from .kernels.conv_dgrad import check_int32_spans, span
     from .kernels.conv_forward import conv_forward
     from .kernels.mix import mix, mixed_layout, mixed_views
+    from .kernels.offsets import check_int32_spans, span
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -97,7 +90,8 @@ def triton_forward_impl(
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     batch = x.shape[0]
     num_experts, out_channels, in_per_group, kh, kw = weight_bank.shape
-    height_out, width_out = _output_hw(x.shape, weight_bank.shape, stride, padding, dilation)
+    height_out, width_out = output_hw(x.shape[2:], weight_bank.shape[3:], stride,
+                                         padding, dilation)
     y = torch.empty((batch, out_channels, height_out, width_out), dtype=x.dtype,
                     device=x.device, memory_format=output_memory_format(x))
     if batch == 0 or y.numel() == 0:

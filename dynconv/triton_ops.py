@@ -23,15 +23,7 @@ import torch
 from .functional import triton_interpreter_enabled
 from .native import output_memory_format
 from .op_autograd import call_forward, fake_backward_outputs, register_autograd
-from .validation import ConvGeometry
-
-
-def _output_hw(x, weight_bank, stride, padding, dilation):
-    sizes = []
-    for axis in range(2):
-        reach = dilation[axis] * (weight_bank.shape[3 + axis] - 1) + 1
-        sizes.append((x.shape[2 + axis] + 2 * padding[axis] - reach) // stride[axis] + 1)
-    return sizes
+from .validation import ConvGeometry, output_hw
 
 
 def _interpreter(x: torch.Tensor) -> bool:
@@ -61,7 +53,7 @@ def triton_forward(
 
 @triton_forward.register_fake
 def _triton_forward_fake(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
-    height_out, width_out = _output_hw(x, weight_bank, stride, padding, dilation)
+    height_out, width_out = output_hw(x.shape[2:], weight_bank.shape[3:], stride, padding, dilation)
     return torch.empty((x.shape[0], weight_bank.shape[1], height_out, width_out), dtype=x.dtype,
                        device=x.device, memory_format=output_memory_format(x))
 

@@ -190,11 +190,9 @@ def check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilat
     return ConvGeometry(stride, pad, dilation, groups, extra)
 
 
-def output_size(x_shape, kernel_size, geometry: ConvGeometry) -> tuple[int, int]:
-    """(Ho, Wo) of a convolution with symmetric padding ``geometry.padding``."""
-    out = []
-    for axis in range(2):
-        size = x_shape[2 + axis]
-        reach = geometry.dilation[axis] * (kernel_size[axis] - 1) + 1
-        out.append((size + 2 * geometry.padding[axis] - reach) // geometry.stride[axis] + 1)
-    return out[0], out[1]
+def output_hw(in_hw, kernel, stride, padding, dilation) -> tuple[int, int]:
+    """(Ho, Wo) of a convolution of an (H, W) input with symmetric padding."""
+    return tuple(
+        (in_hw[a] + 2 * padding[a] - dilation[a] * (kernel[a] - 1) - 1) // stride[a] + 1
+        for a in range(2)
+    )

@@ -4,7 +4,8 @@ Modules: ``configs`` (autotune config generation and pruning, shared by all kern
 (per-sample weight mixing), ``conv_forward`` (implicit-GEMM forward, premix and fused),
 ``conv_dgrad`` (grad_input: per-sample transposed implicit GEMM), ``conv_wgrad`` (per-sample
 weight gradient contracted onto the bank, bias-bank and routing gradients in its epilogue),
-``tuned_table`` (the persisted per-GPU tuned configs, consulted before autotuning).
+``tuned_table`` (the persisted per-GPU tuned configs, consulted before autotuning), ``offsets``
+(how far offsets reach into a tensor, and the int32 limit).
 
 Compile-check contract: ``python -m dynconv.autotune compile-check`` imports every module of this
 package (``pkgutil.iter_modules``) and, where a module defines a module-level function

@@ -125,6 +125,11 @@ def conv_forward_configs(interpreter: bool | None = None) -> list[triton.Config]
     """Candidate configs of the conv forward kernel (one under the interpreter)."""
     interpreter = interpreting() if interpreter is None else interpreter
     table = [_CONV_FORWARD_INTERPRETER] if interpreter else _CONV_FORWARD_CANDIDATES
+    return mnk_tile_configs(table)
+
+
+def mnk_tile_configs(table) -> list[triton.Config]:
+    """Configs of a GEMM-tiled kernel from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     return [
         triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
         for m, n, k, w, s in table

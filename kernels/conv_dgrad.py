@@ -17,15 +17,13 @@ exactly one program (no atomics: deterministic).
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
-from .configs import MIN_DOT_BLOCK, CompileCase, interpreting
+from .configs import MIN_DOT_BLOCK, CompileCase, interpreting, mnk_tile_configs
 from .mix import dot_settings
+from .offsets import check_int32_spans, span
 from .tuned_table import with_tuned_table
-
-_INT32_LIMIT = 2**31 - 1
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_N and BLOCK_K >= 16 for tl.dot.
 _DGRAD_CANDIDATES = [
@@ -44,10 +42,7 @@ def dgrad_configs(interpreter: bool | None = None) -> list[triton.Config]:
     """Candidate tile configs (one under the interpreter, which cannot time kernels)."""
     interpreter = interpreting() if interpreter is None else interpreter
     table = [_DGRAD_INTERPRETER] if interpreter else _DGRAD_CANDIDATES
-    return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=st)
-        for m, n, k, w, st in table
-    ]
+    return mnk_tile_configs(table)
 
 
 def _prune_dgrad(configs, named_args, **kwargs):
@@ -147,22 +142,6 @@ dgrad_kernel_tuned = with_tuned_table("conv_dgrad", triton.autotune(
     configs=dgrad_configs(), key=DGRAD_KEY,
     prune_configs_by={"early_config_prune": _prune_dgrad},
 )(dgrad_kernel))
-
-
-def span(t: torch.Tensor, skip_dims: int = 0) -> int:
-    """Largest element offset reachable inside ``t`` ignoring its first ``skip_dims`` dims."""
-    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[skip_dims:],
-                                                                t.stride()[skip_dims:]))
-
-
-def check_int32_spans(**spans: int) -> None:
-    """The Triton kernels address the bank (and, in backward, one sample) with int32 offsets."""
-    for name, value in spans.items():
-        if value > _INT32_LIMIT:
-            raise ValueError(
-                f"{name} spans {value} elements, more than the 2**31 - 1 that the Triton "
-                f"kernels address with 32-bit offsets; split the input or the bank"
-            )
 
 
 def conv_dgrad(grad_out, weight_bank, routing, x_shape, stride, padding, dilation, groups,

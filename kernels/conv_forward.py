@@ -36,9 +36,8 @@ from .configs import (
     prune_conv_forward_configs,
 )
 from .mix import dot_settings
+from .offsets import INT32_LIMIT, span
 from .tuned_table import with_tuned_table
-
-_INT32_LIMIT = 2**31 - 1
 
 
 @triton.jit
@@ -190,12 +189,6 @@ conv_forward_autotuned = with_tuned_table("conv_forward", triton.autotune(
 )(conv_forward_kernel))
 
 
-def _span(t: torch.Tensor, skip_dims: int = 0) -> int:
-    """Largest element offset reachable inside ``t`` ignoring its first ``skip_dims`` dims."""
-    return sum((size - 1) * abs(stride)
-               for size, stride in zip(t.shape[skip_dims:], t.stride()[skip_dims:], strict=True))
-
-
 def conv_forward(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -232,8 +225,8 @@ def conv_forward(
     # Sample offsets are int64 in the kernel; the rest fits int32 unless one sample, or the
     # bank (fused, addressed as k * stride) / one sample's mixed weights (premix), spans more.
     if offset_64 is None:
-        spans = (_span(x, 1), _span(y, 1), _span(weights, 0 if fused else 1))
-        offset_64 = max(spans) > _INT32_LIMIT
+        spans = (span(x, 1), span(y, 1), span(weights, 0 if fused else 1))
+        offset_64 = max(spans) > INT32_LIMIT
     if tap_major is None:
         tap_major = offset_64 or in_per_group >= MIN_DOT_BLOCK
     if offset_64 and not tap_major:

@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from .configs import MIN_DOT_BLOCK, CompileCase, interpreting
-from .conv_dgrad import check_int32_spans, span
 from .mix import dot_settings
+from .offsets import check_int32_spans, span
 from .tuned_table import with_tuned_table
 
 # Largest fp32 element count of the (K_BLOCK, BLOCK_M, BLOCK_N) grad_bank accumulator.
