@@ -36,8 +36,8 @@ from dataclasses import replace
 import torch
 
 from dynconv import native
-from dynconv.native_formulations import FORMULATIONS
-from dynconv.native_rule import choose_formulation
+from dynconv.native_formulations import FORMULATIONS, conv_backward, conv_forward
+from dynconv.native_rule import FormulationPlan, choose_formulations
 
 from .bench import Case, forward_fn, make_inputs, mode_fn, preset_cases
 from .shapes import ConvShape
@@ -75,18 +75,23 @@ def case_set(name: str) -> list[Case]:
     raise ValueError(f"--set must be one of issue, quick, all; got {name!r}")
 
 
-def parse_provider(provider: str) -> tuple[str, str | None, int | None]:
-    """``loop`` / ``grouped`` / ``auto`` / ``native:<formulation>[@chunk]`` -> parts."""
+def parse_provider(provider: str) -> tuple[str, tuple[str, ...] | None, int | None]:
+    """``loop`` / ``grouped`` / ``auto`` / ``native:<formulation>[@chunk]`` -> parts.
+
+    ``<formulation>`` is one name for every part or ``<forward>/<input_grad>/<weight_grad>``.
+    """
     if provider in BASELINES or provider == "auto":
         return provider, None, None
     kind, _, rest = provider.partition(":")
     formulation, _, chunk = rest.partition("@")
-    if kind != "native" or formulation not in FORMULATIONS or (chunk and not chunk.isdigit()):
+    names = tuple(formulation.split("/"))
+    if (kind != "native" or len(names) not in (1, 3) or any(n not in FORMULATIONS for n in names)
+            or (chunk and not chunk.isdigit())):
         raise ValueError(
-            f"provider must be loop, grouped, auto or native:<one of {FORMULATIONS}>[@chunk], "
-            f"got {provider!r}"
+            f"provider must be loop, grouped, auto or native:<f>[@chunk] or "
+            f"native:<f>/<f>/<f>[@chunk] with f one of {FORMULATIONS}, got {provider!r}"
         )
-    return "native", formulation, int(chunk) if chunk else None
+    return "native", names * (3 // len(names)), int(chunk) if chunk else None
 
 
 def provider_forward(provider: str, case: Case, tensors: dict):
@@ -105,12 +110,13 @@ def provider_forward(provider: str, case: Case, tensors: dict):
     return forced, leaves
 
 
-def rule_choice(case: Case, threads: int) -> str:
+def rule_choice(case: Case, threads: int) -> FormulationPlan:
+    """The rule's formulation of each part for this case and thread count."""
     s = case.shape
-    return choose_formulation(
+    return choose_formulations(
         case.batch, s.cin, s.cout, (s.h, s.w), (s.kh, s.kw), (s.ho, s.wo), s.groups,
         {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype],
-        case.layout == "channels_last", threads,
+        case.layout == "channels_last", threads, (s.stride, s.stride),
     )
 
 
@@ -164,9 +170,97 @@ def measure(case: Case, providers: list[str], threads: int, rounds: int, modes,
                 "static_ms": 1e3 * statistics.median(static_times),
                 "ratio": statistics.median(ratios),
                 "ratio_of_mins": min(times) / min(static_times),
-                "rule": rule_choice(case, threads),
+                "rule": "/".join(rule_choice(case, threads)),
             })
     return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# per part: forward, input gradient and weight gradient of each formulation
+
+PARTS = ("fwd", "dx", "dw")
+
+
+def measure_parts(case: Case, threads: int, rounds: int, clock: str = "wall") -> list[dict]:
+    """Rows of one case: each formulation's forward, input gradient and weight gradient alone.
+
+    The per-sample weights are mixed once up front and every part runs on the whole batch as
+    one chunk, so a row times only the convolution work of that part; its static reference is
+    the same part of the static conv (``F.conv2d``, or ``convolution_backward`` with one output
+    requested), interleaved run by run. These rows are the evidence of
+    :mod:`dynconv.native_rule`, which picks a formulation per part.
+    """
+    now = CLOCKS[clock]
+
+    def _timed(fn) -> float:
+        start = now()
+        fn()
+        return now() - start
+
+    torch.set_num_threads(threads)
+    t = make_inputs(case, "cpu")
+    s = case.shape
+    x, weight, bank, routing = (t[name].detach() for name in ("x", "weight", "bank", "routing"))
+    weights = (routing @ bank.reshape(bank.shape[0], -1)).view((case.batch,) + bank.shape[1:])
+    geometry = ([s.stride] * 2, [s.padding] * 2, [s.dilation] * 2)
+    grad_out = torch.randn_like(torch.nn.functional.conv2d(x, weight, None, *geometry, s.groups))
+
+    def static_part(part):
+        if part == "fwd":
+            return lambda: torch.nn.functional.conv2d(x, weight, None, *geometry, s.groups)
+        mask = [part == "dx", part == "dw", False]
+        return lambda: torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, *geometry, False, [0, 0], s.groups, mask)
+
+    def dynamic_part(part, formulation):
+        if part == "fwd":
+            return lambda: conv_forward(formulation, x, weights, None, *geometry, s.groups)
+        return lambda: conv_backward(formulation, grad_out, x, weights, *geometry, s.groups,
+                                     part == "dx", part == "dw")
+
+    rows = []
+    for part in PARTS:
+        static_fn = static_part(part)
+        for formulation in FORMULATIONS:
+            fn = dynamic_part(part, formulation)
+            static_fn()
+            fn()
+            times, static_times = [], []
+            for _ in range(rounds):
+                static_times.append(_timed(static_fn))
+                times.append(_timed(fn))
+            rows.append({
+                **case_columns(case), "threads": threads, "clock": clock,
+                "formulation": formulation, "part": part,
+                "time_ms": 1e3 * statistics.median(times),
+                "static_ms": 1e3 * statistics.median(static_times),
+                "ratio": statistics.median(
+                    [a / b for a, b in zip(times, static_times, strict=True)]),
+                "rule": rule_choice(case, threads)[PARTS.index(part)],
+            })
+    return rows
+
+
+def parts_markdown_table(path: str) -> str:
+    """A markdown table of a parts CSV: per case, each part's ratio for every formulation."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cases: dict[tuple, dict[tuple, dict]] = {}
+    for r in rows:
+        key = (r["shape"], r["batch"], r["experts"], r["dtype"], r["layout"], r["threads"])
+        cases.setdefault(key, {})[(r["part"], r["formulation"])] = r
+    head = ["shape", "B", "K", "dtype", "layout", "threads"]
+    for part in PARTS:
+        head += [f"{part} {f}" for f in FORMULATIONS] + [f"{part} rule"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, cells in cases.items():
+        row = list(key)
+        for part in PARTS:
+            row += [f"{float(cells[(part, f)]['ratio']):.2f}" if (part, f) in cells else ""
+                    for f in FORMULATIONS]
+            row.append(cells[(part, FORMULATIONS[0])]["rule"])
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,8 +390,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", default="", help="suffix of the CSV file name")
     parser.add_argument("--table", default=None, metavar="CSV",
                         help="print a markdown table of a CSV written earlier, then exit")
+    parser.add_argument("--parts", action="store_true",
+                        help="time each formulation's forward, input gradient and weight "
+                             "gradient alone (the rule's evidence) instead of the providers")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.table is not None and args.parts:
+        print(parts_markdown_table(args.table))
+        return 0
     if args.table is not None:
         for mode in [m for m in args.modes.split(",") if m]:
             print(f"\n{mode}: ratio to the static conv (median of interleaved rounds)\n")
@@ -323,6 +423,20 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"threads={t} {provider:>22}: +{result['extra_bytes'] / 2**20:7.1f} MiB",
                       flush=True)
         _write_csv(os.path.join(args.out, f"cpu_memory{suffix}.csv"), rows)
+        return 0
+    if args.parts:
+        rows = []
+        for case in case_set(args.set):
+            label = f"B{case.batch} {case.shape.label()} K{case.experts} {case.dtype} {case.layout}"
+            if args.filter and args.filter not in label:
+                continue
+            for t in threads:
+                case_rows = measure_parts(case, t, args.rounds, args.clock)
+                rows += case_rows
+                cells = " ".join(f"{r['part']}:{r['formulation']}={r['ratio']:.2f}"
+                                 for r in case_rows)
+                print(f"{label} threads={t}: {cells}", flush=True)
+        _write_csv(os.path.join(args.out, f"cpu_parts{suffix}.csv"), rows)
         return 0
     modes = [m for m in args.modes.split(",") if m]
     rows = []

@@ -19,39 +19,63 @@ trick under plain autograd it
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
 from .native_formulations import FORMULATIONS, conv_backward, conv_forward
-from .native_rule import choose_formulation
-from .op_autograd import call_forward, fake_backward_outputs, register_autograd
+from .native_rule import FormulationPlan, choose_formulations
+from .op_autograd import (
+    call_forward,
+    eager_autograd_function,
+    fake_backward_outputs,
+    register_autograd,
+)
 from .validation import ConvGeometry, output_hw
 
 # Bytes that each per-chunk temporary (the mixed weights, their gradient, the im2col patches
 # and their gradient) may take.
 MIXED_WEIGHT_BUDGET_BYTES = 8 * 2**20
+# glibc serves blocks above 32 MiB (its largest mmap threshold) straight from mmap and returns
+# them on free, so each such temporary page-faults anew on every call: 16 ms for 33 MiB against
+# 1.8 ms for a reused one on the reference machine. Chunks stay below it.
+LARGE_TEMPORARY_BYTES = 24 * 2**20
 
-# Set by :func:`force_formulation` (tests, benchmarks): (formulation or None, chunk or None).
-_forced: tuple[str | None, int | None] = (None, None)
+# Set by :func:`force_formulation` (tests, benchmarks): (plan or None, chunk or None).
+_forced: tuple[FormulationPlan | None, int | None] = (None, None)
 
 
 @contextlib.contextmanager
-def force_formulation(formulation: str | None = None, chunk: int | None = None):
+def force_formulation(formulation=None, chunk: int | None = None):
     """Within the block, every native op uses ``formulation`` and/or ``chunk`` samples per chunk.
 
-    For tests and benchmarks; ``None`` leaves that choice to the rule / the memory budget.
+    ``formulation`` is one name of ``FORMULATIONS`` for all three parts, or a
+    (forward, input_grad, weight_grad) triple of names. For tests and benchmarks; ``None``
+    leaves that choice to the rule / the memory budget.
     """
     global _forced
-    if formulation is not None and formulation not in FORMULATIONS:
-        raise ValueError(f"formulation must be one of {FORMULATIONS} or None, got {formulation!r}")
+    plan = None if formulation is None else _as_plan(formulation)
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be an int >= 1 or None, got {chunk!r}")
     previous = _forced
-    _forced = (formulation, chunk)
+    _forced = (plan, chunk)
     try:
         yield
     finally:
         _forced = previous
+
+
+def _as_plan(formulation) -> FormulationPlan:
+    try:
+        names = (formulation,) * 3 if isinstance(formulation, str) else tuple(formulation)
+    except TypeError:
+        names = ()
+    if len(names) != 3 or any(name not in FORMULATIONS for name in names):
+        raise ValueError(
+            f"formulation must be one of {FORMULATIONS}, a (forward, input_grad, weight_grad) "
+            f"triple of them, or None; got {formulation!r}"
+        )
+    return FormulationPlan(*names)
 
 
 def batch_chunk_size(
@@ -75,31 +99,101 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _plan(x, weight_bank, stride, padding, dilation, groups) -> tuple[str, int]:
-    """(formulation, samples per chunk) for this call: forced, else the rule within the budget."""
+def _plan(x, weight_bank, stride, padding, dilation, groups) -> tuple[FormulationPlan, int]:
+    """(formulation of each part, samples per chunk): forced, else the rule within the budget."""
     batch, in_channels, height, width = x.shape
     out_channels, kernel = weight_bank.shape[1], tuple(weight_bank.shape[3:])
     out_h, out_w = output_hw((height, width), kernel, stride, padding, dilation)
-    formulation, chunk = _forced
-    if formulation is None:
-        formulation = choose_formulation(
+    plan, chunk = _forced
+    if plan is None:
+        plan = choose_formulations(
             batch, in_channels, out_channels, (height, width), kernel, (out_h, out_w), groups,
             x.dtype, output_memory_format(x) == torch.channels_last, torch.get_num_threads(),
+            tuple(stride),
         )
     if chunk is None:
         temp = 0
-        if formulation == "im2col":
+        if "im2col" in plan:
             temp = in_channels * kernel[0] * kernel[1] * out_h * out_w
-        chunk = batch_chunk_size(batch, weight_bank[0].numel(), x.element_size(), temp)
+        weight_numel = weight_bank[0].numel()
+        chunk = batch_chunk_size(batch, weight_numel, x.element_size(), temp)
         # Every chunk reads the whole bank (mixing, twice with backward) and updates its
         # gradient: with at least K samples per chunk that traffic stays at most that of the
-        # chunk's own mixed weights, for temporaries no larger than the bank itself.
-        chunk = max(chunk, weight_bank.shape[0])
-    return formulation, max(1, min(chunk, batch))
+        # chunk's own mixed weights. Not past LARGE_TEMPORARY_BYTES, though: larger blocks come
+        # fresh from the OS on every call, and their page faults cost more than re-reading
+        # the bank.
+        at_least_k = min(weight_bank.shape[0], max(
+            1, LARGE_TEMPORARY_BYTES // (max(weight_numel, temp) * x.element_size())))
+        chunk = max(chunk, at_least_k)
+    return plan, max(1, min(chunk, batch))
+
+
+_workspace = threading.local()
+
+
+def _mixed_weight_buffer(chunk: int, bank_2d: torch.Tensor) -> torch.Tensor:
+    """A (chunk, |W|) buffer for the mixed weights of one chunk, reused by every chunk.
+
+    On the CPU it is a per-thread workspace kept between calls (at most LARGE_TEMPORARY_BYTES
+    per dtype), because a buffer freed at the end of the forward and allocated again in the
+    backward comes back from the OS page by page: on the reference machine that cost as much as
+    the mixing itself (B4, 128 channels at 7x7: 8.3 vs 5.5 ms per forward+backward with glibc's
+    trimming disabled). Elsewhere (CUDA keeps its own cache) it is a plain allocation.
+    """
+    shape = (chunk, bank_2d.shape[1])
+    nbytes = chunk * bank_2d.shape[1] * bank_2d.element_size()
+    if bank_2d.device.type != "cpu" or nbytes > LARGE_TEMPORARY_BYTES:
+        return bank_2d.new_empty(shape)
+    buffers = getattr(_workspace, "buffers", None)
+    if buffers is None:
+        buffers = _workspace.buffers = {}
+    buffer = buffers.get(bank_2d.dtype)
+    if buffer is None or buffer.numel() < shape[0] * shape[1]:
+        buffer = buffers[bank_2d.dtype] = bank_2d.new_empty(shape[0] * shape[1])
+    return buffer[: shape[0] * shape[1]].view(shape)
 
 
 def _same_layout(t: torch.Tensor, like: torch.Tensor) -> bool:
     return t.shape == like.shape and t.stride() == like.stride()
+
+
+def forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
+    """y (B, Cout, Ho, Wo) from x (B, Cin, H, W), bank (K, Cout, Cin/g, kh, kw), routing (B, K)."""
+    batch = x.shape[0]
+    num_experts, out_channels = weight_bank.shape[:2]
+    bank_2d = weight_bank.reshape(num_experts, -1)
+    plan, chunk = _plan(x, weight_bank, stride, padding, dilation, groups)
+    mixed = _mixed_weight_buffer(chunk, bank_2d)
+    y = None
+    for start in range(0, batch, chunk):
+        stop = min(batch, start + chunk)
+        a = routing[start:stop]
+        weights = torch.mm(a, bank_2d, out=mixed[: stop - start])
+        weights = weights.view((stop - start,) + tuple(weight_bank.shape[1:]))
+        bias = None if bias_bank is None else a @ bias_bank
+        y_chunk = conv_forward(
+            plan.forward, x[start:stop], weights, bias, stride, padding, dilation, groups
+        )
+        if y is None:
+            # The output is allocated only when the single chunk's result cannot be returned
+            # as it is: an unused allocation would push the real one onto fresh pages.
+            args = (x, weight_bank, routing, bias_bank, stride, padding, dilation, groups)
+            if chunk == batch and _same_layout(y_chunk, _native_forward_fake(*_on_meta(args))):
+                return y_chunk
+            y = _native_forward_fake(*args)
+        y[start:stop] = y_chunk
+    if y is None:  # empty batch
+        y = _native_forward_fake(x, weight_bank, routing, bias_bank, stride, padding, dilation,
+                                 groups)
+    return y
+
+
+def _on_meta(args):
+    """The tensors of ``args`` as meta tensors (same shapes and strides, no memory)."""
+    return tuple(
+        torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
+        if isinstance(a, torch.Tensor) else a for a in args
+    )
 
 
 @torch.library.custom_op("dynconv::native_forward", mutates_args=())
@@ -113,28 +207,8 @@ def native_forward(
     dilation: list[int],
     groups: int,
 ) -> torch.Tensor:
-    """y (B, Cout, Ho, Wo) from x (B, Cin, H, W), bank (K, Cout, Cin/g, kh, kw), routing (B, K)."""
-    batch = x.shape[0]
-    num_experts, out_channels = weight_bank.shape[:2]
-    bank_2d = weight_bank.reshape(num_experts, -1)
-    formulation, chunk = _plan(x, weight_bank, stride, padding, dilation, groups)
-    y = _native_forward_fake(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups)
-    # One buffer for the mixed weights of a chunk, reused by every chunk: fresh large
-    # allocations cost page faults on every call.
-    mixed = bank_2d.new_empty((chunk, bank_2d.shape[1]))
-    for start in range(0, batch, chunk):
-        stop = min(batch, start + chunk)
-        a = routing[start:stop]
-        weights = torch.mm(a, bank_2d, out=mixed[: stop - start])
-        weights = weights.view((stop - start,) + tuple(weight_bank.shape[1:]))
-        bias = None if bias_bank is None else a @ bias_bank
-        y_chunk = conv_forward(
-            formulation, x[start:stop], weights, bias, stride, padding, dilation, groups
-        )
-        if chunk == batch and _same_layout(y_chunk, y):
-            return y_chunk
-        y[start:stop] = y_chunk
-    return y
+    """y (B, Cout, Ho, Wo): :func:`forward_impl` as a custom op (for torch.compile)."""
+    return forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups)
 
 
 @native_forward.register_fake
@@ -148,19 +222,9 @@ def _native_forward_fake(x, weight_bank, routing, bias_bank, stride, padding, di
     )
 
 
-@torch.library.custom_op("dynconv::native_backward", mutates_args=())
-def native_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weight_bank: torch.Tensor,
-    routing: torch.Tensor,
-    bias_bank: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    output_mask: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def backward_impl(
+    grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, output_mask
+):
     """Gradients (x, weight_bank, routing, bias_bank); an unrequested one is an empty tensor.
 
     For each chunk of samples the mixed weights W_b are recomputed, the per-sample weight
@@ -176,11 +240,13 @@ def native_backward(
     # Low-precision gradients are summed over chunks in fp32, then cast once.
     acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     # Outputs of a custom op may not alias each other: each unrequested gradient gets its own
-    # empty tensor.
-    grad_x, grad_bank, grad_routing, grad_bias = _native_backward_fake(
+    # empty tensor. grad_x is allocated only if the chunks' results cannot be returned as they
+    # are (see forward_impl).
+    _, grad_bank, grad_routing, grad_bias = _native_backward_fake(
         grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
-        output_mask,
+        [False, need_bank, need_routing, need_bias],
     )
+    grad_x = None if need_x and batch > 0 else (torch.empty_like(x) if need_x else x.new_empty(0))
     if batch == 0:  # no chunk runs: the bank gradients are exact zeros
         return grad_x, grad_bank.zero_(), grad_routing, grad_bias.zero_()
     # The bank gradients are accumulated over chunks straight in the outputs (the first chunk
@@ -193,22 +259,23 @@ def native_backward(
     if need_bias:
         bias_acc = bias_bank.new_empty(bias_bank.shape, dtype=acc_dtype) if low_precision else (
             grad_bias)
-    formulation, chunk = _plan(x, weight_bank, stride, padding, dilation, groups)
-    mixed = bank_2d.new_empty((chunk, bank_2d.shape[1])) if need_x or need_weight else None
+    plan, chunk = _plan(x, weight_bank, stride, padding, dilation, groups)
+    mixed = _mixed_weight_buffer(chunk, bank_2d) if need_x or need_weight else None
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)
         n = stop - start
         a = routing[start:stop]
         if need_x or need_weight:
             weights = torch.mm(a, bank_2d, out=mixed[:n]).view((n,) + tuple(weight_bank.shape[1:]))
-            gx, gw = conv_backward(
-                formulation, grad_out[start:stop], x[start:stop], weights, stride, padding,
-                dilation, groups, need_x, need_weight,
+            gx, gw = _chunk_backward(
+                plan, grad_out[start:stop], x[start:stop], weights, stride, padding, dilation,
+                groups, need_x, need_weight,
             )
             if need_x:
-                if chunk == batch and _same_layout(gx, grad_x):
-                    grad_x = gx
-                else:
+                if grad_x is None:
+                    single = chunk == batch and _same_layout(gx, torch.empty_like(x, device="meta"))
+                    grad_x = gx if single else torch.empty_like(x)
+                if grad_x is not gx:
                     grad_x[start:stop] = gx
             if need_weight:
                 gw_2d = gw.reshape(n, -1)
@@ -229,12 +296,48 @@ def native_backward(
     return grad_x, grad_bank, grad_routing, grad_bias
 
 
+def _chunk_backward(plan, grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w):
+    """(grad_x or None, grad_weights or None) of a chunk, each part by its own formulation."""
+    if plan.input_grad == plan.weight_grad or not (need_x and need_w):
+        formulation = plan.input_grad if need_x else plan.weight_grad
+        return conv_backward(
+            formulation, grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w
+        )
+    gx, _ = conv_backward(
+        plan.input_grad, grad_out, x, weights, stride, padding, dilation, groups, True, False
+    )
+    _, gw = conv_backward(
+        plan.weight_grad, grad_out, x, weights, stride, padding, dilation, groups, False, True
+    )
+    return gx, gw
+
+
 def _accumulate_mm(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, start: int):
     """out = left @ right for the first chunk (start 0), out += left @ right after."""
     if start == 0:
         torch.mm(left, right, out=out)
     else:
         out.addmm_(left, right)
+
+
+@torch.library.custom_op("dynconv::native_backward", mutates_args=())
+def native_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight_bank: torch.Tensor,
+    routing: torch.Tensor,
+    bias_bank: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    output_mask: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_x, grad_bank, grad_routing, grad_bias): :func:`backward_impl` as a custom op."""
+    return backward_impl(
+        grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
+        output_mask,
+    )
 
 
 @native_backward.register_fake
@@ -245,8 +348,16 @@ def _native_backward_fake(
 
 
 register_autograd(native_forward, native_backward)
+_EagerNativeConv = eager_autograd_function("EagerNativeConv", forward_impl, backward_impl)
 
 
 def native_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
-    """Dispatch entry point: x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
-    return call_forward(native_forward, x, weight_bank, routing, bias_bank, geometry)
+    """Dispatch entry point: x (B, Cin, H, W) -> (B, Cout, Ho, Wo).
+
+    Under torch.compile the custom op (one opaque node of the graph); in eager mode the same
+    implementation through a plain autograd.Function, which skips the custom op's dispatch and
+    autograd wrapper (~0.3-0.7 ms of each forward+backward on the reference machine, as much as
+    a small layer's whole convolution).
+    """
+    forward_op = native_forward if torch.compiler.is_compiling() else _EagerNativeConv.apply
+    return call_forward(forward_op, x, weight_bank, routing, bias_bank, geometry)

@@ -1,44 +1,94 @@
-"""Which native formulation (:mod:`dynconv.native_formulations`) runs a CPU convolution.
+"""Which native formulation (:mod:`dynconv.native_formulations`) runs each part of a CPU conv.
 
-The rule is measured, not guessed: ``python -m dynconv.autotune.cpu_formulations`` times every
-formulation, forced, against the static ``F.conv2d`` of the same shape (interleaved runs, median
-of the per-round ratios) on the shapes of project issue 5 and the perf harness's CPU set; the
-figures behind each branch are in ``perf_reports/cpu_native/`` (README.md there). In short, on
-the 2-core reference machine:
+The three parts of a dynamic convolution, the forward, the input gradient and the per-sample
+weight gradient, are chosen separately: they are separate PyTorch calls, and the measurements
+disagree on which formulation suits each one. The rule is measured, not guessed:
+``python -m dynconv.autotune.cpu_formulations --parts`` times every formulation's part on the
+shapes of project issue 5 and the perf harness's CPU set, as a ratio to the same part of the
+static ``F.conv2d`` (interleaved runs, median of the per-round ratios); the figures are in
+``perf_reports/cpu_native/`` (``cpu_parts_*.csv``, README.md there). In short, on the 2-core
+reference machine, with 1 and with 2 threads:
 
-- ``grouped`` was the fastest formulation, or within 15% of it, on every shape with a kernel
-  larger than 1x1, with one thread and CPU time (the robust measurement on a shared machine);
-  where another one led, a neighbouring row (same shape, other K or batch) had grouped ahead,
-  so those leads are run-to-run noise, not a shape effect. On the depthwise layer im2col is 4x
-  slower than grouped (its patches are pure copies there);
+- ``grouped`` (one convolution over the whole chunk, the batch folded into groups) is the
+  fastest part, or within noise of it, for every layer with 64 channels or fewer, every
+  depthwise/grouped layer, bf16 and channels_last, and every small spatial size (7x7, 8x8)
+  below 256 input channels;
 - a 1x1 kernel is a batched matmul: ``im2col`` (whose patches are then a plain strided copy)
-  beat ``grouped`` there (1.53 vs 1.66 of the static conv with one thread, 0.7-1.0 vs 2.1-3.2
-  with two);
-- a grouped convolution spreads its work over the samples of a chunk, so with fewer samples
-  than threads ``per_sample`` (each convolution parallelised over its own pixels) keeps every
-  thread busy.
+  wins every part (0.4-0.8x the static conv against 1.2-1.9x for grouped);
+- with many channels and enough pixels, one ``F.conv2d`` per sample beats the grouped
+  convolution in the forward and the input gradient (128 channels at 16x16: 1.3-1.7 against
+  1.8-2.1; 256 at 14x14: 1.3-1.5 against 2.1-2.3; 512 at 7x7, input gradient: 1.9 against 3.8),
+  but not at 128 channels and 14x14 or less (1.5-1.7 against 1.4-1.5);
+- with a long reduction (256 input channels or more at 3x3, i.e. Cin * kh * kw >= 2304) the
+  weight gradient is fastest as one batched matmul of the patches (``im2col``: 512 at 7x7: 2.5
+  against 3.7-5.0), and so is the forward when the output has few pixels (512 at 7x7: 1.4-1.6
+  against 1.6-3.9);
+- a strided convolution's input gradient is slow as a grouped transposed convolution (64->128
+  stride 2 at 56x56: 1.3-1.5 against 1.0-1.2 for ``im2col``).
 
-Formulation choice and thread count interact only through that last branch: with one thread
-the per-shape differences elsewhere were within the noise of the machine.
+The thread count changed none of these choices between 1 and 2 threads. Per-sample
+convolutions parallelise inside each sample, so with more threads than were measured the
+per-sample branch keeps at least the work per thread it had at 2 threads (an extrapolation:
+no machine with more cores was measured).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 
-def choose_formulation(
+class FormulationPlan(NamedTuple):
+    """The formulation (a name of ``native_formulations.FORMULATIONS``) of each part."""
+
+    forward: str
+    input_grad: str
+    weight_grad: str
+
+
+# Multiply-adds of one sample's convolution from which per-sample convolutions beat the grouped
+# one in the forward and the input gradient (measured: 37.7M at 128 channels, 16x16 won; 28.9M
+# at 128 channels, 14x14 lost), per 2 threads.
+PER_SAMPLE_MIN_MACS_PER_2_THREADS = 32 * 2**20
+# Both operands of those convolutions need at least this many channels (64-channel layers of the
+# same work, e.g. 64 at 56x56, stayed faster grouped).
+PER_SAMPLE_MIN_CHANNELS = 128
+# Reduction length (Cin/g * kh * kw) from which the weight gradient is a batched matmul.
+IM2COL_MIN_REDUCTION = 256 * 9
+# Output pixels up to which a forward with such a reduction is a batched matmul too.
+IM2COL_FORWARD_MAX_PIXELS = 64
+
+
+def choose_formulations(
     batch: int, in_channels: int, out_channels: int, in_hw: tuple[int, int],
     kernel: tuple[int, int], out_hw: tuple[int, int], groups: int, dtype: torch.dtype,
-    channels_last: bool, threads: int,
-) -> str:
-    """The formulation for x (batch, in_channels, *in_hw) -> (batch, out_channels, *out_hw).
+    channels_last: bool, threads: int, stride: tuple[int, int],
+) -> FormulationPlan:
+    """The formulation of each part for x (batch, in_channels, *in_hw) -> (batch, out_channels,
+    *out_hw).
 
-    ``threads`` is ``torch.get_num_threads()`` at the call; dtype and memory format are part of
-    the signature so that a measured difference can be added here without changing callers.
+    ``threads`` is ``torch.get_num_threads()`` at the call, ``stride`` the convolution's. The
+    batch size, dtype and memory format are part of the signature so that a measured
+    difference can be added here without changing callers; none of them changed a choice in
+    the measurements (at batch 1 the grouped and the per-sample formulations make the same
+    single call).
     """
     if groups == 1 and tuple(kernel) == (1, 1):
-        return "im2col"
-    if batch < threads:
-        return "per_sample"
-    return "grouped"
+        return FormulationPlan("im2col", "im2col", "im2col")
+    if groups != 1:
+        return FormulationPlan("grouped", "grouped", "grouped")
+    forward = input_grad = weight_grad = "grouped"
+    pixels = out_hw[0] * out_hw[1]
+    reduction = in_channels * kernel[0] * kernel[1]
+    macs = out_channels * reduction * pixels
+    if (min(in_channels, out_channels) >= PER_SAMPLE_MIN_CHANNELS
+            and macs >= PER_SAMPLE_MIN_MACS_PER_2_THREADS * max(2, threads) / 2):
+        forward = input_grad = "per_sample"
+    if reduction >= IM2COL_MIN_REDUCTION:
+        weight_grad = "im2col"
+        if pixels <= IM2COL_FORWARD_MAX_PIXELS:
+            forward = "im2col"
+    if max(stride) > 1:
+        input_grad = "im2col"
+    return FormulationPlan(forward, input_grad, weight_grad)

@@ -31,22 +31,49 @@ def fake_backward_outputs(x, weight_bank, routing, bias_bank, output_mask):
     )
 
 
+def _setup_context(ctx, inputs, output):
+    x, weight_bank, routing, bias_bank, stride, padding, dilation, groups = inputs
+    ctx.save_for_backward(x, weight_bank, routing, bias_bank)
+    ctx.geometry = (stride, padding, dilation, groups)
+
+
+def _backward_through(backward_op, ctx, grad_out):
+    x, weight_bank, routing, bias_bank = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:4])
+    grads = backward_op(grad_out, x, weight_bank, routing, bias_bank, *ctx.geometry, mask)
+    needed = mask[:3] + [mask[3] and bias_bank is not None]
+    return tuple(g if need else None for g, need in zip(grads, needed)) + (None,) * 4
+
+
 def register_autograd(forward_op, backward_op) -> None:
     """Make ``forward_op`` differentiable through ``backward_op``."""
+    forward_op.register_autograd(
+        lambda ctx, grad_out: _backward_through(backward_op, ctx, grad_out),
+        setup_context=_setup_context,
+    )
 
-    def setup_context(ctx, inputs, output):
-        x, weight_bank, routing, bias_bank, stride, padding, dilation, groups = inputs
-        ctx.save_for_backward(x, weight_bank, routing, bias_bank)
-        ctx.geometry = (stride, padding, dilation, groups)
 
+def eager_autograd_function(name: str, forward_impl, backward_impl) -> type:
+    """An autograd.Function with the custom ops' signature, saving and backward, that calls the
+    implementations directly: the eager-mode twin of a registered forward/backward op pair.
+
+    Its backward is not itself differentiable (nor is the custom op's): a double backward
+    raises instead of returning a wrong result.
+    """
+
+    def forward(ctx, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
+        _setup_context(ctx, (x, weight_bank, routing, bias_bank, stride, padding, dilation,
+                             groups), None)
+        return forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation,
+                            groups)
+
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, weight_bank, routing, bias_bank = ctx.saved_tensors
-        mask = list(ctx.needs_input_grad[:4])
-        grads = backward_op(grad_out, x, weight_bank, routing, bias_bank, *ctx.geometry, mask)
-        needed = mask[:3] + [mask[3] and bias_bank is not None]
-        return tuple(g if need else None for g, need in zip(grads, needed)) + (None,) * 4
+        return _backward_through(backward_impl, ctx, grad_out)
 
-    forward_op.register_autograd(backward, setup_context=setup_context)
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward),
+    })
 
 
 def call_forward(forward_op, x, weight_bank, routing, bias_bank, geometry: ConvGeometry):

@@ -8,7 +8,7 @@ from loop_reference import reference_dynamic_conv2d
 
 from dynconv import dynamic_conv2d, native
 from dynconv.native_formulations import FORMULATIONS
-from dynconv.native_rule import choose_formulation
+from dynconv.native_rule import FormulationPlan, choose_formulations
 
 # (batch, cin, cout, H, W, (kh, kw), stride, padding, dilation, groups, K, bias)
 CASES = [
@@ -69,10 +69,24 @@ def _check_against_reference(case, formulation, chunk=None, channels_last=False)
         assert got_y.is_contiguous(memory_format=torch.channels_last)
 
 
+# Each part by a different formulation, as the rule may pick them.
+MIXED_PLANS = [
+    ("per_sample", "per_sample", "im2col"),
+    ("im2col", "per_sample", "grouped"),
+    ("grouped", "im2col", "per_sample"),
+]
+
+
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("formulation", FORMULATIONS)
 def test_formulation_matches_float64_loop(formulation, case):
     _check_against_reference(case, formulation)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("plan", MIXED_PLANS, ids="/".join)
+def test_mixed_plan_matches_float64_loop(plan, case):
+    _check_against_reference(case, plan, chunk=2)
 
 
 @pytest.mark.parametrize("formulation", FORMULATIONS)
@@ -145,41 +159,64 @@ def test_only_requested_gradients_are_computed():
 
 
 def test_force_formulation_rejects_unknown_names():
-    with pytest.raises(ValueError, match="formulation"):
-        with native.force_formulation("winograd"):
-            pass
+    for bad in ("winograd", ("grouped", "im2col"), ("grouped", "im2col", "fft"), 3):
+        with pytest.raises(ValueError, match="formulation"):
+            with native.force_formulation(bad):
+                pass
     with pytest.raises(ValueError, match="chunk"):
         with native.force_formulation(chunk=0):
             pass
 
 
+def _rule(batch, cin, cout, hw, kernel=(3, 3), groups=1, threads=2, stride=1):
+    out_hw = tuple((size - 1) // stride + 1 for size in hw)
+    return choose_formulations(batch, cin, cout, hw, kernel, out_hw, groups, torch.float32,
+                               False, threads, (stride, stride))
+
+
 @pytest.mark.parametrize("threads", [1, 2, 16])
 @pytest.mark.parametrize("shape", [
     (32, 64, 64, (32, 32)), (64, 128, 128, (16, 16)), (16, 256, 256, (14, 14)),
-    (128, 64, 64, (8, 8)), (1, 3, 8, (5, 5)),
+    (128, 64, 64, (8, 8)), (1, 3, 8, (5, 5)), (4, 512, 512, (7, 7)),
 ])
-def test_rule_returns_a_formulation(shape, threads):
+def test_rule_returns_a_formulation_per_part(shape, threads):
     batch, cin, cout, hw = shape
     for groups in (1, cin):
         if cout % groups:
             continue
-        got = choose_formulation(
-            batch, cin, cout, hw, (3, 3), hw, groups, torch.float32, False, threads
-        )
-        assert got in FORMULATIONS
+        for stride in (1, 2):
+            plan = _rule(batch, cin, cout, hw, groups=groups, threads=threads, stride=stride)
+            assert isinstance(plan, FormulationPlan)
+            assert all(part in FORMULATIONS for part in plan), plan
+
+
+def test_rule_branches():
+    # The measured branches (dynconv/native_rule.py): 1x1 -> im2col; 64 channels and grouped
+    # layers -> grouped; many channels and pixels -> per-sample forward and input gradient;
+    # a long reduction -> im2col weight gradient (and forward at few pixels); stride -> im2col
+    # input gradient.
+    assert _rule(4, 64, 128, (56, 56), kernel=(1, 1)) == ("im2col",) * 3
+    assert _rule(16, 64, 64, (14, 14)) == ("grouped",) * 3
+    assert _rule(4, 144, 144, (56, 56), groups=144) == ("grouped",) * 3
+    assert _rule(64, 128, 128, (16, 16)) == ("per_sample", "per_sample", "grouped")
+    assert _rule(16, 128, 128, (14, 14)) == ("grouped",) * 3
+    assert _rule(16, 256, 256, (14, 14)) == ("per_sample", "per_sample", "im2col")
+    assert _rule(4, 512, 512, (7, 7)) == ("im2col", "per_sample", "im2col")
+    assert _rule(4, 64, 128, (56, 56), stride=2) == ("grouped", "im2col", "grouped")
 
 
 def test_rule_follows_thread_count():
-    # One sample cannot occupy two threads through a grouped conv over samples.
-    args = (1, 64, 64, (14, 14), (3, 3), (14, 14), 1, torch.float32, False)
-    assert choose_formulation(*args, 2) == "per_sample"
-    assert choose_formulation(*args, 1) == "grouped"
+    # Per-sample convolutions parallelise within a sample: with 16 threads the 128-channel
+    # 16x16 layer has too little work per thread for them and stays grouped.
+    assert _rule(64, 128, 128, (16, 16), threads=1).forward == "per_sample"
+    assert _rule(64, 128, 128, (16, 16), threads=2).forward == "per_sample"
+    assert _rule(64, 128, 128, (16, 16), threads=16).forward == "grouped"
 
 
-def test_compiled_op_switches_formulation_with_dynamic_batch():
-    # fullgraph + dynamic shapes: the op is opaque, so the per-call choice (per_sample for a
-    # batch below the thread count, grouped above) happens at run time without a recompile.
-    # (Batches 2 and 3 with 3 threads: dynamo always specialises a size of 1.)
+def test_compiled_op_chooses_formulation_at_run_time():
+    # fullgraph + dynamic shapes: the op is opaque, so the formulation is chosen per call on
+    # concrete shapes (here forced differently for two batch sizes) without a recompile.
+    # (Batches 2 and 3: dynamo always specialises a size of 1.)
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
@@ -190,21 +227,17 @@ def test_compiled_op_switches_formulation_with_dynamic_batch():
         return dynamic_conv2d(*t, backend="native", **geometry)
 
     compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=True)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(3)
-        for batch in (2, 3):
-            tensors = (x[:batch].contiguous(memory_format=torch.channels_last), bank,
-                       routing[:batch], bias)
-            want_y, want_grads = _forward_backward(
-                lambda *t: reference_dynamic_conv2d(*t, **geometry), tensors
-            )
+    for batch, plan in ((2, "per_sample"), (3, ("im2col", "grouped", "im2col"))):
+        tensors = (x[:batch].contiguous(memory_format=torch.channels_last), bank,
+                   routing[:batch], bias)
+        want_y, want_grads = _forward_backward(
+            lambda *t: reference_dynamic_conv2d(*t, **geometry), tensors
+        )
+        with native.force_formulation(plan):
             got_y, got_grads = _forward_backward(compiled, tensors)
-            torch.testing.assert_close(got_y, want_y, rtol=1e-10, atol=1e-10)
-            for got, want in zip(got_grads, want_grads, strict=True):
-                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
-    finally:
-        torch.set_num_threads(threads)
+        torch.testing.assert_close(got_y, want_y, rtol=1e-10, atol=1e-10)
+        for got, want in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     assert counter.frame_count == 1
 
 
