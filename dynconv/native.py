@@ -7,13 +7,19 @@ trick under plain autograd it
   per-sample weights (B x |W|): those are recomputed chunk by chunk in backward;
 - processes the batch in chunks so that the temporaries that exist at any moment (mixed
   weights, their gradient, im2col patches) are bounded (see :func:`batch_chunk_size`);
-- picks, per shape and thread count, how each chunk is convolved (grouped convolution,
-  per-sample convolution or im2col + batched matmul: :mod:`dynconv.native_formulations`) with
-  a rule measured by ``python -m dynconv.autotune.cpu_formulations``
+- picks, per shape and thread count and separately for the forward, the input gradient and
+  the weight gradient, how each chunk is convolved (grouped convolution, per-sample
+  convolution or im2col + batched matmul: :mod:`dynconv.native_formulations`) with a rule
+  measured by ``python -m dynconv.autotune.cpu_formulations --parts``
   (:mod:`dynconv.native_rule`);
-- is a ``torch.library`` custom op, so ``torch.compile(fullgraph=True, dynamic=True)`` treats it
-  as one opaque node (Inductor cannot lower a convolution whose ``groups`` depends on a symbolic
-  batch size), and the choice above is made at run time on concrete shapes.
+- is a ``torch.library`` custom op under ``torch.compile``, so ``fullgraph=True,
+  dynamic=True`` treats it as one opaque node (Inductor cannot lower a convolution whose
+  ``groups`` depends on a symbolic batch size) and the choice above is made at run time on
+  concrete shapes; in eager mode the same implementation runs through a plain
+  ``autograd.Function``, without the custom op's dispatch cost;
+- keeps CPU temporaries off fresh pages where it can: the mixed weights live in a per-thread
+  workspace reused across calls, outputs are only allocated when a chunk's result cannot be
+  returned as it is, and chunks stay below glibc's mmap threshold (see LARGE_TEMPORARY_BYTES).
 """
 
 from __future__ import annotations

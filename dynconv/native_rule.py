@@ -11,22 +11,27 @@ reference machine, with 1 and with 2 threads:
 
 - ``grouped`` (one convolution over the whole chunk, the batch folded into groups) is the
   fastest part, or within noise of it, for every layer with 64 channels or fewer, every
-  depthwise/grouped layer, bf16 and channels_last, and every small spatial size (7x7, 8x8)
-  below 256 input channels;
+  depthwise/grouped layer, bf16 and channels_last, and small spatial sizes (7x7, 8x8) below
+  256 input channels (there the weight gradient as ``im2col`` won some runs and lost others,
+  e.g. 128 channels at 7x7, batch 16: 1.78 against 2.37 with one thread, 2.34 against 1.93
+  with two);
 - a 1x1 kernel is a batched matmul: ``im2col`` (whose patches are then a plain strided copy)
-  wins every part (0.4-0.8x the static conv against 1.2-1.9x for grouped);
-- with many channels and enough pixels, one ``F.conv2d`` per sample beats the grouped
-  convolution in the forward and the input gradient (128 channels at 16x16: 1.3-1.7 against
-  1.8-2.1; 256 at 14x14: 1.3-1.5 against 2.1-2.3; 512 at 7x7, input gradient: 1.9 against 3.8),
-  but not at 128 channels and 14x14 or less (1.5-1.7 against 1.4-1.5);
+  wins every part (0.4-0.7x the static conv against 1.1-1.9x for grouped);
+- with many channels, enough pixels and a batch of 16 or more, one ``F.conv2d`` per sample
+  beats the grouped convolution in the forward and the input gradient (128 channels at 16x16,
+  batch 64: 1.3-1.7 against 1.6-2.1; 256 at 14x14, batch 16: 1.3-1.5 against 2.0-2.3; 512 at
+  7x7, input gradient, batch 4 too: 1.8 against 1.9-3.9), but not at 128 channels and 14x14 or
+  less (1.7-2.3 against 1.3-1.5) nor for 256 channels at batch 4 (1.3-1.4 against 1.25-1.33);
 - with a long reduction (256 input channels or more at 3x3, i.e. Cin * kh * kw >= 2304) the
-  weight gradient is fastest as one batched matmul of the patches (``im2col``: 512 at 7x7: 2.5
-  against 3.7-5.0), and so is the forward when the output has few pixels (512 at 7x7: 1.4-1.6
-  against 1.6-3.9);
+  weight gradient is fastest as one batched matmul of the patches (``im2col``: 512 at 7x7: 1.3
+  against 3.0-4.9; 256 at 14x14: 1.1-1.9 against 1.2-2.6), and so is the forward when the
+  output has few pixels (512 at 7x7: 1.6 against 1.7-4.2);
 - a strided convolution's input gradient is slow as a grouped transposed convolution (64->128
-  stride 2 at 56x56: 1.3-1.5 against 1.0-1.2 for ``im2col``).
+  stride 2 at 56x56: 1.3-1.5 against 1.0-1.2 for ``im2col`` in the first runs; 1.45-1.53
+  against 1.14-1.59 in the runs kept in perf_reports: with two threads there it lost).
 
-The thread count changed none of these choices between 1 and 2 threads. Per-sample
+The 1- and 2-thread runs agree on these branches (single rows differ by up to ~15% either
+way, which is also how much a row moves between two runs here). Per-sample
 convolutions parallelise inside each sample, so with more threads than were measured the
 per-sample branch keeps at least the work per thread it had at 2 threads (an extrapolation:
 no machine with more cores was measured).
@@ -54,6 +59,12 @@ PER_SAMPLE_MIN_MACS_PER_2_THREADS = 32 * 2**20
 # Both operands of those convolutions need at least this many channels (64-channel layers of the
 # same work, e.g. 64 at 56x56, stayed faster grouped).
 PER_SAMPLE_MIN_CHANNELS = 128
+# ... and a batch of at least this many samples: a grouped convolution over a few samples was as
+# fast (256 channels at 14x14, batch 4: 1.25-1.33 against 1.30-1.39), except with 512 input
+# channels, where it stays slow at any batch (512 at 7x7, batch 4, input gradient: 1.9-3.9
+# against 1.8).
+PER_SAMPLE_MIN_BATCH = 16
+PER_SAMPLE_ANY_BATCH_CHANNELS = 512
 # Reduction length (Cin/g * kh * kw) from which the weight gradient is a batched matmul.
 IM2COL_MIN_REDUCTION = 256 * 9
 # Output pixels up to which a forward with such a reduction is a batched matmul too.
@@ -83,7 +94,8 @@ def choose_formulations(
     reduction = in_channels * kernel[0] * kernel[1]
     macs = out_channels * reduction * pixels
     if (min(in_channels, out_channels) >= PER_SAMPLE_MIN_CHANNELS
-            and macs >= PER_SAMPLE_MIN_MACS_PER_2_THREADS * max(2, threads) / 2):
+            and macs >= PER_SAMPLE_MIN_MACS_PER_2_THREADS * max(2, threads) / 2
+            and (batch >= PER_SAMPLE_MIN_BATCH or in_channels >= PER_SAMPLE_ANY_BATCH_CHANNELS)):
         forward = input_grad = "per_sample"
     if reduction >= IM2COL_MIN_REDUCTION:
         weight_grad = "im2col"

@@ -147,6 +147,52 @@ def test_saved_tensors_exclude_mixed_weights(formulation):
     y.sum().backward()
 
 
+def test_chunks_hold_k_samples_below_the_large_temporary_limit(monkeypatch):
+    # |W| = 6*4*3*3 = 216 float64 values = 1728 bytes; a budget of one sample's weights gives
+    # chunks of 1, raised to K = 4 samples, unless 4 samples pass LARGE_TEMPORARY_BYTES.
+    x, bank, routing, bias, geometry = _inputs((9, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 4, True))
+    args = (x, bank, [1, 1], [1, 1], [1, 1], 1)
+    monkeypatch.setattr(native, "MIXED_WEIGHT_BUDGET_BYTES", 1728)
+    assert native._plan(*args)[1] == 4
+    monkeypatch.setattr(native, "LARGE_TEMPORARY_BYTES", 2 * 1728)
+    assert native._plan(*args)[1] == 2
+    monkeypatch.setattr(native, "LARGE_TEMPORARY_BYTES", 1000)
+    assert native._plan(*args)[1] == 1
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_workspace_reuse_between_calls_keeps_results(formulation):
+    # The mixed weights of every call share one workspace: a second forward before the first
+    # backward must change neither the first output nor its gradients.
+    case = (5, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 3, True)
+    x, bank, routing, bias, geometry = _inputs(case)
+    x2, _, routing2, _, _ = _inputs(case, seed=7)
+    want_y, want_grads = _forward_backward(
+        lambda *t: reference_dynamic_conv2d(*t, **geometry), (x, bank, routing, bias)
+    )
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, bank, routing, bias)]
+    with native.force_formulation(formulation, chunk=2):
+        y = dynamic_conv2d(*leaves, backend="native", **geometry)
+        y_first = y.detach().clone()
+        dynamic_conv2d(x2, bank, routing2, bias, backend="native", **geometry)
+        torch.testing.assert_close(y.detach(), y_first, rtol=0, atol=0)
+        upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1),
+                               dtype=y.dtype)
+        y.backward(upstream)
+    torch.testing.assert_close(y_first, want_y, rtol=1e-10, atol=1e-10)
+    for leaf, want in zip(leaves, want_grads, strict=True):
+        torch.testing.assert_close(leaf.grad, want, rtol=1e-10, atol=1e-10)
+
+
+def test_double_backward_raises():
+    x, bank, routing, bias, geometry = _inputs(CASES[0])
+    x.requires_grad_(True)
+    y = dynamic_conv2d(x, bank, routing, bias, backend="native", **geometry)
+    (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.sum().backward()
+
+
 def test_only_requested_gradients_are_computed():
     x, bank, routing, bias, geometry = _inputs(CASES[0])
     want_y, want_grads = _forward_backward(
@@ -193,14 +239,15 @@ def test_rule_returns_a_formulation_per_part(shape, threads):
 def test_rule_branches():
     # The measured branches (dynconv/native_rule.py): 1x1 -> im2col; 64 channels and grouped
     # layers -> grouped; many channels and pixels -> per-sample forward and input gradient;
-    # a long reduction -> im2col weight gradient (and forward at few pixels); stride -> im2col
-    # input gradient.
+    # (from batch 16, or 512 channels); a long reduction -> im2col weight gradient (and forward
+    # at few pixels); stride -> im2col input gradient.
     assert _rule(4, 64, 128, (56, 56), kernel=(1, 1)) == ("im2col",) * 3
     assert _rule(16, 64, 64, (14, 14)) == ("grouped",) * 3
     assert _rule(4, 144, 144, (56, 56), groups=144) == ("grouped",) * 3
     assert _rule(64, 128, 128, (16, 16)) == ("per_sample", "per_sample", "grouped")
     assert _rule(16, 128, 128, (14, 14)) == ("grouped",) * 3
     assert _rule(16, 256, 256, (14, 14)) == ("per_sample", "per_sample", "im2col")
+    assert _rule(4, 256, 256, (14, 14)) == ("grouped", "grouped", "im2col")
     assert _rule(4, 512, 512, (7, 7)) == ("im2col", "per_sample", "im2col")
     assert _rule(4, 64, 128, (56, 56), stride=2) == ("grouped", "im2col", "grouped")
 
