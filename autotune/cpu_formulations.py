@@ -369,6 +369,34 @@ def markdown_table(path: str, mode: str = "fwd+bwd") -> str:
     return "\n".join(lines)
 
 
+def goal_summary(path: str, mode: str = "fwd+bwd") -> str:
+    """Issue 5's speed goals on a CSV of loop, grouped and auto: how many cases meet each."""
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["mode"] == mode]
+    cases: dict[tuple, dict[str, float]] = {}
+    for r in rows:
+        key = (r["shape"], r["batch"], r["experts"], r["dtype"], r["layout"], r["threads"])
+        cases.setdefault(key, {})[r["provider"]] = float(r["ratio"])
+    cases = {k: v for k, v in cases.items() if {"loop", "grouped", "auto"} <= set(v)}
+    losses = [(k, v) for k, v in cases.items() if v["auto"] > min(v["loop"], v["grouped"])]
+    lines = [
+        f"{mode}, {len(cases)} cases: auto at most the better baseline on "
+        f"{len(cases) - len(losses)}, at most 1.6x static on "
+        f"{sum(v['auto'] <= 1.6 for v in cases.values())}, at most 1.3x on "
+        f"{sum(v['auto'] <= 1.3 for v in cases.values())}; geometric mean auto "
+        f"{statistics.geometric_mean(v['auto'] for v in cases.values()):.2f}, grouped "
+        f"{statistics.geometric_mean(v['grouped'] for v in cases.values()):.2f}, loop "
+        f"{statistics.geometric_mean(v['loop'] for v in cases.values()):.2f}.",
+        "Cases where auto is slower than the better baseline:",
+    ]
+    for (shape, batch, k, dtype, layout, threads), v in losses:
+        best = min(v["loop"], v["grouped"])
+        lines.append(f"- B{batch} {shape} K{k} {dtype} {layout}, {threads} thread(s): "
+                     f"{v['auto']:.2f} against {best:.2f} "
+                     f"({100 * (v['auto'] / best - 1):.0f}% slower)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dynconv.autotune.cpu_formulations",
                                      description=__doc__.splitlines()[0])
@@ -402,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         for mode in [m for m in args.modes.split(",") if m]:
             print(f"\n{mode}: ratio to the static conv (median of interleaved rounds)\n")
             print(markdown_table(args.table, mode))
+            print("\n" + goal_summary(args.table, mode))
         return 0
     if args.memory_child is not None:
         print(json.dumps(memory_child(json.loads(args.memory_child))))

@@ -173,20 +173,22 @@ def forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation, 
     y = None
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)
-        a = routing[start:stop]
+        a = routing if chunk == batch else routing[start:stop]
         weights = torch.mm(a, bank_2d, out=mixed[: stop - start])
         weights = weights.view((stop - start,) + tuple(weight_bank.shape[1:]))
         bias = None if bias_bank is None else a @ bias_bank
         y_chunk = conv_forward(
-            plan.forward, x[start:stop], weights, bias, stride, padding, dilation, groups
+            plan.forward, x if chunk == batch else x[start:stop], weights, bias, stride, padding,
+            dilation, groups,
         )
         if y is None:
             # The output is allocated only when the single chunk's result cannot be returned
             # as it is: an unused allocation would push the real one onto fresh pages.
-            args = (x, weight_bank, routing, bias_bank, stride, padding, dilation, groups)
-            if chunk == batch and _same_layout(y_chunk, _native_forward_fake(*_on_meta(args))):
+            if chunk == batch and y_chunk.stride() == _dense_strides(
+                    y_chunk.shape, output_memory_format(x)):
                 return y_chunk
-            y = _native_forward_fake(*args)
+            y = _native_forward_fake(x, weight_bank, routing, bias_bank, stride, padding,
+                                     dilation, groups)
         y[start:stop] = y_chunk
     if y is None:  # empty batch
         y = _native_forward_fake(x, weight_bank, routing, bias_bank, stride, padding, dilation,
@@ -194,12 +196,14 @@ def forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation, 
     return y
 
 
-def _on_meta(args):
-    """The tensors of ``args`` as meta tensors (same shapes and strides, no memory)."""
-    return tuple(
-        torch.empty_strided(a.shape, a.stride(), dtype=a.dtype, device="meta")
-        if isinstance(a, torch.Tensor) else a for a in args
-    )
+def _dense_strides(shape, memory_format) -> tuple[int, ...]:
+    """Strides of ``torch.empty(shape, memory_format=memory_format)`` for a 4-d shape."""
+    order = (1, 3, 2, 0) if memory_format == torch.channels_last else (3, 2, 1, 0)
+    strides, step = [0] * 4, 1
+    for dim in order:
+        strides[dim] = step
+        step *= max(shape[dim], 1)
+    return tuple(strides)
 
 
 @torch.library.custom_op("dynconv::native_forward", mutates_args=())
@@ -267,34 +271,41 @@ def backward_impl(
             grad_bias)
     plan, chunk = _plan(x, weight_bank, stride, padding, dilation, groups)
     mixed = _mixed_weight_buffer(chunk, bank_2d) if need_x or need_weight else None
+    whole = chunk == batch
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)
         n = stop - start
-        a = routing[start:stop]
+        a = routing if whole else routing[start:stop]
+        a_t = a.t().to(acc_dtype) if low_precision else a.t()
+        grad_out_chunk = grad_out if whole else grad_out[start:stop]
         if need_x or need_weight:
             weights = torch.mm(a, bank_2d, out=mixed[:n]).view((n,) + tuple(weight_bank.shape[1:]))
             gx, gw = _chunk_backward(
-                plan, grad_out[start:stop], x[start:stop], weights, stride, padding, dilation,
-                groups, need_x, need_weight,
+                plan, grad_out_chunk, x if whole else x[start:stop], weights, stride, padding,
+                dilation, groups, need_x, need_weight,
             )
             if need_x:
                 if grad_x is None:
-                    single = chunk == batch and _same_layout(gx, torch.empty_like(x, device="meta"))
+                    single = whole and _same_layout(gx, torch.empty_like(x, device="meta"))
                     grad_x = gx if single else torch.empty_like(x)
                 if grad_x is not gx:
                     grad_x[start:stop] = gx
             if need_weight:
                 gw_2d = gw.reshape(n, -1)
                 if need_bank:
-                    _accumulate_mm(bank_acc, a.t().to(acc_dtype), gw_2d.to(acc_dtype), start)
+                    _accumulate_mm(
+                        bank_acc, a_t, gw_2d.to(acc_dtype) if low_precision else gw_2d, start
+                    )
                 if need_routing:
                     torch.mm(gw_2d, bank_2d.t(), out=grad_routing[start:stop])
         if bias_bank is not None and (need_bias or need_routing):
-            grad_b = grad_out[start:stop].sum(dim=(2, 3))
+            grad_b = grad_out_chunk.sum(dim=(2, 3))
             if need_bias:
-                _accumulate_mm(bias_acc, a.t().to(acc_dtype), grad_b.to(acc_dtype), start)
+                _accumulate_mm(
+                    bias_acc, a_t, grad_b.to(acc_dtype) if low_precision else grad_b, start
+                )
             if need_routing:
-                grad_routing[start:stop] += grad_b @ bias_bank.t()
+                grad_routing[start:stop].addmm_(grad_b, bias_bank.t())
     if need_bank and low_precision:
         grad_bank.copy_(bank_acc.view(weight_bank.shape))
     if need_bias and low_precision:
