@@ -6,7 +6,8 @@ trick under plain autograd it
 - saves only x, the routing weights and the parameters for backward, never the mixed
   per-sample weights (B x |W|): those are recomputed chunk by chunk in backward;
 - processes the batch in chunks so that the temporaries that exist at any moment (mixed
-  weights, their gradient, im2col patches) are bounded (see :func:`batch_chunk_size`);
+  weights, their gradient, im2col patches) are bounded: MIXED_WEIGHT_BUDGET_BYTES each, raised
+  to K samples per chunk up to LARGE_TEMPORARY_BYTES (see :func:`batch_chunk_size`, ``_plan``);
 - picks, per shape and thread count and separately for the forward, the input gradient and
   the weight gradient, how each chunk is convolved (grouped convolution, per-sample
   convolution or im2col + batched matmul: :mod:`dynconv.native_formulations`) with a rule
@@ -90,7 +91,8 @@ def batch_chunk_size(
     """Samples per chunk so that each per-chunk temporary fits MIXED_WEIGHT_BUDGET_BYTES.
 
     weight_numel is |W| (one sample's mixed weights); sample_temp_numel the size of the largest
-    other per-sample temporary of the formulation (e.g. im2col patches).
+    other per-sample temporary of the formulation (e.g. im2col patches). ``_plan`` may raise
+    the result to K samples, up to LARGE_TEMPORARY_BYTES per temporary.
     """
     per_sample = max(1, weight_numel, sample_temp_numel) * element_size
     return max(1, min(batch, MIXED_WEIGHT_BUDGET_BYTES // per_sample))
@@ -122,14 +124,16 @@ def _plan(x, weight_bank, stride, padding, dilation, groups) -> tuple[Formulatio
         if "im2col" in plan:
             temp = in_channels * kernel[0] * kernel[1] * out_h * out_w
         weight_numel = weight_bank[0].numel()
-        chunk = batch_chunk_size(batch, weight_numel, x.element_size(), temp)
+        # Low-precision weight gradients are converted to fp32 for the bank gradient sums.
+        element_size = max(x.element_size(), 4)
+        chunk = batch_chunk_size(batch, weight_numel, element_size, temp)
         # Every chunk reads the whole bank (mixing, twice with backward) and updates its
         # gradient: with at least K samples per chunk that traffic stays at most that of the
         # chunk's own mixed weights. Not past LARGE_TEMPORARY_BYTES, though: larger blocks come
         # fresh from the OS on every call, and their page faults cost more than re-reading
         # the bank.
         at_least_k = min(weight_bank.shape[0], max(
-            1, LARGE_TEMPORARY_BYTES // (max(weight_numel, temp) * x.element_size())))
+            1, LARGE_TEMPORARY_BYTES // (max(weight_numel, temp) * element_size)))
         chunk = max(chunk, at_least_k)
     return plan, max(1, min(chunk, batch))
 
@@ -141,22 +145,36 @@ def _mixed_weight_buffer(chunk: int, bank_2d: torch.Tensor) -> torch.Tensor:
     """A (chunk, |W|) buffer for the mixed weights of one chunk, reused by every chunk.
 
     On the CPU it is a per-thread workspace kept between calls (at most LARGE_TEMPORARY_BYTES
-    per dtype), because a buffer freed at the end of the forward and allocated again in the
-    backward comes back from the OS page by page: on the reference machine that cost as much as
-    the mixing itself (B4, 128 channels at 7x7: 8.3 vs 5.5 ms per forward+backward with glibc's
-    trimming disabled). Elsewhere (CUDA keeps its own cache) it is a plain allocation.
+    per dtype; :func:`clear_workspace` frees it), because a buffer freed at the end of the
+    forward and allocated again in the backward comes back from the OS page by page: on the
+    reference machine that cost as much as the mixing itself (B4, 128 channels at 7x7: 8.3 vs
+    5.5 ms per forward+backward with glibc's trimming disabled). Elsewhere (CUDA keeps its own
+    cache) it is a plain allocation, and so it is for tensor subclasses (fake tensors while
+    tracing).
     """
     shape = (chunk, bank_2d.shape[1])
-    nbytes = chunk * bank_2d.shape[1] * bank_2d.element_size()
-    if bank_2d.device.type != "cpu" or nbytes > LARGE_TEMPORARY_BYTES:
+    numel = chunk * bank_2d.shape[1]
+    if (bank_2d.device.type != "cpu" or type(bank_2d) is not torch.Tensor
+            or numel * bank_2d.element_size() > LARGE_TEMPORARY_BYTES):
         return bank_2d.new_empty(shape)
     buffers = getattr(_workspace, "buffers", None)
     if buffers is None:
         buffers = _workspace.buffers = {}
     buffer = buffers.get(bank_2d.dtype)
-    if buffer is None or buffer.numel() < shape[0] * shape[1]:
-        buffer = buffers[bank_2d.dtype] = bank_2d.new_empty(shape[0] * shape[1])
-    return buffer[: shape[0] * shape[1]].view(shape)
+    if buffer is None or buffer.numel() < numel:
+        # A normal tensor even if this first call runs under inference_mode, so that later
+        # calls outside it may write into it.
+        with torch.inference_mode(False):
+            buffer = bank_2d.new_empty(numel)
+        if type(buffer) is not torch.Tensor:  # a subclass made by an active mode
+            return buffer.view(shape)
+        buffers[bank_2d.dtype] = buffer
+    return buffer[:numel].view(shape)
+
+
+def clear_workspace() -> None:
+    """Free this thread's mixed-weight workspace of the native backend (it is rebuilt on use)."""
+    _workspace.buffers = {}
 
 
 def _same_layout(t: torch.Tensor, like: torch.Tensor) -> bool:
@@ -197,10 +215,13 @@ def forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation, 
 
 
 def _dense_strides(shape, memory_format) -> tuple[int, ...]:
-    """Strides of ``torch.empty(shape, memory_format=memory_format)`` for a 4-d shape."""
-    order = (1, 3, 2, 0) if memory_format == torch.channels_last else (3, 2, 1, 0)
+    """Strides of ``torch.empty(shape, memory_format=memory_format)`` for a 4-d shape (as c10
+    computes them: sizes of 0 count as 1 in contiguous strides, as they are in channels_last)."""
+    if memory_format == torch.channels_last:
+        n, c, h, w = shape
+        return (h * w * c, 1, w * c, c)
     strides, step = [0] * 4, 1
-    for dim in order:
+    for dim in (3, 2, 1, 0):
         strides[dim] = step
         step *= max(shape[dim], 1)
     return tuple(strides)

@@ -10,8 +10,9 @@ static ``F.conv2d`` (interleaved runs, median of the per-round ratios); the figu
 reference machine, with 1 and with 2 threads:
 
 - ``grouped`` (one convolution over the whole chunk, the batch folded into groups) is the
-  fastest part, or within noise of it, for every layer with 64 channels or fewer, every
-  depthwise/grouped layer, bf16 and channels_last, and small spatial sizes (7x7, 8x8) below
+  fastest part, or within noise of it, for every layer with 64 channels or fewer (including
+  the bf16 and channels_last variants measured, all at 64 channels), every depthwise/grouped
+  layer, and small spatial sizes (7x7, 8x8) below
   256 input channels (there the weight gradient as ``im2col`` won some runs and lost others,
   e.g. 128 channels at 7x7, batch 16: 1.78 against 2.37 with one thread, 2.34 against 1.93
   with two);
@@ -80,10 +81,10 @@ def choose_formulations(
     *out_hw).
 
     ``threads`` is ``torch.get_num_threads()`` at the call, ``stride`` the convolution's. The
-    batch size, dtype and memory format are part of the signature so that a measured
-    difference can be added here without changing callers; none of them changed a choice in
-    the measurements (at batch 1 the grouped and the per-sample formulations make the same
-    single call).
+    dtype and memory format are part of the signature so that a measured difference can be
+    added here without changing callers: bf16 and channels_last were only measured at 64
+    channels, so wider bf16 / channels_last layers follow the fp32 NCHW branches unmeasured.
+    (At batch 1 the grouped and the per-sample formulations make the same single call.)
     """
     if groups == 1 and tuple(kernel) == (1, 1):
         return FormulationPlan("im2col", "im2col", "im2col")

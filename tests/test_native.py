@@ -184,6 +184,44 @@ def test_workspace_reuse_between_calls_keeps_results(formulation):
         torch.testing.assert_close(leaf.grad, want, rtol=1e-10, atol=1e-10)
 
 
+def test_workspace_survives_inference_mode_and_fake_tensors():
+    # The workspace is made on the first call; that call may run under inference_mode or with
+    # fake tensors (shape tracing), and later ordinary calls must still work.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    case = (3, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 4, True)
+    x, bank, routing, bias, geometry = _inputs(case, dtype=torch.float32)
+    native.clear_workspace()
+    with torch.inference_mode():
+        dynamic_conv2d(x, bank, routing, bias, backend="native", **geometry)
+    native.clear_workspace()
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(t) for t in (x, bank, routing, bias)]
+        assert dynamic_conv2d(*fake, backend="native", **geometry).shape == (3, 6, 7, 6)
+    for _ in range(2):  # after each kind of first call, a training step
+        want_y, want_grads = _forward_backward(
+            lambda *t: reference_dynamic_conv2d(*t, **geometry), (x, bank, routing, bias)
+        )
+        got_y, got_grads = _forward_backward(
+            lambda *t: dynamic_conv2d(*t, backend="native", **geometry), (x, bank, routing, bias)
+        )
+        # float32 against float32, summation order only: a few ulps of values of order 1.
+        torch.testing.assert_close(got_y, want_y, rtol=1e-5, atol=1e-5)
+        for got, want in zip(got_grads, want_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        native.clear_workspace()
+        with torch.inference_mode():
+            dynamic_conv2d(x, bank, routing, bias, backend="native", **geometry)
+
+
+def test_low_precision_chunks_count_fp32_weight_gradients(monkeypatch):
+    # bf16 weight gradients are summed in fp32: the chunk budget counts 4 bytes per value.
+    x, bank, routing, bias, geometry = _inputs((9, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 1, True))
+    args = (x.to(torch.bfloat16), bank.to(torch.bfloat16), [1, 1], [1, 1], [1, 1], 1)
+    monkeypatch.setattr(native, "MIXED_WEIGHT_BUDGET_BYTES", 3 * 216 * 4)  # |W| = 216
+    assert native._plan(*args)[1] == 3
+
+
 def test_double_backward_raises():
     x, bank, routing, bias, geometry = _inputs(CASES[0])
     x.requires_grad_(True)
