@@ -177,8 +177,8 @@ def clear_workspace() -> None:
     _workspace.buffers = {}
 
 
-def _same_layout(t: torch.Tensor, like: torch.Tensor) -> bool:
-    return t.shape == like.shape and t.stride() == like.stride()
+def _is_dense(t: torch.Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
 
 
 def forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
@@ -307,7 +307,9 @@ def backward_impl(
             )
             if need_x:
                 if grad_x is None:
-                    single = whole and _same_layout(gx, torch.empty_like(x, device="meta"))
+                    # torch.empty_like keeps the strides of a dense x: gx can stand for it if
+                    # it has them.
+                    single = whole and gx.stride() == x.stride() and _is_dense(x)
                     grad_x = gx if single else torch.empty_like(x)
                 if grad_x is not gx:
                     grad_x[start:stop] = gx
