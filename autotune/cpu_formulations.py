@@ -132,6 +132,33 @@ def case_columns(case: Case) -> dict:
 CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
 
 
+def interleaved_timings(static_fn, fn, rounds: int, clock: str) -> dict:
+    """Time ``static_fn`` and ``fn`` alternately (one warm-up call each, then ``rounds`` rounds).
+
+    Returns the median times, the median of the per-round ratios fn / static_fn and the ratio
+    of the minimums: the columns every CSV of this module shares.
+    """
+    now = CLOCKS[clock]
+
+    def _timed(f) -> float:
+        start = now()
+        f()
+        return now() - start
+
+    static_fn()
+    fn()
+    times, static_times = [], []
+    for _ in range(rounds):
+        static_times.append(_timed(static_fn))
+        times.append(_timed(fn))
+    return {
+        "time_ms": 1e3 * statistics.median(times),
+        "static_ms": 1e3 * statistics.median(static_times),
+        "ratio": statistics.median([t / s for t, s in zip(times, static_times, strict=True)]),
+        "ratio_of_mins": min(times) / min(static_times),
+    }
+
+
 def measure(case: Case, providers: list[str], threads: int, rounds: int, modes,
             clock: str = "wall") -> list[dict]:
     """Rows of one case: median ratio to the static conv, interleaved run by run.
@@ -140,13 +167,6 @@ def measure(case: Case, providers: list[str], threads: int, rounds: int, modes,
     does not count the time other processes hold the core (a shared machine), with more it also
     counts OpenMP threads waiting at barriers.
     """
-    now = CLOCKS[clock]
-
-    def _timed(fn) -> float:
-        start = now()
-        fn()
-        return now() - start
-
     torch.set_num_threads(threads)
     tensors = make_inputs(case, "cpu")
     static_forward, static_leaves = forward_fn("static", case, tensors)
@@ -156,20 +176,9 @@ def measure(case: Case, providers: list[str], threads: int, rounds: int, modes,
         for provider in providers:
             forward, leaves = provider_forward(provider, case, tensors)
             fn = mode_fn(mode, forward, leaves)
-            static_fn()
-            fn()
-            times, static_times = [], []
-            for _ in range(rounds):
-                static_times.append(_timed(static_fn))
-                times.append(_timed(fn))
-            ratios = [t / s for t, s in zip(times, static_times, strict=True)]
             rows.append({
                 **case_columns(case), "threads": threads, "clock": clock, "provider": provider,
-                "mode": mode,
-                "time_ms": 1e3 * statistics.median(times),
-                "static_ms": 1e3 * statistics.median(static_times),
-                "ratio": statistics.median(ratios),
-                "ratio_of_mins": min(times) / min(static_times),
+                "mode": mode, **interleaved_timings(static_fn, fn, rounds, clock),
                 "rule": "/".join(rule_choice(case, threads)),
             })
     return rows
@@ -190,13 +199,6 @@ def measure_parts(case: Case, threads: int, rounds: int, clock: str = "wall") ->
     requested), interleaved run by run. These rows are the evidence of
     :mod:`dynconv.native_rule`, which picks a formulation per part.
     """
-    now = CLOCKS[clock]
-
-    def _timed(fn) -> float:
-        start = now()
-        fn()
-        return now() - start
-
     torch.set_num_threads(threads)
     t = make_inputs(case, "cpu")
     s = case.shape
@@ -223,19 +225,10 @@ def measure_parts(case: Case, threads: int, rounds: int, clock: str = "wall") ->
         static_fn = static_part(part)
         for formulation in FORMULATIONS:
             fn = dynamic_part(part, formulation)
-            static_fn()
-            fn()
-            times, static_times = [], []
-            for _ in range(rounds):
-                static_times.append(_timed(static_fn))
-                times.append(_timed(fn))
             rows.append({
                 **case_columns(case), "threads": threads, "clock": clock,
                 "formulation": formulation, "part": part,
-                "time_ms": 1e3 * statistics.median(times),
-                "static_ms": 1e3 * statistics.median(static_times),
-                "ratio": statistics.median(
-                    [a / b for a, b in zip(times, static_times, strict=True)]),
+                **interleaved_timings(static_fn, fn, rounds, clock),
                 "rule": rule_choice(case, threads)[PARTS.index(part)],
             })
     return rows
