@@ -1,0 +1,72 @@
+"""The native path's benchmark (``python -m dynconv.autotune.cpu_formulations``) on a tiny case:
+provider names, the per-part measurement behind the rule, the tables and the goal summary."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from dynconv.autotune import cpu_formulations as cf
+from dynconv.autotune.bench import Case
+from dynconv.autotune.shapes import ConvShape
+
+TINY = Case("test", ConvShape("tiny", 4, 6, 7, 7, 3, 3, 1, 1), batch=2, experts=3)
+
+
+def test_parse_provider():
+    assert cf.parse_provider("grouped") == ("grouped", None, None)
+    assert cf.parse_provider("auto") == ("auto", None, None)
+    assert cf.parse_provider("native:im2col@3") == ("native", ("im2col",) * 3, 3)
+    assert cf.parse_provider("native:per_sample/im2col/grouped") == (
+        "native", ("per_sample", "im2col", "grouped"), None)
+    for bad in ("native:fft", "native:grouped/im2col", "native:grouped@x", "static:grouped"):
+        with pytest.raises(ValueError, match="provider"):
+            cf.parse_provider(bad)
+
+
+def test_measure_parts_rows_and_table(tmp_path):
+    rows = cf.measure_parts(TINY, threads=1, rounds=2)
+    # One row per part and formulation, each with a positive ratio and the rule's choice.
+    assert {(r["part"], r["formulation"]) for r in rows} == {
+        (p, f) for p in cf.PARTS for f in cf.FORMULATIONS}
+    plan = cf.rule_choice(TINY, 1)
+    for r in rows:
+        assert r["ratio"] > 0 and r["time_ms"] > 0
+        assert r["rule"] == plan[cf.PARTS.index(r["part"])]
+    path = tmp_path / "parts.csv"
+    cf._write_csv(str(path), rows)
+    table = cf.parts_markdown_table(str(path)).splitlines()
+    assert len(table) == 3 and "fwd grouped" in table[0] and table[2].count("|") == 19
+
+
+def _write_provider_rows(path, ratios):
+    rows = []
+    for (batch, provider), ratio in ratios.items():
+        rows.append({**cf.case_columns(Case("t", TINY.shape, batch=batch)), "threads": 1,
+                     "clock": "wall", "provider": provider, "mode": "fwd+bwd",
+                     "time_ms": 1.0, "static_ms": 1.0, "ratio": ratio, "ratio_of_mins": ratio,
+                     "rule": "grouped/grouped/grouped"})
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_goal_summary_counts_wins_and_losses(tmp_path):
+    path = tmp_path / "providers.csv"
+    _write_provider_rows(path, {
+        (2, "loop"): 2.0, (2, "grouped"): 1.5, (2, "auto"): 1.2,  # a win, <= 1.3
+        (4, "loop"): 3.0, (4, "grouped"): 1.4, (4, "auto"): 1.7,  # a loss, > 1.6
+    })
+    summary = cf.goal_summary(str(path))
+    assert "2 cases: auto at most the better baseline on 1, at most 1.6x static on 1, " \
+           "at most 1.3x on 1" in summary
+    assert "B4 4->6 k3 s1 @7 K4 fp32 nchw, 1 thread(s): 1.70 against 1.40 (21% slower)" in summary
+    assert "B2 " not in summary.split("baseline:")[1]
+
+
+def test_measure_provider_rows():
+    rows = cf.measure(TINY, ["grouped", "native:per_sample"], threads=1, rounds=2,
+                      modes=["fwd"])
+    assert [r["provider"] for r in rows] == ["grouped", "native:per_sample"]
+    assert all(r["ratio"] > 0 and r["mode"] == "fwd" for r in rows)
