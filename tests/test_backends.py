@@ -3,7 +3,7 @@ of x, the kernel bank, the bias bank and the routing weights."""
 
 import pytest
 import torch
-from loop_reference import reference_dynamic_conv2d
+from loop_reference import case_id, case_inputs, reference_dynamic_conv2d
 
 from dynconv import dynamic_conv2d
 
@@ -24,24 +24,6 @@ CASES = [
 ]
 
 
-def _case_id(case):
-    b, cin, cout, h, w, k, s, p, d, g, n, bias = case
-    return f"B{b}-{cin}to{cout}-{h}x{w}-k{k[0]}x{k[1]}-s{s}-p{p}-d{d}-g{g}-K{n}-bias{int(bias)}"
-
-
-def _make_inputs(case, dtype=torch.float64, seed=0):
-    b, cin, cout, h, w, k, s, p, d, g, n, bias = case
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, cin, h, w, generator=gen, dtype=dtype)
-    bank = (
-        torch.randn(n, cout, cin // g, *k, generator=gen, dtype=dtype)
-        / (cin // g * k[0] * k[1]) ** 0.5
-    )
-    routing = torch.softmax(torch.randn(b, n, generator=gen, dtype=dtype), dim=1)
-    bias_bank = torch.randn(n, cout, generator=gen, dtype=dtype) if bias else None
-    return x, bank, routing, bias_bank, dict(stride=s, padding=p, dilation=d, groups=g)
-
-
 def _forward_and_grads(fn, x, bank, routing, bias_bank, upstream):
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, bank, routing)]
     bias_leaf = None if bias_bank is None else bias_bank.detach().clone().requires_grad_(True)
@@ -52,9 +34,9 @@ def _forward_and_grads(fn, x, bank, routing, bias_bank, upstream):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_forward_and_gradients_match_float64_reference(backend, case):
-    x64, bank64, routing64, bias64, geometry = _make_inputs(case)
+    x64, bank64, routing64, bias64, geometry = case_inputs(case)
     upstream64 = None
 
     def reference(x, bank, routing, bias):
@@ -87,7 +69,7 @@ def test_forward_and_gradients_match_float64_reference(backend, case):
 @pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
 def test_strided_inputs(backend, layout):
     case = (3, 4, 6, 7, 9, (3, 3), 1, 1, 1, 2, 3, True)
-    x64, bank64, routing64, bias64, geometry = _make_inputs(case)
+    x64, bank64, routing64, bias64, geometry = case_inputs(case)
     y_ref = reference_dynamic_conv2d(x64, bank64, routing64, bias64, **geometry)
     if layout == "channels_last":
         x = x64.float().contiguous(memory_format=torch.channels_last)
@@ -109,7 +91,7 @@ def test_strided_inputs(backend, layout):
 
 @pytest.mark.parametrize("backend", ["native", "auto"])
 def test_output_memory_format_follows_input(backend):
-    x, bank, routing, bias, geometry = _make_inputs((2, 4, 6, 5, 5, (3, 3), 1, 1, 1, 1, 2, True))
+    x, bank, routing, bias, geometry = case_inputs((2, 4, 6, 5, 5, (3, 3), 1, 1, 1, 1, 2, True))
     y = dynamic_conv2d(
         x.contiguous(memory_format=torch.channels_last),
         bank,
@@ -125,7 +107,7 @@ def test_output_memory_format_follows_input(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
     case = (2, 4, 4, 4, 5, (3, 2), 2, 1, (1, 2), 2, 3, True)
-    x, bank, routing, bias, geometry = _make_inputs(case)
+    x, bank, routing, bias, geometry = case_inputs(case)
     inputs = tuple(t.clone().requires_grad_(True) for t in (x, bank, routing, bias))
 
     def fn(x, bank, routing, bias):
@@ -137,7 +119,7 @@ def test_gradcheck_float64(backend):
 def test_backends_agree_on_half_precision():
     # bf16 on CPU: every backend against the fp32 result; tolerance from bf16's 8-bit mantissa
     # (relative step 2**-8 ~ 4e-3) over sums of ~36 products.
-    x, bank, routing, bias, geometry = _make_inputs((2, 4, 6, 6, 6, (3, 3), 1, 1, 1, 1, 3, True))
+    x, bank, routing, bias, geometry = case_inputs((2, 4, 6, 6, 6, (3, 3), 1, 1, 1, 1, 3, True))
     want = reference_dynamic_conv2d(x, bank, routing, bias, **geometry).float()
     for backend in BACKENDS:
         got = dynamic_conv2d(
@@ -150,7 +132,7 @@ def test_backends_agree_on_half_precision():
 def test_native_processes_large_batches_in_chunks(monkeypatch):
     from dynconv import native
 
-    x, bank, routing, bias, geometry = _make_inputs((7, 3, 4, 5, 5, (3, 3), 1, 1, 1, 1, 2, True))
+    x, bank, routing, bias, geometry = case_inputs((7, 3, 4, 5, 5, (3, 3), 1, 1, 1, 1, 2, True))
     weight_bytes = bank[0].numel() * x.element_size()
     monkeypatch.setattr(native, "MIXED_WEIGHT_BUDGET_BYTES", 3 * weight_bytes)  # chunks 3, 3, 1
     assert native.batch_chunk_size(7, bank[0].numel(), x.element_size()) == 3

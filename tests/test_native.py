@@ -4,7 +4,7 @@ boundaries, what autograd saves, channels_last, and the selection rule's contrac
 
 import pytest
 import torch
-from loop_reference import reference_dynamic_conv2d
+from loop_reference import case_id, case_inputs, reference_dynamic_conv2d
 
 from dynconv import dynamic_conv2d, native
 from dynconv.native_formulations import FORMULATIONS
@@ -21,22 +21,6 @@ CASES = [
 ]
 
 
-def _case_id(case):
-    b, cin, cout, h, w, k, s, p, d, g, n, bias = case
-    return f"B{b}-{cin}to{cout}-{h}x{w}-k{k[0]}x{k[1]}-s{s}-p{p}-d{d}-g{g}-K{n}-b{int(bias)}"
-
-
-def _inputs(case, dtype=torch.float64, seed=0):
-    b, cin, cout, h, w, k, s, p, d, g, n, bias = case
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, cin, h, w, generator=gen, dtype=dtype)
-    bank = torch.randn(n, cout, cin // g, *k, generator=gen, dtype=dtype)
-    bank /= (cin // g * k[0] * k[1]) ** 0.5
-    routing = torch.softmax(torch.randn(b, n, generator=gen, dtype=dtype), dim=1)
-    bias_bank = torch.randn(n, cout, generator=gen, dtype=dtype) if bias else None
-    return x, bank, routing, bias_bank, dict(stride=s, padding=p, dilation=d, groups=g)
-
-
 def _forward_backward(fn, tensors, upstream_seed=1):
     leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
     y = fn(*leaves)
@@ -47,7 +31,7 @@ def _forward_backward(fn, tensors, upstream_seed=1):
 
 
 def _check_against_reference(case, formulation, chunk=None, channels_last=False):
-    x, bank, routing, bias, geometry = _inputs(case)
+    x, bank, routing, bias, geometry = case_inputs(case)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     want_y, want_grads = _forward_backward(
@@ -77,13 +61,13 @@ MIXED_PLANS = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("formulation", FORMULATIONS)
 def test_formulation_matches_float64_loop(formulation, case):
     _check_against_reference(case, formulation)
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("plan", MIXED_PLANS, ids="/".join)
 def test_mixed_plan_matches_float64_loop(plan, case):
     _check_against_reference(case, plan, chunk=2)
@@ -112,7 +96,7 @@ def test_budget_sets_chunk_size(monkeypatch):
 
 @pytest.mark.parametrize("formulation", FORMULATIONS)
 def test_gradcheck_float64(formulation):
-    x, bank, routing, bias, geometry = _inputs((3, 2, 2, 4, 4, (3, 3), 1, 1, 1, 1, 2, True))
+    x, bank, routing, bias, geometry = case_inputs((3, 2, 2, 4, 4, (3, 3), 1, 1, 1, 1, 2, True))
     leaves = tuple(t.requires_grad_(True) for t in (x, bank, routing, bias))
 
     def fn(*t):
@@ -127,7 +111,7 @@ def test_gradcheck_float64(formulation):
 def test_saved_tensors_exclude_mixed_weights(formulation):
     batch, cin, cout, k = 6, 4, 5, 3
     case = (batch, cin, cout, 6, 6, (k, k), 1, 1, 1, 1, 3, True)
-    x, bank, routing, bias, geometry = _inputs(case)
+    x, bank, routing, bias, geometry = case_inputs(case)
     leaves = [t.requires_grad_(True) for t in (x, bank, routing, bias)]
     saved = []
 
@@ -150,7 +134,7 @@ def test_saved_tensors_exclude_mixed_weights(formulation):
 def test_chunks_hold_k_samples_below_the_large_temporary_limit(monkeypatch):
     # |W| = 6*4*3*3 = 216 float64 values = 1728 bytes; a budget of one sample's weights gives
     # chunks of 1, raised to K = 4 samples, unless 4 samples pass LARGE_TEMPORARY_BYTES.
-    x, bank, routing, bias, geometry = _inputs((9, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 4, True))
+    x, bank, routing, bias, geometry = case_inputs((9, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 4, True))
     args = (x, bank, [1, 1], [1, 1], [1, 1], 1)
     monkeypatch.setattr(native, "MIXED_WEIGHT_BUDGET_BYTES", 1728)
     assert native._plan(*args)[1] == 4
@@ -165,8 +149,8 @@ def test_workspace_reuse_between_calls_keeps_results(formulation):
     # The mixed weights of every call share one workspace: a second forward before the first
     # backward must change neither the first output nor its gradients.
     case = (5, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 3, True)
-    x, bank, routing, bias, geometry = _inputs(case)
-    x2, _, routing2, _, _ = _inputs(case, seed=7)
+    x, bank, routing, bias, geometry = case_inputs(case)
+    x2, _, routing2, _, _ = case_inputs(case, seed=7)
     want_y, want_grads = _forward_backward(
         lambda *t: reference_dynamic_conv2d(*t, **geometry), (x, bank, routing, bias)
     )
@@ -190,7 +174,7 @@ def test_workspace_survives_inference_mode_and_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     case = (3, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 4, True)
-    x, bank, routing, bias, geometry = _inputs(case, dtype=torch.float32)
+    x, bank, routing, bias, geometry = case_inputs(case, dtype=torch.float32)
     native.clear_workspace()
     with torch.inference_mode():
         dynamic_conv2d(x, bank, routing, bias, backend="native", **geometry)
@@ -216,14 +200,14 @@ def test_workspace_survives_inference_mode_and_fake_tensors():
 
 def test_low_precision_chunks_count_fp32_weight_gradients(monkeypatch):
     # bf16 weight gradients are summed in fp32: the chunk budget counts 4 bytes per value.
-    x, bank, routing, bias, geometry = _inputs((9, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 1, True))
+    x, bank, routing, bias, geometry = case_inputs((9, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 1, True))
     args = (x.to(torch.bfloat16), bank.to(torch.bfloat16), [1, 1], [1, 1], [1, 1], 1)
     monkeypatch.setattr(native, "MIXED_WEIGHT_BUDGET_BYTES", 3 * 216 * 4)  # |W| = 216
     assert native._plan(*args)[1] == 3
 
 
 def test_double_backward_raises():
-    x, bank, routing, bias, geometry = _inputs(CASES[0])
+    x, bank, routing, bias, geometry = case_inputs(CASES[0])
     x.requires_grad_(True)
     y = dynamic_conv2d(x, bank, routing, bias, backend="native", **geometry)
     (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
@@ -232,7 +216,7 @@ def test_double_backward_raises():
 
 
 def test_only_requested_gradients_are_computed():
-    x, bank, routing, bias, geometry = _inputs(CASES[0])
+    x, bank, routing, bias, geometry = case_inputs(CASES[0])
     want_y, want_grads = _forward_backward(
         lambda *t: reference_dynamic_conv2d(*t, **geometry), (x, bank, routing, bias)
     )
@@ -306,7 +290,7 @@ def test_compiled_op_chooses_formulation_at_run_time():
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
-    x, bank, routing, bias, geometry = _inputs(CASES[0])
+    x, bank, routing, bias, geometry = case_inputs(CASES[0])
 
     def fn(*t):
         return dynamic_conv2d(*t, backend="native", **geometry)
@@ -328,7 +312,7 @@ def test_compiled_op_chooses_formulation_at_run_time():
 
 @pytest.mark.parametrize("formulation", FORMULATIONS)
 def test_empty_batch(formulation):
-    x, bank, routing, bias, geometry = _inputs(CASES[0])
+    x, bank, routing, bias, geometry = case_inputs(CASES[0])
     leaves = [t[:0].clone() if t.shape[0] == x.shape[0] and t is not bank else t.clone()
               for t in (x, bank, routing, bias)]
     leaves = [t.requires_grad_(True) for t in leaves]
