@@ -75,6 +75,14 @@ def case_set(name: str) -> list[Case]:
     raise ValueError(f"--set must be one of issue, quick, all; got {name!r}")
 
 
+def selected_cases(name: str, label_filter: str = ""):
+    """(label, case) of the cases of set ``name`` whose label contains ``label_filter``."""
+    for case in case_set(name):
+        label = f"B{case.batch} {case.shape.label()} K{case.experts} {case.dtype} {case.layout}"
+        if label_filter in label:
+            yield label, case
+
+
 def parse_provider(provider: str) -> tuple[str, tuple[str, ...] | None, int | None]:
     """``loop`` / ``grouped`` / ``auto`` / ``native:<formulation>[@chunk]`` -> parts.
 
@@ -448,10 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.parts:
         rows = []
-        for case in case_set(args.set):
-            label = f"B{case.batch} {case.shape.label()} K{case.experts} {case.dtype} {case.layout}"
-            if args.filter and args.filter not in label:
-                continue
+        for label, case in selected_cases(args.set, args.filter):
             for t in threads:
                 case_rows = measure_parts(case, t, args.rounds, args.clock)
                 rows += case_rows
@@ -462,10 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     modes = [m for m in args.modes.split(",") if m]
     rows = []
-    for case in case_set(args.set):
-        label = f"B{case.batch} {case.shape.label()} K{case.experts} {case.dtype} {case.layout}"
-        if args.filter and args.filter not in label:
-            continue
+    for label, case in selected_cases(args.set, args.filter):
         for t in threads:
             case_rows = measure(case, providers, t, args.rounds, modes, args.clock)
             rows += case_rows
