@@ -34,9 +34,11 @@ from .native_formulations import FORMULATIONS, conv_backward, conv_forward
 from .native_rule import FormulationPlan, choose_formulations
 from .op_autograd import (
     call_forward,
+    define_custom_ops,
     eager_autograd_function,
     fake_backward_outputs,
-    register_autograd,
+    forward_output,
+    output_memory_format,
 )
 from .validation import ConvGeometry, output_hw
 
@@ -96,15 +98,6 @@ def batch_chunk_size(
     """
     per_sample = max(1, weight_numel, sample_temp_numel) * element_size
     return max(1, min(batch, MIXED_WEIGHT_BUDGET_BYTES // per_sample))
-
-
-def output_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x is channels_last (and not also plain contiguous), else contiguous."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _plan(x, weight_bank, stride, padding, dilation, groups) -> tuple[FormulationPlan, int]:
@@ -205,12 +198,10 @@ def forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation, 
             if chunk == batch and y_chunk.stride() == _dense_strides(
                     y_chunk.shape, output_memory_format(x)):
                 return y_chunk
-            y = _native_forward_fake(x, weight_bank, routing, bias_bank, stride, padding,
-                                     dilation, groups)
+            y = forward_output(x, weight_bank, stride, padding, dilation)
         y[start:stop] = y_chunk
     if y is None:  # empty batch
-        y = _native_forward_fake(x, weight_bank, routing, bias_bank, stride, padding, dilation,
-                                 groups)
+        y = forward_output(x, weight_bank, stride, padding, dilation)
     return y
 
 
@@ -225,32 +216,6 @@ def _dense_strides(shape, memory_format) -> tuple[int, ...]:
         strides[dim] = step
         step *= max(shape[dim], 1)
     return tuple(strides)
-
-
-@torch.library.custom_op("dynconv::native_forward", mutates_args=())
-def native_forward(
-    x: torch.Tensor,
-    weight_bank: torch.Tensor,
-    routing: torch.Tensor,
-    bias_bank: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-) -> torch.Tensor:
-    """y (B, Cout, Ho, Wo): :func:`forward_impl` as a custom op (for torch.compile)."""
-    return forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups)
-
-
-@native_forward.register_fake
-def _native_forward_fake(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
-    height_out, width_out = output_hw(
-        x.shape[2:], weight_bank.shape[3:], stride, padding, dilation
-    )
-    return torch.empty(
-        (x.shape[0], weight_bank.shape[1], height_out, width_out), dtype=x.dtype,
-        device=x.device, memory_format=output_memory_format(x),
-    )
 
 
 def backward_impl(
@@ -273,9 +238,8 @@ def backward_impl(
     # Outputs of a custom op may not alias each other: each unrequested gradient gets its own
     # empty tensor. grad_x is allocated only if the chunks' results cannot be returned as they
     # are (see forward_impl).
-    _, grad_bank, grad_routing, grad_bias = _native_backward_fake(
-        grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
-        [False, need_bank, need_routing, need_bias],
+    _, grad_bank, grad_routing, grad_bias = fake_backward_outputs(
+        x, weight_bank, routing, bias_bank, [False, need_bank, need_routing, need_bias]
     )
     grad_x = None if need_x and batch > 0 else (torch.empty_like(x) if need_x else x.new_empty(0))
     if batch == 0:  # no chunk runs: the bank gradients are exact zeros
@@ -360,34 +324,7 @@ def _accumulate_mm(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, s
         out.addmm_(left, right)
 
 
-@torch.library.custom_op("dynconv::native_backward", mutates_args=())
-def native_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weight_bank: torch.Tensor,
-    routing: torch.Tensor,
-    bias_bank: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    output_mask: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_x, grad_bank, grad_routing, grad_bias): :func:`backward_impl` as a custom op."""
-    return backward_impl(
-        grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
-        output_mask,
-    )
-
-
-@native_backward.register_fake
-def _native_backward_fake(
-    grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, output_mask
-):
-    return fake_backward_outputs(x, weight_bank, routing, bias_bank, output_mask)
-
-
-register_autograd(native_forward, native_backward)
+native_forward, native_backward = define_custom_ops("native", forward_impl, backward_impl)
 _EagerNativeConv = eager_autograd_function("EagerNativeConv", forward_impl, backward_impl)
 
 

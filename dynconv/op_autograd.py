@@ -1,9 +1,10 @@
-"""What the ``native`` and ``triton`` custom ops share: the fake backward and the autograd glue.
+"""What the ``native`` and ``triton`` custom ops share: their definition, fakes and autograd glue.
 
-Both backends register a forward op ``(x, weight_bank, routing, bias_bank, stride, padding,
-dilation, groups) -> y`` and a backward op that also takes ``grad_out`` (first) and an
-``output_mask`` (last) and returns (grad_x, grad_bank, grad_routing, grad_bias), an unrequested
-gradient being an empty tensor of its own (outputs of a custom op may not alias each other).
+Both backends register (:func:`define_custom_ops`) a forward op ``(x, weight_bank, routing,
+bias_bank, stride, padding, dilation, groups) -> y`` and a backward op that also takes
+``grad_out`` (first) and an ``output_mask`` (last) and returns (grad_x, grad_bank,
+grad_routing, grad_bias), an unrequested gradient being an empty tensor of its own (outputs of
+a custom op may not alias each other).
 Autograd saves x, the bank, the routing weights and the bias bank: never the mixed weights.
 """
 
@@ -11,7 +12,26 @@ from __future__ import annotations
 
 import torch
 
-from .validation import ConvGeometry
+from .validation import ConvGeometry, output_hw
+
+
+def output_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when x is channels_last (and not also plain contiguous), else contiguous."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def forward_output(x, weight_bank, stride, padding, dilation) -> torch.Tensor:
+    """An empty y (B, Cout, Ho, Wo) in x's dtype and memory format: the fake result of a
+    forward op, and the output buffer a forward fills when it cannot return its result as is."""
+    height_out, width_out = output_hw(x.shape[2:], weight_bank.shape[3:], stride, padding, dilation)
+    return torch.empty(
+        (x.shape[0], weight_bank.shape[1], height_out, width_out), dtype=x.dtype,
+        device=x.device, memory_format=output_memory_format(x),
+    )
 
 
 def fake_backward_outputs(x, weight_bank, routing, bias_bank, output_mask):
@@ -43,6 +63,52 @@ def _backward_through(backward_op, ctx, grad_out):
     grads = backward_op(grad_out, x, weight_bank, routing, bias_bank, *ctx.geometry, mask)
     needed = mask[:3] + [mask[3] and bias_bank is not None]
     return tuple(g if need else None for g, need in zip(grads, needed)) + (None,) * 4
+
+
+def define_custom_ops(backend: str, forward_impl, backward_impl) -> tuple:
+    """(forward op, backward op): ``dynconv::<backend>_forward`` / ``_backward`` custom ops that
+    call the implementations, with their fakes and the autograd formula registered."""
+
+    def forward(
+        x: torch.Tensor,
+        weight_bank: torch.Tensor,
+        routing: torch.Tensor,
+        bias_bank: torch.Tensor | None,
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        groups: int,
+    ) -> torch.Tensor:
+        return forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups)
+
+    def backward(
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        weight_bank: torch.Tensor,
+        routing: torch.Tensor,
+        bias_bank: torch.Tensor | None,
+        stride: list[int],
+        padding: list[int],
+        dilation: list[int],
+        groups: int,
+        output_mask: list[bool],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return backward_impl(grad_out, x, weight_bank, routing, bias_bank, stride, padding,
+                             dilation, groups, output_mask)
+
+    forward_op = torch.library.custom_op(f"dynconv::{backend}_forward", forward, mutates_args=())
+    backward_op = torch.library.custom_op(f"dynconv::{backend}_backward", backward,
+                                          mutates_args=())
+    forward_op.register_fake(
+        lambda x, weight_bank, routing, bias_bank, stride, padding, dilation, groups:
+        forward_output(x, weight_bank, stride, padding, dilation)
+    )
+    backward_op.register_fake(
+        lambda grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
+        output_mask: fake_backward_outputs(x, weight_bank, routing, bias_bank, output_mask)
+    )
+    register_autograd(forward_op, backward_op)
+    return forward_op, backward_op
 
 
 def register_autograd(forward_op, backward_op) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .functional import triton_interpreter_enabled
-from .native import output_memory_format
+from .op_autograd import output_memory_format
 from .validation import output_hw
 
 STRATEGIES = ("auto", "premix", "fused")

@@ -21,29 +21,18 @@ from __future__ import annotations
 import torch
 
 from .functional import triton_interpreter_enabled
-from .native import output_memory_format
-from .op_autograd import call_forward, fake_backward_outputs, register_autograd
-from .validation import ConvGeometry, output_hw
+from .op_autograd import call_forward, define_custom_ops
+from .validation import ConvGeometry
 
 
 def _interpreter(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and triton_interpreter_enabled()
 
 
-@torch.library.custom_op("dynconv::triton_forward", mutates_args=())
-def triton_forward(
-    x: torch.Tensor,
-    weight_bank: torch.Tensor,
-    routing: torch.Tensor,
-    bias_bank: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-) -> torch.Tensor:
+def _forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
     """y (B, Cout, Ho, Wo) from x (B, Cin, H, W), bank (K, Cout, Cin/g, kh, kw), routing (B, K).
 
-    y is channels_last when x is (:func:`dynconv.native.output_memory_format`).
+    y is channels_last when x is (:func:`dynconv.op_autograd.output_memory_format`).
     """
     from .triton_backend import triton_forward_impl
 
@@ -51,26 +40,9 @@ def triton_forward(
                                groups)
 
 
-@triton_forward.register_fake
-def _triton_forward_fake(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
-    height_out, width_out = output_hw(x.shape[2:], weight_bank.shape[3:], stride, padding, dilation)
-    return torch.empty((x.shape[0], weight_bank.shape[1], height_out, width_out), dtype=x.dtype,
-                       device=x.device, memory_format=output_memory_format(x))
-
-
-@torch.library.custom_op("dynconv::triton_backward", mutates_args=())
-def triton_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weight_bank: torch.Tensor,
-    routing: torch.Tensor,
-    bias_bank: torch.Tensor | None,
-    stride: list[int],
-    padding: list[int],
-    dilation: list[int],
-    groups: int,
-    output_mask: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_impl(
+    grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, output_mask
+):
     """Gradients (x, weight_bank, routing, bias_bank) for ``output_mask``.
 
     grad_out (B, Cout, Ho, Wo), any strides. Returns grad_x like x (same strides), grad_bank
@@ -99,14 +71,7 @@ def triton_backward(
                  for g in (grad_x, grad_bank, grad_routing, grad_bias))
 
 
-@triton_backward.register_fake
-def _triton_backward_fake(
-    grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, output_mask
-):
-    return fake_backward_outputs(x, weight_bank, routing, bias_bank, output_mask)
-
-
-register_autograd(triton_forward, triton_backward)
+triton_forward, triton_backward = define_custom_ops("triton", _forward_impl, _backward_impl)
 
 
 def triton_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
