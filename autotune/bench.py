@@ -199,7 +199,7 @@ def triton_unavailable_reason(device: str) -> str | None:
     try:
         import triton  # noqa: F401
 
-        from dynconv import triton_backend  # noqa: F401
+        from dynconv.backends.triton import forward  # noqa: F401
     except ImportError as exc:
         return f"Triton backend not importable: {exc}"
     return None

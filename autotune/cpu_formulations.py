@@ -1,7 +1,7 @@
 """``python -m dynconv.autotune.cpu_formulations``: measure the native CPU formulations.
 
-This is the benchmark behind :mod:`dynconv.native_rule` (which formulation the native backend
-runs for a shape and thread count) and behind the figures in ``perf_reports/cpu_native/``.
+This is the benchmark behind :mod:`dynconv.backends.native.rule` (which formulation the native
+backend runs for a shape and thread count) and behind the figures in ``perf_reports/cpu_native/``.
 
 For every case (the shapes of project issue 5 and the CPU shape set of the perf harness,
 ``bench --preset quick``) and every provider, forward and forward+backward are timed, each run
@@ -35,9 +35,9 @@ from dataclasses import replace
 
 import torch
 
-from dynconv import native
-from dynconv.native_formulations import FORMULATIONS, conv_backward, conv_forward
-from dynconv.native_rule import FormulationPlan, choose_formulations
+from dynconv.backends.native import op as native
+from dynconv.backends.native.formulations import FORMULATIONS, conv_backward, conv_forward
+from dynconv.backends.native.rule import FormulationPlan, choose_formulations
 
 from .bench import Case, forward_fn, make_inputs, mode_fn, preset_cases
 from .shapes import ConvShape
@@ -205,7 +205,7 @@ def measure_parts(case: Case, threads: int, rounds: int, clock: str = "wall") ->
     one chunk, so a row times only the convolution work of that part; its static reference is
     the same part of the static conv (``F.conv2d``, or ``convolution_backward`` with one output
     requested), interleaved run by run. These rows are the evidence of
-    :mod:`dynconv.native_rule`, which picks a formulation per part.
+    :mod:`dynconv.backends.native.rule`, which picks a formulation per part.
     """
     torch.set_num_threads(threads)
     t = make_inputs(case, "cpu")

@@ -133,7 +133,7 @@ def driver(kernel_name: str, variant: str, item: Item, t: dict,
     pair = lambda v: (v, v)  # noqa: E731
     stride, padding, dilation = pair(s.stride), pair(s.padding), pair(s.dilation)
     if KERNELS[kernel_name].direction == "forward":
-        from dynconv.triton_backend import triton_forward_impl
+        from dynconv.backends.triton.forward import triton_forward_impl
 
         return lambda: {"y": triton_forward_impl(t["x"], t["bank"], t["routing"], t["bias"],
                                                  stride, padding, dilation, s.groups,
@@ -235,6 +235,7 @@ def tune_one(kernel_name: str, kernel, item: Item, device: str, interpreter: boo
 def new_table(device_name: str, device_slug: str) -> dict:
     import torch
     import triton
+
     from dynconv.kernels import tuned_table
 
     table = {"format": tuned_table.FORMAT_VERSION, "device": device_name,

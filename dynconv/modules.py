@@ -7,9 +7,10 @@ import math
 import torch
 from torch import nn
 
+from .backends.registry import check_backend_name
 from .functional import dynamic_conv2d
 from .routing import RoutingMLP
-from .validation import check_backend, check_positive_int, pair, resolve_padding
+from .validation import check_positive_int, pair, resolve_padding
 
 
 class DynamicConv2d(nn.Module):
@@ -59,7 +60,7 @@ class DynamicConv2d(nn.Module):
         resolve_padding(padding, self.kernel_size, self.stride, self.dilation)  # validates
         self.padding = padding if isinstance(padding, str) else pair(padding, "padding", 0)
         self.num_experts = check_positive_int(num_experts, "num_experts")
-        self.backend = check_backend(backend)
+        self.backend = check_backend_name(backend)
         self.weight = nn.Parameter(
             torch.empty(
                 num_experts, out_channels, in_channels // groups, *self.kernel_size, **factory

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("auto", "loop", "grouped", "native", "triton")
+from .geometry import ConvGeometry
+
 GATES = ("softmax", "sigmoid")
 
 
@@ -61,28 +61,6 @@ def check_gate(gate) -> str:
     if gate not in GATES:
         raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     return gate
-
-
-def check_backend(backend) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
-
-
-@dataclass(frozen=True)
-class ConvGeometry:
-    """The normalised geometry of one dynamic convolution call.
-
-    ``padding`` is symmetric (top = bottom, left = right). ``extra_padding`` is the additional
-    (bottom, right) padding that ``padding="same"`` needs when the total padding is odd; the
-    dispatcher applies it with ``F.pad`` before any backend runs, as ``F.conv2d`` does.
-    """
-
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
-    groups: int
-    extra_padding: tuple[int, int] = (0, 0)
 
 
 def resolve_padding(padding, kernel_size, stride, dilation):
@@ -188,11 +166,3 @@ def check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilat
                 f"dilated kernel {tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel_size))}"
             )
     return ConvGeometry(stride, pad, dilation, groups, extra)
-
-
-def output_hw(in_hw, kernel, stride, padding, dilation) -> tuple[int, int]:
-    """(Ho, Wo) of a convolution of an (H, W) input with symmetric padding."""
-    return tuple(
-        (in_hw[a] + 2 * padding[a] - dilation[a] * (kernel[a] - 1) - 1) // stride[a] + 1
-        for a in range(2)
-    )

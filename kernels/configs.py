@@ -18,18 +18,16 @@ This module is the one place where launch configurations are chosen:
 
 from __future__ import annotations
 
-import os
 from typing import Any, NamedTuple
 
 import triton
+
+from ._common import interpreter_enabled
 
 # Largest dynamic shared memory per block (bytes) that a kernel may opt into, per compute
 # capability major*10+minor. sm_86/sm_89 have much less than sm_80.
 SHARED_MEMORY_LIMITS = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 DEFAULT_SHARED_MEMORY_LIMIT = 101376
-
-# tl.dot needs every operand dimension >= 16 on a GPU.
-MIN_DOT_BLOCK = 16
 
 CONV_FORWARD_KEY = [
     "C_IN_G", "C_OUT_G", "H", "W", "HO", "WO", "KH", "KW",
@@ -57,10 +55,6 @@ class CompileCase(NamedTuple):
     # Arguments Triton would specialize as multiples of 16 ("D"): pointers 16-byte aligned, ints
     # divisible by 16. Real launches get these when tensors are aligned; they change codegen.
     divisible: tuple = ()
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _next_pow2(n: int) -> int:
@@ -123,7 +117,7 @@ _CONV_FORWARD_INTERPRETER = (64, 16, 32, 4, 1)
 
 def conv_forward_configs(interpreter: bool | None = None) -> list[triton.Config]:
     """Candidate configs of the conv forward kernel (one under the interpreter)."""
-    interpreter = interpreting() if interpreter is None else interpreter
+    interpreter = interpreter_enabled() if interpreter is None else interpreter
     table = [_CONV_FORWARD_INTERPRETER] if interpreter else _CONV_FORWARD_CANDIDATES
     return mnk_tile_configs(table)
 
@@ -185,7 +179,7 @@ _MIX_INTERPRETER = (16, 256, 4)
 
 def mix_configs(interpreter: bool | None = None) -> list[triton.Config]:
     """Candidate configs of the mix kernel (one under the interpreter)."""
-    interpreter = interpreting() if interpreter is None else interpreter
+    interpreter = interpreter_enabled() if interpreter is None else interpreter
     table = [_MIX_INTERPRETER] if interpreter else _MIX_CANDIDATES
     return [
         triton.Config({"BLOCK_B": b, "BLOCK_N": n, "BLOCK_E": 16}, num_warps=w, num_stages=2)

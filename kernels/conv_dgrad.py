@@ -20,9 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .configs import MIN_DOT_BLOCK, CompileCase, interpreting, mnk_tile_configs
-from .mix import dot_settings
-from .offsets import check_int32_spans, span
+from ._common import MIN_DOT_BLOCK, check_int32_spans, dot_settings, interpreter_enabled, span
+from .configs import CompileCase, mnk_tile_configs
 from .tuned_table import with_tuned_table
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_N and BLOCK_K >= 16 for tl.dot.
@@ -40,7 +39,7 @@ _DGRAD_INTERPRETER = (64, 16, 16, 4, 1)
 
 def dgrad_configs(interpreter: bool | None = None) -> list[triton.Config]:
     """Candidate tile configs (one under the interpreter, which cannot time kernels)."""
-    interpreter = interpreting() if interpreter is None else interpreter
+    interpreter = interpreter_enabled() if interpreter is None else interpreter
     table = [_DGRAD_INTERPRETER] if interpreter else _DGRAD_CANDIDATES
     return mnk_tile_configs(table)
 

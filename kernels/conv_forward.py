@@ -26,17 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import INT32_LIMIT, MIN_DOT_BLOCK, dot_settings, span
 from .configs import (
     CONV_FORWARD_KEY,
-    MIN_DOT_BLOCK,
     CompileCase,
     compile_check_dtypes,
     conv_forward_configs,
     conv_forward_int64_ok,
     prune_conv_forward_configs,
 )
-from .mix import dot_settings
-from .offsets import INT32_LIMIT, span
 from .tuned_table import with_tuned_table
 
 

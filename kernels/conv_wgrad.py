@@ -37,9 +37,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import MIN_DOT_BLOCK, CompileCase, interpreting
-from .mix import dot_settings
-from .offsets import check_int32_spans, span
+from ._common import MIN_DOT_BLOCK, check_int32_spans, dot_settings, interpreter_enabled, span
+from .configs import CompileCase
 from .tuned_table import with_tuned_table
 
 # Largest fp32 element count of the (K_BLOCK, BLOCK_M, BLOCK_N) grad_bank accumulator.
@@ -80,7 +79,7 @@ _WGRAD_INTERPRETER = (64, 4, 1)
 
 def wgrad_configs(interpreter: bool | None = None) -> list[triton.Config]:
     """Candidate BLOCK_P / warps / stages (one under the interpreter)."""
-    interpreter = interpreting() if interpreter is None else interpreter
+    interpreter = interpreter_enabled() if interpreter is None else interpreter
     table = [_WGRAD_INTERPRETER] if interpreter else _WGRAD_CANDIDATES
     return [triton.Config({"BLOCK_P": p}, num_warps=w, num_stages=st) for p, w, st in table]
 

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import dot_settings
 from .configs import MIX_KEY, CompileCase, compile_check_dtypes, mix_configs, prune_mix_configs
 from .tuned_table import with_tuned_table
 
@@ -139,18 +140,6 @@ mix_autotuned = with_tuned_table("mix", triton.autotune(
     configs=mix_configs(), key=MIX_KEY,
     prune_configs_by={"early_config_prune": prune_mix_configs},
 )(mix_kernel))
-
-
-def dot_settings(dtype: torch.dtype, interpreter: bool) -> tuple[bool, str]:
-    """(DOT_FP32, INPUT_PRECISION) for operands of ``dtype``.
-
-    fp32 follows ``torch.backends.cudnn.allow_tf32`` (tf32 or ieee). The interpreter's bf16
-    ``tl.dot`` multiplies raw bits, so there bf16 operands are upcast to fp32 first.
-    """
-    upcast = interpreter and dtype == torch.bfloat16
-    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
-        return upcast, "tf32"
-    return upcast, "ieee"
 
 
 def mix(routing: torch.Tensor, weight_bank: torch.Tensor, bias_bank: torch.Tensor | None,

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+
 from dynconv.autotune import __main__ as cli
 from dynconv.autotune.bench import COLUMNS, MODES, PROVIDERS, preset_cases
 from dynconv.autotune.shapes import SHAPE_SETS, get_shape_set, parse_shape, tiny
@@ -319,6 +320,7 @@ def test_tuned_table_trusts_only_its_own_device_and_triton(tmp_path):
     import warnings
 
     import triton
+
     from dynconv.kernels import tuned_table
 
     good = {"format": 1, "device": "NVIDIA H200", "triton": triton.__version__, "kernels": {}}

@@ -130,7 +130,7 @@ def test_backends_agree_on_half_precision():
 
 
 def test_native_processes_large_batches_in_chunks(monkeypatch):
-    from dynconv import native
+    from dynconv.backends.native import op as native
 
     x, bank, routing, bias, geometry = case_inputs((7, 3, 4, 5, 5, (3, 3), 1, 1, 1, 1, 2, True))
     weight_bytes = bank[0].numel() * x.element_size()

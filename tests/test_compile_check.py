@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+
 from dynconv.autotune import compile_check
 from dynconv.autotune.compile_check import Result, parse_resource_usage
 

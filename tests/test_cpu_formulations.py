@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+
 from dynconv.autotune import cpu_formulations as cf
 from dynconv.autotune.bench import Case
 from dynconv.autotune.shapes import ConvShape

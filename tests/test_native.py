@@ -6,9 +6,10 @@ import pytest
 import torch
 from loop_reference import case_id, case_inputs, reference_dynamic_conv2d
 
-from dynconv import dynamic_conv2d, native
-from dynconv.native_formulations import FORMULATIONS
-from dynconv.native_rule import FormulationPlan, choose_formulations
+from dynconv import dynamic_conv2d
+from dynconv.backends.native import op as native
+from dynconv.backends.native.formulations import FORMULATIONS
+from dynconv.backends.native.rule import FormulationPlan, choose_formulations
 
 # (batch, cin, cout, H, W, (kh, kw), stride, padding, dilation, groups, K, bias)
 CASES = [

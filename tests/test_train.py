@@ -12,8 +12,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dynconv import DynamicCNN
 from dynconv.train import main
-from dynconv.train_data import NUM_CLASSES, TEST_SIZE, load_digits_split
-from dynconv.train_models import (
+from dynconv.train.data import NUM_CLASSES, TEST_SIZE, load_digits_split
+from dynconv.train.models import (
     StaticCNN,
     count_multiply_adds,
     count_parameters,

@@ -12,17 +12,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from dynconv.kernels.conv_dgrad import conv_dgrad
-from dynconv.kernels.conv_wgrad import conv_wgrad
 from loop_reference import reference_dynamic_conv2d
 
 import dynconv
-from dynconv.functional import triton_interpreter_enabled
+from dynconv.kernels._common import interpreter_enabled
+from dynconv.kernels.conv_dgrad import conv_dgrad
+from dynconv.kernels.conv_wgrad import conv_wgrad
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 INTERPRETER = not ON_GPU
-if not ON_GPU and not triton_interpreter_enabled():
+if not ON_GPU and not interpreter_enabled():
     pytest.skip("needs a GPU or TRITON_INTERPRET=1 (set by conftest.py)", allow_module_level=True)
 # The float64 reference's F.conv2d warns that padding="same" with an even kernel pads a copy.
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")

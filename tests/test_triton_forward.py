@@ -15,16 +15,16 @@ import torch
 import torch.nn.functional as F
 
 import dynconv
-from dynconv.functional import triton_interpreter_enabled
-from dynconv.triton_backend import (
+from dynconv.backends.triton.forward import (
     choose_strategy,
     premix_chunk_size,
     triton_forward_impl,
 )
+from dynconv.kernels._common import interpreter_enabled
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
-if not ON_GPU and not triton_interpreter_enabled():
+if not ON_GPU and not interpreter_enabled():
     pytest.skip("needs a GPU or TRITON_INTERPRET=1 (set by conftest.py)", allow_module_level=True)
 
 STRATEGIES = ("premix", "fused")
@@ -267,7 +267,7 @@ def test_padding_same_through_dispatcher(strategy, monkeypatch):
     """padding="same" with an even kernel: the dispatcher pads the extra row/column first."""
     case = Case(kernel=(2, 3), padding=(0, 0))
     x, bank, routing, bias = make_inputs(case, torch.float32)
-    monkeypatch.setattr("dynconv.triton_backend.choose_strategy", lambda *args: strategy)
+    monkeypatch.setattr("dynconv.backends.triton.forward.choose_strategy", lambda *args: strategy)
     with torch.no_grad():
         y = dynconv.dynamic_conv2d(x, bank, routing, bias, padding="same", backend="triton")
         y_loop = dynconv.dynamic_conv2d(x, bank, routing, bias, padding="same", backend="loop")
@@ -450,10 +450,10 @@ def test_float64_is_refused_with_a_clear_error():
 
 
 def test_auto_keeps_float64_off_triton():
-    from dynconv.functional import resolve_backend
+    from dynconv.backends.registry import resolve
 
-    assert resolve_backend("auto", torch.ones(1, dtype=torch.float64)) == "native"
+    assert resolve("auto", torch.ones(1, dtype=torch.float64)).name == "native"
     if torch.cuda.is_available():
         cuda64 = torch.ones(1, device="cuda", dtype=torch.float64)
-        assert resolve_backend("auto", cuda64) == "native"
-        assert resolve_backend("auto", torch.ones(1, device="cuda")) == "triton"
+        assert resolve("auto", cuda64).name == "native"
+        assert resolve("auto", torch.ones(1, device="cuda")).name == "triton"

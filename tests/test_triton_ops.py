@@ -12,11 +12,11 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dynconv
-from dynconv.functional import triton_interpreter_enabled
-from dynconv.triton_ops import triton_backward, triton_forward
+from dynconv.backends.triton.op import triton_backward, triton_forward
+from dynconv.kernels._common import interpreter_enabled
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-if DEVICE.type != "cuda" and not triton_interpreter_enabled():
+if DEVICE.type != "cuda" and not interpreter_enabled():
     pytest.skip("needs a GPU or TRITON_INTERPRET=1 (set by conftest.py)", allow_module_level=True)
 
 

@@ -10,9 +10,9 @@ trick under plain autograd it
   to K samples per chunk up to LARGE_TEMPORARY_BYTES (see :func:`batch_chunk_size`, ``_plan``);
 - picks, per shape and thread count and separately for the forward, the input gradient and
   the weight gradient, how each chunk is convolved (grouped convolution, per-sample
-  convolution or im2col + batched matmul: :mod:`dynconv.native_formulations`) with a rule
+  convolution or im2col + batched matmul: :mod:`dynconv.backends.native.formulations`) with a rule
   measured by ``python -m dynconv.autotune.cpu_formulations --parts``
-  (:mod:`dynconv.native_rule`);
+  (:mod:`dynconv.backends.native.rule`);
 - is a ``torch.library`` custom op under ``torch.compile``, so ``fullgraph=True,
   dynamic=True`` treats it as one opaque node (Inductor cannot lower a convolution whose
   ``groups`` depends on a symbolic batch size) and the choice above is made at run time on
@@ -30,17 +30,17 @@ import threading
 
 import torch
 
-from .native_formulations import FORMULATIONS, conv_backward, conv_forward
-from .native_rule import FormulationPlan, choose_formulations
-from .op_autograd import (
+from dynconv.geometry import ConvGeometry, output_hw, output_memory_format
+
+from ..custom_op import (
     call_forward,
     define_custom_ops,
     eager_autograd_function,
     fake_backward_outputs,
     forward_output,
-    output_memory_format,
 )
-from .validation import ConvGeometry, output_hw
+from .formulations import FORMULATIONS, conv_backward, conv_forward
+from .rule import FormulationPlan, choose_formulations
 
 # Bytes that each per-chunk temporary (the mixed weights, their gradient, the im2col patches
 # and their gradient) may take.

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .modules import DynamicCNN, DynamicConv2d
+from dynconv.modules import DynamicCNN, DynamicConv2d
 
 
 class StaticCNN(nn.Module):

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .functional import triton_interpreter_enabled
-from .op_autograd import output_memory_format
-from .validation import output_hw
+from dynconv.geometry import output_hw, output_memory_format
+from dynconv.kernels._common import interpreter_enabled
 
 STRATEGIES = ("auto", "premix", "fused")
 
@@ -79,9 +78,9 @@ def triton_forward_impl(
     Returns:
         y, (B, C_out, HO, WO) in x's dtype, channels_last when x is (as ``F.conv2d``).
     """
-    from .kernels.conv_forward import conv_forward
-    from .kernels.mix import mix, mixed_layout, mixed_views
-    from .kernels.offsets import check_int32_spans, span
+    from dynconv.kernels._common import check_int32_spans, span
+    from dynconv.kernels.conv_forward import conv_forward
+    from dynconv.kernels.mix import mix, mixed_layout, mixed_views
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -98,7 +97,7 @@ def triton_forward_impl(
         return y
     if strategy == "auto":
         strategy = choose_strategy(x.shape, weight_bank.shape, (height_out, width_out))
-    interpreter = triton_interpreter_enabled() and x.device.type == "cpu"
+    interpreter = interpreter_enabled() and x.device.type == "cpu"
 
     if strategy == "fused":
         # The bank repacked once (K x |W|, small next to the B x |W| premix would write) into

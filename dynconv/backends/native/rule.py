@@ -1,4 +1,4 @@
-"""Which native formulation (:mod:`dynconv.native_formulations`) runs each part of a CPU conv.
+"""Which formulation (:mod:`.formulations`) runs each part of a native CPU conv.
 
 The three parts of a dynamic convolution, the forward, the input gradient and the per-sample
 weight gradient, are chosen separately: they are separate PyTorch calls, and the measurements

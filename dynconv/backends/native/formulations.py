@@ -3,7 +3,7 @@
 Every formulation convolves a chunk of n samples, each with its own (already mixed) weights,
 and computes the matching gradients. They differ only in how they map that batch of small
 convolutions onto PyTorch kernels; which is fastest depends on the shape and the thread count
-(see :mod:`dynconv.native_rule` and ``python -m dynconv.autotune.cpu_formulations``):
+(see :mod:`dynconv.backends.native.rule` and ``python -m dynconv.autotune.cpu_formulations``):
 
 - ``grouped``: one convolution with ``groups = n * groups``, the batch folded into channels;
 - ``per_sample``: one ``F.conv2d`` / ``convolution_backward`` call per sample;
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .validation import output_hw
+from dynconv.geometry import output_hw
 
 FORMULATIONS = ("grouped", "per_sample", "im2col")
 

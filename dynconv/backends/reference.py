@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .validation import ConvGeometry
+from dynconv.geometry import ConvGeometry
 
 
 def mix_bank(routing: torch.Tensor, weight_bank: torch.Tensor) -> torch.Tensor:

@@ -12,16 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .validation import ConvGeometry, output_hw
-
-
-def output_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when x is channels_last (and not also plain contiguous), else contiguous."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+from dynconv.geometry import ConvGeometry, output_hw, output_memory_format
 
 
 def forward_output(x, weight_bank, stride, padding, dilation) -> torch.Tensor:

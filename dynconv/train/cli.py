@@ -21,12 +21,13 @@ from pathlib import Path
 
 import torch
 
-from .modules import DynamicCNN, DynamicConv2d
-from .train_data import load_digits_split
-from .train_dist import DistContext, setup, teardown
-from .train_loop import TrainConfig, fit
-from .train_models import StaticCNN, count_multiply_adds, count_parameters
-from .train_report import (
+from dynconv.modules import DynamicCNN, DynamicConv2d
+
+from .data import load_digits_split
+from .dist import DistContext, setup, teardown
+from .loop import TrainConfig, fit
+from .models import StaticCNN, count_multiply_adds, count_parameters
+from .report import (
     ModelSummary,
     format_table,
     plot_routing_entropy,
@@ -253,7 +254,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         teardown(ctx, barrier=finished)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,8 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
-from .schedule import TemperatureSchedule
-from .train_dist import DistContext, all_reduce_sum, broadcast_buffers
+from dynconv.schedule import TemperatureSchedule
+
+from .dist import DistContext, all_reduce_sum, broadcast_buffers
 
 
 @dataclass

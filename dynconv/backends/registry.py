@@ -1,0 +1,126 @@
+"""The backends of ``dynamic_conv2d``, by name: the one place that lists them.
+
+A backend is a function ``(x, weight_bank, routing, bias_bank, geometry) -> y`` over validated
+arguments (x (B, Cin, H, W), weight_bank (K, Cout, Cin // groups, kh, kw), routing (B, K),
+bias_bank (K, Cout) or None, a :class:`dynconv.geometry.ConvGeometry` with symmetric padding)
+plus where it can run. ``"auto"`` is not a backend but a choice between them:
+:func:`resolve` makes it.
+
+Importing a backend never imports Triton: the Triton backend imports its kernels on its first
+call.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from dynconv.kernels._common import interpreter_enabled
+
+from .native.op import native_dynamic_conv2d
+from .reference import grouped_dynamic_conv2d, loop_dynamic_conv2d
+from .triton.op import triton_dynamic_conv2d
+
+AUTO = "auto"
+
+# The dtypes the Triton kernels compute in (fp32 accumulation); float64 stays on "native".
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_importable() -> bool:
+    """Whether the ``triton`` package can be imported (checked once)."""
+    global _triton_importable
+    if _triton_importable is None:
+        _triton_importable = importlib.util.find_spec("triton") is not None
+    return _triton_importable
+
+
+_triton_importable: bool | None = None
+
+
+def _triton_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    if not triton_importable():
+        return "backend='triton' needs the triton package, which is not installed"
+    if dtype not in TRITON_DTYPES:
+        return (f"backend='triton' supports dtypes {TRITON_DTYPES}, got {dtype}; use "
+                f"backend='native' (or 'auto', which picks it) for {dtype}")
+    if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
+        return None
+    return (f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
+            f"before triton is imported), got tensors on {device}")
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way of computing a dynamic convolution.
+
+    name: what users pass as ``backend=``. function: the implementation,
+    ``(x, weight_bank, routing, bias_bank, geometry) -> y``. unavailable:
+    ``(device, dtype) -> reason or None``; None means the backend runs on every device and
+    floating dtype.
+    """
+
+    name: str
+    function: Callable
+    summary: str
+    unavailable: Callable[[torch.device, torch.dtype], str | None] | None = None
+
+    def check_can_run(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Raise a ValueError saying why this backend cannot run on ``device`` / ``dtype``."""
+        reason = None if self.unavailable is None else self.unavailable(device, dtype)
+        if reason is not None:
+            raise ValueError(reason)
+
+
+_BACKENDS = {
+    backend.name: backend
+    for backend in (
+        Backend("loop", loop_dynamic_conv2d,
+                "one F.conv2d per sample, plain autograd (the readable reference)"),
+        Backend("grouped", grouped_dynamic_conv2d,
+                "the grouped-conv trick (batch folded into groups), plain autograd"),
+        Backend("native", native_dynamic_conv2d,
+                "PyTorch's own kernels with a lean custom backward (the CPU path)"),
+        Backend("triton", triton_dynamic_conv2d,
+                "Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)", _triton_unavailable),
+    )
+}
+
+# Every name ``backend=`` accepts.
+BACKEND_NAMES = (AUTO, *_BACKENDS)
+
+
+def check_backend_name(name) -> str:
+    """``name`` if ``backend=name`` is accepted, else a ValueError listing the choices."""
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+    return name
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name`` (not ``"auto"``: see :func:`resolve`)."""
+    check_backend_name(name)
+    if name == AUTO:
+        raise ValueError("'auto' is resolved per input: call resolve(name, x)")
+    return _BACKENDS[name]
+
+
+def auto_backend_name(device: torch.device, dtype: torch.dtype) -> str:
+    """What ``"auto"`` means for tensors on ``device`` of ``dtype``: Triton on CUDA (in the
+    dtypes its kernels support), ``"native"`` everywhere else."""
+    if device.type == "cuda" and dtype in TRITON_DTYPES and triton_importable():
+        return "triton"
+    return "native"
+
+
+def resolve(name: str, x: torch.Tensor) -> Backend:
+    """The backend that ``backend=name`` runs for input ``x``, checked to be able to run."""
+    check_backend_name(name)
+    if name == AUTO:
+        name = auto_backend_name(x.device, x.dtype)
+    backend = _BACKENDS[name]
+    backend.check_can_run(x.device, x.dtype)
+    return backend

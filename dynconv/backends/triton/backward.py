@@ -1,0 +1,42 @@
+"""The ``triton`` backend's backward: grad_x from the dgrad kernel, the bank, routing and bias
+gradients from the wgrad kernel (:mod:`dynconv.kernels`). Pure tensor functions, no autograd.
+
+The kernels are imported on the first call, so that importing the backend never imports Triton.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dynconv.kernels._common import interpreter_enabled
+
+
+def triton_backward_impl(
+    grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, output_mask
+):
+    """Gradients (x, weight_bank, routing, bias_bank) for ``output_mask``.
+
+    grad_out (B, Cout, Ho, Wo), any strides. Returns grad_x like x (same strides), grad_bank
+    (K, Cout, Cin/g, kh, kw), grad_routing (B, K) and grad_bias (K, Cout), contiguous; an
+    unrequested gradient (or grad_bias without a bias bank) is an empty tensor.
+    """
+    from dynconv.kernels.conv_dgrad import conv_dgrad
+    from dynconv.kernels.conv_wgrad import conv_wgrad
+
+    need_x, need_bank, need_routing, need_bias = output_mask
+    need_bias = need_bias and bias_bank is not None
+    interpreter = x.device.type == "cpu" and interpreter_enabled()
+    stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
+    grad_x = grad_bank = grad_routing = grad_bias = None
+    if need_x:
+        grad_x = conv_dgrad(grad_out, weight_bank, routing, x.shape, stride, padding, dilation,
+                            groups, out=torch.empty_like(x), interpreter=interpreter)
+    if need_bank or need_routing or need_bias:
+        grad_bank, grad_routing, grad_bias = conv_wgrad(
+            grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
+            need_bank=need_bank, need_routing=need_routing, need_bias=need_bias,
+            interpreter=interpreter,
+        )
+    # Outputs of a custom op may not alias each other: each missing gradient is its own tensor.
+    return tuple(g if g is not None else x.new_empty(0)
+                 for g in (grad_x, grad_bank, grad_routing, grad_bias))

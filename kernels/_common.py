@@ -1,0 +1,51 @@
+"""What every Triton kernel module shares: the interpreter switch, dot precision, offset limits.
+
+Imports torch only (never triton), so that the backends can ask whether kernels would run in
+Triton's interpreter without importing Triton.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# tl.dot needs every operand dimension >= 16 on a GPU.
+MIN_DOT_BLOCK = 16
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``: CPU tensors).
+    Triton reads the variable when it is first imported; so should every caller."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_settings(dtype: torch.dtype, interpreter: bool) -> tuple[bool, str]:
+    """(DOT_FP32, INPUT_PRECISION) for operands of ``dtype``.
+
+    fp32 follows ``torch.backends.cudnn.allow_tf32`` (tf32 or ieee). The interpreter's bf16
+    ``tl.dot`` multiplies raw bits, so there bf16 operands are upcast to fp32 first.
+    """
+    upcast = interpreter and dtype == torch.bfloat16
+    if dtype == torch.float32 and torch.backends.cudnn.allow_tf32:
+        return upcast, "tf32"
+    return upcast, "ieee"
+
+
+INT32_LIMIT = 2**31 - 1
+
+
+def span(t: torch.Tensor, skip_dims: int = 0) -> int:
+    """Largest element offset reachable inside ``t`` ignoring its first ``skip_dims`` dims."""
+    return sum((size - 1) * abs(stride)
+               for size, stride in zip(t.shape[skip_dims:], t.stride()[skip_dims:], strict=True))
+
+
+def check_int32_spans(**spans: int) -> None:
+    """The Triton kernels address the bank (and, in backward, one sample) with int32 offsets."""
+    for name, value in spans.items():
+        if value > INT32_LIMIT:
+            raise ValueError(
+                f"{name} spans {value} elements, more than the 2**31 - 1 that the Triton "
+                f"kernels address with 32-bit offsets; split the input or the bank"
+            )
