@@ -10,9 +10,8 @@ trick under plain autograd it
   to K samples per chunk up to LARGE_TEMPORARY_BYTES (see :func:`batch_chunk_size`, ``_plan``);
 - picks, per shape and thread count and separately for the forward, the input gradient and
   the weight gradient, how each chunk is convolved (grouped convolution, per-sample
-  convolution or im2col + batched matmul: :mod:`dynconv.backends.native.formulations`) with a rule
-  measured by ``python -m dynconv.autotune.cpu_formulations --parts``
-  (:mod:`dynconv.backends.native.rule`);
+  convolution or im2col + batched matmul: :mod:`.formulations`) by a measured rule
+  (:mod:`.rule`);
 - is a ``torch.library`` custom op under ``torch.compile``, so ``fullgraph=True,
   dynamic=True`` treats it as one opaque node (Inductor cannot lower a convolution whose
   ``groups`` depends on a symbolic batch size) and the choice above is made at run time on
@@ -46,8 +45,7 @@ from .rule import FormulationPlan, choose_formulations
 # and their gradient) may take.
 MIXED_WEIGHT_BUDGET_BYTES = 8 * 2**20
 # glibc serves blocks above 32 MiB (its largest mmap threshold) straight from mmap and returns
-# them on free, so each such temporary page-faults anew on every call: 16 ms for 33 MiB against
-# 1.8 ms for a reused one on the reference machine. Chunks stay below it.
+# them on free, so each such temporary page-faults anew on every call. Chunks stay below it.
 LARGE_TEMPORARY_BYTES = 24 * 2**20
 
 # Set by :func:`force_formulation` (tests, benchmarks): (plan or None, chunk or None).
@@ -139,11 +137,9 @@ def _mixed_weight_buffer(chunk: int, bank_2d: torch.Tensor) -> torch.Tensor:
 
     On the CPU it is a per-thread workspace kept between calls (at most LARGE_TEMPORARY_BYTES
     per dtype; :func:`clear_workspace` frees it), because a buffer freed at the end of the
-    forward and allocated again in the backward comes back from the OS page by page: on the
-    reference machine that cost as much as the mixing itself (B4, 128 channels at 7x7: 8.3 vs
-    5.5 ms per forward+backward with glibc's trimming disabled). Elsewhere (CUDA keeps its own
-    cache) it is a plain allocation, and so it is for tensor subclasses (fake tensors while
-    tracing).
+    forward and allocated again in the backward comes back from the OS page by page, which can
+    cost as much as the mixing itself. Elsewhere (CUDA keeps its own cache) it is a plain
+    allocation, and so it is for tensor subclasses (fake tensors while tracing).
     """
     shape = (chunk, bank_2d.shape[1])
     numel = chunk * bank_2d.shape[1]
@@ -333,8 +329,8 @@ def native_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeom
 
     Under torch.compile the custom op (one opaque node of the graph); in eager mode the same
     implementation through a plain autograd.Function, which skips the custom op's dispatch and
-    autograd wrapper (~0.3-0.7 ms of each forward+backward on the reference machine, as much as
-    a small layer's whole convolution).
+    autograd wrapper (a fixed cost per call that can be as large as a small layer's whole
+    convolution).
     """
     forward_op = native_forward if torch.compiler.is_compiling() else _EagerNativeConv.apply
     return call_forward(forward_op, x, weight_bank, routing, bias_bank, geometry)
