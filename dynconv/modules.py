@@ -9,7 +9,7 @@ from torch import nn
 
 from .backends.registry import check_backend_name
 from .functional import dynamic_conv2d
-from .routing import RoutingMLP
+from .routing import RoutingMLP, autocast_enabled
 from .validation import check_positive_int, pair, resolve_padding
 
 
@@ -95,7 +95,7 @@ class DynamicConv2d(nn.Module):
     def forward(self, x: torch.Tensor, return_routing: bool = False):
         routing = self.router(x)
         weight, bias = self.weight, self.bias
-        if torch.is_autocast_enabled(x.device.type):
+        if autocast_enabled(x.device.type):
             # Autocast leaves our custom ops alone: cast all operands to the autocast dtype here.
             dtype = torch.get_autocast_dtype(x.device.type)
             x, weight, routing = x.to(dtype), weight.to(dtype), routing.to(dtype)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import torch
 from torch import nn
 
-from .validation import check_gate, check_positive_int, check_temperature
+from .validation import check_gate, check_image, check_positive_int, check_temperature
 
 
 class RoutingMLP(nn.Module):
@@ -41,11 +44,11 @@ class RoutingMLP(nn.Module):
         self.fc1 = nn.Linear(in_channels, hidden, **factory)
         self.fc2 = nn.Linear(hidden, num_experts, **factory)
         # A buffer, not a Python float: torch.compile then treats a changing temperature (annealing)
-        # as data instead of recompiling for every new value.
+        # as data instead of recompiling for every new value. Persistent: the temperature is model
+        # state, saved and loaded with the state_dict.
         self.register_buffer(
             "temperature_tensor",
             torch.tensor(check_temperature(temperature), device=device, dtype=torch.float32),
-            persistent=False,
         )
         self.reset_parameters()
 
@@ -58,6 +61,9 @@ class RoutingMLP(nn.Module):
 
     @property
     def temperature(self) -> float:
+        """T as a float (NaN on the meta device, where the buffer has no value)."""
+        if self.temperature_tensor.is_meta:
+            return math.nan
         return float(self.temperature_tensor)
 
     @temperature.setter
@@ -65,12 +71,30 @@ class RoutingMLP(nn.Module):
         with torch.no_grad():
             self.temperature_tensor.fill_(check_temperature(value))
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "temperature_tensor"
+        had_temperature = key in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if not had_temperature and key in missing_keys:
+            # A checkpoint from before the temperature was saved: keep this router's own value.
+            missing_keys.remove(key)
+            _warn_missing_temperature_once(self.temperature_tensor)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        check_image(x)
+        weight_dtype = self.fc1.weight.dtype
+        if x.dtype != weight_dtype and not autocast_enabled(x.device.type):
+            raise TypeError(
+                f"x has dtype {x.dtype} but the module's parameters are {weight_dtype}; convert "
+                f"one of them (e.g. module.to({x.dtype}) or x.to({weight_dtype}))"
             )
         pooled = x.mean(dim=(2, 3))
         logits = self.fc2(torch.relu(self.fc1(pooled)))
@@ -84,3 +108,26 @@ class RoutingMLP(nn.Module):
             f"in_channels={self.in_channels}, num_experts={self.num_experts}, "
             f"reduction={self.reduction}, temperature={self.temperature:g}, gate={self.gate!r}"
         )
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False where autocast does not exist, e.g. the
+    meta device, on which ``torch.is_autocast_enabled`` raises)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
+_warned_missing_temperature = False
+
+
+def _warn_missing_temperature_once(temperature: torch.Tensor) -> None:
+    global _warned_missing_temperature
+    if _warned_missing_temperature:
+        return
+    _warned_missing_temperature = True
+    value = "unknown (meta)" if temperature.is_meta else f"{float(temperature):g}"
+    warnings.warn(
+        "loading a state_dict without the router temperature (saved by an older dynconv): each "
+        f"router keeps the temperature it was built with (e.g. {value}); set it with "
+        "dynconv.set_temperature(model, T) if the checkpoint was annealed",
+        stacklevel=4,
+    )

@@ -60,8 +60,21 @@ class TemperatureSchedule:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved (start, end, steps and step_count)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        expected = ("start", "end", "steps", "step_count")
+        missing = [key for key in expected if key not in state]
+        if missing:
+            raise ValueError(
+                f"state is missing {missing}: a TemperatureSchedule state_dict has keys "
+                f"{list(expected)}, got {sorted(state)}"
+            )
+        step_count = state["step_count"]
+        if isinstance(step_count, bool) or not isinstance(step_count, int) or step_count < 0:
+            raise ValueError(f"state['step_count'] must be an int >= 0, got {step_count!r}")
         self.__init__(state["start"], state["end"], state["steps"])
-        self.step_count = int(state["step_count"])
+        self.step_count = step_count
 
     def __repr__(self) -> str:
         return (

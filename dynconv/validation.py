@@ -8,6 +8,7 @@ given. Nothing is broadcast, truncated or cast silently.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -17,15 +18,21 @@ from .geometry import ConvGeometry
 GATES = ("softmax", "sigmoid")
 
 
+def _as_int(value):
+    """``value`` as a Python int if it is an integer (Python or NumPy, not bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
 def pair(value, name: str, minimum: int) -> tuple[int, int]:
-    """An int or a pair of ints, each >= ``minimum``, as a 2-tuple."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        values = (value, value)
+    """An int or a pair of ints (NumPy integers too, as ``nn.Conv2d`` takes), each >=
+    ``minimum``, as a 2-tuple of Python ints."""
+    if _as_int(value) is not None:
+        values = (_as_int(value),) * 2
     elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
-        values = tuple(value)
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        values = tuple(_as_int(v) for v in value)
+        if None in values:
             raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     else:
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -35,11 +42,23 @@ def pair(value, name: str, minimum: int) -> tuple[int, int]:
 
 
 def check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` (a Python or NumPy integer, not bool) as a Python int >= 1."""
+    as_int = _as_int(value)
+    if as_int is None:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < 1:
+    if as_int < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    return as_int
+
+
+def check_image(x: torch.Tensor, name: str = "x") -> None:
+    """A non-empty batch needs a non-empty image, as ``F.conv2d`` requires (and a router's
+    average over no pixels would be NaN)."""
+    if x.shape[0] > 0 and x.shape[2] * x.shape[3] == 0:
+        raise ValueError(
+            f"{name} must have H > 0 and W > 0 when B > 0 (as nn.Conv2d requires), got shape "
+            f"{tuple(x.shape)}"
+        )
 
 
 def check_temperature(value) -> float:
@@ -102,6 +121,7 @@ def check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilat
     check_tensor(routing, "routing")
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D (B, C, H, W), got {x.dim()}-D with {_describe(x)}")
+    check_image(x)
     if weight_bank.dim() != 5:
         raise ValueError(
             "weight_bank must be 5-D (K, Cout, Cin // groups, kh, kw), got "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dynconv.geometry import ConvGeometry
+from dynconv.geometry import ConvGeometry, output_memory_format
 
 
 def mix_bank(routing: torch.Tensor, weight_bank: torch.Tensor) -> torch.Tensor:
@@ -23,8 +23,19 @@ def mix_bank(routing: torch.Tensor, weight_bank: torch.Tensor) -> torch.Tensor:
     return mixed.reshape((routing.shape[0],) + tuple(weight_bank.shape[1:]))
 
 
+def _empty_batch(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
+    """y (0, Cout, Ho, Wo) for an empty batch, still connected to every input: the gradients
+    of the bank and the bias bank are zeros (a sum over no samples), as the other backends'."""
+    weight = torch.einsum("bk,k...->...", routing, weight_bank)
+    bias = None if bias_bank is None else torch.einsum("bk,kc->c", routing, bias_bank)
+    return F.conv2d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation,
+                    geometry.groups).contiguous(memory_format=output_memory_format(x))
+
+
 def loop_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
     """One ``F.conv2d`` per sample. x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
+    if x.shape[0] == 0:
+        return _empty_batch(x, weight_bank, routing, bias_bank, geometry)
     outputs = []
     for b in range(x.shape[0]):
         weight = mix_bank(routing[b : b + 1], weight_bank)[0]
@@ -46,6 +57,8 @@ def loop_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeomet
 def grouped_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
     """The grouped-conv trick: the batch becomes groups. x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
     batch, in_channels, height, width = x.shape
+    if batch == 0:
+        return _empty_batch(x, weight_bank, routing, bias_bank, geometry)
     out_channels = weight_bank.shape[1]
     weight = mix_bank(routing, weight_bank).reshape(
         (batch * out_channels,) + tuple(weight_bank.shape[2:])
@@ -60,4 +73,6 @@ def grouped_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeo
         geometry.dilation,
         batch * geometry.groups,
     )
-    return y.reshape(batch, out_channels, y.shape[2], y.shape[3])
+    # The batch folded into channels loses x's memory format: give y the one F.conv2d would.
+    y = y.reshape(batch, out_channels, y.shape[2], y.shape[3])
+    return y.contiguous(memory_format=output_memory_format(x))

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from dynconv.backends.registry import BACKEND_NAMES
 from dynconv.modules import DynamicCNN, DynamicConv2d
 
 from .data import load_digits_split
@@ -79,37 +80,60 @@ def _momentum(text: str) -> float:
     return value
 
 
+def _per_optimizer(values: dict) -> str:
+    return ", ".join(f"{value:g} with {name}" for name, value in values.items())
+
+
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help lines end with the option's default, where it has one that the text doesn't give."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        default = action.default
+        if isinstance(default, list):
+            default = " ".join(str(v) for v in default)
+        return f"{text} (default: {default})".lstrip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dynconv-train",
+        formatter_class=_DefaultsHelpFormatter,
         description="Train DynamicCNN and a static CNN of the same widths on scikit-learn's "
                     "handwritten digits (upsampled), with DyConv's temperature anneal.",
     )
     parser.add_argument("--out", type=Path, default=Path("dynconv-train-out"),
                         help="output folder (created; rank 0 writes here)")
-    parser.add_argument("--epochs", type=_positive_int, default=18)
+    parser.add_argument("--epochs", type=_positive_int, default=18, help="training epochs")
     parser.add_argument("--batch-size", type=_positive_int, default=64,
                         help="global batch size, split evenly over torchrun's processes")
-    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw",
+                        help="optimiser of both models")
     parser.add_argument("--lr", type=_positive_float, default=None,
-                        help=f"peak learning rate (default {DEFAULT_LR})")
+                        help=f"peak learning rate (default: {_per_optimizer(DEFAULT_LR)})")
     parser.add_argument("--weight-decay", type=_non_negative_float, default=None,
-                        help=f"default {DEFAULT_WEIGHT_DECAY}")
+                        help="weight decay (default: "
+                             f"{_per_optimizer(DEFAULT_WEIGHT_DECAY)})")
     parser.add_argument("--momentum", type=_momentum, default=0.9, help="SGD momentum (Nesterov)")
     parser.add_argument("--num-experts", type=_positive_int, default=4, help="K per dynamic conv")
     parser.add_argument("--widths", type=_positive_int, nargs=3, default=[32, 64, 128],
                         metavar="C", help="output channels of the three stages")
     parser.add_argument("--image-size", type=_positive_int, default=32,
                         help="digits are upsampled from 8x8 to this size")
-    parser.add_argument("--temperature-start", type=_positive_float, default=30.0)
-    parser.add_argument("--temperature-end", type=_positive_float, default=1.0)
+    parser.add_argument("--temperature-start", type=_positive_float, default=30.0,
+                        help="router temperature at the first step")
+    parser.add_argument("--temperature-end", type=_positive_float, default=1.0,
+                        help="router temperature after the anneal")
     parser.add_argument("--anneal-epochs", type=_positive_int, default=None,
                         help="epochs over which the temperature is annealed (default: a third "
                              "of --epochs, rounded up)")
     parser.add_argument("--backend", nargs="+", default=["auto"],
                         help="dynamic conv backend(s); one DynamicCNN is trained per backend "
-                             "(auto, loop, grouped, native, triton)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+                             f"({', '.join(BACKEND_NAMES)})")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="device of both models")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for initialisation and shuffling (the split is fixed)")
     parser.add_argument("--train-subset", type=_positive_int, default=None,
