@@ -14,6 +14,8 @@ import torch
 
 from dynconv.geometry import ConvGeometry, output_hw, output_memory_format
 
+from .reference import grouped_dynamic_conv2d
+
 
 def forward_output(x, weight_bank, stride, padding, dilation) -> torch.Tensor:
     """An empty y (B, Cout, Ho, Wo) in x's dtype and memory format: the fake result of a
@@ -51,9 +53,36 @@ def _setup_context(ctx, inputs, output):
 def _backward_through(backward_op, ctx, grad_out):
     x, weight_bank, routing, bias_bank = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:4])
-    grads = backward_op(grad_out, x, weight_bank, routing, bias_bank, *ctx.geometry, mask)
     needed = mask[:3] + [mask[3] and bias_bank is not None]
+    if torch.is_grad_enabled():
+        # create_graph=True (a gradient penalty, a Hessian-vector product): the gradients must
+        # themselves be differentiable, which the backward op is not.
+        grads = differentiable_backward(grad_out, (x, weight_bank, routing, bias_bank),
+                                        ctx.geometry, needed)
+    else:
+        grads = backward_op(grad_out, x, weight_bank, routing, bias_bank, *ctx.geometry, mask)
     return tuple(g if need else None for g, need in zip(grads, needed)) + (None,) * 4
+
+
+def differentiable_backward(grad_out, inputs, geometry, needed) -> list:
+    """The gradients of (x, weight_bank, routing, bias_bank) marked in ``needed``, computed with
+    plain autograd through the grouped-conv formulation, so that they can be differentiated
+    again. Used only when grad mode is on during backward; it materialises the B x |W| mixed
+    weights, as the grouped trick does, and its cost is that of a double backward.
+    """
+    stride, padding, dilation, groups = geometry
+    with torch.enable_grad():
+        y = grouped_dynamic_conv2d(
+            *inputs, ConvGeometry(tuple(stride), tuple(padding), tuple(dilation), groups)
+        )
+        wanted = [t for t, need in zip(inputs, needed) if need]
+        found = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=True,
+                                         allow_unused=True))
+    grads = []
+    for t, need in zip(inputs, needed):
+        grad = next(found) if need else None
+        grads.append(torch.zeros_like(t) if need and grad is None else grad)
+    return grads
 
 
 def define_custom_ops(backend: str, forward_impl, backward_impl) -> tuple:
@@ -114,8 +143,8 @@ def eager_autograd_function(name: str, forward_impl, backward_impl) -> type:
     """An autograd.Function with the custom ops' signature, saving and backward, that calls the
     implementations directly: the eager-mode twin of a registered forward/backward op pair.
 
-    Its backward is not itself differentiable (nor is the custom op's): a double backward
-    raises instead of returning a wrong result.
+    Under ``create_graph=True`` its backward (as the custom op's) switches to
+    :func:`differentiable_backward`, so that double backward gives the true second derivatives.
     """
 
     def forward(ctx, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
@@ -124,7 +153,6 @@ def eager_autograd_function(name: str, forward_impl, backward_impl) -> type:
         return forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation,
                             groups)
 
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         return _backward_through(backward_impl, ctx, grad_out)
 
