@@ -1,5 +1,6 @@
 """dynconv: dynamic convolution (CondConv / DyConv style) for PyTorch."""
 
+from .convert import convert_conv2d, fuse_conv_bn_eval
 from .functional import dynamic_conv2d
 from .modules import DynamicBlock, DynamicCNN, DynamicConv2d
 from .routing import RoutingMLP
@@ -11,7 +12,9 @@ __all__ = [
     "DynamicConv2d",
     "RoutingMLP",
     "TemperatureSchedule",
+    "convert_conv2d",
     "dynamic_conv2d",
+    "fuse_conv_bn_eval",
     "set_temperature",
 ]
 __version__ = "0.1.0"

@@ -10,18 +10,20 @@ from torch import nn
 from .backends.registry import check_backend_name
 from .functional import dynamic_conv2d
 from .routing import RoutingMLP, autocast_enabled
-from .validation import check_positive_int, pair, resolve_padding
+from .validation import check_gate, check_positive_int, pair, resolve_padding
 
 
 class DynamicConv2d(nn.Module):
     """A convolution whose kernel is mixed per sample from a bank of K kernels.
 
     ``y[b] = conv2d(x[b], sum_k a[b, k] weight[k], sum_k a[b, k] bias[k])`` with
-    ``a = router(x)``.
+    ``a = router(x)``, or with routing weights ``a`` (B, K) given to ``forward`` (which is how
+    one router drives several convs: build those with ``router=False``).
 
     Parameters:
         weight: (K, Cout, Cin // groups, kh, kw), each of the K kernels initialised like an
-            ``nn.Conv2d`` weight. bias: (K, Cout) or None. router: a :class:`RoutingMLP`.
+            ``nn.Conv2d`` weight. bias: (K, Cout) or None. router: a :class:`RoutingMLP`, or
+            None when built with ``router=False``.
 
     Shapes: x (B, Cin, H, W) -> y (B, Cout, Ho, Wo); with ``return_routing=True`` also a (B, K).
     """
@@ -43,9 +45,13 @@ class DynamicConv2d(nn.Module):
         backend="auto",
         device=None,
         dtype=None,
+        router=True,
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        if not isinstance(router, bool):
+            raise TypeError(f"router must be True or False, got {type(router).__name__} "
+                            f"{router!r}")
         self.in_channels = check_positive_int(in_channels, "in_channels")
         self.out_channels = check_positive_int(out_channels, "out_channels")
         self.groups = check_positive_int(groups, "groups")
@@ -69,7 +75,11 @@ class DynamicConv2d(nn.Module):
         self.bias = (
             nn.Parameter(torch.empty(num_experts, out_channels, **factory)) if bias else None
         )
-        self.router = RoutingMLP(in_channels, num_experts, reduction, temperature, gate, **factory)
+        self.gate = check_gate(gate)
+        self.router = (
+            RoutingMLP(in_channels, num_experts, reduction, temperature, gate, **factory)
+            if router else None
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -82,18 +92,81 @@ class DynamicConv2d(nn.Module):
         if self.bias is not None:
             bound = 1 / math.sqrt(fan_in)
             nn.init.uniform_(self.bias, -bound, bound)
-        self.router.reset_parameters()
+        if self.router is not None:
+            self.router.reset_parameters()
 
     @property
     def temperature(self) -> float:
-        return self.router.temperature
+        return self._own_router("temperature").temperature
 
     @temperature.setter
     def temperature(self, value) -> None:
-        self.router.temperature = value
+        self._own_router("temperature").temperature = value
 
-    def forward(self, x: torch.Tensor, return_routing: bool = False):
-        routing = self.router(x)
+    def _own_router(self, what: str) -> RoutingMLP:
+        if self.router is None:
+            # Not AttributeError: nn.Module would replace the message with a generic one.
+            raise RuntimeError(
+                f"this DynamicConv2d was built with router=False, so it has no {what}: the "
+                f"router that computes its routing weights owns it"
+            )
+        return self.router
+
+    @classmethod
+    def from_conv2d(cls, conv: nn.Conv2d, num_experts: int = 4, *, perturb: float = 0.0,
+                    generator: torch.Generator | None = None, **kwargs) -> DynamicConv2d:
+        """A DynamicConv2d whose K experts all start as ``conv``'s weight (and bias).
+
+        Stride, padding, dilation, groups, bias, device and dtype are ``conv``'s; ``kwargs``
+        are the other arguments of the constructor (temperature, gate, reduction, backend,
+        router). With softmax gates (rows summing to 1) the result computes the same function
+        as ``conv`` (to rounding). ``perturb`` > 0 adds to each expert Gaussian noise of
+        ``perturb`` times the weight's standard deviation, made zero-mean across the experts so
+        that a uniform mix still gives ``conv``'s weight exactly (and a near-uniform one, as
+        the router starts, nearly): the experts can then drift apart from the first step.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        if conv.padding_mode != "zeros":
+            raise ValueError(
+                f"conv.padding_mode must be 'zeros' (dynamic convolution pads with zeros), got "
+                f"{conv.padding_mode!r}"
+            )
+        if isinstance(perturb, bool) or not isinstance(perturb, (int, float)) or not (
+                math.isfinite(perturb) and perturb >= 0):
+            raise ValueError(f"perturb must be a finite float >= 0, got {perturb!r}")
+        forbidden = {"in_channels", "out_channels", "kernel_size", "stride", "padding",
+                     "dilation", "groups", "bias", "device", "dtype"} & set(kwargs)
+        if forbidden:
+            raise TypeError(f"from_conv2d takes {sorted(forbidden)} from conv, not as arguments")
+        weight = conv.weight.detach()
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                  conv.padding, conv.dilation, conv.groups, bias=conv.bias is not None,
+                  num_experts=num_experts, device=weight.device, dtype=weight.dtype, **kwargs)
+        with torch.no_grad():
+            new.weight.copy_(weight.unsqueeze(0).expand_as(new.weight))
+            if perturb > 0 and num_experts > 1:
+                noise = torch.randn(new.weight.shape, generator=generator, dtype=weight.dtype,
+                                    device="cpu" if generator is None else generator.device)
+                noise = noise.to(weight.device)
+                noise -= noise.mean(dim=0, keepdim=True)
+                new.weight.add_(noise * (perturb * weight.float().std().item()))
+            if conv.bias is not None:
+                new.bias.copy_(conv.bias.detach().unsqueeze(0).expand_as(new.bias))
+        return new
+
+    def forward(self, x: torch.Tensor, routing: torch.Tensor | None = None,
+                return_routing: bool = False):
+        """y (B, Cout, Ho, Wo) from x (B, Cin, H, W); ``routing`` (B, K), if given, is used
+        instead of this module's router (and is required when it was built with
+        ``router=False``)."""
+        if routing is None:
+            if self.router is None:
+                raise ValueError(
+                    "routing is required: this DynamicConv2d was built with router=False, so "
+                    "pass routing weights of shape (B, K) to forward (from a shared router)"
+                )
+            routing = self.router(x)
         weight, bias = self.weight, self.bias
         if autocast_enabled(x.device.type):
             # Autocast leaves our custom ops alone: cast all operands to the autocast dtype here.
@@ -124,13 +197,16 @@ class DynamicConv2d(nn.Module):
             text += f", groups={self.groups}"
         if self.bias is None:
             text += ", bias=False"
+        if self.router is None:
+            text += f", gate={self.gate!r}, router=False"
         return text + f", backend={self.backend!r}"
 
 
 class DynamicBlock(nn.Module):
     """DynamicConv2d (no bias, "same"-style padding) -> BatchNorm2d -> ReLU.
 
-    Shapes: x (B, Cin, H, W) -> (B, Cout, ceil(H / stride), ceil(W / stride)).
+    Shapes: x (B, Cin, H, W) -> (B, Cout, ceil(H / stride), ceil(W / stride)); ``routing``
+    (B, K) given to ``forward`` replaces the conv's router (``router=False`` builds none).
     """
 
     def __init__(
@@ -148,6 +224,7 @@ class DynamicBlock(nn.Module):
         backend="auto",
         device=None,
         dtype=None,
+        router=True,
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -168,13 +245,15 @@ class DynamicBlock(nn.Module):
             gate=gate,
             reduction=reduction,
             backend=backend,
+            router=router,
             **factory,
         )
         self.bn = nn.BatchNorm2d(out_channels, **factory)
         self.act = nn.ReLU(inplace=True)
 
-    def forward(self, x: torch.Tensor, return_routing: bool = False):
-        y, routing = self.conv(x, return_routing=True)
+    def forward(self, x: torch.Tensor, routing: torch.Tensor | None = None,
+                return_routing: bool = False):
+        y, routing = self.conv(x, routing, return_routing=True)
         y = self.act(self.bn(y))
         return (y, routing) if return_routing else y
 

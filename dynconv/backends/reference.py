@@ -76,3 +76,30 @@ def grouped_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeo
     # The batch folded into channels loses x's memory format: give y the one F.conv2d would.
     y = y.reshape(batch, out_channels, y.shape[2], y.shape[3])
     return y.contiguous(memory_format=output_memory_format(x))
+
+
+def spanning_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
+    """The batch-spanning form: ``y[b] = sum_k a[b, k] conv(x[b], W_k)`` as ONE static conv.
+
+    The input is scaled by each expert's routing weight and stacked along channels, within each
+    group: x' (B, G * K * Cin/G, H, W) with ``x'[b, (g, k, c)] = a[b, k] x[b, (g, c)]``, and the
+    bank is one weight (Cout, K * Cin/G, kh, kw) with ``W'[(g, o), (k, c)] = bank[k, (g, o), c]``;
+    the bias is ``a @ bias_bank``. Every op is a standard one with the batch as a plain leading
+    dimension, so this is what ONNX export records (any batch size); it costs K x the FLOPs of
+    the static conv, so it is not a training path. x (B, Cin, H, W) -> (B, Cout, Ho, Wo).
+    """
+    batch, in_channels, height, width = x.shape
+    num_experts, out_channels, in_per_group = weight_bank.shape[:3]
+    groups = geometry.groups
+    scaled = routing.view(batch, 1, num_experts, 1, 1, 1) * x.reshape(
+        batch, groups, 1, in_per_group, height, width)
+    scaled = scaled.reshape(batch, groups * num_experts * in_per_group, height, width)
+    weight = weight_bank.reshape(num_experts, groups, out_channels // groups, in_per_group,
+                                 *weight_bank.shape[3:])
+    weight = weight.permute(1, 2, 0, 3, 4, 5).reshape(
+        out_channels, num_experts * in_per_group, *weight_bank.shape[3:])
+    y = F.conv2d(scaled, weight, None, geometry.stride, geometry.padding, geometry.dilation,
+                 groups)
+    if bias_bank is not None:
+        y = y + (routing @ bias_bank).view(batch, out_channels, 1, 1)
+    return y.contiguous(memory_format=output_memory_format(x))

@@ -21,7 +21,7 @@ import torch
 from dynconv.kernels._common import interpreter_enabled
 
 from .native.op import native_dynamic_conv2d
-from .reference import grouped_dynamic_conv2d, loop_dynamic_conv2d
+from .reference import grouped_dynamic_conv2d, loop_dynamic_conv2d, spanning_dynamic_conv2d
 from .triton.op import triton_dynamic_conv2d
 
 AUTO = "auto"
@@ -92,6 +92,13 @@ _BACKENDS = {
 # Every name ``backend=`` accepts.
 BACKEND_NAMES = (AUTO, *_BACKENDS)
 
+# What the library's own paths record under ONNX export: standard ops only, with the batch as a
+# dynamic dimension (the custom ops have no ONNX form, and the grouped trick bakes the batch into
+# ``groups``). Not a choice users make: ``torch.onnx.export`` gets it by itself.
+ONNX_EXPORT = Backend("spanning", spanning_dynamic_conv2d,
+                      "one static conv over K x Cin routing-scaled channels (ONNX export)")
+_EXPORTED_AS_SPANNING = (AUTO, "native", "triton")
+
 
 def check_backend_name(name) -> str:
     """``name`` if ``backend=name`` is accepted, else a ValueError listing the choices."""
@@ -117,8 +124,14 @@ def auto_backend_name(device: torch.device, dtype: torch.dtype) -> str:
 
 
 def resolve(name: str, x: torch.Tensor) -> Backend:
-    """The backend that ``backend=name`` runs for input ``x``, checked to be able to run."""
+    """The backend that ``backend=name`` runs for input ``x``, checked to be able to run.
+
+    Under ``torch.onnx.export`` the library's own paths (``auto``, ``native``, ``triton``) run
+    :data:`ONNX_EXPORT` instead; ``loop`` and ``grouped`` are recorded as they are.
+    """
     check_backend_name(name)
+    if name in _EXPORTED_AS_SPANNING and torch.onnx.is_in_onnx_export():
+        return ONNX_EXPORT
     if name == AUTO:
         name = auto_backend_name(x.device, x.dtype)
     backend = _BACKENDS[name]

@@ -1,0 +1,99 @@
+"""Bring your own model: turn its ``nn.Conv2d`` layers into DynamicConv2d, and fold an eval-mode
+BatchNorm into a dynamic conv's bank for inference."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .modules import DynamicConv2d
+
+
+def convert_conv2d(
+    model: nn.Module,
+    num_experts: int = 4,
+    filter: Callable[[str, nn.Conv2d], bool] | None = None,  # noqa: A002 (the documented name)
+    **kwargs,
+) -> nn.Module:
+    """Replace ``nn.Conv2d`` layers of ``model`` by :meth:`DynamicConv2d.from_conv2d` copies.
+
+    Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: the layers are replaced in place and the
+    model is returned (a bare ``nn.Conv2d`` given as ``model`` is returned converted). Each new
+    layer's experts start from the old weight, so with softmax gates the converted model
+    computes the same function (to rounding) until it trains.
+
+    Args:
+        model: any module.
+        num_experts: K of every converted layer.
+        filter: ``filter(name, conv) -> bool`` chooses the layers (``name`` is the qualified
+            name from ``model.named_modules()``); None converts every ``nn.Conv2d``. E.g. keep
+            the stem and the 1x1 layers static with
+            ``lambda name, conv: conv.in_channels > 3 and conv.kernel_size != (1, 1)``.
+        kwargs: passed to :meth:`DynamicConv2d.from_conv2d` (temperature, gate, reduction,
+            backend, router, perturb, generator).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if filter is not None and not callable(filter):
+        raise TypeError(f"filter must be a callable (name, conv) -> bool, got {filter!r}")
+
+    def chosen(name: str, module: nn.Module) -> bool:
+        return isinstance(module, nn.Conv2d) and (filter is None or bool(filter(name, module)))
+
+    if chosen("", model):
+        return DynamicConv2d.from_conv2d(model, num_experts, **kwargs)
+    # Collect first, then replace: the module tree must not change while it is walked.
+    targets = [(name, module) for name, module in model.named_modules()
+               if name and chosen(name, module)]
+    for name, module in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child_name, DynamicConv2d.from_conv2d(module, num_experts, **kwargs))
+    return model
+
+
+def fuse_conv_bn_eval(conv: DynamicConv2d, bn: nn.BatchNorm2d) -> DynamicConv2d:
+    """A copy of ``conv`` with the eval-mode ``bn`` that follows it folded into every expert.
+
+    Each expert k becomes ``W_k * s`` with bias ``(b_k - mean) * s + beta``, where
+    ``s = gamma / sqrt(running_var + eps)`` per output channel. Mixing is linear, so
+    ``BN(conv(x))`` equals the fused conv exactly whenever the routing weights of each sample
+    sum to 1: always for softmax gates (the default), for ``router=False`` when the routing
+    given to ``forward`` does. Sigmoid gates do not sum to 1, so they are refused.
+    """
+    if not isinstance(conv, DynamicConv2d):
+        raise TypeError(f"conv must be a DynamicConv2d, got {type(conv).__name__}")
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+    if bn.training:
+        raise ValueError("bn must be in eval mode (bn.eval()): training-mode BatchNorm uses the "
+                         "batch's statistics, which cannot be folded into weights")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("bn must track running statistics (track_running_stats=True) to be "
+                         "folded")
+    if bn.num_features != conv.out_channels:
+        raise ValueError(f"bn.num_features ({bn.num_features}) must equal conv.out_channels "
+                         f"({conv.out_channels})")
+    if conv.gate != "softmax":
+        raise ValueError(
+            f"conv has gate={conv.gate!r}: folding BatchNorm into the experts is exact only "
+            f"when each sample's routing weights sum to 1 (gate='softmax')"
+        )
+    fused = copy.deepcopy(conv)
+    with torch.no_grad():
+        scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.float()
+        shift = -bn.running_mean.float() * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.float()
+        bank = conv.weight.float() * scale.view(1, -1, 1, 1, 1)
+        fused.weight.copy_(bank.to(conv.weight.dtype))
+        bias = shift.expand(conv.num_experts, -1)
+        if conv.bias is not None:
+            bias = conv.bias.float() * scale + shift
+        fused.bias = nn.Parameter(bias.to(conv.weight.dtype).clone())
+    return fused
