@@ -12,6 +12,7 @@ COMMANDS = {
     "report": "dynconv.autotune.report",
     "sweep": "dynconv.autotune.sweep",
     "gpu-check": "dynconv.autotune.gpu_check",
+    "cpu-formulations": "dynconv.autotune.cpu_formulations",
 }
 SUMMARIES = {
     "compile-check": "compile every Triton kernel x config for sm_80 / sm_90 (no GPU needed)",
@@ -19,20 +20,25 @@ SUMMARIES = {
     "report": "turn bench CSVs into PNG plots and a summary.md",
     "sweep": "autotune the Triton kernels over a shape set; write the per-GPU tuned table",
     "gpu-check": "on a GPU machine: Triton tests, a short sweep, the GPU bench and its report",
+    "cpu-formulations": "time the native backend's CPU formulations (its rule's evidence)",
 }
 
 
 def usage() -> str:
     lines = ["usage: python -m dynconv.autotune <command> [--help] [args]", "", "commands:"]
-    lines += [f"  {name:14s} {SUMMARIES[name]}" for name in COMMANDS]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:{width}s}  {SUMMARIES[name]}" for name in COMMANDS]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv:
         print(usage(), file=sys.stderr)
-        return 0 if argv else 2
+        return 2
     if argv[0] not in COMMANDS:
         print(f"unknown command {argv[0]!r}; expected one of {list(COMMANDS)}\n\n{usage()}",
               file=sys.stderr)

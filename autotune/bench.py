@@ -3,10 +3,10 @@
 For every case (a conv shape x batch x K x dtype x layout) and every provider, the forward, the
 backward and forward+backward are timed, each *interleaved* with the static ``F.conv2d`` of the
 same shape (one static run, one provider run, repeated), so that the ratio to the static conv
-holds on a noisy machine. Times are medians; the ratio is the median of the per-round ratios.
-Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, and on the CPU the peak RSS
-(``VmHWM``) of a fresh process forked from a clean server that has only imported torch, minus
-its RSS just before the run.
+holds on a noisy machine (:class:`dynconv.autotune.measure.Timer`). Times are medians; the ratio
+is the median of the per-round ratios. Peak memory is ``torch.cuda.max_memory_allocated`` on a
+GPU, and on the CPU the peak RSS (``VmHWM``) of a fresh process
+(:func:`dynconv.autotune.measure.fresh_process_peak_rss`), minus its RSS just before the run.
 
 Modes: ``fwd`` is inference (``torch.no_grad``), ``fwd+bwd`` a training step's forward and
 backward, ``bwd`` the backward alone on a retained graph.
@@ -15,48 +15,59 @@ Providers (all at the functional level: x, the bank, the bias bank and the routi
 leaves that need gradients; the router MLP is not part of the timing):
 
 - ``static``: ``F.conv2d`` with one (Cout, Cin/g, kh, kw) weight: the floor.
-- ``loop``: one ``F.conv2d`` per sample. ``grouped``: the grouped-conv trick, plain autograd.
-- ``dynconv``: ``dynamic_conv2d(..., backend="auto")``. ``triton``: ``backend="triton"``, only
-  on CUDA (the CPU interpreter is not something to time).
+- one provider per name ``backend=`` accepts (the registry's list), each
+  ``dynamic_conv2d(..., backend=<name>)``: ``auto`` (the library's default path), ``loop`` (one
+  ``F.conv2d`` per sample), ``grouped`` (the grouped-conv trick, plain autograd), ``native``
+  and ``triton`` (only on CUDA: the CPU interpreter is not something to time). By default every
+  provider but ``native`` runs (on the CPU ``auto`` is ``native``); name it in ``--providers``
+  to time it.
 
 The output is one long-format CSV per run, ``<out>/<device>/bench_<preset>.csv``: one row per
-(group, case, provider, mode), with the device, the versions and the figures; a provider that
-cannot run has ``status`` ``skipped`` (or ``error``/``oom``) and a ``note`` saying why.
+(group, case, provider, mode), with the device, the versions, the git commit and the figures; a
+provider that cannot run has ``status`` ``skipped`` (or ``error``/``oom``) and a ``note`` saying
+why.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
-import multiprocessing
 import os
-import platform
-import re
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from .shapes import (
-    SHAPE_SETS,
-    ConvShape,
-    find_layer,
-    geometry_key,
-    get_shape_set,
-    parse_shape,
-    tiny,
-)
+from dynconv.backends.registry import BACKEND_NAMES, get_backend
 
-PROVIDERS = ("static", "loop", "grouped", "dynconv", "triton")
+from .measure import (
+    Timer,
+    csv_list,
+    cuda_peak_memory,
+    device_name,
+    device_slug,
+    fresh_process_peak_rss,
+    int_list,
+    shape_arg,
+    versions,
+)
+from .measure import progress as progress_bar
+from .shapes import SHAPE_SETS, ConvShape, find_layer, geometry_key, get_shape_set, tiny
+
+# provider -> the ``backend=`` it passes: one provider per backend name of the registry
+BACKEND_OF = {name: name for name in BACKEND_NAMES}
+PROVIDERS = ("static", *BACKEND_OF)
+# on the CPU "native" is what "auto" runs; elsewhere it is an extra, asked for by name
+DEFAULT_PROVIDERS = tuple(p for p in PROVIDERS if p != "native")
+# bench CSVs written before the provider took the backend's name
+RENAMED_PROVIDERS = {"dynconv": "auto"}
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LAYOUTS = ("nchw", "channels_last")
 PRESETS = ("quick", "gpu", "tiny")
-BACKEND_OF = {"loop": "loop", "grouped": "grouped", "dynconv": "auto", "triton": "triton"}
 
 # Dense tensor-core peaks (TFLOP/s) from the vendors' datasheets: (bf16/fp16, tf32, fp32).
 DEVICE_PEAK_TFLOPS = {
@@ -147,38 +158,6 @@ def preset_cases(preset: str, device: str) -> list[Case]:
 # environment
 
 
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return name
-
-
-def device_slug(device: str) -> str:
-    """Folder name of a device's reports: ``cpu`` or the GPU model, e.g. ``nvidia_h200``."""
-    if device == "cpu":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "_", device_name(device).lower()).strip("_")
-
-
-def versions() -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = ""
-    return {"torch": torch.__version__, "triton": triton_version,
-            "python": platform.python_version()}
-
-
 def device_peak_tflops(device: str, dtype: str) -> float:
     """The device's dense peak for ``dtype`` (fp32 counts as tf32 when cuDNN may use it)."""
     if device != "cuda":
@@ -192,16 +171,14 @@ def device_peak_tflops(device: str, dtype: str) -> float:
     return float("nan")
 
 
-def triton_unavailable_reason(device: str) -> str | None:
+def triton_unavailable_reason(device: str, dtype: str = "fp32") -> str | None:
     """Why the ``triton`` provider cannot be timed here, or None if it can."""
     if device != "cuda":
         return "needs CUDA (Triton's CPU interpreter is for correctness, not timing)"
     try:
-        import triton  # noqa: F401
-
-        from dynconv.backends.triton import forward  # noqa: F401
-    except ImportError as exc:
-        return f"Triton backend not importable: {exc}"
+        get_backend("triton").check_can_run(torch.device(device), DTYPES[dtype])
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -278,144 +255,26 @@ def mode_flops(case: Case, mode: str) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# timing
+# peak memory on the CPU
 
 
-class Timer:
-    """Times a callable in ms: wall clock on CPU, ``do_bench``'s median on a GPU.
-
-    On CPU one sample runs the callable ``calls`` times back to back (see :meth:`calls_for`) and
-    returns the mean, so that sub-millisecond ops are not lost in scheduler noise.
-    """
-
-    def __init__(self, device: str, rep_ms: float = 25.0, min_sample_ms: float = 10.0,
-                 max_calls: int = 20):
-        self.device = device
-        self.rep_ms = rep_ms
-        self.min_sample_ms = min_sample_ms
-        self.max_calls = max_calls
-
-    def calls_for(self, fn: Callable) -> int:
-        """Run ``fn`` once (a warm-up) and return how many calls make one CPU sample."""
-        if self.device == "cuda":
-            fn()
-            return 1
-        start = time.perf_counter()
-        fn()
-        once = (time.perf_counter() - start) * 1e3
-        return max(1, min(self.max_calls, math.ceil(self.min_sample_ms / max(once, 1e-3))))
-
-    def __call__(self, fn: Callable, calls: int = 1) -> float:
-        if self.device == "cuda":
-            import triton.testing
-
-            return float(triton.testing.do_bench(fn, warmup=max(1, int(self.rep_ms // 4)),
-                                                 rep=int(self.rep_ms), return_mode="median"))
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        return (time.perf_counter() - start) * 1e3 / calls
+def mini_case(case: Case) -> Case:
+    """A miniature of ``case`` for warm-up runs: same kernel, stride, kind of groups, batch,
+    K, dtype and layout (code paths that PyTorch picks by batch size are warmed too), 4
+    channels at 5x5."""
+    return replace(case, shape=tiny(case.shape, 4, 5), memory=False)
 
 
-def interleaved(timer: Timer, fn: Callable, static_fn: Callable,
-                rounds: int) -> tuple[list[float], list[float]]:
-    """Alternate static and provider samples ``rounds`` times; both lists of times (ms)."""
-    static_calls = timer.calls_for(static_fn)
-    calls = timer.calls_for(fn)
-    times, static_times = [], []
-    for _ in range(rounds):
-        static_times.append(timer(static_fn, static_calls))
-        times.append(timer(fn, calls))
-    return times, static_times
-
-
-def cuda_peak_memory(fn: Callable) -> tuple[int, int]:
-    """(max_memory_allocated during one call, that minus what was allocated before), bytes."""
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated()
-    return peak, peak - before
-
-
-def _read_status_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _memory_worker(case: Case, provider: str, threads: int, conn) -> None:
-    """In a fresh process: build the inputs, run forward+backward once, send (peak, extra)."""
-    try:
-        if threads:
-            torch.set_num_threads(threads)
-        # a first run on a miniature of the case loads every lazily initialised code path
-        # (oneDNN primitives, custom-op dispatch) so that the peak below is the case's own
-        mini = Case(case.group, tiny(case.shape, 4, 5), 1, case.experts, case.dtype, case.layout)
-        mini_forward, mini_leaves = forward_fn(provider, mini, make_inputs(mini, "cpu"))
-        mode_fn("fwd+bwd", mini_forward, mini_leaves)()
-        del mini_forward, mini_leaves
-        tensors = make_inputs(case, "cpu")
-        forward, leaves = forward_fn(provider, case, tensors)
-        before = _read_status_kb("VmRSS")
-        try:  # reset the high-water mark to the current RSS (Linux >= 4.0)
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            pass
-        mode_fn("fwd+bwd", forward, leaves)()
-        peak = _read_status_kb("VmHWM")
-        if peak is None or before is None:
-            import resource
-
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            conn.send(("ok", peak, None))
-        else:
-            conn.send(("ok", peak, peak - before))
-    except Exception as exc:  # reported in the CSV row, not raised in the parent
-        conn.send(("error", None, f"{type(exc).__name__}: {exc}"))
-    finally:
-        conn.close()
-
-
-_FORK_CONTEXT = None
-
-
-def fresh_process_peak_rss(case: Case, provider: str, threads: int = 0,
-                           timeout_s: float = 300.0):
-    """Peak RSS of forward+backward in a fresh process: (status, peak bytes, extra or note)."""
-    global _FORK_CONTEXT
-    if _FORK_CONTEXT is None:
-        methods = multiprocessing.get_all_start_methods()
-        _FORK_CONTEXT = multiprocessing.get_context(
-            "forkserver" if "forkserver" in methods else "spawn")
-        if "forkserver" in methods:
-            # children fork from a server that imported torch once but never ran an op
-            _FORK_CONTEXT.set_forkserver_preload(["torch", "dynconv", "dynconv.autotune.bench"])
-    receiver, sender = _FORK_CONTEXT.Pipe(duplex=False)
-    process = _FORK_CONTEXT.Process(target=_memory_worker, args=(case, provider, threads, sender))
-    process.start()
-    sender.close()
-    result = ("error", None, f"no result within {timeout_s:.0f} s")
-    if receiver.poll(timeout_s):
-        try:
-            result = receiver.recv()
-        except EOFError:
-            result = ("error", None, "the memory worker exited without a result")
-    process.join(5)
-    if process.is_alive():
-        process.kill()
-        process.join()
-    elif process.exitcode not in (0, None) and result[0] == "ok":
-        result = ("error", None, f"the memory worker exited with code {process.exitcode}")
-    return result
+def fwd_bwd_run(case: Case, provider: str, miniature: bool = False,
+                forward: Callable | None = None) -> Callable[[], object]:
+    """The forward+backward of ``provider`` on fresh CPU inputs of ``case`` (or its miniature):
+    the ``setup`` of :func:`dynconv.autotune.measure.fresh_process_peak_rss`. ``forward``: how
+    a provider's forward is built (default :func:`forward_fn`)."""
+    forward = forward or forward_fn
+    if miniature:
+        case = mini_case(case)
+    fn, leaves = forward(provider, case, make_inputs(case, "cpu"))
+    return mode_fn("fwd+bwd", fn, leaves)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +297,7 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
     static_forward, static_leaves = forward_fn("static", case, tensors)
     static_samples: dict[str, list[float]] = {m: [] for m in MODES}
     rows = []
-    triton_reason = triton_unavailable_reason(device)
+    triton_reason = triton_unavailable_reason(device, case.dtype)
     for provider in providers:
         for mode in MODES:
             row = {"provider": provider, "mode": mode, "status": "ok", "note": "",
@@ -453,13 +312,12 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
                 forward, leaves = forward_fn(provider, case, tensors)
                 static_fn = mode_fn(mode, static_forward, static_leaves)
                 fn = static_fn if provider == "static" else mode_fn(mode, forward, leaves)
-                times, static_times = interleaved(timer, fn, static_fn, rounds)
-                static_samples[mode] += static_times
+                timing = timer.interleaved(fn, static_fn, rounds)
+                static_samples[mode] += timing.static_times_ms
                 if provider == "static":
-                    static_samples[mode] += times
-                row.update(time_ms=_median(times), static_time_ms=_median(static_times),
-                           ratio_to_static=_median([t / s for t, s in zip(times, static_times,
-                                                                          strict=True) if s > 0]))
+                    static_samples[mode] += timing.times_ms
+                row.update(time_ms=timing.time_ms, static_time_ms=timing.static_ms,
+                           ratio_to_static=timing.ratio)
                 if memory and device == "cuda":
                     peak, extra = cuda_peak_memory(mode_fn(mode, forward, leaves))
                     row.update(peak_mem_bytes=peak, mem_extra_bytes=extra,
@@ -472,14 +330,16 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
                 else:
                     row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
         if memory and device == "cpu" and provider != "triton":
-            status, peak, extra = fresh_process_peak_rss(case, provider,
-                                                         torch.get_num_threads())
+            result = fresh_process_peak_rss(fwd_bwd_run, (case, provider),
+                                            torch.get_num_threads())
             row = rows[-1]  # the fwd+bwd row of this provider
-            if status == "ok":
-                row.update(peak_mem_bytes=peak, mem_extra_bytes=nan if extra is None else extra,
-                           mem_method="fresh_process_vmhwm")
-            else:
-                row["note"] = (row["note"] + "; " if row["note"] else "") + f"memory: {extra}"
+            if result.status == "ok":
+                row.update(peak_mem_bytes=result.peak_bytes,
+                           mem_extra_bytes=nan if result.extra_bytes is None
+                           else result.extra_bytes, mem_method="fresh_process_vmhwm")
+            if result.note:
+                row["note"] = (row["note"] + "; " if row["note"] else "") + \
+                    f"memory: {result.note}"
     for row in rows:
         if row["provider"] == "static":
             # the floor's own time: every static sample of this case and mode
@@ -513,11 +373,11 @@ def derived_columns(row: dict, case: Case, device: str) -> dict:
 
 COLUMNS = [
     "run_id", "timestamp", "preset", "device", "device_name", "device_slug", "torch", "triton",
-    "python", "threads", "cpus", "load_avg_1min", "rounds", "group", "layer", "shape", "cin",
-    "cout", "h", "w", "kh", "kw", "stride", "padding", "dilation", "groups", "batch", "experts",
-    "dtype", "layout", "provider", "mode", "status", "note", "time_ms", "static_time_ms",
-    "ratio_to_static", "samples_per_s", "gflop", "tflops", "device_peak_tflops", "peak_fraction",
-    "peak_mem_bytes", "mem_extra_bytes", "mem_method",
+    "python", "commit", "threads", "cpus", "load_avg_1min", "rounds", "group", "layer", "shape",
+    "cin", "cout", "h", "w", "kh", "kw", "stride", "padding", "dilation", "groups", "batch",
+    "experts", "dtype", "layout", "provider", "mode", "status", "note", "time_ms",
+    "static_time_ms", "ratio_to_static", "samples_per_s", "gflop", "tflops", "device_peak_tflops",
+    "peak_fraction", "peak_mem_bytes", "mem_extra_bytes", "mem_method",
 ]
 
 
@@ -532,11 +392,11 @@ def run(cases: list[Case], providers: list[str], device: str, rounds: int, out_c
         "%Y-%m-%dT%H:%M:%S%z"), "preset": preset, "device": device,
         "device_name": device_name(device), "device_slug": device_slug(device), **versions(),
         "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "rounds": rounds}
-    timer = Timer(device, rep_ms)
+    timer = Timer(device, rep_ms=rep_ms)
     measured: dict[tuple, list[dict]] = {}
     records: list[dict] = []
     started = time.monotonic()
-    bar = _progress(len(cases), progress)
+    bar = progress_bar(len(cases), progress, "bench")
     try:
         for case in cases:
             if time_budget_s and time.monotonic() - started > time_budget_s:
@@ -559,66 +419,8 @@ def run(cases: list[Case], providers: list[str], device: str, rounds: int, out_c
     return out_csv
 
 
-class _NoBar:
-    def set_postfix_str(self, _text):
-        pass
-
-    def update(self, _n):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, desc="bench", unit="case", file=sys.stderr, dynamic_ncols=True)
-
-
 # ---------------------------------------------------------------------------------------------
 # command line
-
-
-def csv_list(choices: Iterable[str], what: str):
-    """argparse type: a comma-separated subset of ``choices``, with a clear error."""
-    choices = tuple(choices)
-
-    def parse(text: str) -> list[str]:
-        items = [item.strip() for item in text.split(",") if item.strip()]
-        bad = [item for item in items if item not in choices]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(
-                f"unknown {what} {', '.join(map(repr, bad)) or repr(text)}; "
-                f"expected a comma-separated list from {list(choices)}")
-        return items
-
-    return parse
-
-
-def int_list(what: str):
-    def parse(text: str) -> list[int]:
-        try:
-            values = [int(item) for item in text.split(",") if item.strip()]
-        except ValueError:
-            values = []
-        if not values or min(values) < 1:
-            raise argparse.ArgumentTypeError(
-                f"{what} must be a comma-separated list of positive ints, got {text!r}")
-        return values
-
-    return parse
-
-
-def shape_arg(text: str) -> ConvShape:
-    try:
-        return parse_shape(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -644,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layout", type=csv_list(LAYOUTS, "layout"), default=["nchw"],
                         help="memory layouts for --set/--shape (default nchw)")
     parser.add_argument("--providers", type=csv_list(PROVIDERS, "provider"),
-                        default=list(PROVIDERS), help=f"subset of {','.join(PROVIDERS)}")
+                        default=list(DEFAULT_PROVIDERS),
+                        help=f"subset of {','.join(PROVIDERS)} (default: all but native)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--rounds", type=int, default=None,
                         help="interleaved repeats per measurement (default 5 CPU, 3 GPU)")

@@ -1,40 +1,48 @@
-"""``python -m dynconv.autotune compile-check``: compile every kernel x config for sm_80 / sm_90.
+"""``python -m dynconv.autotune compile-check``: compile what really launches, for sm_80 / sm_90.
 
-No GPU is needed: ``triton.compile`` builds the cubin for a ``GPUTarget``, and the cubin's
-registers, spill stack and shared memory are read with the ``cuobjdump`` shipped in Triton's
-wheel (``--dump-resource-usage``); Triton's own ``shared`` metadata is the fallback for shared
-memory. Kernels are discovered by iterating the modules of ``dynconv.kernels`` and calling each
-module-level ``compile_cases()`` (a list of ``dynconv.kernels.configs.CompileCase``).
+No GPU is needed. :mod:`.launch_capture` drives the Triton backend's launchers on meta tensors
+and records every launch, each config the autotuner would try included, specialised by Triton's
+own binder; each distinct specialisation is compiled with ``triton.compile`` for a
+``GPUTarget``. The cubin's registers, spill stack and shared memory are read with the
+``cuobjdump`` shipped in Triton's wheel, and its SASS (:mod:`.sass`) says whether the main loop
+uses tensor cores (wgmma or mma.sync) and asynchronous loads (cp.async or TMA), and how many
+instructions one step of it takes.
 
-Exit status: 0 when every case compiles, spills nothing and fits the target's shared memory;
-1 otherwise (the table says which case failed and why).
+``--report DIR`` writes ``codegen_triton<version>.csv`` (one row per compiled specialisation)
+and ``summary_triton<version>.md`` (the verdict per kernel) into DIR.
+
+Exit status: 0 when every specialisation compiles, spills nothing and fits the target's shared
+memory; 1 otherwise (the table says which and why); 2 for a usage error.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import csv
 import os
-import pkgutil
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+
+from .launch_capture import CompileJob, jobs_for
+from .sass import SassStats, analyse
 
 TARGETS = (80, 90)
 
 
 @dataclass
 class Result:
-    name: str
-    arch: int
+    job: CompileJob
     registers: int | None = None
     spill_bytes: int | None = None  # STACK + LOCAL from cuobjdump
     shared_bytes: int | None = None
+    sass: SassStats | None = None
     seconds: float = 0.0
     error: str | None = None
 
@@ -47,25 +55,6 @@ class Result:
         if self.shared_bytes is not None and self.shared_bytes > shared_limit:
             out.append(f"shared memory {self.shared_bytes} > limit {shared_limit}")
         return out
-
-
-def discover_cases(only: str | None = None):
-    """(module name, index, CompileCase) for every ``compile_cases()`` in ``dynconv.kernels``.
-
-    ``only`` is a regular expression that the case names must match.
-    """
-    import dynconv.kernels as package
-
-    found = []
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        make = getattr(module, "compile_cases", None)
-        if make is None:
-            continue
-        for index, case in enumerate(make()):
-            if only is None or re.search(only, case.name):
-                found.append((module.__name__, index, case))
-    return found
 
 
 def cuobjdump_path() -> str | None:
@@ -91,38 +80,24 @@ def parse_resource_usage(text: str) -> tuple[int, int, int]:
     return registers, stack + local, shared
 
 
-def divisibility_attrs(case) -> dict:
-    """Triton's ``attrs`` for the case's arguments that are multiples of 16 (none by default)."""
-    names = getattr(case, "divisible", ())
-    if not names:
-        return {}
-    from triton.backends.compiler import BaseBackend
+def compile_job(job: CompileJob) -> Result:
+    """Compile one captured specialisation and read its resources and SASS."""
+    import importlib
 
-    parse = getattr(BaseBackend, "parse_attr", None)
-    attr = parse("D") if parse is not None else [["tt.divisibility", 16]]
-    arg_names = list(case.kernel.arg_names)
-    return {(arg_names.index(name),): attr for name in names}
-
-
-def compile_one(module_name: str, index: int, arch: int) -> Result:
-    """Compile case ``index`` of ``module_name.compile_cases()`` for sm_``arch``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    module = importlib.import_module(module_name)
-    case = module.compile_cases()[index]
-    result = Result(case.name, arch)
+    result = Result(job)
+    kernel = getattr(importlib.import_module(job.module), job.kernel)
     start = time.perf_counter()
     try:
-        source = ASTSource(case.kernel, case.signature, case.constexprs,
-                           divisibility_attrs(case))
-        compiled = triton.compile(
-            source, target=GPUTarget("cuda", arch, 32),
-            options={"num_warps": case.num_warps, "num_stages": case.num_stages},
-        )
+        source = ASTSource(kernel, job.signature, job.constexprs, job.attrs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", job.arch, 32),
+                                  options=job.options)
     except Exception as exc:  # any compiler failure is reported, not raised
-        result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}"
+        lines = str(exc).strip().splitlines() or [""]
+        result.error = f"{type(exc).__name__}: {lines[-1][:200]}"
         result.seconds = time.perf_counter() - start
         return result
     result.seconds = time.perf_counter() - start
@@ -137,15 +112,17 @@ def compile_one(module_name: str, index: int, arch: int) -> Result:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        run = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True,
-                             text=True, check=False)
+        usage = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True,
+                               text=True, check=False)
+        sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True,
+                              check=False)
     try:
-        registers, spills, static_shared = parse_resource_usage(run.stdout)
+        registers, spills, _static_shared = parse_resource_usage(usage.stdout)
     except ValueError as exc:
         result.error = str(exc)
         return result
-    del static_shared  # the per-block reservation of sm_90, outside the opt-in limit
     result.registers, result.spill_bytes = registers, spills
+    result.sass = analyse(sass.stdout)
     return result
 
 
@@ -155,20 +132,112 @@ def shared_limit(arch: int) -> int:
     return SHARED_MEMORY_LIMITS[arch]
 
 
-HEADER = f"{'case':<52} {'sm':>3} {'regs':>5} {'spill':>6} {'shared':>7} {'s':>5}  status"
+def _short_kernel(job: CompileJob) -> str:
+    return job.kernel.removesuffix("_kernel")
+
+
+def row_values(r: Result) -> dict:
+    """One CSV / table row of a result."""
+    loop = r.sass.main_loop if r.sass else None
+    return {
+        "kernel": _short_kernel(r.job), "dtype": r.job.dtype, "config": r.job.config,
+        "specialisation": r.job.specialisation, "sm": r.job.arch, "registers": r.registers,
+        "spill_bytes": r.spill_bytes, "shared_bytes": r.shared_bytes,
+        "tensor_core": r.sass.tensor_core if r.sass else None,
+        "async_loads": r.sass.async_loads if r.sass else None,
+        "plain_loads": r.sass.plain_loads if r.sass else None,
+        "loop_instructions": loop.instructions if loop else None,
+        "loop_tensor_core_ops": loop.tensor_core if loop else None,
+        "loop_async_loads": loop.async_loads if loop else None,
+        "loop_plain_loads": loop.plain_loads if loop else None,
+        "loop_waits_for_mma": loop.waits_for_mma if loop else None,
+        "seconds": round(r.seconds, 2),
+        "status": "; ".join(r.problems(shared_limit(r.job.arch))) or "ok",
+        "launches": len(r.job.labels), "example_launch": r.job.labels[0],
+    }
+
+
+_COLUMNS = (("kernel", 12), ("dtype", 5), ("config", 20), ("sm", 3), ("registers", 4),
+            ("spill_bytes", 5), ("shared_bytes", 6), ("tensor_core", 6),
+            ("loop_instructions", 5), ("loop_async_loads", 5), ("loop_plain_loads", 5))
+HEADER = " ".join(f"{name[:width]:>{width}}" if i > 2 else f"{name[:width]:<{width}}"
+                  for i, (name, width) in enumerate(_COLUMNS)) + "  status"
 
 
 def format_row(r: Result) -> str:
-    problems = r.problems(shared_limit(r.arch))
-    status = "ok" if not problems else "FAIL: " + "; ".join(problems)
-    regs = "-" if r.registers is None else str(r.registers)
-    spill = "-" if r.spill_bytes is None else str(r.spill_bytes)
-    shared = "-" if r.shared_bytes is None else str(r.shared_bytes)
-    return f"{r.name:<52} {r.arch:>3} {regs:>5} {spill:>6} {shared:>7} {r.seconds:>5.1f}  {status}"
+    values = row_values(r)
+    cells = []
+    for i, (name, width) in enumerate(_COLUMNS):
+        value = "-" if values[name] is None else str(values[name])
+        cells.append(f"{value:>{width}}" if i > 2 else f"{value:<{width}}")
+    status = values["status"]
+    return " ".join(cells) + "  " + (status if status == "ok" else "FAIL: " + status)
 
 
-def format_table(results: list[Result]) -> str:
-    return "\n".join([HEADER, "-" * len(HEADER)] + [format_row(r) for r in results])
+def triton_version() -> str:
+    import triton
+
+    return triton.__version__
+
+
+def write_report(results: list[Result], folder: str) -> tuple[str, str]:
+    """codegen_triton<v>.csv and summary_triton<v>.md in ``folder``; returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    version = triton_version()
+    csv_path = os.path.join(folder, f"codegen_triton{version}.csv")
+    rows = [row_values(r) for r in results]
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["triton", *rows[0]])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({"triton": version, **row})
+    md_path = os.path.join(folder, f"summary_triton{version}.md")
+    with open(md_path, "w") as f:
+        f.write(summary_markdown(results, version))
+    return csv_path, md_path
+
+
+def summary_markdown(results: list[Result], version: str) -> str:
+    """Per kernel and target: how many specialisations, wgmma / mma, async loads in the main
+    loop, instructions per main-loop step (min-median-max), registers, failures."""
+    groups: dict[tuple, list[Result]] = defaultdict(list)
+    for r in results:
+        groups[(_short_kernel(r.job), r.job.arch)].append(r)
+    lines = [
+        f"# Codegen of the launched kernels (Triton {version})",
+        "",
+        "Every specialisation the Triton backend launches on the driven cases (ResNet-18's layers",
+        "at batch 32 and the tests' small shapes; every config the autotuner would try), compiled",
+        "for sm_80 and sm_90 by `python -m dynconv.autotune compile-check --report <dir>`. The",
+        "main loop is the innermost loop holding the tensor-core op (`autotune/sass.py`).",
+        "",
+        "| kernel | sm | compiled | failed | tensor cores (main loop) | main loop with async "
+        "loads | main loop with plain loads | waits for its wgmma each step | instructions per "
+        "step (min / median / max) | registers (max) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (kernel, arch), group in sorted(groups.items()):
+        ok = [r for r in group if r.sass is not None and r.sass.main_loop is not None]
+        failed = sum(bool(r.problems(shared_limit(arch))) for r in group)
+        kinds = sorted({r.sass.tensor_core for r in ok if r.sass.main_loop.tensor_core})
+        if any(not r.sass.main_loop.tensor_core for r in ok):
+            kinds.append("none")
+        steps = sorted(r.sass.main_loop.instructions for r in ok)
+        step_text = (f"{steps[0]} / {steps[len(steps) // 2]} / {steps[-1]}" if steps else "-")
+        lines.append(
+            f"| {kernel} | {arch} | {len(group)} | {failed} | {', '.join(kinds) or '-'} | "
+            f"{sum(r.sass.main_loop.async_loads > 0 for r in ok)} of {len(ok)} | "
+            f"{sum(r.sass.main_loop.plain_loads > 0 for r in ok)} of {len(ok)} | "
+            f"{sum(r.sass.main_loop.waits_for_mma for r in ok)} of {len(ok)} | {step_text} | "
+            f"{max((r.registers or 0) for r in group)} |"
+        )
+    failures = [r for r in results if r.problems(shared_limit(r.job.arch))]
+    lines += ["", f"{len(results)} specialisations compiled, {len(failures)} failed."]
+    for r in failures[:40]:
+        lines.append(f"- {_short_kernel(r.job)} {r.job.dtype} {r.job.config} sm_{r.job.arch}: "
+                     f"{'; '.join(r.problems(shared_limit(r.job.arch)))} "
+                     f"(e.g. {r.job.labels[0]})")
+    return "\n".join(lines) + "\n"
 
 
 class _Serial:
@@ -187,38 +256,49 @@ class _Serial:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dynconv.autotune compile-check",
-        description="Compile every Triton kernel x config for sm_80 and sm_90 (no GPU needed); "
-                    "fail on a compile error, a register spill or shared memory over the limit.",
+        description="Compile every Triton kernel specialisation the backend really launches "
+                    "(captured on meta tensors) for sm_80 and sm_90, no GPU needed; fail on a "
+                    "compile error, a register spill or shared memory over the limit.",
     )
-    parser.add_argument("--only", help="regular expression: check only cases whose name matches")
+    parser.add_argument("--only", help="regular expression: compile only the specialisations "
+                                       "whose kernel name or a launch label matches")
     parser.add_argument("--arch", type=int, action="append", choices=TARGETS,
                         help="compute capability to target (repeatable; default: 80 and 90)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="parallel compiler processes (default: CPU count)")
+    parser.add_argument("--report", metavar="DIR",
+                        help="write codegen_triton<version>.csv and summary_triton<version>.md")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile-check needs TRITON_INTERPRET unset (the interpreter does not compile)",
               file=sys.stderr)
         return 2
 
-    cases = discover_cases(args.only)
-    if not cases:
-        print("no compile cases found", file=sys.stderr)
-        return 1
-    # Workers get (module, index, arch) and rebuild the case: only plain values are pickled.
-    jobs = [(module_name, index, arch)
-            for module_name, index, _case in cases for arch in args.arch or TARGETS]
     start = time.perf_counter()
+    jobs = jobs_for(args.arch or TARGETS)
+    if args.only:
+        pattern = re.compile(args.only)
+        jobs = [job for job in jobs if pattern.search(job.kernel)
+                or any(pattern.search(label) for label in job.labels)]
+    if not jobs:
+        print("no launches captured" + (f" matching {args.only!r}" if args.only else ""),
+              file=sys.stderr)
+        return 1
+    print(f"Triton {triton_version()}: {len(jobs)} specialisations captured in "
+          f"{time.perf_counter() - start:.0f} s")
     print(HEADER)
     print("-" * len(HEADER), flush=True)
     results = []
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) if args.jobs > 1 else _Serial() as pool:
-        for result in pool.map(compile_one, *zip(*jobs, strict=True)):
+        for result in pool.map(compile_job, jobs):
             results.append(result)
             print(format_row(result), flush=True)  # rows as they finish: CI shows progress
-    failures = [r for r in results if r.problems(shared_limit(r.arch))]
+    failures = [r for r in results if r.problems(shared_limit(r.job.arch))]
     print(f"\n{len(results)} compiles in {time.perf_counter() - start:.0f} s, "
           f"{len(failures)} failed")
+    if args.report:
+        for path in write_report(results, args.report):
+            print(f"wrote {path}")
     return 1 if failures else 0
 
 

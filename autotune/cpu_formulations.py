@@ -1,36 +1,36 @@
-"""``python -m dynconv.autotune.cpu_formulations``: measure the native CPU formulations.
+"""``python -m dynconv.autotune cpu-formulations``: measure the native CPU formulations.
 
-This is the benchmark behind :mod:`dynconv.backends.native.rule` (which formulation the native
-backend runs for a shape and thread count) and behind the figures in ``perf_reports/cpu_native/``.
+The benchmark behind :mod:`dynconv.backends.native.rule` (which formulation the native backend
+runs for a shape and thread count) and behind ``perf_reports/cpu_native/``.
 
-For every case (the shapes of project issue 5 and the CPU shape set of the perf harness,
-``bench --preset quick``) and every provider, forward and forward+backward are timed, each run
-*interleaved* with the static ``F.conv2d`` of the same shape (static, provider, static, ...), and
-the figure kept is the median of the per-round ratios provider / static. Providers:
+For every case (``--set issue``: a table of wide 3x3 layers at K = 4 and 8; ``quick``: the
+CPU shape set of ``bench --preset quick``; ``all``: both) and every provider, forward and
+forward+backward are timed, each *interleaved* with the static ``F.conv2d`` of the same shape
+(:meth:`dynconv.autotune.measure.Timer.interleaved`); the figure kept is the median of the
+per-round ratios provider / static. Providers:
 
 - ``loop`` and ``grouped``: the plain-autograd baselines (``backend="loop"`` / ``"grouped"``);
 - ``native:<formulation>[@chunk]``: the native op with its formulation (and chunk size) forced;
 - ``auto``: ``backend="auto"``, i.e. the native op with the rule's choice.
 
-With ``--memory``, each provider's forward+backward also runs once in a fresh Python process
-(``subprocess``), and the figure is its peak RSS (``VmHWM``, reset through
-``/proc/self/clear_refs`` after the inputs are built and a miniature warm-up has run) minus its
-RSS just before the run: what the allocator actually took from the OS, whatever the allocator.
+``--parts`` times each formulation's forward, input gradient and weight gradient alone (the
+rule's evidence). With ``--memory``, each provider's forward+backward runs once in a fresh
+process instead (:func:`dynconv.autotune.measure.fresh_process_peak_rss`), and the figure is its
+peak RSS minus its RSS just before the run.
 
 Output: ``<out>/cpu_formulations.csv`` (long format, one row per case x threads x provider x
-mode) and, with ``--memory``, ``<out>/cpu_memory.csv``; a summary table is printed.
+mode), ``<out>/cpu_parts.csv`` or ``<out>/cpu_memory.csv``, every row with the git commit; a
+summary table is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
+import functools
 import os
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import torch
@@ -39,7 +39,8 @@ from dynconv.backends.native import op as native
 from dynconv.backends.native.formulations import FORMULATIONS, conv_backward, conv_forward
 from dynconv.backends.native.rule import FormulationPlan, choose_formulations
 
-from .bench import Case, forward_fn, make_inputs, mode_fn, preset_cases
+from .bench import DTYPES, Case, forward_fn, fwd_bwd_run, make_inputs, mode_fn, preset_cases
+from .measure import CLOCKS, Timer, fresh_process_peak_rss, git_commit
 from .shapes import ConvShape
 
 BASELINES = ("loop", "grouped")
@@ -47,7 +48,7 @@ MODES = ("fwd", "fwd+bwd")
 
 
 def issue_cases() -> list[Case]:
-    """The shapes of issue 5's table: fp32, 3x3, stride 1, Cin = Cout = C, K = 4 and 8."""
+    """The ``issue`` set: fp32, 3x3, stride 1, Cin = Cout = C, K = 4 and 8."""
     cases = []
     for batch, channels, size in ((32, 64, 32), (64, 128, 16), (16, 256, 14), (128, 64, 8)):
         shape = ConvShape(f"c{channels}@{size}", channels, channels, size, size, 3, 3, 1, 1)
@@ -103,11 +104,14 @@ def parse_provider(provider: str) -> tuple[str, tuple[str, ...] | None, int | No
 
 
 def provider_forward(provider: str, case: Case, tensors: dict):
-    """(forward, leaves) of a provider; a native one runs inside force_formulation."""
+    """(forward, leaves) of a provider (or of ``static``, the static conv); a native one runs
+    inside force_formulation."""
+    if provider == "static":
+        return forward_fn("static", case, tensors)
     kind, formulation, chunk = parse_provider(provider)
     if kind in BASELINES:
         return forward_fn(kind, case, tensors)
-    forward, leaves = forward_fn("dynconv", case, tensors)
+    forward, leaves = forward_fn("auto", case, tensors)
     if kind == "auto":
         return forward, leaves
 
@@ -123,8 +127,7 @@ def rule_choice(case: Case, threads: int) -> FormulationPlan:
     s = case.shape
     return choose_formulations(
         case.batch, s.cin, s.cout, (s.h, s.w), (s.kh, s.kw), (s.ho, s.wo), s.groups,
-        {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype],
-        case.layout == "channels_last", threads, (s.stride, s.stride),
+        DTYPES[case.dtype], case.layout == "channels_last", threads, (s.stride, s.stride),
     )
 
 
@@ -137,34 +140,13 @@ def case_columns(case: Case) -> dict:
     }
 
 
-CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
-
-
-def interleaved_timings(static_fn, fn, rounds: int, clock: str) -> dict:
-    """Time ``static_fn`` and ``fn`` alternately (one warm-up call each, then ``rounds`` rounds).
-
-    Returns the median times, the median of the per-round ratios fn / static_fn and the ratio
-    of the minimums: the columns every CSV of this module shares.
-    """
-    now = CLOCKS[clock]
-
-    def _timed(f) -> float:
-        start = now()
-        f()
-        return now() - start
-
-    static_fn()
-    fn()
-    times, static_times = [], []
-    for _ in range(rounds):
-        static_times.append(_timed(static_fn))
-        times.append(_timed(fn))
-    return {
-        "time_ms": 1e3 * statistics.median(times),
-        "static_ms": 1e3 * statistics.median(static_times),
-        "ratio": statistics.median([t / s for t, s in zip(times, static_times, strict=True)]),
-        "ratio_of_mins": min(times) / min(static_times),
-    }
+def timing_columns(static_fn, fn, rounds: int, clock: str) -> dict:
+    """``fn`` timed interleaved with ``static_fn`` over ``rounds`` rounds on ``clock``: the
+    median times, the median of the per-round ratios fn / static_fn and the ratio of the
+    minimums (the columns every timing CSV of this module shares)."""
+    timing = Timer("cpu", clock).interleaved(fn, static_fn, rounds)
+    return {"time_ms": timing.time_ms, "static_ms": timing.static_ms, "ratio": timing.ratio,
+            "ratio_of_mins": timing.ratio_of_mins}
 
 
 def measure(case: Case, providers: list[str], threads: int, rounds: int, modes,
@@ -186,8 +168,8 @@ def measure(case: Case, providers: list[str], threads: int, rounds: int, modes,
             fn = mode_fn(mode, forward, leaves)
             rows.append({
                 **case_columns(case), "threads": threads, "clock": clock, "provider": provider,
-                "mode": mode, **interleaved_timings(static_fn, fn, rounds, clock),
-                "rule": "/".join(rule_choice(case, threads)),
+                "mode": mode, **timing_columns(static_fn, fn, rounds, clock),
+                "rule": "/".join(rule_choice(case, threads)), "commit": git_commit(),
             })
     return rows
 
@@ -236,8 +218,8 @@ def measure_parts(case: Case, threads: int, rounds: int, clock: str = "wall") ->
             rows.append({
                 **case_columns(case), "threads": threads, "clock": clock,
                 "formulation": formulation, "part": part,
-                **interleaved_timings(static_fn, fn, rounds, clock),
-                "rule": rule_choice(case, threads)[PARTS.index(part)],
+                **timing_columns(static_fn, fn, rounds, clock),
+                "rule": rule_choice(case, threads)[PARTS.index(part)], "commit": git_commit(),
             })
     return rows
 
@@ -268,57 +250,15 @@ def parts_markdown_table(path: str) -> str:
 # peak memory in a fresh process
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def memory_child(spec: dict) -> dict:
-    """Run in the fresh process: one forward+backward, peak RSS over the RSS just before."""
-    torch.set_num_threads(spec["threads"])
-    shape = ConvShape(**spec["shape"])
-    case = Case("memory", shape, spec["batch"], spec["experts"], spec["dtype"], spec["layout"])
-    provider = spec["provider"]
-    # A miniature warm-up loads the lazily initialised code paths (oneDNN primitives,
-    # custom-op dispatch), so that the figure below is the case's own.
-    mini_shape = replace(shape, cin=4, cout=4, h=6, w=6, groups=1)
-    mini = Case("memory", mini_shape, 2, spec["experts"], spec["dtype"], spec["layout"])
-    if provider == "static":
-        fwd, leaves = forward_fn("static", mini, make_inputs(mini, "cpu"))
-    else:
-        fwd, leaves = provider_forward(provider, mini, make_inputs(mini, "cpu"))
-    mode_fn("fwd+bwd", fwd, leaves)()
-    tensors = make_inputs(case, "cpu")
-    if provider == "static":
-        fwd, leaves = forward_fn("static", case, tensors)
-    else:
-        fwd, leaves = provider_forward(provider, case, tensors)
-    run = mode_fn("fwd+bwd", fwd, leaves)
-    before = _status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current RSS
-    grads = run()
-    peak = _status_bytes("VmHWM")
-    del grads
-    return {"peak_rss_bytes": peak, "extra_bytes": peak - before, "rss_before_bytes": before}
-
-
 def fresh_process_memory(case: Case, provider: str, threads: int) -> dict:
-    s = case.shape
-    spec = {
-        "shape": s.as_dict(), "batch": case.batch, "experts": case.experts,
-        "dtype": case.dtype, "layout": case.layout, "provider": provider, "threads": threads,
-    }
-    out = subprocess.run(
-        [sys.executable, "-m", "dynconv.autotune.cpu_formulations", "--memory-child",
-         json.dumps(spec)], capture_output=True, text=True, timeout=600, check=False,
-    )
-    if out.returncode != 0:
-        raise RuntimeError(f"memory child for {provider} failed: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    """Peak RSS of one forward+backward of ``provider`` (or ``static``) in a fresh process:
+    the columns of the memory CSV. Raises RuntimeError if it cannot be measured."""
+    result = fresh_process_peak_rss(functools.partial(fwd_bwd_run, forward=provider_forward),
+                                    (case, provider), threads, timeout_s=600.0)
+    if result.status != "ok" or result.extra_bytes is None:
+        raise RuntimeError(f"memory of {provider} could not be measured: {result.note}")
+    return {"peak_rss_bytes": result.peak_bytes, "extra_bytes": result.extra_bytes,
+            "rss_before_bytes": result.rss_before_bytes}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +311,8 @@ def markdown_table(path: str, mode: str = "fwd+bwd") -> str:
 
 
 def goal_summary(path: str, mode: str = "fwd+bwd") -> str:
-    """Issue 5's speed goals on a CSV of loop, grouped and auto: how many cases meet each."""
+    """The native path's speed goals on a CSV of loop, grouped and auto (at most the better
+    baseline; at most 1.6x and 1.3x the static conv): how many cases meet each."""
     with open(path, newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["mode"] == mode]
     cases: dict[tuple, dict[str, float]] = {}
@@ -399,8 +340,8 @@ def goal_summary(path: str, mode: str = "fwd+bwd") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dynconv.autotune.cpu_formulations",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dynconv.autotune cpu-formulations",
+                                     description=__doc__.splitlines()[0].split(": ", 1)[1])
     parser.add_argument("--set", default="all", help="issue, quick or all (default)")
     parser.add_argument("--providers", default=",".join(
         list(BASELINES) + [f"native:{f}" for f in FORMULATIONS] + ["auto"]),
@@ -422,7 +363,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", action="store_true",
                         help="time each formulation's forward, input gradient and weight "
                              "gradient alone (the rule's evidence) instead of the providers")
-    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.table is not None and args.parts:
         print(parts_markdown_table(args.table))
@@ -432,9 +372,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{mode}: ratio to the static conv (median of interleaved rounds)\n")
             print(markdown_table(args.table, mode))
             print("\n" + goal_summary(args.table, mode))
-        return 0
-    if args.memory_child is not None:
-        print(json.dumps(memory_child(json.loads(args.memory_child))))
         return 0
     threads = [int(t) for t in args.threads.split(",")]
     providers = [p for p in args.providers.split(",") if p]
@@ -449,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
             for provider in ["static"] + providers:
                 result = fresh_process_memory(case, provider, t)
                 rows.append({**case_columns(case), "threads": t, "provider": provider,
-                             "method": "fresh process VmHWM - VmRSS before", **result})
+                             "method": "fresh process VmHWM - VmRSS before", **result,
+                             "commit": git_commit()})
                 print(f"threads={t} {provider:>22}: +{result['extra_bytes'] / 2**20:7.1f} MiB",
                       flush=True)
         _write_csv(os.path.join(args.out, f"cpu_memory{suffix}.csv"), rows)

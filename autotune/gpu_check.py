@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     if gpu_reason:
         device_slug = "no_gpu"
     else:
-        from .bench import device_slug as slug_of
+        from .measure import device_slug as slug_of
 
         device_slug = slug_of("cuda")
     steps = build_steps(args, device_slug, gpu_reason)

@@ -24,12 +24,12 @@ import sys
 
 import pandas as pd
 
-from .bench import COLUMNS, MODES, PROVIDERS
+from .bench import COLUMNS, MODES, PROVIDERS, RENAMED_PROVIDERS
 
 REQUIRED = {"device_slug", "preset", "group", "shape", "batch", "provider", "mode", "status",
             "time_ms", "ratio_to_static"}
-COLORS = {"static": "black", "loop": "tab:red", "grouped": "tab:orange", "dynconv": "tab:blue",
-          "triton": "tab:green"}
+COLORS = {"static": "black", "loop": "tab:red", "grouped": "tab:orange", "auto": "tab:blue",
+          "native": "tab:purple", "triton": "tab:green"}
 AXIS_GROUPS = (("experts", "experts", "K (kernels in the bank)"),
                ("width", "cin", "channels (Cin = Cout)"),
                ("spatial", "h", "spatial size (H = W)"),
@@ -50,12 +50,14 @@ def find_csvs(paths: list[str]) -> list[str]:
 
 
 def load(path: str) -> pd.DataFrame:
-    """Read one bench CSV; ValueError naming the missing columns if it is not one."""
+    """Read one bench CSV; ValueError naming the missing columns if it is not one. Providers
+    written under an older name (``dynconv`` for ``auto``) are read under the current one."""
     frame = pd.read_csv(path, keep_default_na=True)
     missing = REQUIRED - set(frame.columns)
     if missing:
         raise ValueError(f"{path} is not a bench CSV: columns {sorted(missing)} are missing "
                          f"(expected the columns written by bench: {COLUMNS})")
+    frame["provider"] = frame["provider"].replace(RENAMED_PROVIDERS)
     frame["note"] = frame.get("note", pd.Series(dtype=str)).fillna("")
     frame["variant"] = frame["dtype"] + " " + frame["layout"]
     return frame
@@ -278,7 +280,8 @@ def summary_section(frame: pd.DataFrame, images: list[str]) -> list[str]:
         "",
         f"- device: {first['device_name']} ({first['device']}), {first.get('threads', '?')} "
         f"threads; torch {first['torch']}, Triton {first['triton'] or '-'}, "
-        f"Python {first['python']}",
+        f"Python {first['python']}"
+        + (f"; commit {first['commit']}" if isinstance(first.get("commit"), str) else ""),
         *_load_line(frame),
         f"- timing: median of {first.get('rounds', '?')} rounds, each round one static-conv "
         f"sample then one provider sample of the same shape"

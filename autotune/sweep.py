@@ -19,13 +19,13 @@ import argparse
 import importlib
 import json
 import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .bench import DTYPES, LAYOUTS, csv_list, int_list, shape_arg
+from .bench import DTYPES, LAYOUTS
+from .measure import Timer, csv_list, int_list, progress, shape_arg
 from .shapes import SHAPE_SETS, ConvShape, geometry_key, get_shape_set, tiny
 
 
@@ -41,15 +41,17 @@ class KernelSpec:
 
 
 KERNELS = {
-    "conv_forward": KernelSpec("dynconv.kernels.conv_forward", "conv_forward_autotuned",
-                               "dynconv.kernels.configs:conv_forward_configs",
-                               ("premix", "fused"), "forward"),
-    "mix": KernelSpec("dynconv.kernels.mix", "mix_autotuned",
+    "conv_fwd": KernelSpec("dynconv.kernels.conv_fwd", "conv_fwd_tuned",
+                           "dynconv.kernels.configs:conv_fwd_configs",
+                           ("premix", "fused"), "forward"),
+    "mix": KernelSpec("dynconv.kernels.mix", "mix_tuned",
                       "dynconv.kernels.configs:mix_configs", ("premix",), "forward"),
-    "conv_dgrad": KernelSpec("dynconv.kernels.conv_dgrad", "dgrad_kernel_tuned",
-                             "dynconv.kernels.conv_dgrad:dgrad_configs", ("dgrad",), "backward"),
-    "conv_wgrad": KernelSpec("dynconv.kernels.conv_wgrad", "wgrad_kernel_tuned",
-                             "dynconv.kernels.conv_wgrad:wgrad_configs", ("wgrad",), "backward"),
+    "conv_bwd_dx": KernelSpec("dynconv.kernels.conv_bwd_dx", "conv_bwd_dx_tuned",
+                              "dynconv.kernels.configs:conv_bwd_dx_configs", ("dgrad",),
+                              "backward"),
+    "conv_bwd_dw": KernelSpec("dynconv.kernels.conv_bwd_dw", "conv_bwd_dw_tuned",
+                              "dynconv.kernels.configs:conv_bwd_dw_configs", ("wgrad",),
+                              "backward"),
 }
 # relative error (max |out - ref| / max |ref|) above which a candidate's output is wrong
 TOLERANCE = {"fp32": 2e-2, "bf16": 6e-2, "fp16": 2e-2}
@@ -138,18 +140,18 @@ def driver(kernel_name: str, variant: str, item: Item, t: dict,
         return lambda: {"y": triton_forward_impl(t["x"], t["bank"], t["routing"], t["bias"],
                                                  stride, padding, dilation, s.groups,
                                                  strategy=variant)}
-    if kernel_name == "conv_dgrad":
-        from dynconv.kernels.conv_dgrad import conv_dgrad
+    if kernel_name == "conv_bwd_dx":
+        from dynconv.kernels.conv_bwd_dx import conv_bwd_dx
 
-        return lambda: {"grad_x": conv_dgrad(t["grad_out"], t["bank"], t["routing"],
-                                             tuple(t["x"].shape), stride, padding, dilation,
-                                             s.groups, interpreter=interpreter)}
-    from dynconv.kernels.conv_wgrad import conv_wgrad
+        return lambda: {"grad_x": conv_bwd_dx(t["grad_out"], t["bank"], t["routing"],
+                                              tuple(t["x"].shape), stride, padding, dilation,
+                                              s.groups, interpreter=interpreter)}
+    from dynconv.kernels.conv_bwd_dw import conv_bwd_dw
 
     def wgrad():
-        bank, routing, bias = conv_wgrad(t["grad_out"], t["x"], t["bank"], t["routing"],
-                                         t["bias"], stride, padding, dilation, s.groups,
-                                         interpreter=interpreter)
+        bank, routing, bias = conv_bwd_dw(t["grad_out"], t["x"], t["bank"], t["routing"],
+                                          t["bias"], stride, padding, dilation, s.groups,
+                                          interpreter=interpreter)
         return {"grad_bank": bank, "grad_routing": routing, "grad_bias": bias}
 
     return wgrad
@@ -165,17 +167,9 @@ def relative_error(out: dict, ref: dict) -> float:
 
 
 def time_call(fn: Callable, device: str, reps: int = 3) -> float:
-    """Median ms of ``fn``: ``do_bench`` on a GPU, wall clock of ``reps`` calls otherwise."""
-    if device == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
-    samples = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    """Median ms of ``fn``, just called once (no warm-up here): on a GPU one ``do_bench`` median
+    over 20 ms (5 ms of warm-up), otherwise the median of ``reps`` wall-clock calls."""
+    return Timer(device, rep_ms=20.0).median(fn, 1 if device == "cuda" else reps)
 
 
 def tune_one(kernel_name: str, kernel, item: Item, device: str, interpreter: bool,
@@ -390,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     table = open_table(path, device_name, device_slug)
     started = time.monotonic()
-    bar = _progress(len(items) * len(kernels), not args.no_progress)
+    bar = progress(len(items) * len(kernels), not args.no_progress, "sweep")
     tuned = 0
     over_budget = lambda: (args.time_budget  # noqa: E731
                            and time.monotonic() - started > args.time_budget)
@@ -424,15 +418,6 @@ def main(argv: list[str] | None = None) -> int:
     tuned_table.clear_cache()
     print(f"sweep: {tuned} tuned entries written to {path}")
     return 0
-
-
-def _progress(total: int, enabled: bool):
-    from .bench import _progress as bench_progress
-
-    bar = bench_progress(total, enabled)
-    if hasattr(bar, "set_description"):
-        bar.set_description("sweep")
-    return bar
 
 
 if __name__ == "__main__":

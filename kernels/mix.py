@@ -1,6 +1,7 @@
 """Mix kernel: per-sample weights ``W[b] = sum_k a[b, k] bank[k]`` (and the bias) in one pass.
 
-A tiled (B x K) @ (K x N) product whose N columns are the bank's weights followed by its bias.
+From the routing a (B, K), the bank (K, C_out, C_in/G, KH, KW) and the bias bank (K, C_out), a
+tiled (B x K) @ (K x N) product whose N columns are the bank's weights followed by its bias.
 Each sample's row is written in the layout the conv forward kernel reads (reduction-major,
 output channels contiguous)::
 
@@ -19,7 +20,11 @@ import triton
 import triton.language as tl
 
 from ._common import dot_settings
-from .configs import MIX_KEY, CompileCase, compile_check_dtypes, mix_configs, prune_mix_configs
+from .configs import (
+    MIX_KEY,
+    mix_configs,
+    prune_mix_configs,
+)
 from .tuned_table import with_tuned_table
 
 _ALIGN = 16  # elements: keeps each row and the bias section 16-element aligned
@@ -136,7 +141,7 @@ def mix_kernel(
 
 
 # The persisted per-GPU tuned table is consulted first, then the autotuner.
-mix_autotuned = with_tuned_table("mix", triton.autotune(
+mix_tuned = with_tuned_table("mix", triton.autotune(
     configs=mix_configs(), key=MIX_KEY,
     prune_configs_by={"early_config_prune": prune_mix_configs},
 )(mix_kernel))
@@ -167,7 +172,7 @@ def mix(routing: torch.Tensor, weight_bank: torch.Tensor, bias_bank: torch.Tenso
         triton.cdiv(layout.n_weight + layout.n_bias, meta["BLOCK_N"]),
         triton.cdiv(n, meta["BLOCK_B"]),
     )
-    mix_autotuned[grid](
+    mix_tuned[grid](
         routing, weight_bank, bias, out,
         n, num_experts, layout.n_weight, layout.n_bias, layout.bias_offset,
         out_channels // groups, in_per_group, kh, kw,
@@ -180,36 +185,3 @@ def mix(routing: torch.Tensor, weight_bank: torch.Tensor, bias_bank: torch.Tenso
         INPUT_PRECISION=precision,
     )
     return out
-
-
-def compile_cases() -> list[CompileCase]:
-    """Every mix config x {outer products, tl.dot}, in fp32 and fp16 (bf16 for some)."""
-    cases = []
-    ints = [
-        "BATCH", "NUM_EXPERTS", "N_WEIGHT", "N_BIAS", "BIAS_OFFSET", "C_OUT_G", "C_IN_G", "KH",
-        "KW", "a_stride_b", "a_stride_k", "bank_stride_k", "bank_stride_o", "bank_stride_c",
-        "bank_stride_h", "bank_stride_w", "bias_stride_k", "bias_stride_o", "out_stride_b",
-    ]
-    configs = mix_configs(interpreter=False)
-    for index, config in enumerate(configs):
-        for dtype in compile_check_dtypes(index, len(configs)):
-            for use_dot in (False, True):
-                signature = {name: f"*{dtype}" for name in ("a_ptr", "bank_ptr", "bias_ptr",
-                                                            "out_ptr")}
-                signature.update({name: "i32" for name in ints})
-                constexprs = {
-                    "HAS_BIAS": True, "USE_DOT": use_dot, "DOT_FP32": False,
-                    "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee", **config.kwargs,
-                }
-                # Contiguous routing, bank and bias have these unit strides, which Triton
-                # specializes as constexpr 1 at launch.
-                constexprs.update({"a_stride_k": 1, "bank_stride_w": 1, "bias_stride_o": 1})
-                signature.update({name: "constexpr" for name in constexprs})
-                kw = config.kwargs
-                name = (f"mix {'dot' if use_dot else 'fma'} {dtype} "
-                        f"B{kw['BLOCK_B']} N{kw['BLOCK_N']} w{config.num_warps}")
-                cases.append(CompileCase(mix_kernel, signature, constexprs, config.num_warps,
-                                         config.num_stages, name,
-                                         ("a_ptr", "bank_ptr", "bias_ptr", "out_ptr",
-                                          "BIAS_OFFSET", "out_stride_b")))
-    return cases

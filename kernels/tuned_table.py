@@ -14,7 +14,7 @@ looks its launch up by the exact autotune key; on a hit it launches the tuned co
 
 Hooking a kernel in is one line where its autotuner is defined::
 
-    conv_forward_autotuned = with_tuned_table("conv_forward", triton.autotune(...)(kernel))
+    conv_fwd_tuned = with_tuned_table("conv_fwd", triton.autotune(...)(conv_fwd_kernel))
 
 The wrapper keeps the autotuner's ``kernel[grid](*args, **kwargs)`` call form.
 """

@@ -7,12 +7,13 @@ import csv
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from dynconv.autotune import __main__ as cli
-from dynconv.autotune.bench import COLUMNS, MODES, PROVIDERS, preset_cases
+from dynconv.autotune.bench import COLUMNS, DEFAULT_PROVIDERS, MODES, preset_cases
 from dynconv.autotune.shapes import SHAPE_SETS, get_shape_set, parse_shape, tiny
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -28,14 +29,82 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
     return code, out, err
 
 
+# --- the measuring library ---------------------------------------------------------------------
+
+
+def _busy(n: int):
+    return lambda: sum(range(n))
+
+
+@pytest.mark.parametrize("clock", ["wall", "process"])
+def test_interleaved_timer_gives_sane_ratios(clock):
+    from dynconv.autotune.measure import Timer
+
+    timer = Timer("cpu", clock, min_sample_ms=5.0)
+    if clock == "wall":
+        fn, static_fn = lambda: time.sleep(0.002), lambda: time.sleep(0.001)
+    else:  # CPU time: busy work, twice as much
+        fn, static_fn = _busy(40_000), _busy(20_000)
+    timing = timer.interleaved(fn, static_fn, rounds=5)
+    assert len(timing.times_ms) == len(timing.static_times_ms) == 5
+    assert timing.time_ms > timing.static_ms > 0
+    assert 1.4 < timing.ratio < 2.8, timing
+    assert 1.2 < timing.ratio_of_mins < 3.5, timing
+    same = timer.interleaved(static_fn, static_fn, rounds=5)
+    assert 0.6 < same.ratio < 1.6, same
+    if clock == "wall":  # sub-sample calls are batched: a 1 ms call fills a 5 ms sample
+        assert timer.calls_for(lambda: time.sleep(0.001)) in range(2, 6)
+
+
+def test_fresh_process_memory_probe_reports_a_positive_peak():
+    from dynconv.autotune.bench import Case, fwd_bwd_run
+    from dynconv.autotune.measure import fresh_process_peak_rss, read_proc_status
+
+    assert read_proc_status("VmRSS") > 0 and read_proc_status("NoSuchField") is None
+    case = Case("memory", parse_shape("cin=16,cout=16,hw=16,k=3"), 8)
+    result = fresh_process_peak_rss(fwd_bwd_run, (case, "auto"), threads=1)
+    assert result.status == "ok", result.note
+    assert result.peak_bytes > 2**20 and result.extra_bytes > 0
+    assert result.rss_before_bytes + result.extra_bytes == result.peak_bytes
+    failed = fresh_process_peak_rss(fwd_bwd_run, (case, "no-such-provider"), threads=1)
+    assert failed.status == "error" and "no-such-provider" in failed.note
+
+
+def test_versions_record_the_git_commit():
+    from dynconv.autotune import measure
+
+    record = measure.versions()
+    assert set(record) == {"torch", "triton", "python", "commit"}
+    assert record["commit"] == measure.git_commit()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=root)
+    if head.returncode == 0 and os.path.samefile(measure._SOURCE_ROOT, root):
+        # the tools run from this checkout: HEAD's short hash, maybe marked dirty
+        assert record["commit"].removesuffix("-dirty") == head.stdout.strip()
+    else:  # an installed copy: no commit to claim
+        assert record["commit"] == "unknown"
+    assert measure.device_slug("cpu") == "cpu"
+
+
 # --- help and dry runs -------------------------------------------------------------------------
 
 
 def test_dispatcher_help_lists_commands(capsys):
-    code, _, err = run_cli(capsys, "--help")
+    code, out, _ = run_cli(capsys, "--help")
     assert code == 0
-    for command in ("bench", "report", "sweep", "gpu-check", "compile-check"):
-        assert command in err
+    for command in ("bench", "report", "sweep", "gpu-check", "compile-check",
+                    "cpu-formulations"):
+        assert command in out
+    assert set(cli.COMMANDS) == set(cli.SUMMARIES)
+
+
+def test_module_help_lists_every_command_on_stdout():
+    result = subprocess.run([sys.executable, "-m", "dynconv.autotune", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for command in cli.COMMANDS:
+        assert f"  {command} " in result.stdout
 
 
 def test_unknown_command_is_an_error(capsys):
@@ -44,7 +113,7 @@ def test_unknown_command_is_an_error(capsys):
     assert "bench" in err
 
 
-@pytest.mark.parametrize("command", ["bench", "report", "sweep", "gpu-check"])
+@pytest.mark.parametrize("command", list(cli.COMMANDS))
 def test_subcommand_help(capsys, command):
     code, out, _ = run_cli(capsys, command, "--help")
     assert code == 0
@@ -68,7 +137,7 @@ def test_bench_dry_run_lists_cases_and_writes_nothing(capsys, tmp_path):
     ("argv", "needles"),
     [
         (["bench", "--set", "resnet99"], ["resnet99", "resnet18"]),
-        (["bench", "--providers", "static,cudnn"], ["'cudnn'", "dynconv"]),
+        (["bench", "--providers", "static,cudnn"], ["'cudnn'", "'auto'", "'native'"]),
         (["bench", "--dtype", "fp8"], ["'fp8'", "bf16"]),
         (["bench", "--layout", "nhwc"], ["'nhwc'", "channels_last"]),
         (["bench", "--batch", "0"], ["--batch", "'0'"]),
@@ -77,7 +146,7 @@ def test_bench_dry_run_lists_cases_and_writes_nothing(capsys, tmp_path):
         (["bench", "--preset", "huge"], ["'huge'", "quick"]),
         (["sweep", "--set", "vgg"], ["'vgg'", "mobilenetv2"]),
         (["sweep", "--dtype", "int8"], ["'int8'", "fp16"]),
-        (["sweep", "--kernels", "conv_forward,conv3d"], ["'conv3d'", "conv_forward"]),
+        (["sweep", "--kernels", "conv_fwd,conv3d"], ["'conv3d'", "conv_fwd"]),
     ],
 )
 def test_bad_arguments_give_a_clear_error(capsys, argv, needles):
@@ -136,9 +205,11 @@ def test_tiny_bench_writes_every_provider_and_mode(tiny_bench):
         assert reader.fieldnames == COLUMNS
         rows = list(reader)
     seen = {(r["provider"], r["mode"]) for r in rows}
-    assert seen == {(p, m) for p in PROVIDERS for m in MODES}
+    assert seen == {(p, m) for p in DEFAULT_PROVIDERS for m in MODES}
     for row in rows:
         assert row["device"] == "cpu" and row["torch"]
+        assert row["commit"] and (row["commit"] == "unknown"
+                                  or row["commit"].removesuffix("-dirty").isalnum())
         if row["provider"] == "triton":
             assert row["status"] == "skipped" and "CUDA" in row["note"]
             continue
@@ -147,7 +218,7 @@ def test_tiny_bench_writes_every_provider_and_mode(tiny_bench):
         assert float(row["ratio_to_static"]) > 0
     memory = [r for r in rows if r["mem_method"]]
     # fresh-process peak RSS for the forward+backward of each runnable provider, one case
-    assert {r["provider"] for r in memory} == {"static", "loop", "grouped", "dynconv"}
+    assert {r["provider"] for r in memory} == {"static", "loop", "grouped", "auto"}
     assert all(r["mode"] == "fwd+bwd" and float(r["peak_mem_bytes"]) > 2**20 for r in memory)
     assert all(float(r["mem_extra_bytes"]) >= 0 for r in memory)
 
@@ -165,7 +236,7 @@ def test_report_renders_pngs_and_summary(capsys, tiny_bench, tmp_path):
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
     summary = (folder / "summary.md").read_text()
     assert "Preset `tiny`" in summary and "Batch sweep" in summary
-    assert "| dynconv" not in summary or "dynconv ratio" in summary
+    assert "auto ratio" in summary and "dynconv ratio" not in summary
     assert "`triton`: skipped" in summary
     assert f"report: wrote {folder / 'summary.md'}" in out
 
@@ -175,6 +246,16 @@ def test_report_in_place_next_to_the_csv(capsys, tiny_bench):
     assert code == 0
     assert (tiny_bench.parent / "summary.md").is_file()
     assert os.path.isfile(tiny_bench.parent / "tiny_throughput_vs_batch.png")
+
+
+def test_report_reads_the_old_provider_name(tiny_bench, tmp_path):
+    from dynconv.autotune import report
+
+    old = tmp_path / "bench_tiny.csv"
+    old.write_text(tiny_bench.read_text().replace(",auto,", ",dynconv,"))
+    assert ",dynconv," in old.read_text()
+    providers = set(report.load(str(old))["provider"])
+    assert "auto" in providers and "dynconv" not in providers
 
 
 # --- the interpreter sweep: write a table, the next launch uses it -----------------------------
@@ -191,7 +272,7 @@ import dynconv
 from dynconv.autotune.sweep import KERNELS, hooked_kernel
 from dynconv.kernels import tuned_table
 
-kernel, _ = hooked_kernel(KERNELS["conv_forward"])
+kernel, _ = hooked_kernel(KERNELS["conv_fwd"])
 torch.manual_seed(0)
 x = torch.randn(2, 8, 5, 5)
 bank = torch.randn(4, 8, 8, 3, 3) * 0.1
@@ -231,7 +312,7 @@ def test_sweep_dry_run_lists_kernels_and_shapes(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "sweep", "--set", "mobilenetv2", "--batch", "8", "--dtype",
                            "fp16", "--dry-run", "--table-dir", str(tmp_path))
     assert code == 0
-    assert "conv_forward" in out and "candidate configs" in out
+    assert "conv_fwd" in out and "candidate configs" in out
     assert "features.2.depthwise" in out
     assert list(tmp_path.iterdir()) == []
 
@@ -242,14 +323,14 @@ def test_interpreter_sweep_writes_a_table_the_next_launch_uses(tmp_path):
     table_dir = tmp_path / "tuned"
     sweep = subprocess.run(
         [sys.executable, "-m", "dynconv.autotune", "sweep", "--shape", TINY_LAYER, "--batch",
-         "2", "--dtype", "fp32", "--layout", "nchw", "--kernels", "conv_forward", "--reps", "1",
+         "2", "--dtype", "fp32", "--layout", "nchw", "--kernels", "conv_fwd", "--reps", "1",
          "--no-progress", "--table-dir", str(table_dir)],
         capture_output=True, text=True, timeout=300, env=_env())
     assert sweep.returncode == 0, sweep.stderr
     path = table_dir / "interpreter.json"
     table = json.loads(path.read_text())
     assert table["device"] == "Triton interpreter (CPU)" and table["triton"] and table["torch"]
-    entries = table["kernels"]["conv_forward"]
+    entries = table["kernels"]["conv_fwd"]
     assert {e["variant"] for e in entries.values()} == {"premix", "fused"}
     for entry in entries.values():
         assert entry["ms"] > 0 and entry["config"]["kwargs"]["BLOCK_M"] >= 16

@@ -3,24 +3,26 @@ of x, the kernel bank, the bias bank and the routing weights."""
 
 import pytest
 import torch
-from loop_reference import case_id, case_inputs, reference_dynamic_conv2d
+from helpers import Case, case_id, make_inputs, reference_dynamic_conv2d, upstream_gradient
 
 from dynconv import dynamic_conv2d
+from dynconv.backends.registry import BACKEND_NAMES
 
-BACKENDS = ["loop", "grouped", "native", "auto"]
+# "triton" has its own tests (test_triton_*.py), under the interpreter without a GPU.
+BACKENDS = [name for name in BACKEND_NAMES if name != "triton"]
 
 
-# (batch, cin, cout, H, W, kernel (kh, kw), stride, padding, dilation, groups, K, bias)
+# Case(batch, cin, cout, H, W, (kh, kw), stride, padding, dilation, groups, K, bias)
 CASES = [
-    (2, 3, 5, 7, 6, (1, 1), 1, 0, 1, 1, 3, True),
-    (3, 4, 6, 9, 7, (3, 3), 1, 1, 1, 1, 4, True),
-    (1, 5, 7, 8, 9, (3, 3), 2, 1, 1, 1, 2, False),  # batch 1, stride 2, odd channels
-    (2, 6, 4, 11, 10, (5, 5), 1, 2, 1, 2, 5, True),  # groups 2
-    (3, 6, 6, 9, 9, (3, 3), 1, 2, 2, 6, 3, True),  # depthwise, dilation 2
-    (2, 4, 6, 7, 8, (1, 3), 1, "same", 1, 1, 8, False),  # 1x3, same
-    (2, 4, 6, 7, 8, (2, 2), 1, "same", 1, 2, 2, True),  # even kernel: asymmetric same padding
-    (2, 3, 5, 8, 7, (3, 3), 2, "valid", (2, 1), 1, 1, True),  # K = 1, valid
-    (4, 8, 8, 5, 5, (3, 3), (2, 1), (0, 1), 1, 4, 6, True),  # pair stride/padding, groups 4
+    Case(2, 3, 5, 7, 6, (1, 1), 1, 0, 1, 1, 3, True),
+    Case(3, 4, 6, 9, 7, (3, 3), 1, 1, 1, 1, 4, True),
+    Case(1, 5, 7, 8, 9, (3, 3), 2, 1, 1, 1, 2, False),  # batch 1, stride 2, odd channels
+    Case(2, 6, 4, 11, 10, (5, 5), 1, 2, 1, 2, 5, True),  # groups 2
+    Case(3, 6, 6, 9, 9, (3, 3), 1, 2, 2, 6, 3, True),  # depthwise, dilation 2
+    Case(2, 4, 6, 7, 8, (1, 3), 1, "same", 1, 1, 8, False),  # 1x3, same
+    Case(2, 4, 6, 7, 8, (2, 2), 1, "same", 1, 2, 2, True),  # even kernel: asymmetric same pad
+    Case(2, 3, 5, 8, 7, (3, 3), 2, "valid", (2, 1), 1, 1, True),  # K = 1, valid
+    Case(4, 8, 8, 5, 5, (3, 3), (2, 1), (0, 1), 1, 4, 6, True),  # pair stride/padding, groups 4
 ]
 
 
@@ -36,16 +38,14 @@ def _forward_and_grads(fn, x, bank, routing, bias_bank, upstream):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_forward_and_gradients_match_float64_reference(backend, case):
-    x64, bank64, routing64, bias64, geometry = case_inputs(case)
-    upstream64 = None
+    x64, bank64, routing64, bias64 = make_inputs(case)
+    geometry = case.geometry
 
     def reference(x, bank, routing, bias):
         return reference_dynamic_conv2d(x, bank, routing, bias, **geometry)
 
     y_ref = reference(x64, bank64, routing64, bias64)
-    upstream64 = torch.randn(
-        y_ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64
-    )
+    upstream64 = upstream_gradient(y_ref.shape)
     y_ref, grads_ref = _forward_and_grads(reference, x64, bank64, routing64, bias64, upstream64)
 
     def run(x, bank, routing, bias):
@@ -66,18 +66,18 @@ def test_forward_and_gradients_match_float64_reference(backend, case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", ["channels_last", "non_contiguous"])
+@pytest.mark.parametrize("layout", ["channels_last", "strided"])
 def test_strided_inputs(backend, layout):
-    case = (3, 4, 6, 7, 9, (3, 3), 1, 1, 1, 2, 3, True)
-    x64, bank64, routing64, bias64, geometry = case_inputs(case)
+    case = Case(3, 4, 6, 7, 9, (3, 3), 1, 1, 1, 2, 3, True)
+    x64, bank64, routing64, bias64 = make_inputs(case)
+    geometry = case.geometry
     y_ref = reference_dynamic_conv2d(x64, bank64, routing64, bias64, **geometry)
+    x = make_inputs(case.replace(layout=layout), torch.float32)[0]
+    torch.testing.assert_close(x, x64.float(), rtol=0, atol=0)
     if layout == "channels_last":
-        x = x64.float().contiguous(memory_format=torch.channels_last)
+        assert x.is_contiguous(memory_format=torch.channels_last)
     else:
-        wide = torch.zeros(3, 4, 7, 18, dtype=torch.float32)
-        wide[..., ::2] = x64.float()
-        x = wide[..., ::2]
-        assert not x.is_contiguous()
+        assert not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
     x.requires_grad_(True)
     y = dynamic_conv2d(
         x, bank64.float(), routing64.float(), bias64.float(), backend=backend, **geometry
@@ -91,7 +91,9 @@ def test_strided_inputs(backend, layout):
 
 @pytest.mark.parametrize("backend", ["native", "auto"])
 def test_output_memory_format_follows_input(backend):
-    x, bank, routing, bias, geometry = case_inputs((2, 4, 6, 5, 5, (3, 3), 1, 1, 1, 1, 2, True))
+    case = Case(2, 4, 6, 5, 5, (3, 3), 1, 1, 1, 1, 2, True)
+    x, bank, routing, bias = make_inputs(case)
+    geometry = case.geometry
     y = dynamic_conv2d(
         x.contiguous(memory_format=torch.channels_last),
         bank,
@@ -106,12 +108,11 @@ def test_output_memory_format_follows_input(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
-    case = (2, 4, 4, 4, 5, (3, 2), 2, 1, (1, 2), 2, 3, True)
-    x, bank, routing, bias, geometry = case_inputs(case)
-    inputs = tuple(t.clone().requires_grad_(True) for t in (x, bank, routing, bias))
+    case = Case(2, 4, 4, 4, 5, (3, 2), 2, 1, (1, 2), 2, 3, True)
+    inputs = tuple(t.clone().requires_grad_(True) for t in make_inputs(case))
 
     def fn(x, bank, routing, bias):
-        return dynamic_conv2d(x, bank, routing, bias, backend=backend, **geometry)
+        return dynamic_conv2d(x, bank, routing, bias, backend=backend, **case.geometry)
 
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
@@ -119,7 +120,9 @@ def test_gradcheck_float64(backend):
 def test_backends_agree_on_half_precision():
     # bf16 on CPU: every backend against the fp32 result; tolerance from bf16's 8-bit mantissa
     # (relative step 2**-8 ~ 4e-3) over sums of ~36 products.
-    x, bank, routing, bias, geometry = case_inputs((2, 4, 6, 6, 6, (3, 3), 1, 1, 1, 1, 3, True))
+    case = Case(2, 4, 6, 6, 6, (3, 3), 1, 1, 1, 1, 3, True)
+    x, bank, routing, bias = make_inputs(case)
+    geometry = case.geometry
     want = reference_dynamic_conv2d(x, bank, routing, bias, **geometry).float()
     for backend in BACKENDS:
         got = dynamic_conv2d(
@@ -132,7 +135,9 @@ def test_backends_agree_on_half_precision():
 def test_native_processes_large_batches_in_chunks(monkeypatch):
     from dynconv.backends.native import op as native
 
-    x, bank, routing, bias, geometry = case_inputs((7, 3, 4, 5, 5, (3, 3), 1, 1, 1, 1, 2, True))
+    case = Case(7, 3, 4, 5, 5, (3, 3), 1, 1, 1, 1, 2, True)
+    x, bank, routing, bias = make_inputs(case)
+    geometry = case.geometry
     weight_bytes = bank[0].numel() * x.element_size()
     monkeypatch.setattr(native, "MIXED_WEIGHT_BUDGET_BYTES", 3 * weight_bytes)  # chunks 3, 3, 1
     assert native.batch_chunk_size(7, bank[0].numel(), x.element_size()) == 3

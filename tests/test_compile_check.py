@@ -1,120 +1,189 @@
-"""``python -m dynconv.autotune compile-check``: discovery, resource parsing, verdicts, one compile.
+"""``python -m dynconv.autotune compile-check``: launch capture, Triton's specialisation, resource
+and SASS parsing, verdicts, and a real compile of a few captured launches.
 
-The full check (every kernel x config) runs in CI through ``make compile-check``; here one small
-case is compiled for real in a subprocess (the test process runs under the interpreter).
+The full check (every captured specialisation, sm_80 and sm_90, CI's Triton and Triton 3.6) runs
+in CI through ``make compile-check``. Capturing and compiling need Triton's compiler, not its
+interpreter, which this test process runs under: those parts run in subprocesses.
 """
 
 from __future__ import annotations
 
-import inspect
+import csv
+import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
-from dynconv.autotune import compile_check
+from dynconv.autotune import sass
 from dynconv.autotune.compile_check import Result, parse_resource_usage
+from dynconv.autotune.launch_capture import CompileJob
 
-SAMPLE = """
+SAMPLE_USAGE = """
 Resource usage:
  Common:
   GLOBAL:0
- Function conv_forward_kernel:
+ Function conv_fwd_kernel:
   REG:255 STACK:104 SHARED:1024 LOCAL:8 CONSTANT[0]:552 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+
+# A trimmed cuobjdump -sass listing: an outer loop (0x0100-0x0400) holding an inner one
+# (0x0200-0x0300) with the wgmma, a cp.async and a plain load.
+SAMPLE_SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                /* 0x00000a00ff017b82 */
+        /*0100*/                   LDG.E.U16 R2, desc[UR4][R2.64] ;     /* 0x0 */
+        /*0200*/                   LDGSTS.E.BYPASS.128 [R16], desc[UR18][R22.64], P0 ;
+        /*0210*/                   LDG.E.128 R8, desc[UR4][R6.64] ;
+        /*0220*/                   WARPGROUP.ARRIVE ;
+        /*0230*/                   HGMMA.64x64x16.F32 R24, gdesc[UR28].tnspB, R24 ;
+        /*0240*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0300*/               @P0 BRA 0x200 ;
+        /*0400*/               @P1 BRA 0x100 ;
+        /*0410*/                   EXIT ;
+        /*0420*/                   BRA 0x420;
 """
 
 
 def test_parse_resource_usage():
-    assert parse_resource_usage(SAMPLE) == (255, 112, 1024)  # spills = STACK + LOCAL
-
-
-def test_parse_resource_usage_rejects_garbage():
+    assert parse_resource_usage(SAMPLE_USAGE) == (255, 112, 1024)  # spills = STACK + LOCAL
     with pytest.raises(ValueError, match="resource usage"):
         parse_resource_usage("cuobjdump: fatal error")
 
 
+def test_sass_main_loop_is_the_innermost_loop_with_the_tensor_core_op():
+    instructions = sass.parse(SAMPLE_SASS)
+    assert [i.op for i in instructions][:3] == ["LDC", "LDG", "LDGSTS"]
+    assert sass.loops(instructions) == [(0x200, 0x300), (0x100, 0x400)]  # not the trap loop
+    stats = sass.analyse(SAMPLE_SASS)
+    assert (stats.wgmma, stats.mma_sync, stats.async_loads, stats.plain_loads) == (1, 0, 1, 2)
+    assert stats.tensor_core == "wgmma"
+    assert stats.main_loop == sass.LoopStats(instructions=6, tensor_core=1, async_loads=1,
+                                             plain_loads=1, waits_for_mma=True)
+
+
+def test_sass_without_tensor_cores_takes_the_largest_innermost_loop():
+    text = SAMPLE_SASS.replace("HGMMA.64x64x16.F32", "FFMA")
+    loop = sass.analyse(text).main_loop
+    assert loop.tensor_core == 0 and loop.instructions == 6
+    assert sass.analyse("no code here").main_loop is None
+
+
+def _job(**overrides) -> CompileJob:
+    values = dict(module="m", kernel="conv_fwd_kernel", arch=90,
+                  signature={"x_ptr": "*bf16", "x_stride_c": "constexpr", "H": "i32",
+                             "BLOCK_M": "constexpr"},
+                  constexprs={(1,): 1, (3,): 64}, attrs={(0,): [["tt.divisibility", 16]]},
+                  options={"num_warps": 4, "num_stages": 3}, labels=["a case"])
+    values.update(overrides)
+    return CompileJob(**values)
+
+
+def test_job_descriptions():
+    job = _job()
+    assert job.config == "M64 w4 s3"
+    assert job.dtype == "bf16"
+    assert job.specialisation == "1D 1x1 0xi64 of 3"
+
+
 def test_verdicts():
     limit = 1000
-    assert Result("ok", 90, 128, 0, 999).problems(limit) == []
-    assert "spills 8 bytes" in Result("spill", 90, 128, 8, 0).problems(limit)
+    assert Result(_job(), 128, 0, 999).problems(limit) == []
+    assert "spills 8 bytes" in Result(_job(), 128, 8, 0).problems(limit)
     assert any("shared memory 1001 > limit" in p
-               for p in Result("smem", 90, 128, 0, 1001).problems(limit))
-    assert any("compile error" in p for p in Result("bad", 80, error="boom").problems(limit))
+               for p in Result(_job(), 128, 0, 1001).problems(limit))
+    assert any("compile error" in p for p in Result(_job(), error="boom").problems(limit))
 
 
-def test_discovery_finds_forward_kernels_with_complete_signatures():
-    cases = compile_check.discover_cases()
-    modules = {module for module, _, _ in cases}
-    assert {"dynconv.kernels.mix", "dynconv.kernels.conv_forward"} <= modules
-    names = [case.name for _, _, case in cases]
-    assert len(names) == len(set(names)), "compile case names must be unique"
-    for _, _, case in cases:
-        function = getattr(case.kernel, "fn", case.kernel)
-        arg_names = list(inspect.signature(function).parameters)
-        assert set(case.signature) == set(arg_names), case.name
-        constexprs = {name for name, kind in case.signature.items() if kind == "constexpr"}
-        assert constexprs == set(case.constexprs), case.name
-        # tl.dot's operand blocks must be >= 16 on a GPU.
-        for block in ("BLOCK_N", "BLOCK_K"):
-            if block in case.constexprs:
-                assert case.constexprs[block] >= 16, case.name
-
-
-def test_only_filter():
-    cases = compile_check.discover_cases(r"^conv_fwd fused tap cl fp16 M64 N32 ")
-    assert [case.name for _, _, case in cases] == ["conv_fwd fused tap cl fp16 M64 N32 K32 w4 s3"]
+def _without_interpreter() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
 
 
 def test_refuses_to_run_under_interpreter(monkeypatch, capsys):
+    from dynconv.autotune import compile_check
+
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert compile_check.main([]) == 2
     assert "TRITON_INTERPRET" in capsys.readouterr().err
 
 
-def test_exit_status_reflects_failures(monkeypatch, capsys):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    fake_cases = [("m", 0, None), ("m", 1, None)]
-    monkeypatch.setattr(compile_check, "discover_cases", lambda only=None: fake_cases)
-    verdicts = {0: Result("fine", 90, 64, 0, 100), 1: Result("spilling", 90, 255, 64, 100)}
-    monkeypatch.setattr(compile_check, "compile_one",
-                        lambda module, index, arch: verdicts[index])
-    assert compile_check.main(["--arch", "90", "--jobs", "1"]) == 1
-    out = capsys.readouterr().out
-    assert "FAIL: spills 64 bytes" in out and "fine" in out
-    verdicts[1] = Result("now fine", 90, 200, 0, 100)
-    assert compile_check.main(["--arch", "90", "--jobs", "1"]) == 0
+CAPTURE_SCRIPT = textwrap.dedent("""
+    import json
+    from dynconv.autotune.launch_capture import DrivenCase, jobs_for
+    from dynconv.autotune.shapes import get_shape_set
+    layer = next(s for s in get_shape_set("resnet18") if s.name == "layer3.0.conv2")
+    jobs = jobs_for([90], [DrivenCase(layer, 32, 4, "bf16", True)])
+    print(json.dumps([dict(kernel=j.kernel, signature=j.signature,
+                           divisible=sorted(p[0] for p, a in j.attrs.items() if a),
+                           constexprs={str(k): v for k, v in j.constexprs.items()},
+                           labels=j.labels) for j in jobs]))
+""")
 
 
-def test_compiles_one_case_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def test_capture_specialises_like_a_real_launch():
+    """A channels_last bf16 launch: every kernel is captured, pointers are 16-byte aligned and
+    the unit channel stride of x is compiled as the constant 1, as Triton does at launch."""
+    run = subprocess.run([sys.executable, "-c", CAPTURE_SCRIPT], capture_output=True,
+                         text=True, env=_without_interpreter(), timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = json.loads(run.stdout)
+    assert {j["kernel"] for j in jobs} == {"mix_kernel", "conv_fwd_kernel",
+                                           "conv_bwd_dx_kernel", "conv_bwd_dw_kernel"}
+    forward = [j for j in jobs if j["kernel"] == "conv_fwd_kernel"]
+    assert {label.rsplit(" ", 1)[-1] for j in forward for label in j["labels"]} == {
+        "fwd-premix", "fwd-fused"}
+    for job in forward:
+        names = list(job["signature"])
+        assert job["signature"]["x_stride_c"] == "constexpr"
+        assert job["constexprs"][str((names.index("x_stride_c"),))] == 1
+        pointers = [i for i, n in enumerate(names) if n.endswith("_ptr")]
+        assert set(pointers) <= set(job["divisible"])
+
+
+def test_compiles_captured_launches_for_sm90(tmp_path):
+    """A few real compiles end to end, with the report written."""
+    pattern = r"5->7 k3 s1 @9x8 B3 K1 fp32 nchw fwd-premix"
     run = subprocess.run(
-        [sys.executable, "-m", "dynconv.autotune", "compile-check", "--only",
-         r"^mix fma fp16 B16 ", "--arch", "90", "--jobs", "1"],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+        [sys.executable, "-m", "dynconv.autotune", "compile-check", "--only", pattern,
+         "--arch", "90", "--jobs", "1", "--report", str(tmp_path)],
+        capture_output=True, text=True, env=_without_interpreter(), timeout=600, check=False,
     )
-    assert run.returncode == 0, run.stdout + run.stderr
-    row = next(line for line in run.stdout.splitlines() if line.startswith("mix fma fp16 B16"))
-    assert row.split()[-1] == "ok"
-    registers = int(row.split()[-5])
-    assert 0 < registers <= 255
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (csv_path,) = tmp_path.glob("codegen_triton*.csv")
+    rows = list(csv.DictReader(open(csv_path)))
+    assert {row["kernel"] for row in rows} == {"mix", "conv_fwd"}
+    for row in rows:
+        assert row["status"] == "ok" and row["sm"] == "90"
+        assert 0 < int(row["registers"]) <= 255
+    forward = [row for row in rows if row["kernel"] == "conv_fwd"]
+    assert all(row["tensor_core"] == "wgmma" for row in forward)
+    (summary,) = tmp_path.glob("summary_triton*.md")
+    assert "| conv_fwd | 90 |" in summary.read_text()
 
 
 def test_shared_memory_estimate_covers_compiled_kernel():
-    """The runtime pruning's shared-memory estimate is not below what the compiler allocates."""
-    from dynconv.kernels.configs import conv_forward_configs, conv_forward_shared_bytes
-
-    largest = conv_forward_configs(interpreter=False)[-1]
-    kw = largest.kwargs
-    pattern = (rf"^conv_fwd premix tap cl fp32 M{kw['BLOCK_M']} N{kw['BLOCK_N']} "
-               rf"K{kw['BLOCK_K']} ")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run(
-        [sys.executable, "-m", "dynconv.autotune", "compile-check", "--only", pattern,
-         "--arch", "90", "--jobs", "1"],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
-    )
-    assert run.returncode == 0, run.stdout + run.stderr
-    row = next(line for line in run.stdout.splitlines() if line.startswith("conv_fwd"))
-    shared = int(row.split()[-3])
-    assert 0 < shared <= conv_forward_shared_bytes(largest, 4)
+    """The runtime pruning's shared-memory estimate is not below what the compiler allocates,
+    for the largest forward config on a launch that keeps it (a wide channels_last layer)."""
+    script = textwrap.dedent("""
+        from dynconv.autotune.compile_check import compile_job
+        from dynconv.autotune.launch_capture import DrivenCase, jobs_for
+        from dynconv.autotune.shapes import get_shape_set
+        from dynconv.kernels.configs import conv_fwd_configs, conv_fwd_shared_bytes
+        largest = max(conv_fwd_configs(interpreter=False),
+                      key=lambda c: conv_fwd_shared_bytes(c, 4))
+        layer = next(s for s in get_shape_set("resnet18") if s.name == "layer3.0.conv2")
+        jobs = [j for j in jobs_for([90], [DrivenCase(layer, 32, 4, "fp32", True)])
+                if j.kernel == "conv_fwd_kernel"
+                and all(j.constexprs.get((list(j.signature).index(k),)) == v
+                        for k, v in largest.kwargs.items())
+                and j.options["num_stages"] == largest.num_stages]
+        assert jobs, "the largest config was pruned for this layer"
+        result = compile_job(jobs[0])
+        print(result.shared_bytes, conv_fwd_shared_bytes(largest, 4))
+    """)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=_without_interpreter(), timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    compiled, estimate = (int(v) for v in run.stdout.split())
+    assert 0 < compiled <= estimate

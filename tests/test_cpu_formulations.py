@@ -1,5 +1,6 @@
-"""The native path's benchmark (``python -m dynconv.autotune.cpu_formulations``) on a tiny case:
-provider names, the per-part measurement behind the rule, the tables and the goal summary."""
+"""The native path's benchmark (``python -m dynconv.autotune cpu-formulations``) on a tiny case:
+provider names, the per-part measurement behind the rule, the tables, the goal summary and the
+fresh-process memory figure."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 from dynconv.autotune import cpu_formulations as cf
 from dynconv.autotune.bench import Case
+from dynconv.autotune.measure import git_commit
 from dynconv.autotune.shapes import ConvShape
 
 TINY = Case("test", ConvShape("tiny", 4, 6, 7, 7, 3, 3, 1, 1), batch=2, experts=3)
@@ -34,6 +36,7 @@ def test_measure_parts_rows_and_table(tmp_path):
     for r in rows:
         assert r["ratio"] > 0 and r["time_ms"] > 0
         assert r["rule"] == plan[cf.PARTS.index(r["part"])]
+        assert r["commit"] == git_commit()
     path = tmp_path / "parts.csv"
     cf._write_csv(str(path), rows)
     table = cf.parts_markdown_table(str(path)).splitlines()
@@ -71,3 +74,10 @@ def test_measure_provider_rows():
                       modes=["fwd"])
     assert [r["provider"] for r in rows] == ["grouped", "native:per_sample"]
     assert all(r["ratio"] > 0 and r["mode"] == "fwd" for r in rows)
+    assert all(r["commit"] == git_commit() and r["commit"] for r in rows)
+
+
+def test_fresh_process_memory_of_a_forced_formulation():
+    result = cf.fresh_process_memory(TINY, "native:im2col", threads=1)
+    assert result["peak_rss_bytes"] > 2**20 and result["extra_bytes"] > 0
+    assert result["rss_before_bytes"] + result["extra_bytes"] == result["peak_rss_bytes"]

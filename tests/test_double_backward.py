@@ -4,6 +4,7 @@ backend computes in float64 and against the float64 loop otherwise."""
 
 import pytest
 import torch
+from helpers import Case, make_inputs
 from torch.autograd import gradgradcheck
 
 from dynconv import DynamicConv2d, dynamic_conv2d
@@ -12,34 +13,22 @@ from dynconv.backends.registry import BACKEND_NAMES
 
 FLOAT64_BACKENDS = [name for name in BACKEND_NAMES if name != "triton"]
 
-# (x shape, bank shape, stride, padding, dilation, groups, bias, channels_last)
+# Case(batch, cin, cout, H, W, (kh, kw), stride, padding, dilation, groups, K, bias[, layout])
 GEOMETRIES = [
-    ((2, 3, 5, 5), (3, 4, 3, 3, 3), 1, 1, 1, 1, True, False),
-    ((2, 4, 6, 5), (2, 4, 2, 3, 3), 2, 1, 1, 2, False, False),  # stride 2, groups 2
-    ((1, 3, 6, 6), (2, 3, 1, 3, 3), 1, 2, 2, 3, True, True),  # depthwise, dilation, NHWC
+    Case(2, 3, 4, 5, 5, (3, 3), 1, 1, 1, 1, 3, True),
+    Case(2, 4, 4, 6, 5, (3, 3), 2, 1, 1, 2, 2, False),  # stride 2, groups 2
+    Case(1, 3, 3, 6, 6, (3, 3), 1, 2, 2, 3, 2, True, "channels_last"),  # depthwise, dilation
 ]
 
 
-def _inputs(geometry, dtype=torch.float64, seed=0):
-    x_shape, bank_shape, _, _, _, _, bias, channels_last = geometry
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(x_shape, generator=gen, dtype=dtype)
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    bank = torch.randn(bank_shape, generator=gen, dtype=dtype) / 3
-    routing = torch.softmax(torch.randn(x_shape[0], bank_shape[0], generator=gen, dtype=dtype),
-                            dim=1)
-    bias_bank = torch.randn(bank_shape[0], bank_shape[1], generator=gen, dtype=dtype)
-    tensors = [x, bank, routing] + ([bias_bank] if bias else [])
-    return [t.requires_grad_() for t in tensors]
+def _inputs(case: Case):
+    """The case's float64 tensors (bias bank only if it has one), requiring grad."""
+    return [t.requires_grad_() for t in make_inputs(case) if t is not None]
 
 
-def _conv(backend, geometry):
-    _, _, stride, padding, dilation, groups, bias, _ = geometry
-
+def _conv(backend, case: Case):
     def run(x, bank, routing, bias_bank=None):
-        return dynamic_conv2d(x, bank, routing, bias_bank, stride, padding, dilation, groups,
-                              backend=backend)
+        return dynamic_conv2d(x, bank, routing, bias_bank, **case.geometry, backend=backend)
 
     return run
 

@@ -1,40 +1,50 @@
 """The native (CPU) backend: every formulation, forced, against an independent float64 per-sample
 loop (forward and the gradients of x, the bank, the bias bank and the routing weights), chunk
-boundaries, what autograd saves, channels_last, and the selection rule's contract."""
+boundaries, what autograd saves, channels_last, the selection rule's contract, and
+torch.library.opcheck of its custom ops (dynconv::native_forward / native_backward)."""
 
 import pytest
 import torch
-from loop_reference import case_id, case_inputs, reference_dynamic_conv2d
+from helpers import (
+    OP_CASE,
+    Case,
+    case_id,
+    make_inputs,
+    op_args,
+    reference_dynamic_conv2d,
+    upstream_gradient,
+)
 
 from dynconv import dynamic_conv2d
 from dynconv.backends.native import op as native
 from dynconv.backends.native.formulations import FORMULATIONS
+from dynconv.backends.native.op import native_backward, native_forward
 from dynconv.backends.native.rule import FormulationPlan, choose_formulations
 
-# (batch, cin, cout, H, W, (kh, kw), stride, padding, dilation, groups, K, bias)
+# Case(batch, cin, cout, H, W, (kh, kw), stride, padding, dilation, groups, K, bias)
 CASES = [
-    (3, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 4, True),
-    (2, 3, 5, 6, 7, (1, 1), 1, 0, 1, 1, 3, False),  # 1x1
-    (2, 5, 4, 9, 8, (3, 3), 2, 1, 1, 1, 2, True),  # stride 2, odd channels
-    (2, 6, 4, 9, 9, (3, 5), (1, 2), (2, 1), (2, 1), 2, 3, True),  # groups, pairs, dilation
-    (3, 6, 6, 8, 7, (3, 3), 1, 1, 1, 6, 2, True),  # depthwise
-    (1, 4, 4, 5, 5, (2, 2), 1, 0, 1, 1, 1, True),  # batch 1, K = 1, even kernel
+    Case(3, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 4, True),
+    Case(2, 3, 5, 6, 7, (1, 1), 1, 0, 1, 1, 3, False),  # 1x1
+    Case(2, 5, 4, 9, 8, (3, 3), 2, 1, 1, 1, 2, True),  # stride 2, odd channels
+    Case(2, 6, 4, 9, 9, (3, 5), (1, 2), (2, 1), (2, 1), 2, 3, True),  # groups, pairs, dilation
+    Case(3, 6, 6, 8, 7, (3, 3), 1, 1, 1, 6, 2, True),  # depthwise
+    Case(1, 4, 4, 5, 5, (2, 2), 1, 0, 1, 1, 1, True),  # batch 1, K = 1, even kernel
 ]
 
 
 def _forward_backward(fn, tensors, upstream_seed=1):
     leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in tensors]
     y = fn(*leaves)
-    gen = torch.Generator().manual_seed(upstream_seed)
-    upstream = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+    upstream = upstream_gradient(y.shape, y.dtype, seed=upstream_seed)
     y.backward(upstream)
     return y.detach(), [None if t is None else t.grad for t in leaves]
 
 
 def _check_against_reference(case, formulation, chunk=None, channels_last=False):
-    x, bank, routing, bias, geometry = case_inputs(case)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+        case = case.replace(layout="channels_last")
+    x, bank, routing, bias = make_inputs(case)
+    geometry = case.geometry
     want_y, want_grads = _forward_backward(
         lambda *t: reference_dynamic_conv2d(*t, **geometry), (x, bank, routing, bias)
     )
@@ -82,7 +92,7 @@ def test_formulation_channels_last(formulation):
 @pytest.mark.parametrize("formulation", FORMULATIONS)
 def test_chunk_boundary_batch_of_chunk_plus_one(formulation):
     # 5 samples in chunks of 4: one full chunk and a chunk of one.
-    case = (5, 4, 6, 6, 6, (3, 3), 1, 1, 1, 2, 3, True)
+    case = Case(5, 4, 6, 6, 6, (3, 3), 1, 1, 1, 2, 3, True)
     _check_against_reference(case, formulation, chunk=4)
 
 
@@ -97,11 +107,11 @@ def test_budget_sets_chunk_size(monkeypatch):
 
 @pytest.mark.parametrize("formulation", FORMULATIONS)
 def test_gradcheck_float64(formulation):
-    x, bank, routing, bias, geometry = case_inputs((3, 2, 2, 4, 4, (3, 3), 1, 1, 1, 1, 2, True))
-    leaves = tuple(t.requires_grad_(True) for t in (x, bank, routing, bias))
+    case = Case(3, 2, 2, 4, 4, (3, 3), 1, 1, 1, 1, 2, True)
+    leaves = tuple(t.requires_grad_(True) for t in make_inputs(case))
 
     def fn(*t):
-        return dynamic_conv2d(*t, backend="native", **geometry)
+        return dynamic_conv2d(*t, backend="native", **case.geometry)
 
     # Three samples in chunks of two: the chunk loop is part of what is checked.
     with native.force_formulation(formulation, chunk=2):
@@ -111,8 +121,9 @@ def test_gradcheck_float64(formulation):
 @pytest.mark.parametrize("formulation", FORMULATIONS)
 def test_saved_tensors_exclude_mixed_weights(formulation):
     batch, cin, cout, k = 6, 4, 5, 3
-    case = (batch, cin, cout, 6, 6, (k, k), 1, 1, 1, 1, 3, True)
-    x, bank, routing, bias, geometry = case_inputs(case)
+    case = Case(batch, cin, cout, 6, 6, (k, k), 1, 1, 1, 1, 3, True)
+    x, bank, routing, bias = make_inputs(case)
+    geometry = case.geometry
     leaves = [t.requires_grad_(True) for t in (x, bank, routing, bias)]
     saved = []
 
@@ -135,7 +146,7 @@ def test_saved_tensors_exclude_mixed_weights(formulation):
 def test_chunks_hold_k_samples_below_the_large_temporary_limit(monkeypatch):
     # |W| = 6*4*3*3 = 216 float64 values = 1728 bytes; a budget of one sample's weights gives
     # chunks of 1, raised to K = 4 samples, unless 4 samples pass LARGE_TEMPORARY_BYTES.
-    x, bank, routing, bias, geometry = case_inputs((9, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 4, True))
+    x, bank, _, _ = make_inputs(Case(9, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 4, True))
     args = (x, bank, [1, 1], [1, 1], [1, 1], 1)
     monkeypatch.setattr(native, "MIXED_WEIGHT_BUDGET_BYTES", 1728)
     assert native._plan(*args)[1] == 4
@@ -149,9 +160,10 @@ def test_chunks_hold_k_samples_below_the_large_temporary_limit(monkeypatch):
 def test_workspace_reuse_between_calls_keeps_results(formulation):
     # The mixed weights of every call share one workspace: a second forward before the first
     # backward must change neither the first output nor its gradients.
-    case = (5, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 3, True)
-    x, bank, routing, bias, geometry = case_inputs(case)
-    x2, _, routing2, _, _ = case_inputs(case, seed=7)
+    case = Case(5, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 3, True)
+    x, bank, routing, bias = make_inputs(case)
+    geometry = case.geometry
+    x2, _, routing2, _ = make_inputs(case, seed=7)
     want_y, want_grads = _forward_backward(
         lambda *t: reference_dynamic_conv2d(*t, **geometry), (x, bank, routing, bias)
     )
@@ -161,9 +173,7 @@ def test_workspace_reuse_between_calls_keeps_results(formulation):
         y_first = y.detach().clone()
         dynamic_conv2d(x2, bank, routing2, bias, backend="native", **geometry)
         torch.testing.assert_close(y.detach(), y_first, rtol=0, atol=0)
-        upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(1),
-                               dtype=y.dtype)
-        y.backward(upstream)
+        y.backward(upstream_gradient(y.shape, y.dtype))
     torch.testing.assert_close(y_first, want_y, rtol=1e-10, atol=1e-10)
     for leaf, want in zip(leaves, want_grads, strict=True):
         torch.testing.assert_close(leaf.grad, want, rtol=1e-10, atol=1e-10)
@@ -174,8 +184,9 @@ def test_workspace_survives_inference_mode_and_fake_tensors():
     # fake tensors (shape tracing), and later ordinary calls must still work.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    case = (3, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 4, True)
-    x, bank, routing, bias, geometry = case_inputs(case, dtype=torch.float32)
+    case = Case(3, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 4, True)
+    x, bank, routing, bias = make_inputs(case, dtype=torch.float32)
+    geometry = case.geometry
     native.clear_workspace()
     with torch.inference_mode():
         dynamic_conv2d(x, bank, routing, bias, backend="native", **geometry)
@@ -201,29 +212,21 @@ def test_workspace_survives_inference_mode_and_fake_tensors():
 
 def test_low_precision_chunks_count_fp32_weight_gradients(monkeypatch):
     # bf16 weight gradients are summed in fp32: the chunk budget counts 4 bytes per value.
-    x, bank, routing, bias, geometry = case_inputs((9, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 1, True))
+    x, bank, _, _ = make_inputs(Case(9, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 1, True))
     args = (x.to(torch.bfloat16), bank.to(torch.bfloat16), [1, 1], [1, 1], [1, 1], 1)
     monkeypatch.setattr(native, "MIXED_WEIGHT_BUDGET_BYTES", 3 * 216 * 4)  # |W| = 216
     assert native._plan(*args)[1] == 3
 
 
-def test_double_backward_raises():
-    x, bank, routing, bias, geometry = case_inputs(CASES[0])
-    x.requires_grad_(True)
-    y = dynamic_conv2d(x, bank, routing, bias, backend="native", **geometry)
-    (grad_x,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        grad_x.sum().backward()
-
-
 def test_only_requested_gradients_are_computed():
-    x, bank, routing, bias, geometry = case_inputs(CASES[0])
+    x, bank, routing, bias = make_inputs(CASES[0])
+    geometry = CASES[0].geometry
     want_y, want_grads = _forward_backward(
         lambda *t: reference_dynamic_conv2d(*t, **geometry), (x, bank, routing, bias)
     )
     x_leaf = x.clone().requires_grad_(True)
     y = dynamic_conv2d(x_leaf, bank, routing, bias, backend="native", **geometry)
-    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype))
+    y.backward(upstream_gradient(y.shape, y.dtype))
     torch.testing.assert_close(x_leaf.grad, want_grads[0], rtol=1e-10, atol=1e-10)
 
 
@@ -291,7 +294,8 @@ def test_compiled_op_chooses_formulation_at_run_time():
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend("aot_eager")
-    x, bank, routing, bias, geometry = case_inputs(CASES[0])
+    x, bank, routing, bias = make_inputs(CASES[0])
+    geometry = CASES[0].geometry
 
     def fn(*t):
         return dynamic_conv2d(*t, backend="native", **geometry)
@@ -313,12 +317,55 @@ def test_compiled_op_chooses_formulation_at_run_time():
 
 @pytest.mark.parametrize("formulation", FORMULATIONS)
 def test_empty_batch(formulation):
-    x, bank, routing, bias, geometry = case_inputs(CASES[0])
-    leaves = [t[:0].clone() if t.shape[0] == x.shape[0] and t is not bank else t.clone()
-              for t in (x, bank, routing, bias)]
-    leaves = [t.requires_grad_(True) for t in leaves]
+    case = CASES[0].replace(batch=0)
+    leaves = [t.requires_grad_(True) for t in make_inputs(case)]
+    bank = leaves[1]
     with native.force_formulation(formulation):
-        y = dynamic_conv2d(*leaves, backend="native", **geometry)
+        y = dynamic_conv2d(*leaves, backend="native", **case.geometry)
     assert y.shape == (0, bank.shape[1], 7, 6)
     y.sum().backward()
     assert torch.count_nonzero(leaves[1].grad) == 0 and leaves[0].grad.shape == leaves[0].shape
+
+
+# --- the custom ops -----------------------------------------------------------------------------
+
+# dynconv::native_forward / native_backward are what torch.compile sees: torch.library.opcheck
+# checks their schema, their fakes against the real results (sizes, strides, dtype), their
+# autograd registration and AOT dispatch with static and dynamic shapes.
+OP_DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+OP_BIAS = pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+OP_LAYOUTS = pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+
+
+@OP_DTYPES
+@OP_BIAS
+@OP_LAYOUTS
+def test_opcheck_forward(layout, bias, dtype):
+    torch.library.opcheck(native_forward,
+                          op_args(OP_CASE.replace(layout=layout, bias=bias), dtype))
+
+
+def _opcheck_backward(case, dtype, mask):
+    args = op_args(case, dtype, requires_grad=False)
+    with torch.no_grad():
+        y = native_forward(*args)
+    torch.library.opcheck(native_backward, (upstream_gradient(y.shape, dtype), *args, mask))
+
+
+@pytest.mark.parametrize("mask", [[True, True, True, True], [False, True, False, True]],
+                         ids=["all", "bank-bias"])
+@OP_DTYPES
+@OP_BIAS
+@OP_LAYOUTS
+def test_opcheck_backward(layout, bias, dtype, mask):
+    _opcheck_backward(OP_CASE.replace(layout=layout, bias=bias), dtype, mask)
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_opcheck_every_formulation_in_chunks(formulation):
+    """Each formulation, three samples in chunks of two (a partial last chunk), x and routing
+    gradients only."""
+    case = OP_CASE.replace(batch=3, layout="channels_last")
+    with native.force_formulation(formulation, chunk=2):
+        torch.library.opcheck(native_forward, op_args(case, torch.float64))
+        _opcheck_backward(case, torch.float64, [True, False, True, False])

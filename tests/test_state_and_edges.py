@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers import Case, make_inputs
 
 import dynconv
 from dynconv import DynamicCNN, DynamicConv2d, TemperatureSchedule, dynamic_conv2d
@@ -102,11 +103,10 @@ def test_module_forward_on_meta_device(module):
 @pytest.mark.parametrize("backend", PYTORCH_BACKENDS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_empty_batch_on_every_backend(backend, bias):
-    x = torch.randn(0, 4, 6, 5, requires_grad=True)
-    bank = torch.randn(3, 6, 4, 3, 3, requires_grad=True)
-    routing = torch.randn(0, 3, requires_grad=True)
-    bias_bank = torch.randn(3, 6, requires_grad=True) if bias else None
-    y = dynamic_conv2d(x, bank, routing, bias_bank, padding=1, backend=backend)
+    case = Case(0, 4, 6, 6, 5, (3, 3), 1, 1, 1, 1, 3, bias)
+    x, bank, routing, bias_bank = (None if t is None else t.requires_grad_()
+                                   for t in make_inputs(case, torch.float32))
+    y = dynamic_conv2d(x, bank, routing, bias_bank, **case.geometry, backend=backend)
     assert tuple(y.shape) == (0, 6, 6, 5)
     y.sum().backward()
     assert x.grad.shape == x.shape and routing.grad.shape == routing.shape
@@ -117,10 +117,9 @@ def test_empty_batch_on_every_backend(backend, bias):
 
 @pytest.mark.parametrize("backend", PYTORCH_BACKENDS)
 def test_channels_last_in_channels_last_out(backend):
-    x = torch.randn(3, 4, 7, 6).to(memory_format=torch.channels_last)
-    bank = torch.randn(2, 8, 4, 3, 3)
-    routing = torch.softmax(torch.randn(3, 2), dim=1)
-    y = dynamic_conv2d(x, bank, routing, padding=1, backend=backend)
+    case = Case(3, 4, 8, 7, 6, (3, 3), 1, 1, 1, 1, 2, False, "channels_last")
+    x, bank, routing, _ = make_inputs(case, torch.float32)
+    y = dynamic_conv2d(x, bank, routing, **case.geometry, backend=backend)
     assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
 
 

@@ -1,6 +1,6 @@
-"""The Triton backward (dgrad + wgrad kernels, through the dynconv::triton_* custom ops) against
-torch autograd of a float64 per-sample loop: gradients of x, the kernel bank, the routing weights
-and the bias bank.
+"""The Triton backward (conv_bwd_dx + conv_bwd_dw kernels, through the dynconv::triton_* custom
+ops) against torch autograd of a float64 per-sample loop: gradients of x, the kernel bank, the
+routing weights and the bias bank.
 
 Runs the compiled kernels on CUDA when a GPU is present, else the Triton interpreter on CPU
 (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported). Shapes are tiny: the
@@ -12,112 +12,58 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from loop_reference import reference_dynamic_conv2d
+from helpers import (
+    Case,
+    assert_within_bound,
+    backward_reduction_length,
+    make_inputs,
+    reference_gradients,
+    upstream_gradient,
+)
 
 import dynconv
 from dynconv.kernels._common import interpreter_enabled
-from dynconv.kernels.conv_dgrad import conv_dgrad
-from dynconv.kernels.conv_wgrad import conv_wgrad
+from dynconv.kernels.conv_bwd_dw import conv_bwd_dw
+from dynconv.kernels.conv_bwd_dx import conv_bwd_dx
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_GPU = DEVICE.type == "cuda"
 INTERPRETER = not ON_GPU
 if not ON_GPU and not interpreter_enabled():
     pytest.skip("needs a GPU or TRITON_INTERPRET=1 (set by conftest.py)", allow_module_level=True)
-# The float64 reference's F.conv2d warns that padding="same" with an even kernel pads a copy.
-pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+pytestmark = [
+    # The float64 reference's F.conv2d warns that padding="same" with an even kernel pads a copy.
+    pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel"),
+    # fp32 dots in ieee unless a test asks for tf32 (tests/conftest.py).
+    pytest.mark.usefixtures("fp32_dots"),
+]
 
 
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    """fp32 dots in ieee (not tf32) so that fp32 tolerances can be fp32's."""
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = saved
-
-
-def relative_tolerance(dtype: torch.dtype) -> float:
-    """Bound on |grad - grad_ref| relative to the sum of |terms| of that gradient element.
-
-    fp16 / bf16: the kernels round the mixed weights (dgrad) and each result once to the dtype
-    (unit roundoff 2**-11 / 2**-8) and accumulate in fp32; 4 roundings is a safe margin. fp32
-    (ieee dots): fp32 sums of at most ~400 terms here (a pixel GEMM, then a contraction over
-    one kernel's elements), 400 * 2**-24 < 3e-5.
-    """
-    if dtype == torch.bfloat16:
-        return 4 * 2.0**-8
-    if dtype == torch.float16:
-        return 4 * 2.0**-11
-    return 5e-5
-
-
-def reference_grads(x, bank, routing, bias_bank, grad_out, geometry):
-    """Float64 gradients (x, bank, routing, bias) and their error scales.
-
-    Every gradient element is a sum of products of the operands; running the same autograd on
-    their absolute values gives the sum of |products| of each element: the scale that rounding
-    errors grow with.
-    """
-    def grads(transform):
-        leaves = [transform(t).double().cpu().requires_grad_(True)
-                  for t in (x, bank, routing)]
-        bias = None
-        if bias_bank is not None:
-            bias = transform(bias_bank).double().cpu().requires_grad_(True)
-            leaves.append(bias)
-        y = reference_dynamic_conv2d(leaves[0], leaves[1], leaves[2], bias, **geometry)
-        y.backward(transform(grad_out).double().cpu())
-        return [t.grad for t in leaves]
-
-    return grads(lambda t: t), grads(torch.abs)
-
-
-def check_grads(actual, expected, scales, dtype, names=("x", "bank", "routing", "bias"),
-                tol=None):
-    tol = relative_tolerance(dtype) if tol is None else tol
+def check_grads(actual, expected, scales, dtype, case: Case,
+                names=("x", "bank", "routing", "bias"), tf32=False):
+    """Each gradient against the float64 one within the rounding bound of ``dtype``
+    (tests/helpers.py: relative to the sum of |terms| of each element, over the case's longest
+    reduction)."""
+    assert len(actual) == len(expected) == len(scales), (len(actual), len(expected))
     for name, got, ref, scale in zip(names, actual, expected, scales):
-        assert got is not None, f"grad of {name} missing"
-        assert got.shape == ref.shape, f"grad of {name}: shape {got.shape} != {ref.shape}"
-        assert got.dtype == dtype, f"grad of {name}: dtype {got.dtype}, expected {dtype}"
-        # atol: a few fp32 ulps of 1 for elements whose scale is ~0.
-        error = (got.double().cpu() - ref).abs()
-        bound = tol * scale + 1e-6
-        worst = (error - bound).argmax()
-        assert (error <= bound).all(), (
-            f"grad of {name}: error {error.flatten()[worst]:.3g} > bound "
-            f"{bound.flatten()[worst]:.3g} (max error {error.max():.3g})"
-        )
+        assert_within_bound(got, ref, scale, dtype, backward_reduction_length(case), tf32=tf32,
+                            name=f"grad of {name}")
 
 
-# (batch, cin, cout, H, W, (kh, kw), stride, padding, dilation, groups, K, bias, channels_last)
+# Case(batch, cin, cout, H, W, (kh, kw), stride, padding, dilation, groups, K, bias[, layout])
 CASES = {
-    "3x3": (2, 4, 6, 7, 5, (3, 3), 1, 1, 1, 1, 3, True, False),
-    "stride2-groups2-K1": (3, 6, 6, 7, 7, (3, 3), 2, 1, 1, 2, 1, True, False),
-    "depthwise-dil2-K5-nobias": (2, 4, 4, 6, 7, (3, 3), (2, 1), 2, 2, 4, 5, False, False),
-    "batch1-odd-kernel": (1, 3, 5, 5, 6, (2, 3), (1, 2), (0, 1), (2, 1), 1, 2, True, False),
-    "channels_last": (2, 4, 4, 6, 5, (3, 3), 1, 1, 1, 2, 3, True, True),
-    "1x1-stride2": (2, 5, 3, 5, 5, (1, 1), 2, 0, 1, 1, 2, False, False),
-    "stride3-wide-pad": (2, 2, 4, 7, 6, (3, 3), 3, 2, 1, 1, 4, True, False),
-    # More experts than wgrad accumulates per program (MAX_K_BLOCK = 16): two expert blocks.
-    "K17": (2, 2, 2, 4, 4, (3, 3), 1, 1, 1, 1, 17, True, False),
+    "3x3": Case(2, 4, 6, 7, 5, (3, 3), 1, 1, 1, 1, 3, True),
+    "stride2-groups2-K1": Case(3, 6, 6, 7, 7, (3, 3), 2, 1, 1, 2, 1, True),
+    "depthwise-dil2-K5-nobias": Case(2, 4, 4, 6, 7, (3, 3), (2, 1), 2, 2, 4, 5, False),
+    "batch1-odd-kernel": Case(1, 3, 5, 5, 6, (2, 3), (1, 2), (0, 1), (2, 1), 1, 2, True),
+    "channels_last": Case(2, 4, 4, 6, 5, (3, 3), 1, 1, 1, 2, 3, True, "channels_last"),
+    "1x1-stride2": Case(2, 5, 3, 5, 5, (1, 1), 2, 0, 1, 1, 2, False),
+    "stride3-wide-pad": Case(2, 2, 4, 7, 6, (3, 3), 3, 2, 1, 1, 4, True),
+    # More experts than conv_bwd_dw accumulates per program (16): two expert blocks.
+    "K17": Case(2, 2, 2, 4, 4, (3, 3), 1, 1, 1, 1, 17, True),
     # Even kernel, padding="same": the dispatcher pads the extra row / column before the op.
-    "same-even-kernel": (2, 3, 4, 5, 6, (2, 2), 1, "same", 1, 1, 2, True, False),
+    "same-even-kernel": Case(2, 3, 4, 5, 6, (2, 2), 1, "same", 1, 1, 2, True),
 }
-
-
-def make_inputs(case, dtype, seed=0):
-    b, cin, cout, h, w, k, s, p, d, g, n, bias, channels_last = case
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, cin, h, w, generator=gen)
-    bank = torch.randn(n, cout, cin // g, *k, generator=gen) / (cin // g * k[0] * k[1]) ** 0.5
-    routing = torch.softmax(torch.randn(b, n, generator=gen), dim=1)
-    bias_bank = torch.randn(n, cout, generator=gen) if bias else None
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    move = lambda t: None if t is None else t.to(DEVICE, dtype)  # noqa: E731
-    geometry = dict(stride=s, padding=p, dilation=d, groups=g)
-    return move(x), move(bank), move(routing), move(bias_bank), geometry
 
 
 def triton_grads(x, bank, routing, bias_bank, grad_out, geometry):
@@ -131,16 +77,17 @@ def triton_grads(x, bank, routing, bias_bank, grad_out, geometry):
     return [t.grad for t in leaves]
 
 
-def run_case(case, dtype, tol=None):
-    x, bank, routing, bias_bank, geometry = make_inputs(case, dtype)
+def run_case(case: Case, dtype, tf32=False):
+    x, bank, routing, bias_bank = make_inputs(case, dtype, DEVICE)
+    geometry = case.geometry
     with torch.no_grad():
         y = dynconv.dynamic_conv2d(x, bank, routing, bias_bank, backend="loop", **geometry)
-    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    grad_out = upstream_gradient(y.shape, dtype, DEVICE)
     got = triton_grads(x, bank, routing, bias_bank, grad_out, geometry)
-    expected, scales = reference_grads(x, bank, routing, bias_bank, grad_out, geometry)
-    if case[12]:
+    expected, scales = reference_gradients(grad_out, x, bank, routing, bias_bank, **geometry)
+    if case.layout == "channels_last":
         assert got[0].is_contiguous(memory_format=torch.channels_last)
-    check_grads(got, expected, scales, dtype, tol=tol)
+    check_grads(got, expected, scales, dtype, case, tf32=tf32)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -157,71 +104,75 @@ def test_gradients_bf16():
     run_case(CASES["stride2-groups2-K1"], torch.bfloat16)
 
 
-def test_gradients_fp32_follow_tf32_setting():
+@pytest.mark.parametrize("fp32_dots", [True], ids=["tf32"], indirect=True)
+def test_gradients_fp32_follow_tf32_setting(fp32_dots):
     """With cudnn.allow_tf32 the fp32 dots may use tf32 (on a GPU): the dot operands are then
     rounded to 10 mantissa bits (unit roundoff 2**-11), as fp16's; the interpreter stays ieee."""
-    torch.backends.cudnn.allow_tf32 = True  # restored by the autouse fixture
-    run_case(CASES["3x3"], torch.float32, tol=relative_tolerance(torch.float16))
+    run_case(CASES["3x3"], torch.float32, tf32=fp32_dots)
 
 
 @pytest.mark.parametrize("samples_per_program", [1, 2])
 def test_batch_spanning_several_splits(samples_per_program):
-    """wgrad's batch split: each run of samples writes its own partial, summed at the end."""
-    case = (5, 4, 6, 5, 5, (3, 3), 1, 1, 1, 2, 3, True, False)
-    x, bank, routing, bias_bank, geometry = make_inputs(case, torch.float32)
-    grad_out = torch.randn(5, 6, 5, 5, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    """conv_bwd_dw's batch split: each run of samples writes its own partial, summed at the end."""
+    case = Case(5, 4, 6, 5, 5, (3, 3), 1, 1, 1, 2, 3, True)
+    x, bank, routing, bias_bank = make_inputs(case, torch.float32, DEVICE)
+    grad_out = upstream_gradient((5, 6, 5, 5), torch.float32, DEVICE)
     pairs = lambda v: (v, v)  # noqa: E731
-    grad_bank, grad_routing, grad_bias = conv_wgrad(
+    grad_bank, grad_routing, grad_bias = conv_bwd_dw(
         grad_out, x, bank, routing, bias_bank, pairs(1), pairs(1), pairs(1), 2,
         samples_per_program=samples_per_program, interpreter=INTERPRETER,
     )
-    expected, scales = reference_grads(x, bank, routing, bias_bank, grad_out, geometry)
+    expected, scales = reference_gradients(grad_out, x, bank, routing, bias_bank,
+                                           **case.geometry)
     check_grads([grad_bank, grad_routing, grad_bias], expected[1:], scales[1:], torch.float32,
-                names=("bank", "routing", "bias"))
+                case, names=("bank", "routing", "bias"))
 
 
 def test_strided_views_in_and_out():
     """Non-contiguous grad_out, x and bank (slices), and a strided grad_x buffer."""
-    case = (2, 4, 4, 6, 5, (3, 3), 1, 1, 1, 2, 3, True, False)
-    x, bank, routing, bias_bank, geometry = make_inputs(case, torch.float32)
+    case = Case(2, 4, 4, 6, 5, (3, 3), 1, 1, 1, 2, 3, True)
+    _, _, routing, bias_bank = make_inputs(case, torch.float32, DEVICE)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 8, 6, 5, generator=gen).to(DEVICE)[:, ::2]
     bank = torch.randn(3, 4, 2, 3, 6, generator=gen).to(DEVICE)[..., ::2]
     grad_out = torch.randn(2, 4, 6, 10, generator=gen).to(DEVICE)[..., ::2]
     grad_x = torch.zeros(2, 4, 6, 10, device=DEVICE)[..., 1::2]
     pairs = lambda v: (v, v)  # noqa: E731
-    conv_dgrad(grad_out, bank, routing, x.shape, pairs(1), pairs(1), pairs(1), 2, out=grad_x,
-               interpreter=INTERPRETER)
-    grads = conv_wgrad(grad_out, x, bank, routing, bias_bank, pairs(1), pairs(1), pairs(1), 2,
-                       interpreter=INTERPRETER)
-    expected, scales = reference_grads(x, bank, routing, bias_bank, grad_out, geometry)
-    check_grads([grad_x, *grads], expected, scales, torch.float32)
+    conv_bwd_dx(grad_out, bank, routing, x.shape, pairs(1), pairs(1), pairs(1), 2, out=grad_x,
+                interpreter=INTERPRETER)
+    grads = conv_bwd_dw(grad_out, x, bank, routing, bias_bank, pairs(1), pairs(1), pairs(1), 2,
+                        interpreter=INTERPRETER)
+    expected, scales = reference_gradients(grad_out, x, bank, routing, bias_bank,
+                                           **case.geometry)
+    check_grads([grad_x, *grads], expected, scales, torch.float32, case)
 
 
 @pytest.mark.parametrize("wanted", [(True, False, False, False), (False, False, True, False),
                                     (False, True, False, True)])
 def test_only_requested_gradients(wanted):
     case = CASES["3x3"]
-    x, bank, routing, bias_bank, geometry = make_inputs(case, torch.float32)
+    x, bank, routing, bias_bank = make_inputs(case, torch.float32, DEVICE)
     leaves = [t.detach().clone().requires_grad_(w)
               for t, w in zip((x, bank, routing, bias_bank), wanted)]
-    y = dynconv.dynamic_conv2d(*leaves, backend="triton", **geometry)
-    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    y = dynconv.dynamic_conv2d(*leaves, backend="triton", **case.geometry)
+    grad_out = upstream_gradient(y.shape, torch.float32, DEVICE)
     y.backward(grad_out)
-    expected, scales = reference_grads(x, bank, routing, bias_bank, grad_out, geometry)
+    expected, scales = reference_gradients(grad_out, x, bank, routing, bias_bank,
+                                           **case.geometry)
     for leaf, w, ref, scale, name in zip(leaves, wanted, expected, scales,
                                          ("x", "bank", "routing", "bias")):
         if w:
-            check_grads([leaf.grad], [ref], [scale], torch.float32, names=(name,))
+            check_grads([leaf.grad], [ref], [scale], torch.float32, case, names=(name,))
         else:
             assert leaf.grad is None
 
 
 def test_deterministic_mode_bit_identical():
     """No kernel of the backward uses atomics: two runs give the same bits."""
-    case = (3, 4, 6, 6, 5, (3, 3), 2, 1, 1, 2, 4, True, False)
-    x, bank, routing, bias_bank, geometry = make_inputs(case, torch.float32)
-    grad_out = torch.randn(3, 6, 3, 3, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    case = Case(3, 4, 6, 6, 5, (3, 3), 2, 1, 1, 2, 4, True)
+    x, bank, routing, bias_bank = make_inputs(case, torch.float32, DEVICE)
+    geometry = case.geometry
+    grad_out = upstream_gradient((3, 6, 3, 3), torch.float32, DEVICE)
     saved = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
@@ -236,7 +187,8 @@ def test_deterministic_mode_bit_identical():
 def test_autograd_saves_only_inputs_and_parameters():
     """Saved for backward: x, the routing weights and the parameters; never W_b (B x |W|)."""
     case = CASES["3x3"]
-    x, bank, routing, bias_bank, geometry = make_inputs(case, torch.float32)
+    x, bank, routing, bias_bank = make_inputs(case, torch.float32, DEVICE)
+    geometry = case.geometry
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, bank, routing, bias_bank)]
     saved = []
 
@@ -290,8 +242,8 @@ def test_spans_past_int32_are_refused():
     grad_out = torch.empty(2, 6, 7, 5, **meta)
     pairs = lambda v: (v, v)  # noqa: E731
     with pytest.raises(ValueError, match="weight_bank spans"):
-        conv_dgrad(grad_out, huge_bank, routing, x.shape, pairs(1), pairs(1), pairs(1), 1,
-                   interpreter=INTERPRETER)
+        conv_bwd_dx(grad_out, huge_bank, routing, x.shape, pairs(1), pairs(1), pairs(1), 1,
+                    interpreter=INTERPRETER)
     with pytest.raises(ValueError, match="weight_bank spans"):
-        conv_wgrad(grad_out, x, huge_bank, routing, None, pairs(1), pairs(1), pairs(1), 1,
-                   interpreter=INTERPRETER)
+        conv_bwd_dw(grad_out, x, huge_bank, routing, None, pairs(1), pairs(1), pairs(1), 1,
+                    interpreter=INTERPRETER)

@@ -7,12 +7,15 @@ interpreter costs about a millisecond per operation per program.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import (
+    Case,
+    assert_within_bound,
+    forward_reduction_length,
+    make_inputs,
+    reference_forward,
+)
 
 import dynconv
 from dynconv.backends.triton.forward import (
@@ -27,90 +30,10 @@ ON_GPU = DEVICE.type == "cuda"
 if not ON_GPU and not interpreter_enabled():
     pytest.skip("needs a GPU or TRITON_INTERPRET=1 (set by conftest.py)", allow_module_level=True)
 
+# fp32 dots in ieee unless a test asks for tf32 (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("fp32_dots")
+
 STRATEGIES = ("premix", "fused")
-
-
-@pytest.fixture
-def tf32_mode(request):
-    """Set torch.backends.cudnn.allow_tf32 (which the fp32 kernels follow) for one test."""
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = request.param
-    yield request.param
-    torch.backends.cudnn.allow_tf32 = saved
-
-
-@pytest.fixture(autouse=True)
-def _ieee_by_default():
-    """fp32 tests default to ieee dots so that their tolerance can be fp32's."""
-    saved = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = saved
-
-
-def relative_tolerance(dtype: torch.dtype, tf32: bool) -> float:
-    """Bound on |y - y_ref| relative to sum |x| |W| (see :func:`check_close`).
-
-    Low precision: the mixed weights and the dot operands are rounded to the dtype's mantissa
-    (fp16 and tf32: 10 bits, unit roundoff 2**-11; bf16: 7 bits, 2**-8), the output once more;
-    the sum of |x||W| bounds how those relative errors add up. 4 roundings is a safe margin.
-    fp32 with ieee dots: fp32 accumulation of at most 150 products, 150 * 2**-24 < 1e-5.
-    """
-    if dtype == torch.bfloat16:
-        return 4 * 2.0**-8
-    if dtype == torch.float16 or (dtype == torch.float32 and tf32):
-        return 4 * 2.0**-11
-    return 1e-5
-
-
-def reference(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
-    """Float64 per-sample loop; also returns the error scale sum_k |a_k| (|x| * |bank_k|)."""
-    outputs, scales = [], []
-    for b in range(x.shape[0]):
-        a = routing[b].double()
-        xb = x[b : b + 1].double()
-        weight = torch.einsum("k,k...->...", a, weight_bank.double())
-        weight_abs = torch.einsum("k,k...->...", a.abs(), weight_bank.double().abs())
-        bias = bias_abs = None
-        if bias_bank is not None:
-            bias = a @ bias_bank.double()
-            bias_abs = a.abs() @ bias_bank.double().abs()
-        outputs.append(F.conv2d(xb, weight, bias, stride, padding, dilation, groups))
-        scales.append(F.conv2d(xb.abs(), weight_abs, bias_abs, stride, padding, dilation, groups))
-    return torch.cat(outputs), torch.cat(scales)
-
-
-def check_close(y, y_ref, scale, dtype, tf32=False):
-    assert y.dtype == dtype
-    assert y.shape == y_ref.shape
-    assert torch.isfinite(y).all()
-    error = (y.double().cpu() - y_ref.cpu()).abs()
-    # atol: a few fp32 ulps of 1 for outputs whose scale is ~0 (all-padding windows, no bias).
-    bound = relative_tolerance(dtype, tf32) * scale.cpu() + 1e-6
-    worst = (error - bound).max().item()
-    assert worst <= 0, (
-        f"max error {error.max().item():.3g} exceeds the bound by {worst:.3g} "
-        f"(rtol {relative_tolerance(dtype, tf32):.3g} of sum|x||W|)"
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One convolution: x (batch, cin, h, w), bank (experts, cout, cin/groups, *kernel)."""
-
-    batch: int = 3
-    cin: int = 6
-    cout: int = 4
-    h: int = 7
-    w: int = 5
-    kernel: tuple = (3, 3)
-    stride: tuple = (1, 1)
-    padding: tuple = (1, 1)
-    dilation: tuple = (1, 1)
-    groups: int = 1
-    experts: int = 5
-    bias: bool = True
-    layout: str = "nchw"  # "nchw", "channels_last" or "strided" (a non-contiguous view)
 
 
 CASES = {
@@ -138,38 +61,21 @@ CASES = {
 }
 
 
-def make_inputs(case: Case, dtype: torch.dtype, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    shape = (case.batch, case.cin, case.h, case.w)
-    if case.layout == "strided":
-        # Every other column of a wider tensor, channel axis permuted: no contiguous layout.
-        x = torch.randn(case.batch, case.h, case.cin, 2 * case.w, generator=g)
-        x = x[..., ::2].permute(0, 2, 1, 3)
-    else:
-        x = torch.randn(shape, generator=g)
-    x = x.to(DEVICE, dtype)
-    if case.layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    bank_shape = (case.experts, case.cout, case.cin // case.groups, *case.kernel)
-    fan_in = math.prod(bank_shape[2:])
-    bank = (torch.randn(bank_shape, generator=g) / math.sqrt(fan_in)).to(DEVICE, dtype)
-    routing = torch.softmax(torch.randn(case.batch, case.experts, generator=g), 1)
-    routing = routing.to(DEVICE, dtype)
-    bias = None
-    if case.bias:
-        bias = torch.randn(case.experts, case.cout, generator=g).to(DEVICE, dtype)
-    return x, bank, routing, bias
+def check_output(y, x, bank, routing, bias, case: Case, dtype: torch.dtype, tf32=False):
+    """y against the float64 loop on the same inputs, within the rounding bound of ``dtype``
+    (tests/helpers.py: relative to sum |x| |W| of each output, over the case's reduction)."""
+    y_ref, scale = reference_forward(x, bank, routing, bias, **case.geometry)
+    assert_within_bound(y, y_ref, scale, dtype, forward_reduction_length(case), tf32=tf32,
+                        name="y")
+    return y_ref
 
 
 def run_case(case: Case, strategy: str, dtype: torch.dtype, tf32: bool = False, **kwargs):
-    x, bank, routing, bias = make_inputs(case, dtype)
+    x, bank, routing, bias = make_inputs(case, dtype, DEVICE)
     with torch.no_grad():
         y = triton_forward_impl(x, bank, routing, bias, case.stride, case.padding,
                                 case.dilation, case.groups, strategy=strategy, **kwargs)
-    y_ref, scale = reference(x.cpu(), bank.cpu(), routing.cpu(),
-                             None if bias is None else bias.cpu(), case.stride, case.padding,
-                             case.dilation, case.groups)
-    check_close(y, y_ref, scale, dtype, tf32)
+    check_output(y, x, bank, routing, bias, case, dtype, tf32)
     return x, y
 
 
@@ -190,7 +96,7 @@ TAP_MAJOR_CASES = ["base_3x3", "stride_2", "dilation_2", "groups_2", "depthwise"
 @pytest.mark.parametrize("name", TAP_MAJOR_CASES)
 def test_forward_fp32_tap_major(name, strategy, monkeypatch):
     """The tap-major reduction (used from C_in/G >= 16) forced on small channel counts."""
-    monkeypatch.setattr("dynconv.kernels.conv_forward.MIN_DOT_BLOCK", 1)
+    monkeypatch.setattr("dynconv.kernels.conv_fwd.MIN_DOT_BLOCK", 1)
     run_case(CASES[name], strategy, torch.float32)
 
 
@@ -218,18 +124,18 @@ def test_forward_low_precision(name, strategy, dtype):
     run_case(CASES[name], strategy, dtype)
 
 
-@pytest.mark.parametrize("tf32_mode", [True, False], ids=["tf32", "ieee"], indirect=True)
+@pytest.mark.parametrize("fp32_dots", [True, False], ids=["tf32", "ieee"], indirect=True)
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_forward_fp32_tf32_setting(tf32_mode, strategy):
+def test_forward_fp32_tf32_setting(fp32_dots, strategy):
     """fp32 follows torch.backends.cudnn.allow_tf32; ieee must meet the fp32 tolerance."""
-    run_case(Case(cin=8, cout=5), strategy, torch.float32, tf32=tf32_mode)
+    run_case(Case(cin=8, cout=5), strategy, torch.float32, tf32=fp32_dots)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_non_contiguous_bank_routing_and_bias(strategy):
     """Parameters are read through their strides too (views of larger or permuted tensors)."""
     case = Case(groups=2)
-    x, bank, routing, bias = make_inputs(case, torch.float32)
+    x, bank, routing, bias = make_inputs(case, torch.float32, DEVICE)
     bank = bank.permute(0, 1, 2, 4, 3).contiguous().permute(0, 1, 2, 4, 3)
     routing = routing.t().contiguous().t()
     bias = torch.cat([bias, bias], dim=1)[:, ::2]
@@ -237,15 +143,13 @@ def test_non_contiguous_bank_routing_and_bias(strategy):
     with torch.no_grad():
         y = triton_forward_impl(x, bank, routing, bias, case.stride, case.padding,
                                 case.dilation, case.groups, strategy=strategy)
-    y_ref, scale = reference(x.cpu(), bank.cpu(), routing.cpu(), bias.cpu(), case.stride,
-                             case.padding, case.dilation, case.groups)
-    check_close(y, y_ref, scale, torch.float32)
+    check_output(y, x, bank, routing, bias, case, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_premix_batch_larger_than_chunk(dtype):
     case = Case(batch=5)
-    x, bank, routing, bias = make_inputs(case, dtype)
+    x, bank, routing, bias = make_inputs(case, dtype, DEVICE)
     row_bytes = (case.cout * case.cin * 9 + case.cout) * x.element_size()
     # A budget of two samples' rows (rounded-up row length included) gives chunks of 2, 2, 1.
     budget = 2 * (row_bytes + 32 * x.element_size())
@@ -256,7 +160,7 @@ def test_premix_batch_larger_than_chunk(dtype):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_empty_batch(strategy):
-    x, bank, routing, bias = make_inputs(Case(batch=1), torch.float32)
+    x, bank, routing, bias = make_inputs(Case(batch=1), torch.float32, DEVICE)
     y = triton_forward_impl(x[:0], bank, routing[:0], bias, (2, 2), (1, 1), (1, 1), 1,
                             strategy=strategy)
     assert y.shape == (0, 4, 4, 3)
@@ -266,7 +170,7 @@ def test_empty_batch(strategy):
 def test_padding_same_through_dispatcher(strategy, monkeypatch):
     """padding="same" with an even kernel: the dispatcher pads the extra row/column first."""
     case = Case(kernel=(2, 3), padding=(0, 0))
-    x, bank, routing, bias = make_inputs(case, torch.float32)
+    x, bank, routing, bias = make_inputs(case, torch.float32, DEVICE)
     monkeypatch.setattr("dynconv.backends.triton.forward.choose_strategy", lambda *args: strategy)
     with torch.no_grad():
         y = dynconv.dynamic_conv2d(x, bank, routing, bias, padding="same", backend="triton")
@@ -278,25 +182,24 @@ def test_padding_same_through_dispatcher(strategy, monkeypatch):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_int64_offsets_path(strategy):
     """The OFFSET_64 variant (used when a sample spans > 2**31 elements) computes the same."""
-    from dynconv.kernels.conv_forward import conv_forward
+    from dynconv.kernels.conv_fwd import conv_fwd
     from dynconv.kernels.mix import mix, mixed_views
 
     case = Case(stride=(2, 1), layout="channels_last")
-    x, bank, routing, bias = make_inputs(case, torch.float32)
-    y_ref, scale = reference(x.cpu(), bank.cpu(), routing.cpu(), bias.cpu(), case.stride,
-                             case.padding, case.dilation, case.groups)
+    x, bank, routing, bias = make_inputs(case, torch.float32, DEVICE)
+    y_ref, _ = reference_forward(x, bank, routing, bias, **case.geometry)
     y = torch.empty(y_ref.shape, device=DEVICE, dtype=x.dtype)
     interpreter = not ON_GPU
     with torch.no_grad():
         if strategy == "fused":
-            conv_forward(x, bank.unflatten(1, (1, case.cout)), bias, routing, y, 0, case.batch,
-                         case.stride, case.padding, case.dilation, interpreter, offset_64=True)
+            conv_fwd(x, bank.unflatten(1, (1, case.cout)), bias, routing, y, 0, case.batch,
+                     case.stride, case.padding, case.dilation, interpreter, offset_64=True)
         else:
             buffer = mix(routing, bank, bias, case.groups, interpreter=interpreter)
             weights, mixed_bias = mixed_views(buffer, bank.shape, case.groups, True)
-            conv_forward(x, weights, mixed_bias, None, y, 0, case.batch, case.stride,
-                         case.padding, case.dilation, interpreter, offset_64=True)
-    check_close(y, y_ref, scale, torch.float32)
+            conv_fwd(x, weights, mixed_bias, None, y, 0, case.batch, case.stride,
+                     case.padding, case.dilation, interpreter, offset_64=True)
+    check_output(y, x, bank, routing, bias, case, torch.float32)
 
 
 # --- mix kernel alone ----------------------------------------------------------------------------
@@ -319,11 +222,12 @@ def test_mix_kernel(experts, dtype):
     w_ref = (a @ bank.double().cpu().view(k, -1)).view(batch, groups, cout // groups, cin_g, 3, 1)
     w_scale = (a.abs() @ bank.double().cpu().abs().view(k, -1)).view(w_ref.shape)
     b_ref, b_scale = a @ bias.double().cpu(), a.abs() @ bias.double().cpu().abs()
-    # One rounding of the fp32-accumulated sum to the dtype (fp32: K <= 64 terms, 64 * 2**-24
-    # < 4e-6).
-    rtol = {torch.float32: 4e-6, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
-    assert ((weights.double().cpu() - w_ref).abs() <= rtol * w_scale + 1e-7).all()
-    assert ((mixed_bias.double().cpu() - b_ref).abs() <= rtol * b_scale + 1e-7).all()
+    # A sum of K products accumulated in fp32 (fp32: K * 2**-24), rounded once to fp16 / bf16
+    # (2 roundings of margin).
+    assert_within_bound(weights, w_ref, w_scale, dtype, k, roundings=2, atol=1e-7,
+                        name="mixed weights")
+    assert_within_bound(mixed_bias, b_ref, b_scale, dtype, k, roundings=2, atol=1e-7,
+                        name="mixed bias")
 
 
 def test_mix_kernel_strided_bank_and_chunk_buffer():
@@ -363,14 +267,14 @@ def test_dynamic_cnn_forward_matches_loop():
 
 
 def test_unknown_strategy():
-    x, bank, routing, bias = make_inputs(Case(), torch.float32)
+    x, bank, routing, bias = make_inputs(Case(), torch.float32, DEVICE)
     with pytest.raises(ValueError, match="strategy"):
         triton_forward_impl(x, bank, routing, bias, (1, 1), (1, 1), (1, 1), 1, strategy="both")
 
 
 def test_cpu_tensors_without_interpreter_raise(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x, bank, routing, bias = (t.cpu() for t in make_inputs(Case(), torch.float32))
+    x, bank, routing, bias = make_inputs(Case(), torch.float32)
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         dynconv.dynamic_conv2d(x, bank, routing, bias, padding=1, backend="triton")
 
@@ -392,41 +296,41 @@ def _conv_named_args(ho_wo=(7, 5), cin_g=6, cout_g=4, kernel=(3, 3)):
 
 
 def test_interpreter_uses_one_config():
-    from dynconv.kernels.configs import conv_forward_configs, mix_configs
+    from dynconv.kernels.configs import conv_fwd_configs, mix_configs
 
-    assert len(conv_forward_configs(interpreter=True)) == 1
+    assert len(conv_fwd_configs(interpreter=True)) == 1
     assert len(mix_configs(interpreter=True)) == 1
-    assert len(conv_forward_configs(interpreter=False)) > 1
+    assert len(conv_fwd_configs(interpreter=False)) > 1
 
 
 def test_conv_configs_pruned_by_shape():
-    from dynconv.kernels.configs import conv_forward_configs, prune_conv_forward_configs
+    from dynconv.kernels.configs import conv_fwd_configs, prune_conv_fwd_configs
 
-    configs = conv_forward_configs(interpreter=False)
+    configs = conv_fwd_configs(interpreter=False)
     for c in configs:  # tl.dot operands >= 16 on a GPU
         assert min(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_M"]) >= 16
-    small = prune_conv_forward_configs(configs, _conv_named_args())
+    small = prune_conv_fwd_configs(configs, _conv_named_args())
     smallest_m = min(c.kwargs["BLOCK_M"] for c in configs)
     smallest_n = min(c.kwargs["BLOCK_N"] for c in configs)
     # 35 output pixels -> BLOCK_M <= 64; 4 output channels -> the smallest BLOCK_N only.
     assert small and all(c.kwargs["BLOCK_M"] <= max(64, smallest_m) for c in small)
     assert all(c.kwargs["BLOCK_N"] == smallest_n for c in small)
-    large = prune_conv_forward_configs(configs, _conv_named_args((56, 56), 64, 128))
+    large = prune_conv_fwd_configs(configs, _conv_named_args((56, 56), 64, 128))
     assert len(large) == len(configs)
 
 
 def test_conv_configs_with_int64_offsets():
     from dynconv.kernels.configs import (
-        conv_forward_configs,
-        conv_forward_int64_ok,
-        prune_conv_forward_configs,
+        conv_fwd_configs,
+        conv_fwd_int64_ok,
+        prune_conv_fwd_configs,
     )
 
-    configs = conv_forward_configs(interpreter=False)
-    kept = prune_conv_forward_configs(configs, _conv_named_args((56, 56), 64, 128),
-                                      OFFSET_64=True)
+    configs = conv_fwd_configs(interpreter=False)
+    kept = prune_conv_fwd_configs(configs, _conv_named_args((56, 56), 64, 128),
+                                  OFFSET_64=True)
     assert kept and len(kept) < len(configs)
-    assert all(conv_forward_int64_ok(c) for c in kept)
+    assert all(conv_fwd_int64_ok(c) for c in kept)
 
 
 @pytest.mark.parametrize("strategy", ["premix", "fused"])
@@ -443,7 +347,7 @@ def test_bank_span_past_int32_is_refused(strategy):
 
 
 def test_float64_is_refused_with_a_clear_error():
-    x, bank, routing, bias = make_inputs(Case(), torch.float32)
+    x, bank, routing, bias = make_inputs(Case(), torch.float32, DEVICE)
     as64 = [t.double() for t in (x, bank, routing, bias)]
     with pytest.raises(ValueError, match="backend='triton' supports dtypes .* got torch.float64"):
         dynconv.dynamic_conv2d(*as64, padding=1, backend="triton")

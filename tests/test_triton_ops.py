@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import OP_CASE, op_args, upstream_gradient
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dynconv
@@ -20,41 +21,25 @@ if DEVICE.type != "cuda" and not interpreter_enabled():
     pytest.skip("needs a GPU or TRITON_INTERPRET=1 (set by conftest.py)", allow_module_level=True)
 
 
-def op_args(batch=2, cin=4, cout=4, hw=(5, 6), kernel=(3, 3), groups=2, experts=3, bias=True,
-            channels_last=False, stride=(2, 1), padding=(1, 1), dilation=(1, 2),
-            requires_grad=True):
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, cin, *hw, generator=gen)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    bank = torch.randn(experts, cout, cin // groups, *kernel, generator=gen)
-    routing = torch.softmax(torch.randn(batch, experts, generator=gen), dim=1)
-    bias_bank = torch.randn(experts, cout, generator=gen) if bias else None
-    tensors = [t.to(DEVICE) if t is not None else None for t in (x, bank, routing, bias_bank)]
-    for t in tensors:
-        if t is not None:
-            t.requires_grad_(requires_grad)
-    return (*tensors, list(stride), list(padding), list(dilation), groups)
-
-
 OPCHECK_CASES = {
-    "groups2-bias": {},
-    "channels_last-nobias": dict(channels_last=True, bias=False, groups=1, stride=(1, 1)),
+    "groups2-bias": OP_CASE,
+    "channels_last-nobias": OP_CASE.replace(layout="channels_last", bias=False, groups=1,
+                                            stride=(1, 1)),
 }
 
 
 @pytest.mark.parametrize("name", list(OPCHECK_CASES))
 def test_opcheck_forward(name):
     """Schema, fake tensor, autograd registration and aot dispatch (dynamic shapes)."""
-    torch.library.opcheck(triton_forward, op_args(**OPCHECK_CASES[name]))
+    torch.library.opcheck(triton_forward, op_args(OPCHECK_CASES[name], device=DEVICE))
 
 
 @pytest.mark.parametrize("mask", [[True, True, True, True], [False, True, False, True]])
 def test_opcheck_backward(mask):
-    args = op_args(requires_grad=False, channels_last=True)
+    args = op_args(OP_CASE.replace(layout="channels_last"), device=DEVICE, requires_grad=False)
     with torch.no_grad():
         y = triton_forward(*args)
-    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    grad_out = upstream_gradient(y.shape, torch.float32, DEVICE)
     torch.library.opcheck(triton_backward, (grad_out, *args, mask))
 
 
@@ -62,7 +47,8 @@ def test_opcheck_backward(mask):
 @pytest.mark.parametrize("bias", [False, True])
 def test_fake_matches_real_metadata(channels_last, bias):
     """register_fake gives exactly the real outputs' sizes, strides and dtype."""
-    args = op_args(bias=bias, channels_last=channels_last, requires_grad=False)
+    layout = "channels_last" if channels_last else "nchw"
+    args = op_args(OP_CASE.replace(bias=bias, layout=layout), device=DEVICE, requires_grad=False)
     with torch.no_grad():
         y = triton_forward(*args)
         grad_out = torch.randn_like(y)

@@ -1,5 +1,6 @@
-"""The ``triton`` backend's backward: grad_x from the dgrad kernel, the bank, routing and bias
-gradients from the wgrad kernel (:mod:`dynconv.kernels`). Pure tensor functions, no autograd.
+"""The ``triton`` backend's backward: grad_x from the ``conv_bwd_dx`` kernel, the bank, routing
+and bias gradients from the ``conv_bwd_dw`` kernel (:mod:`dynconv.kernels`). Pure tensor
+functions, no autograd.
 
 The kernels are imported on the first call, so that importing the backend never imports Triton.
 """
@@ -20,8 +21,8 @@ def triton_backward_impl(
     (K, Cout, Cin/g, kh, kw), grad_routing (B, K) and grad_bias (K, Cout), contiguous; an
     unrequested gradient (or grad_bias without a bias bank) is an empty tensor.
     """
-    from dynconv.kernels.conv_dgrad import conv_dgrad
-    from dynconv.kernels.conv_wgrad import conv_wgrad
+    from dynconv.kernels.conv_bwd_dw import conv_bwd_dw
+    from dynconv.kernels.conv_bwd_dx import conv_bwd_dx
 
     need_x, need_bank, need_routing, need_bias = output_mask
     need_bias = need_bias and bias_bank is not None
@@ -29,10 +30,10 @@ def triton_backward_impl(
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     grad_x = grad_bank = grad_routing = grad_bias = None
     if need_x:
-        grad_x = conv_dgrad(grad_out, weight_bank, routing, x.shape, stride, padding, dilation,
-                            groups, out=torch.empty_like(x), interpreter=interpreter)
+        grad_x = conv_bwd_dx(grad_out, weight_bank, routing, x.shape, stride, padding, dilation,
+                             groups, out=torch.empty_like(x), interpreter=interpreter)
     if need_bank or need_routing or need_bias:
-        grad_bank, grad_routing, grad_bias = conv_wgrad(
+        grad_bank, grad_routing, grad_bias = conv_bwd_dw(
             grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
             need_bank=need_bank, need_routing=need_routing, need_bias=need_bias,
             interpreter=interpreter,

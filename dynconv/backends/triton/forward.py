@@ -1,7 +1,7 @@
 """The ``triton`` backend's forward: strategy choice, batch chunking and kernel launches.
 
 Pure tensor functions, no autograd: ``triton_forward_impl`` is what the custom ops build on.
-Kernels live in ``dynconv.kernels`` (mix, conv_forward).
+Kernels live in ``dynconv.kernels`` (mix, conv_fwd).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def triton_forward_impl(
         y, (B, C_out, HO, WO) in x's dtype, channels_last when x is (as ``F.conv2d``).
     """
     from dynconv.kernels._common import check_int32_spans, span
-    from dynconv.kernels.conv_forward import conv_forward
+    from dynconv.kernels.conv_fwd import conv_fwd
     from dynconv.kernels.mix import mix, mixed_layout, mixed_views
 
     if strategy not in STRATEGIES:
@@ -107,8 +107,8 @@ def triton_forward_impl(
         bank = bank.permute(0, 1, 4, 5, 3, 2).contiguous().permute(0, 1, 5, 4, 2, 3)
         for start in range(0, batch, MAX_SAMPLES_PER_LAUNCH):
             count = min(MAX_SAMPLES_PER_LAUNCH, batch - start)
-            conv_forward(x, bank, bias_bank, routing, y, start, count, stride, padding,
-                         dilation, interpreter=interpreter)
+            conv_fwd(x, bank, bias_bank, routing, y, start, count, stride, padding, dilation,
+                     interpreter=interpreter)
         return y
 
     layout = mixed_layout(weight_bank.shape, bias_bank is not None)
@@ -120,7 +120,7 @@ def triton_forward_impl(
         mixed = mix(routing[start : start + count], weight_bank, bias_bank, groups, out=buffer,
                     interpreter=interpreter)
         weights, bias = mixed_views(mixed, weight_bank.shape, groups, bias_bank is not None)
-        conv_forward(x, weights, bias, None, y, start, count, stride, padding, dilation,
-                     interpreter=interpreter)
+        conv_fwd(x, weights, bias, None, y, start, count, stride, padding, dilation,
+                 interpreter=interpreter)
     return y
 

@@ -1,6 +1,9 @@
 """Conv forward kernel: output-stationary implicit GEMM, one sample and one group per program.
 
-For sample b and group g the program computes a (BLOCK_M x BLOCK_N) tile of
+Computes y (B, C_out, HO, WO) = conv2d(x[b] (C_in, H, W), W_b (C_out, C_in/G, KH, KW), bias_b
+(C_out)) for every sample b, with G groups (C_IN_G = C_in/G, C_OUT_G = C_out/G) and
+W_b = sum_k a[b, k] bank[k]. For sample b and group g the program computes a
+(BLOCK_M x BLOCK_N) tile of
 
     y[b, g*C_OUT_G + n, ho, wo] = bias_b[n] + sum_r x_col[m, r] * W_b[r, n]
 
@@ -28,12 +31,9 @@ import triton.language as tl
 
 from ._common import INT32_LIMIT, MIN_DOT_BLOCK, dot_settings, span
 from .configs import (
-    CONV_FORWARD_KEY,
-    CompileCase,
-    compile_check_dtypes,
-    conv_forward_configs,
-    conv_forward_int64_ok,
-    prune_conv_forward_configs,
+    CONV_FWD_KEY,
+    conv_fwd_configs,
+    prune_conv_fwd_configs,
 )
 from .tuned_table import with_tuned_table
 
@@ -61,7 +61,7 @@ def _accumulate(acc, x_tile, w_base, w_offs, mask_w, a_row_ptr, a_stride_k, w_st
 # BATCH_START changes from one premix chunk to the next: not specializing it (on 1 or on
 # divisibility by 16) keeps one compiled kernel for all chunks.
 @triton.jit(do_not_specialize=["BATCH_START"])
-def conv_forward_kernel(
+def conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, y_ptr,
     BATCH_START, NUM_EXPERTS,
     C_IN_G, H, W, C_OUT_G, HO, WO, KH, KW,
@@ -181,13 +181,13 @@ def conv_forward_kernel(
 
 
 # The persisted per-GPU tuned table is consulted first, then the autotuner.
-conv_forward_autotuned = with_tuned_table("conv_forward", triton.autotune(
-    configs=conv_forward_configs(), key=CONV_FORWARD_KEY,
-    prune_configs_by={"early_config_prune": prune_conv_forward_configs},
-)(conv_forward_kernel))
+conv_fwd_tuned = with_tuned_table("conv_fwd", triton.autotune(
+    configs=conv_fwd_configs(), key=CONV_FWD_KEY,
+    prune_configs_by={"early_config_prune": prune_conv_fwd_configs},
+)(conv_fwd_kernel))
 
 
-def conv_forward(
+def conv_fwd(
     x: torch.Tensor,
     weights: torch.Tensor,
     bias: torch.Tensor | None,
@@ -236,7 +236,7 @@ def conv_forward(
         groups * triton.cdiv(out_per_group, meta["BLOCK_N"]),
         batch_count,
     )
-    conv_forward_autotuned[grid](
+    conv_fwd_tuned[grid](
         x, weights, bias_arg, a_arg, y,
         batch_start, num_experts if fused else 1,
         in_per_group, x.shape[2], x.shape[3], out_per_group, height_out, width_out, kh, kw,
@@ -250,78 +250,3 @@ def conv_forward(
         DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision,
     )
-
-
-_INT_ARGS = [
-    "BATCH_START", "NUM_EXPERTS", "C_IN_G", "H", "W", "C_OUT_G", "HO", "WO", "KH", "KW",
-    "stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w",
-    "x_stride_b", "x_stride_c", "x_stride_h", "x_stride_w",
-    "w_stride_e", "w_stride_g", "w_stride_o", "w_stride_c", "w_stride_h", "w_stride_w",
-    "bias_stride_e", "bias_stride_o", "a_stride_b", "a_stride_k",
-    "y_stride_b", "y_stride_c", "y_stride_h", "y_stride_w",
-]
-
-
-# Arguments that real launches pass as 1, which Triton then specializes as constexpr 1: the
-# weights' output-channel stride (both weight layouts), dilation 1, and the unit stride of x and y
-# (along W for NCHW, along C for channels_last). The compile-check builds these variants.
-_UNIT_ARGS = {
-    "nchw": ("w_stride_o", "dil_h", "dil_w", "x_stride_w", "y_stride_w"),
-    "cl": ("w_stride_o", "dil_h", "dil_w", "x_stride_c", "y_stride_c"),
-}
-_ALIGNED_ARGS = ("C_IN_G", "C_OUT_G", "x_stride_b", "x_stride_h", "x_stride_w", "x_stride_c",
-                 "w_stride_e", "w_stride_g", "w_stride_c", "y_stride_b", "y_stride_h",
-                 "y_stride_w", "y_stride_c")
-
-
-def _variants(index: int, count: int, config) -> list[tuple[str, bool, bool, str]]:
-    """(dtype, tap_major, offset_64, layout) variants compiled for config ``index``."""
-    variants = [("fp16", True, False, "cl"), ("fp16", True, False, "nchw"),
-                ("fp32", True, False, "cl"), ("fp16", False, False, "nchw")]
-    if "bf16" in compile_check_dtypes(index, count):
-        variants.append(("bf16", True, False, "cl"))
-    if conv_forward_int64_ok(config):
-        variants += [("fp32", True, True, "nchw"), ("fp16", True, True, "cl")]
-    return variants
-
-
-def compile_cases() -> list[CompileCase]:
-    """The conv configs x {premix, fused} with a bias, in the variants real launches compile.
-
-    Tap-major (C_in/G >= 16): every config in fp16 (channels_last and NCHW) and fp32 (tf32,
-    channels_last), bf16 for the smallest and largest; int64 offsets for the configs allowed
-    them. Flattened (C_in/G < 16): every config in fp16, NCHW. Pointers are 16-byte aligned
-    everywhere; channels_last variants also have every channel count and stride a multiple of
-    16 (the most vectorised specialization, as in real networks).
-    """
-    cases = []
-    configs = conv_forward_configs(interpreter=False)
-    for index, config in enumerate(configs):
-        for dtype, tap_major, offset_64, layout in _variants(index, len(configs), config):
-            divisible = ("x_ptr", "w_ptr", "bias_ptr", "a_ptr", "y_ptr")
-            unit = _UNIT_ARGS[layout]
-            if layout == "cl":
-                # Channels multiples of 16 as in real networks: vectorised, pipelined loads.
-                divisible += tuple(name for name in _ALIGNED_ARGS if name not in unit)
-            for fused in (False, True):
-                signature = {name: f"*{dtype}" for name in ("x_ptr", "w_ptr", "bias_ptr",
-                                                            "a_ptr", "y_ptr")}
-                signature.update({name: "i32" for name in _INT_ARGS})
-                signature["BATCH_START"] = "i64"
-                if offset_64:
-                    signature.update({name: "i64" for name in _INT_ARGS if "stride_" in name})
-                constexprs = {
-                    "FUSED": fused, "HAS_BIAS": True, "OFFSET_64": offset_64,
-                    "TAP_MAJOR": tap_major, "DOT_FP32": False,
-                    "INPUT_PRECISION": "tf32" if dtype == "fp32" else "ieee", **config.kwargs,
-                }
-                constexprs.update({name: 1 for name in unit})
-                signature.update({name: "constexpr" for name in constexprs})
-                kw = config.kwargs
-                variant = "i64" if offset_64 else ("tap" if tap_major else "flat")
-                name = (f"conv_fwd {'fused' if fused else 'premix'} {variant} {layout} {dtype} "
-                        f"M{kw['BLOCK_M']} N{kw['BLOCK_N']} K{kw['BLOCK_K']} "
-                        f"w{config.num_warps} s{config.num_stages}")
-                cases.append(CompileCase(conv_forward_kernel, signature, constexprs,
-                                         config.num_warps, config.num_stages, name, divisible))
-    return cases

@@ -1,0 +1,261 @@
+"""What really launches: drive the Triton backend's launchers on meta tensors, capture every
+kernel launch (each config the autotuner would try), and let Triton's own binder specialise it.
+
+A launch's compiled code depends on more than its config: Triton specialises each argument at
+launch (pointers and ints divisible by 16, ints equal to 1, int32 against int64), and those
+specialisations decide vector widths, asynchronous copies and pipelining. Signatures written by
+hand miss them, so the compile-check compiles what this module captures instead:
+
+1. :func:`driven_cases` lists convolutions (ResNet-18's layers at batch 32, in bf16 / fp16 /
+   fp32, channels_last and NCHW, and the small odd shapes of the tests);
+2. :func:`capture` runs the backend's real forward (premix and fused) and backward on meta
+   tensors (no memory, no GPU) with ``JITFunction.run`` and ``Autotuner.run`` replaced by
+   recorders: every config that survives the autotuner's pruning for the target is recorded;
+3. :func:`specialise` turns a recorded launch into plain values (signature, constexprs,
+   attributes, options) with the binder Triton uses at launch, for one target;
+4. :func:`jobs_for` deduplicates them into :class:`CompileJob` values that worker processes
+   compile (``python -m dynconv.autotune compile-check``).
+
+Meta tensors have aligned base addresses (as CUDA allocations are) and their views keep their
+offsets, so divisibility comes out as on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .shapes import ConvShape, get_shape_set
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class DrivenCase:
+    """One convolution to drive through the Triton backend."""
+
+    shape: ConvShape
+    batch: int
+    num_experts: int
+    dtype: str
+    channels_last: bool
+    bias: bool = True
+
+    @property
+    def label(self) -> str:
+        layout = "cl" if self.channels_last else "nchw"
+        return (f"{self.shape.label()} B{self.batch} K{self.num_experts} {self.dtype} {layout}"
+                f"{'' if self.bias else ' nobias'}")
+
+
+def _test_shapes() -> list[ConvShape]:
+    """Small odd geometries like the tests' (few channels, groups, dilation, 1x1, 7x7 stem)."""
+    return [
+        ConvShape("odd", 5, 7, 9, 8, 3, 3, 1, 1),
+        ConvShape("stride2-groups", 6, 4, 11, 10, 3, 3, 2, 1, 1, 2),
+        ConvShape("depthwise-dilated", 8, 8, 9, 9, 3, 3, 1, 2, 2, 8),
+        ConvShape("stem", 3, 16, 32, 32, 7, 7, 2, 3),
+    ]
+
+
+def driven_cases() -> list[DrivenCase]:
+    """The convolutions whose launches the compile-check compiles.
+
+    ResNet-18's distinct layers at batch 32, K = 4 in bf16 channels_last (the format the GPU
+    benchmark uses); two of them (56x56 and 14x14) in fp32 NCHW, one in fp16 channels_last and
+    one in bf16 NCHW; the test shapes in fp32 NCHW (and two in bf16) with K = 1, 4 and 17 (a K
+    past 16 takes the mix kernel's tl.dot path and two expert blocks in the weight gradient).
+    """
+    resnet = {shape.name: shape for shape in get_shape_set("resnet18")}
+    cases = [DrivenCase(shape, 32, 4, "bf16", True) for shape in resnet.values()]
+    cases += [DrivenCase(resnet["layer1.0.conv1"], 32, 4, "fp32", False),
+              DrivenCase(resnet["layer3.0.conv2"], 32, 4, "fp32", False),
+              DrivenCase(resnet["layer2.0.conv2"], 32, 4, "fp16", True),
+              DrivenCase(resnet["layer2.0.conv1"], 32, 4, "bf16", False, bias=False)]
+    for index, shape in enumerate(_test_shapes()):
+        experts = (1, 4, 17)[index % 3]
+        cases.append(DrivenCase(shape, 3, experts, "fp32", False))
+        if index < 2:
+            cases.append(DrivenCase(shape, 2, experts, "bf16", index == 0, bias=False))
+    return cases
+
+
+@dataclass
+class Launch:
+    """One kernel launch as the launcher made it (config keyword arguments included)."""
+
+    kernel: object  # the JITFunction
+    args: tuple
+    kwargs: dict
+    label: str
+
+
+@contextlib.contextmanager
+def _recording(launches: list, label_of):
+    """Replace Triton's launch entry points by recorders for the duration of the block."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    def record_jit(self, *args, grid, warmup, **kwargs):
+        launches.append(Launch(self, args, kwargs, label_of()))
+
+    def record_autotuner(self, *args, **kwargs):
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        self.nargs = dict(zip(self.arg_names, args))
+        try:
+            configs = self.prune_configs(kwargs) if len(self.configs) > 1 else self.configs
+        finally:
+            self.nargs = None
+        for config in configs:
+            launches.append(Launch(self.fn, args, {**kwargs, **config.all_kwargs()},
+                                   label_of()))
+
+    saved = (JITFunction.run, Autotuner.run, os.environ.get("DYNCONV_TUNED"))
+    JITFunction.run, Autotuner.run = record_jit, record_autotuner
+    os.environ["DYNCONV_TUNED"] = "0"  # the tuned table would pick one config: try them all
+    try:
+        yield
+    finally:
+        JITFunction.run, Autotuner.run = saved[0], saved[1]
+        if saved[2] is None:
+            os.environ.pop("DYNCONV_TUNED", None)
+        else:
+            os.environ["DYNCONV_TUNED"] = saved[2]
+
+
+def _meta_inputs(case: DrivenCase):
+    shape, dtype = case.shape, DTYPES[case.dtype]
+    meta = {"device": "meta", "dtype": dtype}
+    x = torch.empty(case.batch, shape.cin, shape.h, shape.w, **meta)
+    if case.channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    bank = torch.empty(case.num_experts, shape.cout, shape.cin // shape.groups, shape.kh,
+                       shape.kw, **meta)
+    routing = torch.empty(case.batch, case.num_experts, **meta)
+    bias = torch.empty(case.num_experts, shape.cout, **meta) if case.bias else None
+    grad_out = torch.empty(case.batch, shape.cout, shape.ho, shape.wo, **meta)
+    if case.channels_last:
+        grad_out = grad_out.to(memory_format=torch.channels_last)
+    return x, bank, routing, bias, grad_out
+
+
+def capture(cases: list[DrivenCase], capability: int) -> list[Launch]:
+    """Every launch (and autotuner candidate) of the forward, premix and fused, and the backward
+    of each case, with configs pruned as for a GPU of ``capability``."""
+    from dynconv.backends.triton.backward import triton_backward_impl
+    from dynconv.backends.triton.forward import triton_forward_impl
+    from dynconv.kernels.configs import pruning_for_capability
+
+    launches: list[Launch] = []
+    current = {"label": ""}
+    with _recording(launches, lambda: current["label"]), pruning_for_capability(capability):
+        for case in cases:
+            x, bank, routing, bias, grad_out = _meta_inputs(case)
+            s = case.shape
+            geometry = ((s.stride, s.stride), (s.padding, s.padding),
+                        (s.dilation, s.dilation), s.groups)
+            for strategy in ("premix", "fused"):
+                current["label"] = f"{case.label} fwd-{strategy}"
+                triton_forward_impl(x, bank, routing, bias, *geometry, strategy=strategy)
+            current["label"] = f"{case.label} bwd"
+            triton_backward_impl(grad_out, x, bank, routing, bias, *geometry,
+                                 [True, True, True, case.bias])
+    return launches
+
+
+@dataclass
+class CompileJob:
+    """One kernel specialisation to compile for one target: plain values only (picklable)."""
+
+    module: str
+    kernel: str
+    arch: int
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    labels: list = field(default_factory=list)
+
+    @property
+    def key(self) -> tuple:
+        return (self.module, self.kernel, self.arch, repr(sorted(self.signature.items())),
+                repr(sorted(self.constexprs.items())), repr(sorted(self.attrs.items())),
+                repr(sorted(self.options.items())))
+
+    @property
+    def config(self) -> str:
+        """The launch config, e.g. ``M64 N32 K32 w4 s3`` (block sizes, warps, stages)."""
+        blocks = " ".join(f"{name.removeprefix('BLOCK_')[0]}{value}"
+                          for name, value in self._named_constexprs().items()
+                          if name.startswith("BLOCK_"))
+        return f"{blocks} w{self.options['num_warps']} s{self.options['num_stages']}"
+
+    def _named_constexprs(self) -> dict:
+        names = list(self.signature)
+        return {names[path[0]]: value for path, value in self.constexprs.items()
+                if len(path) == 1}
+
+    @property
+    def specialisation(self) -> str:
+        """How Triton specialised the runtime arguments: ``D`` = divisible by 16, ``1`` = equal
+        to 1 (compiled as a constant), ``64`` = int64; counted over the pointers and ints."""
+        names = list(self.signature)
+        named = self._named_constexprs()
+        runtime = [n for n in names if self.signature[n] != "constexpr" or named.get(n) == 1
+                   and not n.isupper()]
+        divisible = sum(1 for path in self.attrs if any(
+            attr[0] == "tt.divisibility" for attr in self.attrs[path]))
+        ones = sum(1 for n in runtime if self.signature[n] == "constexpr")
+        wide = sum(1 for n in names if self.signature[n] == "i64")
+        return f"{divisible}D {ones}x1 {wide}xi64 of {len(runtime)}"
+
+    @property
+    def dtype(self) -> str:
+        pointers = [t for t in self.signature.values() if t.startswith("*")]
+        return pointers[0][1:] if pointers else "-"
+
+
+def specialise(launch: Launch, arch: int) -> CompileJob:
+    """The signature, constexprs, attributes and options Triton's binder gives ``launch`` on a
+    GPU of compute capability ``arch`` (what ``JITFunction.run`` would compile)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = launch.kernel
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    kwargs = {**launch.kwargs, "debug": False}
+    try:
+        from triton import knobs
+
+        if hasattr(knobs.compilation, "instrumentation_mode"):
+            kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    except ImportError:
+        pass
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args,
+                                                              specialization, options)
+    return CompileJob(
+        module=kernel.fn.__module__, kernel=kernel.fn.__name__, arch=arch,
+        signature=dict(signature), constexprs=dict(constexprs),
+        attrs={path: [list(a) for a in value] for path, value in attrs.items()},
+        options=dict(options.__dict__), labels=[launch.label],
+    )
+
+
+def jobs_for(archs, cases: list[DrivenCase] | None = None) -> list[CompileJob]:
+    """The distinct compile jobs of every captured launch, for each target in ``archs``."""
+    cases = driven_cases() if cases is None else cases
+    jobs: dict[tuple, CompileJob] = {}
+    for arch in archs:
+        for launch in capture(cases, arch):
+            job = specialise(launch, arch)
+            if job.key in jobs:
+                jobs[job.key].labels.append(launch.label)
+            else:
+                jobs[job.key] = job
+    return list(jobs.values())
