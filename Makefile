@@ -4,8 +4,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 REPORT_DIR ?= perf_reports
 OUT ?= perf_reports
+# The GPU machine's Triton: every kernel specialisation must compile under it too. Its venv
+# holds only that Triton and reads torch and dynconv from $(VENV) (a .pth added after its own
+# site-packages, so its Triton comes first).
+GPU_TRITON ?= 3.6.0
+VENV_GPU_TRITON := .venv-triton$(GPU_TRITON)
 
-.PHONY: test report lint compile-check gpu-check clean
+.PHONY: test report lint compile-check codegen-report gpu-check clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,18 +30,43 @@ test: $(VENV)/.installed-dev
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 
-compile-check: $(VENV)/.installed-dev
+$(VENV_GPU_TRITON)/.installed: $(VENV)/.installed-dev
+	$(PYTHON) -m venv $(VENV_GPU_TRITON)
+	$(VENV_GPU_TRITON)/bin/python -m pip install -q --no-deps "triton==$(GPU_TRITON)"
+	echo "import site; site.addsitedir('$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')')" \
+		> "$$($(VENV_GPU_TRITON)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz_dynconv_venv.pth"
+	$(VENV_GPU_TRITON)/bin/python -c "import triton, torch, dynconv.kernels; assert triton.__version__ == '$(GPU_TRITON)', triton.__version__"
+	touch $@
+
+# Every launched kernel specialisation, sm_80 and sm_90, under CI's Triton and the GPU machine's.
+compile-check: $(VENV)/.installed-dev $(VENV_GPU_TRITON)/.installed
 	$(PY) -m dynconv.autotune compile-check
+	$(VENV_GPU_TRITON)/bin/python -m dynconv.autotune compile-check
+
+# The same, writing the codegen report (CSV + summary per Triton version) to perf_reports/codegen
+# (both versions report even when one fails).
+codegen-report: $(VENV)/.installed-dev $(VENV_GPU_TRITON)/.installed
+	-$(PY) -m dynconv.autotune compile-check --report perf_reports/codegen
+	$(VENV_GPU_TRITON)/bin/python -m dynconv.autotune compile-check --report perf_reports/codegen
 
 report: $(VENV)/.installed-bench
 	$(PY) -m dynconv.autotune bench --preset quick --device cpu --out $(REPORT_DIR)
 	$(PY) -m dynconv.autotune report $(REPORT_DIR)/cpu
 
-# On a GPU machine with torch + triton installed and no network: GPU tests, a short sweep, the bench.
+# On a GPU machine with torch + Triton and no network: the first GPU run, within 7 minutes
+# (autotune/gpu_check.py says what it runs; OUT/<gpu>/ gets its CSVs, log and summary.md).
+# dynconv is installed editable if pip and setuptools can do it offline; otherwise it runs from
+# the tree through a path shim (python autotune/gpu_check.py). GPU_CHECK_ARGS: more options.
 gpu-check:
-	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e . \
-		|| echo "gpu-check: could not (re)install dynconv; using the installed copy, if any"
-	$(PYTHON) -m dynconv.autotune gpu-check --out $(OUT)
+	@if timeout 120 $(PYTHON) -m pip install -q --no-index --no-deps --no-build-isolation \
+			--disable-pip-version-check -e . \
+		&& $(PYTHON) -c "import os, dynconv.kernels.conv_fwd as m, dynconv.autotune.gpu_check; \
+			assert m.__file__.startswith(os.getcwd()), m.__file__"; then \
+		$(PYTHON) -m dynconv.autotune gpu-check --out $(OUT) $(GPU_CHECK_ARGS); \
+	else \
+		echo "gpu-check: no usable editable install; running from the tree through a path shim"; \
+		$(PYTHON) autotune/gpu_check.py --out $(OUT) $(GPU_CHECK_ARGS); \
+	fi
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_GPU_TRITON) build *.egg-info

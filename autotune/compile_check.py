@@ -136,11 +136,21 @@ def _short_kernel(job: CompileJob) -> str:
     return job.kernel.removesuffix("_kernel")
 
 
+def variant(job: CompileJob) -> str:
+    """The launch family of a job, from its first launch label: the memory layout (``cl`` or
+    ``nchw``) and, for the forward, the strategy (``premix`` or ``fused``)."""
+    words = job.labels[0].split()
+    layout = "cl" if "cl" in words else "nchw"
+    strategy = words[-1].removeprefix("fwd-") if words[-1].startswith("fwd-") else ""
+    return f"{strategy} {layout}".strip() if job.kernel == "conv_fwd_kernel" else layout
+
+
 def row_values(r: Result) -> dict:
     """One CSV / table row of a result."""
     loop = r.sass.main_loop if r.sass else None
     return {
-        "kernel": _short_kernel(r.job), "dtype": r.job.dtype, "config": r.job.config,
+        "kernel": _short_kernel(r.job), "variant": variant(r.job), "dtype": r.job.dtype,
+        "config": r.job.config,
         "specialisation": r.job.specialisation, "sm": r.job.arch, "registers": r.registers,
         "spill_bytes": r.spill_bytes, "shared_bytes": r.shared_bytes,
         "tensor_core": r.sass.tensor_core if r.sass else None,
@@ -202,7 +212,7 @@ def summary_markdown(results: list[Result], version: str) -> str:
     loop, instructions per main-loop step (min-median-max), registers, failures."""
     groups: dict[tuple, list[Result]] = defaultdict(list)
     for r in results:
-        groups[(_short_kernel(r.job), r.job.arch)].append(r)
+        groups[(_short_kernel(r.job), variant(r.job), r.job.arch)].append(r)
     lines = [
         f"# Codegen of the launched kernels (Triton {version})",
         "",
@@ -211,12 +221,12 @@ def summary_markdown(results: list[Result], version: str) -> str:
         "for sm_80 and sm_90 by `python -m dynconv.autotune compile-check --report <dir>`. The",
         "main loop is the innermost loop holding the tensor-core op (`autotune/sass.py`).",
         "",
-        "| kernel | sm | compiled | failed | tensor cores (main loop) | main loop with async "
-        "loads | main loop with plain loads | waits for its wgmma each step | instructions per "
-        "step (min / median / max) | registers (max) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | launches | sm | compiled | failed | tensor cores (main loop) | main loop "
+        "with async loads | main loop with plain loads | waits for its wgmma each step | "
+        "instructions per step (min / median / max) | registers (max) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for (kernel, arch), group in sorted(groups.items()):
+    for (kernel, family, arch), group in sorted(groups.items()):
         ok = [r for r in group if r.sass is not None and r.sass.main_loop is not None]
         failed = sum(bool(r.problems(shared_limit(arch))) for r in group)
         kinds = sorted({r.sass.tensor_core for r in ok if r.sass.main_loop.tensor_core})
@@ -225,7 +235,8 @@ def summary_markdown(results: list[Result], version: str) -> str:
         steps = sorted(r.sass.main_loop.instructions for r in ok)
         step_text = (f"{steps[0]} / {steps[len(steps) // 2]} / {steps[-1]}" if steps else "-")
         lines.append(
-            f"| {kernel} | {arch} | {len(group)} | {failed} | {', '.join(kinds) or '-'} | "
+            f"| {kernel} | {family} | {arch} | {len(group)} | {failed} | "
+            f"{', '.join(kinds) or '-'} | "
             f"{sum(r.sass.main_loop.async_loads > 0 for r in ok)} of {len(ok)} | "
             f"{sum(r.sass.main_loop.plain_loads > 0 for r in ok)} of {len(ok)} | "
             f"{sum(r.sass.main_loop.waits_for_mma for r in ok)} of {len(ok)} | {step_text} | "

@@ -203,8 +203,9 @@ def prune_conv_fwd_configs(configs, named_args, **kwargs):
 # --- conv_bwd_dx --------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_N and BLOCK_K >= 16 for tl.dot.
+# (32, 16, 16, 2, 3) was dropped: it spills on sm_80 under Triton 3.6 and 3.8 (compile-check of
+# the launched specialisations).
 _CONV_BWD_DX_CANDIDATES = [
-    (32, 16, 16, 2, 3),
     (64, 16, 32, 4, 3),
     (64, 32, 32, 4, 3),
     (64, 64, 32, 4, 3),
@@ -249,25 +250,25 @@ CONV_BWD_DW_MAX_K_BLOCK = 16
 # Most accumulator elements (grad_bank's and gW's) per thread: past this, ptxas spills (sm_80 and
 # sm_90, found by the compile-check).
 CONV_BWD_DW_MAX_ACC_PER_THREAD = 40
-# (K_BLOCK, element size, BLOCK_P, num_warps, num_stages) that the rule above lets through but
-# where ptxas still spills a few bytes (sm_80 or sm_90, found by the compile-check). A change to
-# the kernel means re-running the compile-check and revising this list.
+# (K_BLOCK, element size, BLOCK_M, BLOCK_N, BLOCK_P, num_warps, num_stages) that the rule above
+# lets through but where ptxas still spilled a few bytes on a launched specialisation (sm_80 or
+# sm_90, Triton 3.6 or 3.8: the compile-check). A change to the kernel or the candidates means
+# re-running the compile-check and revising this list.
 CONV_BWD_DW_MEASURED_SPILLS = frozenset({
-    (1, 4, 32, 8, 2),
-    (8, 4, 16, 4, 1),
-    (8, 2, 32, 8, 2),
-    (16, 2, 32, 8, 2),
+    (1, 4, 16, 64, 16, 4, 1),
+    (1, 4, 16, 64, 32, 8, 2),
+    (4, 4, 16, 32, 16, 4, 2),
+    (16, 4, 16, 16, 32, 8, 2),
 })
 
 # (BLOCK_P, num_warps, num_stages); BLOCK_P is tl.dot's reduction dimension (>= 16).
-# Two stages at most: deeper pipelining of these gathered loads spills on sm_80 / sm_90.
+# Two stages at most: deeper pipelining of these gathered loads spills on sm_80 / sm_90. The
+# launched specialisations of (32, 4, 1), (32, 4, 2), (16, 8, 1), (16, 8, 2) and (64, 8, 2)
+# spilled on some of the compile-check's layers under Triton 3.6 or 3.8.
 _CONV_BWD_DW_CANDIDATES = [
     (16, 4, 1),
-    (32, 4, 1),
-    (32, 4, 2),
-    (16, 8, 1),
+    (16, 4, 2),
     (32, 8, 2),
-    (64, 8, 2),
 ]
 # Interpreter: one config, long pixel chunks (its cost is per program and per op).
 _CONV_BWD_DW_INTERPRETER = (64, 4, 1)
@@ -311,30 +312,33 @@ def conv_bwd_dw_tile_shape(num_experts: int, c_out_g: int, reduction: int,
     return block_m, block_n
 
 
-def conv_bwd_dw_config_fits(config: triton.Config, k_block: int, element_size: int) -> bool:
-    """Whether a config compiles without spills for every tile of a K_BLOCK (the compile-check's
-    findings, judged at the largest tile :func:`conv_bwd_dw_tile_shape` gives that K_BLOCK).
+def conv_bwd_dw_config_fits(config: triton.Config, k_block: int, element_size: int,
+                            tile: tuple[int, int] | None = None) -> bool:
+    """Whether a config compiles without spills for a (BLOCK_M, BLOCK_N) ``tile`` of a K_BLOCK
+    (default: the largest tile :func:`conv_bwd_dw_tile_shape` gives that K_BLOCK).
 
     The accumulators take ``(K_BLOCK + 1) * BLOCK_M * BLOCK_N`` fp32 over ``32 * num_warps``
     threads, at most CONV_BWD_DW_MAX_ACC_PER_THREAD each; with 4-byte operands BLOCK_P is at
     most 32 (a 64-pixel chunk adds too many live loads); CONV_BWD_DW_MEASURED_SPILLS lists the
-    few combinations where ptxas spills anyway.
+    few tiles where ptxas spilled anyway.
     """
-    block_m, block_n = conv_bwd_dw_tile_shape(k_block, 1 << 16, 1 << 16)
+    block_m, block_n = tile or conv_bwd_dw_tile_shape(k_block, 1 << 16, 1 << 16)
     block_p = config.kwargs["BLOCK_P"]
     threads = 32 * config.num_warps
     if (k_block + 1) * block_m * block_n > CONV_BWD_DW_MAX_ACC_PER_THREAD * threads:
         return False
     if element_size == 4 and block_p > 32:
         return False
-    measured = (k_block, element_size, block_p, config.num_warps, config.num_stages)
+    measured = (k_block, element_size, block_m, block_n, block_p, config.num_warps,
+                config.num_stages)
     return measured not in CONV_BWD_DW_MEASURED_SPILLS
 
 
 def prune_conv_bwd_dw_configs(configs, named_args, **kwargs):
-    """early_config_prune hook: only configs that compile without spills for this K_BLOCK and
-    dtype (:func:`conv_bwd_dw_config_fits`); keep at least one."""
+    """early_config_prune hook: only configs that compile without spills for this K_BLOCK, tile
+    and dtype (:func:`conv_bwd_dw_config_fits`); keep at least one."""
     element_size = named_args["x_ptr"].element_size()
+    tile = (kwargs["BLOCK_M"], kwargs["BLOCK_N"])
     kept = [c for c in configs
-            if conv_bwd_dw_config_fits(c, kwargs["K_BLOCK"], element_size)]
+            if conv_bwd_dw_config_fits(c, kwargs["K_BLOCK"], element_size, tile)]
     return kept or configs[:1]

@@ -159,7 +159,7 @@ def test_compiles_captured_launches_for_sm90(tmp_path):
     forward = [row for row in rows if row["kernel"] == "conv_fwd"]
     assert all(row["tensor_core"] == "wgmma" for row in forward)
     (summary,) = tmp_path.glob("summary_triton*.md")
-    assert "| conv_fwd | 90 |" in summary.read_text()
+    assert "| conv_fwd | premix nchw | 90 |" in summary.read_text()
 
 
 def test_shared_memory_estimate_covers_compiled_kernel():
