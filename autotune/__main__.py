@@ -15,11 +15,12 @@ COMMANDS = {
     "cpu-formulations": "dynconv.autotune.cpu_formulations",
 }
 SUMMARIES = {
-    "compile-check": "compile every Triton kernel x config for sm_80 / sm_90 (no GPU needed)",
+    "compile-check": "compile every launched Triton kernel specialisation for sm_80 / sm_90 "
+                     "(no GPU)",
     "bench": "time fwd / bwd / fwd+bwd and peak memory of each provider vs the static conv",
     "report": "turn bench CSVs into PNG plots and a summary.md",
     "sweep": "autotune the Triton kernels over a shape set; write the per-GPU tuned table",
-    "gpu-check": "on a GPU machine: Triton tests, a short sweep, the GPU bench and its report",
+    "gpu-check": "on a GPU machine, within 7 minutes: precompile, correctness, decisive timings",
     "cpu-formulations": "time the native backend's CPU formulations (its rule's evidence)",
 }
 

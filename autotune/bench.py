@@ -31,6 +31,7 @@ why.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -290,11 +291,19 @@ def _median(values: list[float]) -> float:
 
 
 def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int, timer: Timer,
-                 memory: bool) -> list[dict]:
-    """Rows (one per provider x mode) of one case; failures become rows with a status."""
+                 memory: bool, forward: Callable | None = None) -> list[dict]:
+    """Rows (one per provider x mode) of one case; failures become rows with a status.
+
+    ``forward``: how a provider's forward is built (default :func:`forward_fn`; a module-level
+    function of the same signature, so that the CPU memory probe can pickle it), for providers
+    beyond the registry's (gpu-check's forced Triton strategies and the batch-spanning form).
+    """
     nan = float("nan")
+    forward_of = forward or forward_fn
+    memory_setup = fwd_bwd_run if forward is None else functools.partial(fwd_bwd_run,
+                                                                         forward=forward)
     tensors = make_inputs(case, device)
-    static_forward, static_leaves = forward_fn("static", case, tensors)
+    static_forward, static_leaves = forward_of("static", case, tensors)
     static_samples: dict[str, list[float]] = {m: [] for m in MODES}
     rows = []
     triton_reason = triton_unavailable_reason(device, case.dtype)
@@ -309,7 +318,7 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
                 row.update(status="skipped", note=triton_reason)
                 continue
             try:
-                forward, leaves = forward_fn(provider, case, tensors)
+                forward, leaves = forward_of(provider, case, tensors)
                 static_fn = mode_fn(mode, static_forward, static_leaves)
                 fn = static_fn if provider == "static" else mode_fn(mode, forward, leaves)
                 timing = timer.interleaved(fn, static_fn, rounds)
@@ -330,7 +339,7 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
                 else:
                     row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
         if memory and device == "cpu" and provider != "triton":
-            result = fresh_process_peak_rss(fwd_bwd_run, (case, provider),
+            result = fresh_process_peak_rss(memory_setup, (case, provider),
                                             torch.get_num_threads())
             row = rows[-1]  # the fwd+bwd row of this provider
             if result.status == "ok":

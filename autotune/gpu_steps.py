@@ -1,0 +1,680 @@
+"""The work of ``gpu-check`` (:mod:`.gpu_check` plans and runs it): the cases, the pinned configs,
+what each case launches and compiles, the correctness pass and the timings.
+
+Every function here runs on a GPU and, for the tests, on the CPU under Triton's interpreter
+(``TRITON_INTERPRET=1``) with tiny shapes.
+
+Pinned configs. The first pass launches one or two configs per kernel (:func:`pinned_configs`),
+chosen from ``dynconv.kernels.configs``' candidates, so that nothing is autotuned and every
+launch can be compiled ahead. They are pinned through the kernels' tuned-table hook: each
+launch's exact autotune key is found by driving the launchers under
+:func:`dynconv.kernels.tuned_table.forcing` (on meta tensors, or under the interpreter on CPU
+tensors, without running a kernel: :func:`pinned_entries`), and the (key -> config) entries are
+written as a tuned table that ``DYNCONV_TUNED_DIR`` points to. A table, not ``forcing`` itself,
+because ``forcing`` is thread-local and autograd runs a CUDA graph's backward on its own thread.
+
+Precompiling. :func:`compile_jobs` captures what each case launches with those configs
+(:mod:`.launch_capture`: the real launchers on meta tensors, specialised by Triton's binder) and
+:func:`compile_worker` compiles one job in a worker process (:func:`.compile_check.compile_job`,
+the ``triton.compile`` call that ``JITFunction.run`` makes, so the disk cache it fills is the one
+a later launch reads), then builds the job's C launcher where the Triton version compiles one per
+signature (3.6 does, with gcc, at first launch).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from . import bench
+from .shapes import ConvShape, find_layer, tiny
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TRITON_KERNELS = ("mix", "conv_fwd", "conv_bwd_dx", "conv_bwd_dw")
+
+# --- the cases ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CheckCase:
+    """One correctness case: triton (``strategy`` forced) against native in float64."""
+
+    shape: ConvShape
+    batch: int
+    experts: int
+    dtype: str
+    layout: str  # "channels_last" or "nchw"
+    strategy: str  # "premix" or "fused"
+    bias: bool = True
+    tf32: bool = False  # fp32 only: torch.backends.cudnn.allow_tf32 during the triton run
+
+    @property
+    def label(self) -> str:
+        layout = "cl" if self.layout == "channels_last" else "nchw"
+        extra = ("" if self.bias else " nobias") + (" tf32" if self.tf32 else "")
+        return (f"{self.shape.label()} B{self.batch} K{self.experts} {self.dtype} {layout} "
+                f"{self.strategy}{extra}")
+
+
+def _resnet(name: str) -> ConvShape:
+    return find_layer("resnet18", name)
+
+
+def check_cases(tiny_shapes: bool = False) -> list[CheckCase]:
+    """About 40 correctness cases.
+
+    Seven small geometries (3x3 s1, 3x3 s2, 1x1 s2 without bias, grouped, depthwise, the 7x7 s2
+    stem with 3 input channels, a dilated one with few channels) x bf16 / fp16 / fp32 (ieee dots)
+    x premix / fused, with K = 4, 17 or 1 per geometry and channels_last / NCHW alternating; then
+    three ResNet-18 layers at batch 32 with the configs the timings use (bf16 premix at 128@28,
+    bf16 fused at 512@7, fp32 tf32 at 256@14). ``tiny_shapes``: a handful of miniatures, for the
+    interpreter.
+    """
+    geometries = [
+        (ConvShape("3x3-s1", 16, 32, 9, 9, 3, 3, 1, 1), 4, True),
+        (ConvShape("3x3-s2", 16, 32, 11, 10, 3, 3, 2, 1), 17, True),
+        (ConvShape("1x1-s2", 32, 64, 9, 9, 1, 1, 2, 0), 1, False),
+        (ConvShape("grouped", 32, 32, 8, 8, 3, 3, 1, 1, 1, 2), 4, True),
+        (ConvShape("depthwise", 24, 24, 8, 8, 3, 3, 1, 1, 1, 24), 17, True),
+        (ConvShape("stem-7x7-s2", 3, 16, 20, 20, 7, 7, 2, 3), 1, True),
+        (ConvShape("dilated", 5, 7, 9, 8, 3, 3, 1, 2, 2), 4, True),
+    ]
+    cases = []
+    batch = 2 if tiny_shapes else 3
+    for g, (shape, experts, bias) in enumerate(geometries):
+        if tiny_shapes:
+            shape = tiny(shape, 6, 6)
+        for d, dtype in enumerate(("bf16", "fp16", "fp32")):
+            for s, strategy in enumerate(("premix", "fused")):
+                layout = "channels_last" if (g + d + s) % 2 == 0 else "nchw"
+                cases.append(CheckCase(shape, batch, experts, dtype, layout, strategy, bias))
+    layers = [
+        CheckCase(_resnet("layer2.0.conv2"), 32, 4, "bf16", "channels_last", "premix"),
+        CheckCase(_resnet("layer4.0.conv2"), 32, 4, "bf16", "channels_last", "fused"),
+        CheckCase(_resnet("layer3.0.conv2"), 32, 4, "fp32", "channels_last", "premix",
+                  tf32=True),
+    ]
+    if tiny_shapes:
+        # one case per geometry (dtype, strategy and layout rotating), one miniature layer
+        picked = [cases[6 * g + (g % 6)] for g in range(len(geometries))]
+        layer = layers[0]
+        return picked + [CheckCase(tiny(layer.shape, 8, 6), 2, 4, "bf16", "channels_last",
+                                   "premix")]
+    return cases + layers
+
+
+# ResNet-18 layers of the timings, late ones first (where the design is weakest): a run cut
+# short keeps them.
+TIMED_LAYERS = ("layer4.0.conv2", "layer3.0.conv2", "layer2.0.conv2", "layer1.0.conv1",
+                "layer3.0.conv1", "layer3.0.downsample")
+TIMING_PROVIDERS = ("static", "grouped", "triton", "triton-premix", "triton-fused", "spanning")
+# providers whose kernels are profiled one by one
+PROFILED_PROVIDERS = ("static", "triton-premix", "triton-fused")
+
+
+def timing_cases(tiny_shapes: bool = False) -> list[bench.Case]:
+    """The decisive timings: 512@7, 256@14, 128@28, 64@56, the 3x3 stride-2 and the 1x1 stride-2
+    downsample (128 -> 256 at 28x28) at batch 32, bf16, channels_last; then 64@56 and 256@14 in
+    NCHW, 256@14 in fp32, 512@7 and 64@56 at batch 128."""
+    b32 = [bench.Case("b32-bf16-cl", _resnet(n), 32, 4, "bf16", "channels_last")
+           for n in TIMED_LAYERS]
+    more = [bench.Case("nchw", _resnet(n), 32, 4, "bf16", "nchw")
+            for n in ("layer1.0.conv1", "layer3.0.conv2")]
+    more += [bench.Case("fp32", _resnet("layer3.0.conv2"), 32, 4, "fp32", "channels_last")]
+    more += [bench.Case("b128", _resnet(n), 128, 4, "bf16", "channels_last")
+             for n in ("layer4.0.conv2", "layer1.0.conv1")]
+    if tiny_shapes:
+        return [bench.Case(c.group, tiny(c.shape, 8, 6), 2, c.experts, c.dtype, c.layout,
+                           memory=False) for c in (b32[0], more[0])]
+    return b32 + more
+
+
+def sweep_shapes() -> list[ConvShape]:
+    """The sweep's layers (time left only), late layers first."""
+    return [_resnet(n) for n in TIMED_LAYERS[:4]]
+
+
+# --- pinned configs ----------------------------------------------------------------------------
+
+# Preferred (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the GEMM-tiled kernels: large
+# tiles with 3 stages (wgmma-sized, cp.async-pipelined) where the problem fills them, a 64x64
+# tile otherwise. conv_fwd: M = output pixels, N = C_out/G; conv_bwd_dx: M = input pixels,
+# N = C_in/G.
+BIG_TILE = (128, 128, 32, 8, 3)
+SMALL_TILE = (64, 64, 32, 4, 3)
+# mix: (BLOCK_B, BLOCK_N, num_warps); conv_bwd_dw: (BLOCK_P, num_warps, num_stages) in order of
+# preference, the first that compiles without spills for the launch's K_BLOCK and dtype.
+MIX_TILE = (32, 128, 4)
+DW_PREFERENCE = ((32, 8, 2), (16, 4, 2), (16, 4, 1))
+
+
+def _tile_of(config) -> tuple:
+    kw = config.kwargs
+    if "BLOCK_P" in kw:
+        return (kw["BLOCK_P"], config.num_warps, config.num_stages)
+    if "BLOCK_B" in kw:
+        return (kw["BLOCK_B"], kw["BLOCK_N"], config.num_warps)
+    return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages)
+
+
+def _pick(candidates, preferences, fits=lambda c: True):
+    """The first candidate config matching a preference (in order) that ``fits``; else the
+    first candidate that fits; else the first candidate (what the kernels' prunes keep)."""
+    by_tile = {_tile_of(c): c for c in candidates}
+    for tile in preferences:
+        if tile in by_tile and fits(by_tile[tile]):
+            return by_tile[tile]
+    return next((c for c in candidates if fits(c)), candidates[0])
+
+
+def pinned_configs(shape: ConvShape, experts: int, dtype: str) -> dict:
+    """{kernel name: triton.Config} of the first pass for one convolution."""
+    from dynconv.kernels import configs as kc
+
+    c_in_g, c_out_g = shape.cin // shape.groups, shape.cout // shape.groups
+    fwd_big = c_out_g >= 128 and shape.ho * shape.wo >= 128
+    dx_big = c_in_g >= 128 and shape.h * shape.w >= 128
+    k_block = kc.conv_bwd_dw_expert_block(experts)
+    element_size = DTYPES[dtype].itemsize
+    dw_tile = kc.conv_bwd_dw_tile_shape(experts, c_out_g, c_in_g * shape.kh * shape.kw)
+    return {
+        "mix": _pick(kc.mix_configs(interpreter=False), [MIX_TILE]),
+        "conv_fwd": _pick(kc.conv_fwd_configs(interpreter=False),
+                          [BIG_TILE if fwd_big else SMALL_TILE, SMALL_TILE]),
+        "conv_bwd_dx": _pick(kc.conv_bwd_dx_configs(interpreter=False),
+                             [BIG_TILE if dx_big else SMALL_TILE, SMALL_TILE]),
+        "conv_bwd_dw": _pick(kc.conv_bwd_dw_configs(interpreter=False), DW_PREFERENCE,
+                             lambda c: kc.conv_bwd_dw_config_fits(c, k_block, element_size,
+                                                                  dw_tile)),
+    }
+
+
+def config_text(config) -> str:
+    blocks = " ".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in config.kwargs.items())
+    return f"{blocks} w{config.num_warps} s{config.num_stages}"
+
+
+@contextlib.contextmanager
+def pinned(shape: ConvShape, experts: int, dtype: str):
+    """Within the block (this thread), launches use :func:`pinned_configs`; yields
+    {kernel: the forcing's list of (key, named args, kwargs) per launch}."""
+    from dynconv.kernels import tuned_table
+
+    with contextlib.ExitStack() as stack:
+        logs = {name: stack.enter_context(tuned_table.forcing(name, config))
+                for name, config in pinned_configs(shape, experts, dtype).items()}
+        yield logs
+
+
+def _tuned_kernels() -> dict:
+    import importlib
+
+    return {name: getattr(importlib.import_module(f"dynconv.kernels.{name}"), f"{name}_tuned")
+            for name in TRITON_KERNELS}
+
+
+def config_sources(reset: bool = False) -> str:
+    """Where each Triton kernel's latest launch took its config ("table": the pinned table;
+    "forced"; "autotune": not pinned), e.g. ``mix:table conv_fwd:table``; ``reset`` forgets."""
+    kernels = _tuned_kernels()
+    text = " ".join(f"{name}:{k.last_source}" for name, k in kernels.items() if k.last_source)
+    if reset:
+        for kernel in kernels.values():
+            kernel.last_source = None
+    return text
+
+
+@contextlib.contextmanager
+def forced_strategy(strategy: str):
+    """The Triton backend's forward uses ``strategy`` ("premix" or "fused") within the block:
+    its heuristic (``choose_strategy``) is replaced, so calls still go through the dispatcher
+    and the custom op as a user's do."""
+    from dynconv.backends.triton import forward
+
+    saved = forward.choose_strategy
+    forward.choose_strategy = lambda *args: strategy
+    try:
+        yield
+    finally:
+        forward.choose_strategy = saved
+
+
+@contextlib.contextmanager
+def _launching_nothing():
+    """Tuned-kernel launches return without running (a forced launch still logs its key)."""
+    from dynconv.kernels.tuned_table import TunedKernel
+
+    saved = TunedKernel._run
+    TunedKernel._run = lambda self, config, grid, args, kwargs: None
+    try:
+        yield
+    finally:
+        TunedKernel._run = saved
+
+
+def _pairs(shape: ConvShape) -> tuple:
+    return ((shape.stride,) * 2, (shape.padding,) * 2, (shape.dilation,) * 2, shape.groups)
+
+
+def launch_inputs(shape: ConvShape, batch: int, experts: int, dtype: str, channels_last: bool,
+                  bias: bool, device) -> tuple:
+    """Empty (x, bank, routing, bias bank, grad_out) laid out as the real runs lay theirs out
+    (and as :mod:`.launch_capture` does on meta tensors): contiguous bank (K, C_out, C_in/G,
+    kh, kw), routing (B, K) and bias bank (K, C_out); x and grad_out channels_last or NCHW."""
+    options = {"device": device, "dtype": DTYPES[dtype]}
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.empty(batch, shape.cin, shape.h, shape.w, **options)
+    grad_out = torch.empty(batch, shape.cout, shape.ho, shape.wo, **options)
+    return (x.contiguous(memory_format=memory_format),
+            torch.empty(experts, shape.cout, shape.cin // shape.groups, shape.kh, shape.kw,
+                        **options),
+            torch.empty(batch, experts, **options),
+            torch.empty(experts, shape.cout, **options) if bias else None,
+            grad_out.contiguous(memory_format=memory_format))
+
+
+@dataclass(frozen=True)
+class Launches:
+    """What one convolution launches: which forward strategies, and the backward or not."""
+
+    shape: ConvShape
+    batch: int
+    experts: int
+    dtype: str
+    channels_last: bool
+    bias: bool
+    strategies: tuple[str, ...]
+    backward: bool = True
+    # fp32: torch.backends.cudnn.allow_tf32 (the kernels compile tf32 or ieee dots by it)
+    tf32: bool = True
+
+
+@contextlib.contextmanager
+def tf32_dots(enabled: bool):
+    """``torch.backends.cudnn.allow_tf32`` (which the fp32 kernels follow) within the block."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
+def launches_of_check(case: CheckCase) -> Launches:
+    return Launches(case.shape, case.batch, case.experts, case.dtype,
+                    case.layout == "channels_last", case.bias, (case.strategy,), tf32=case.tf32)
+
+
+def launches_of_timing(case: bench.Case) -> Launches:
+    return Launches(case.shape, case.batch, case.experts, case.dtype,
+                    case.layout == "channels_last", True, ("premix", "fused"))
+
+
+def _drive(launch: Launches, device) -> None:
+    """Run the Triton backend's forward (each strategy) and backward once on empty inputs."""
+    from dynconv.backends.triton.backward import triton_backward_impl
+    from dynconv.backends.triton.forward import triton_forward_impl
+
+    x, bank, routing, bias, grad_out = launch_inputs(
+        launch.shape, launch.batch, launch.experts, launch.dtype, launch.channels_last,
+        launch.bias, device)
+    for strategy in launch.strategies:
+        triton_forward_impl(x, bank, routing, bias, *_pairs(launch.shape), strategy=strategy)
+    if launch.backward:
+        triton_backward_impl(grad_out, x, bank, routing, bias, *_pairs(launch.shape),
+                             [True, True, True, launch.bias])
+
+
+def pinned_entries(launches: list[Launches], device) -> dict:
+    """{kernel: {autotune key: config dict}} for every launch of ``launches`` with its pinned
+    config, found without running a kernel: the launchers are driven on empty tensors of
+    ``device`` ("meta" for a GPU's launches; "cpu" under the interpreter, whose keys differ)."""
+    from dynconv.kernels import tuned_table
+
+    entries: dict[str, dict] = defaultdict(dict)
+    with _launching_nothing():
+        for launch in launches:
+            configs = pinned_configs(launch.shape, launch.experts, launch.dtype)
+            with pinned(launch.shape, launch.experts, launch.dtype) as logs, \
+                    tf32_dots(launch.tf32):
+                _drive(launch, device)
+            for name, log in logs.items():
+                for key, _named, _kwargs in log:
+                    entries[name][key] = {"config": tuned_table.config_to_dict(configs[name]),
+                                          "pinned": "gpu-check first pass"}
+    return dict(entries)
+
+
+def write_pinned_table(entries: dict, device, folder: str) -> str:
+    """Write ``entries`` as the tuned table of ``device`` in ``folder``; returns its path.
+    Point ``DYNCONV_TUNED_DIR`` at ``folder`` (and clear the table cache) to use it."""
+    import json
+
+    import triton
+
+    from dynconv.kernels import tuned_table
+
+    slug, name = tuned_table.device_id(torch.device(device))
+    table = {"format": tuned_table.FORMAT_VERSION, "device": name, "device_slug": slug,
+             "triton": triton.__version__, "torch": torch.__version__,
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "kernels": entries}
+    os.makedirs(folder, exist_ok=True)
+    path = tuned_table.table_path(slug, folder)
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+    return path
+
+
+def compile_jobs(launches: list[Launches], arch: int, pin: bool = True) -> list[list]:
+    """For each item of ``launches``, the compile jobs (:class:`.launch_capture.CompileJob`) of
+    what it launches on a GPU of compute capability ``arch``: with the pinned configs, or
+    (``pin=False``) with every candidate the autotuner would try. Needs Triton's compiler (not
+    the interpreter); captures on meta tensors, no GPU needed."""
+    from .launch_capture import DrivenCase, capture, specialise
+
+    result = []
+    for launch in launches:
+        wanted = {f"fwd-{s}" for s in launch.strategies} | ({"bwd"} if launch.backward else set())
+        case = DrivenCase(launch.shape, launch.batch, launch.experts, launch.dtype,
+                          launch.channels_last, launch.bias)
+        pins = (pinned(launch.shape, launch.experts, launch.dtype) if pin
+                else contextlib.nullcontext())
+        with pins, tf32_dots(launch.tf32):
+            captured = capture([case], arch)
+        jobs = {}
+        for item in captured:
+            if item.label.rsplit(" ", 1)[-1] in wanted:
+                job = specialise(item, arch)
+                jobs.setdefault(job.key, job)
+        result.append(list(jobs.values()))
+    return result
+
+
+def warm_launcher(job) -> str:
+    """Build (into Triton's cache) the C launcher of a compiled job, where this Triton builds
+    one per kernel signature at the first launch (3.6 does, with gcc); a cache hit for the
+    kernel itself. Returns what happened."""
+    try:
+        from triton.backends.nvidia import driver as nvidia
+    except ImportError as exc:
+        return f"no nvidia backend ({exc})"
+    if not hasattr(nvidia, "make_launcher"):
+        return "generic launcher: nothing to build"
+    try:
+        import importlib
+
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        kernel = getattr(importlib.import_module(job.module), job.kernel)
+        compiled = triton.compile(ASTSource(kernel, job.signature, job.constexprs, job.attrs),
+                                  target=GPUTarget("cuda", job.arch, 32), options=job.options)
+        nvidia.CudaLauncher(compiled.src, compiled.metadata)
+    except Exception as exc:  # reported in the CSV; the launch will build it instead
+        return f"not built: {_first_line(exc)}"
+    return "built"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines() or [""]
+    return f"{type(exc).__name__}: {lines[0][:120]}"
+
+
+def compile_worker(job) -> dict:
+    """Compile one job in a worker process: a row of the precompile CSV."""
+    from .compile_check import compile_job, row_values
+
+    start = time.perf_counter()
+    result = compile_job(job)
+    note = ""
+    if result.error and result.error.startswith("cuobjdump not found"):
+        note, result.error = "compiled; registers and SASS unknown (no cuobjdump)", None
+    launcher = warm_launcher(job) if result.error is None else ""
+    row = row_values(result)
+    row.update(launcher=launcher, note=note, wall_s=round(time.perf_counter() - start, 2))
+    return row
+
+
+def warm_driver_utils() -> str:
+    """Build Triton's CUDA utility module (driver.c, gcc) into the cache, once, in a worker."""
+    try:
+        from triton.backends.nvidia import driver as nvidia
+
+        nvidia.CudaUtils()
+    except Exception as exc:
+        return f"not built: {_first_line(exc)}"
+    return "built"
+
+
+# --- correctness -------------------------------------------------------------------------------
+
+UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11,
+                 torch.bfloat16: 2.0**-8}
+TF32_UNIT_ROUNDOFF = 2.0**-11
+ROUNDINGS = 4
+ATOL = 1e-6
+GRADIENTS = ("grad_x", "grad_bank", "grad_routing", "grad_bias")
+
+
+def relative_tolerance(dtype: torch.dtype, reduction_length: int, tf32: bool) -> float:
+    """The tests' bound (tests/helpers.py, which the package cannot import): relative to each
+    element's sum of |terms|, fp32 with ieee dots errs by at most n * 2**-24 (n products summed
+    in fp32); fp16 / bf16 and tf32 by a few roundings to the dtype's mantissa (the mixed weights
+    or dot operands and the result), ROUNDINGS of them, whatever n."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return ROUNDINGS * UNIT_ROUNDOFF[dtype]
+    if dtype == torch.float32 and tf32:
+        return ROUNDINGS * TF32_UNIT_ROUNDOFF
+    return reduction_length * UNIT_ROUNDOFF[dtype]
+
+
+def reduction_lengths(case: CheckCase) -> tuple[int, int]:
+    """(forward, backward) longest chains of roundings behind an element, as the tests count
+    them: K mixing products + the taps + the bias; the backward's worst of grad_x, the bank /
+    bias gradients (pixels then batch) and the routing gradient (pixels then |W|)."""
+    s = case.shape
+    kernel = s.kh * s.kw
+    forward = case.experts + s.cin // s.groups * kernel + 1
+    pixels = s.ho * s.wo
+    weight = s.cout * (s.cin // s.groups) * kernel
+    backward = 1 + max(case.experts + s.cout // s.groups * kernel, pixels + case.batch,
+                       pixels + max(weight, s.cout))
+    return forward, backward
+
+
+def _draw(shape, generator, scale=1.0):
+    return torch.randn(*shape, generator=generator, dtype=torch.float64) * scale
+
+
+def check_inputs(case: CheckCase, device) -> tuple:
+    """(x, bank, routing, bias bank or None, grad_out): drawn in float64 from a fixed seed,
+    rounded to the case's dtype, on ``device``, x and grad_out in the case's layout."""
+    s = case.shape
+    generator = torch.Generator().manual_seed(0)
+    fan_in = s.cin // s.groups * s.kh * s.kw
+    x = _draw((case.batch, s.cin, s.h, s.w), generator)
+    bank = _draw((case.experts, s.cout, s.cin // s.groups, s.kh, s.kw), generator, fan_in**-0.5)
+    routing = torch.softmax(_draw((case.batch, case.experts), generator), dim=1)
+    bias = _draw((case.experts, s.cout), generator) if case.bias else None
+    grad_out = _draw((case.batch, s.cout, s.ho, s.wo), generator)
+    dtype = DTYPES[case.dtype]
+    move = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
+    memory_format = (torch.channels_last if case.layout == "channels_last"
+                     else torch.contiguous_format)
+    return (move(x).contiguous(memory_format=memory_format), move(bank), move(routing),
+            move(bias), move(grad_out).contiguous(memory_format=memory_format))
+
+
+def _native_float64(tensors, grad_out, shape: ConvShape, transform):
+    """y and the gradients of the native backend in float64 on ``transform``-ed copies."""
+    from dynconv import dynamic_conv2d
+
+    leaves = [None if t is None else transform(t.detach().double()).requires_grad_(True)
+              for t in tensors]
+    y = dynamic_conv2d(*leaves, shape.stride, shape.padding, shape.dilation, shape.groups,
+                       backend="native")
+    wanted = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(y, wanted, transform(grad_out.detach().double()))
+    return y.detach(), list(grads)
+
+
+CHECK_COLUMNS = ["case", "layer", "shape", "batch", "experts", "dtype", "layout", "strategy",
+                 "bias", "tf32", "tensor", "status", "worst_error_over_bound", "max_error",
+                 "max_reference", "rtol", "reduction_length", "configs", "config_sources",
+                 "seconds", "note"]
+
+
+def run_check(case: CheckCase, device) -> list[dict]:
+    """Rows (y and each gradient) of one case: triton against native in float64, each element
+    within the bound; an exception gives one row with status ``error``."""
+    from dynconv import dynamic_conv2d
+
+    s = case.shape
+    base = {"case": case.label, "layer": s.name, "shape": s.label(), "batch": case.batch,
+            "experts": case.experts, "dtype": case.dtype, "layout": case.layout,
+            "strategy": case.strategy, "bias": case.bias, "tf32": case.tf32,
+            "configs": "; ".join(f"{k} {config_text(c)}" for k, c in
+                                 pinned_configs(s, case.experts, case.dtype).items())}
+    start = time.perf_counter()
+    try:
+        *tensors, grad_out = check_inputs(case, device)
+        leaves = [t.requires_grad_(True) for t in tensors if t is not None]
+        config_sources(reset=True)
+        with tf32_dots(case.tf32):
+            with forced_strategy(case.strategy):
+                y = dynamic_conv2d(*tensors, s.stride, s.padding, s.dilation, s.groups,
+                                   backend="triton")
+            got = [y.detach(), *torch.autograd.grad(y, leaves, grad_out)]
+        base["config_sources"] = config_sources()
+        want_y, want_grads = _native_float64(tensors, grad_out, s, lambda t: t)
+        scale_y, scale_grads = _native_float64(tensors, grad_out, s, torch.abs)
+    except Exception as exc:  # a compile or launch failure, a crash: recorded, not raised
+        return [{**base, "tensor": "all", "status": "error",
+                 "seconds": round(time.perf_counter() - start, 3),
+                 "note": f"{type(exc).__name__}: {str(exc).strip()}"[:300]}]
+    forward_n, backward_n = reduction_lengths(case)
+    names = ["y", *GRADIENTS[: len(got) - 1]]
+    wants, scales = [want_y, *want_grads], [scale_y, *scale_grads]
+    rows = []
+    for name, value, want, scale in zip(names, got, wants, scales):
+        n = forward_n if name == "y" else backward_n
+        rtol = relative_tolerance(DTYPES[case.dtype], n, case.tf32)
+        error = (value.double() - want).abs()
+        bound = rtol * scale + ATOL
+        finite = bool(torch.isfinite(value).all())
+        worst = float((error / bound).max()) if error.numel() else 0.0
+        ok = finite and value.shape == want.shape and bool((error <= bound).all())
+        rows.append({**base, "tensor": name, "status": "ok" if ok else "FAIL",
+                     "worst_error_over_bound": f"{worst:.3g}",
+                     "max_error": f"{float(error.max()) if error.numel() else 0.0:.3g}",
+                     "max_reference": f"{float(want.abs().max()) if want.numel() else 0:.3g}",
+                     "rtol": f"{rtol:.3g}", "reduction_length": n,
+                     "note": "" if finite else "not finite"})
+    seconds = round(time.perf_counter() - start, 3)
+    for row in rows:
+        row["seconds"] = seconds
+    return rows
+
+
+# --- timings -----------------------------------------------------------------------------------
+
+
+def provider_forward(provider: str, case: bench.Case, t: dict):
+    """bench's forward builder, plus ``triton-premix`` / ``triton-fused`` (the Triton backend
+    through the dispatcher with its strategy forced) and ``spanning`` (the dense K x Cin form:
+    one static conv of the routing-scaled input, plain autograd)."""
+    if provider in ("triton-premix", "triton-fused"):
+        forward, leaves = bench.forward_fn("triton", case, t)
+        strategy = provider.split("-", 1)[1]
+
+        def forced():
+            with forced_strategy(strategy):
+                return forward()
+
+        return forced, leaves
+    if provider == "spanning":
+        from dynconv.backends.reference import spanning_dynamic_conv2d
+        from dynconv.geometry import ConvGeometry
+
+        s = case.shape
+        geometry = ConvGeometry(*_pairs(s))
+        leaves = [t["x"], t["bank"], t["routing"], t["bias_bank"]]
+        return (lambda: spanning_dynamic_conv2d(*leaves, geometry)), leaves
+    return bench.forward_fn(provider, case, t)
+
+
+def run_timing(case: bench.Case, device: str, timer, rounds: int, memory: bool,
+               providers=TIMING_PROVIDERS) -> list[dict]:
+    """bench's rows (provider x mode: time, static time in the same rounds, ratio, peak
+    memory) of one case, with gpu-check's providers."""
+    return bench.measure_case(case, providers, device, rounds, timer, memory,
+                              forward=provider_forward)
+
+
+KERNEL_COLUMNS = ["layer", "shape", "batch", "experts", "dtype", "layout", "provider", "kernel",
+                  "calls_per_step", "us_per_step", "share_of_step", "step_us", "clock",
+                  "status", "note"]
+_SHORT_NAMES = {"mix_kernel": "mix", "conv_fwd_kernel": "conv_fwd",
+                "conv_bwd_dx_kernel": "dgrad (conv_bwd_dx)",
+                "conv_bwd_dw_kernel": "wgrad (conv_bwd_dw)"}
+
+
+def profile_kernels(case: bench.Case, provider: str, device: str, iterations: int = 5,
+                    top: int = 12) -> list[dict]:
+    """Per-kernel times of one forward+backward step of ``provider`` (the mean over
+    ``iterations`` steps, after one warm-up): on a GPU each kernel's device time from
+    torch.profiler (Triton kernels by their names, PyTorch's and cuDNN's by theirs); on the CPU
+    the operators' self CPU time (the interpreter's kernels are not operators)."""
+    base = {"layer": case.shape.name, "shape": case.shape.label(), "batch": case.batch,
+            "experts": case.experts, "dtype": case.dtype, "layout": case.layout,
+            "provider": provider}
+    cuda = device == "cuda"
+    try:
+        tensors = bench.make_inputs(case, device)
+        forward, leaves = provider_forward(provider, case, tensors)
+        step = bench.mode_fn("fwd+bwd", forward, leaves)
+        step()
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if cuda:
+            torch.cuda.synchronize()
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(iterations):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+        totals: dict[str, list] = defaultdict(lambda: [0, 0.0])
+        if cuda:
+            for event in prof.events():
+                if event.device_type == torch.autograd.DeviceType.CUDA:
+                    totals[event.name][0] += 1
+                    totals[event.name][1] += event.time_range.elapsed_us()
+            clock = "device (CUPTI)"
+        if not totals:
+            for avg in prof.key_averages():
+                if avg.self_cpu_time_total > 0:
+                    totals[avg.key] = [avg.count, avg.self_cpu_time_total]
+            clock = "host self CPU time"
+    except Exception as exc:
+        return [{**base, "status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]}]
+    step_us = sum(total for _, total in totals.values()) / iterations
+    ranked = sorted(totals.items(), key=lambda item: -item[1][1])
+    rows = []
+    for name, (count, total) in ranked[:top]:
+        rows.append({**base, "kernel": _SHORT_NAMES.get(name, name[:90]),
+                     "calls_per_step": round(count / iterations, 2),
+                     "us_per_step": round(total / iterations, 2),
+                     "share_of_step": round(total / iterations / step_us, 3) if step_us else "",
+                     "step_us": round(step_us, 2), "clock": clock, "status": "ok"})
+    if len(ranked) > top:
+        rest = sum(total for _, (count, total) in ranked[top:])
+        rows.append({**base, "kernel": f"({len(ranked) - top} others)",
+                     "us_per_step": round(rest / iterations, 2), "step_us": round(step_us, 2),
+                     "clock": clock, "status": "ok"})
+    return rows

@@ -1,0 +1,353 @@
+"""``python -m dynconv.autotune gpu-check`` on the CPU: the plan and its budget (launch capture
+for sm_90, in a subprocess: it needs Triton's compiler, this process runs its interpreter), the
+path shim that runs it without an install, the precompile pool (what it compiles is what a launch
+reads from Triton's cache; a compiler crash is pinned on its job), the correctness pass and the
+timings on miniatures under the interpreter, the deadline, and a killed run's CSV."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import textwrap
+import time
+
+import pytest
+import torch
+
+from dynconv.autotune import bench, gpu_check, gpu_steps
+from dynconv.autotune.measure import Timer
+from dynconv.autotune.shapes import ConvShape, tiny
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env(**changes) -> dict:
+    """This environment without TRITON_INTERPRET (capture and compiles need the compiler)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(changes)
+    return env
+
+
+def _files(folder) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), folder)
+                  for d, _, names in os.walk(folder) for f in names)
+
+
+# --- the plan ------------------------------------------------------------------------------------
+
+
+def test_dry_run_plan_fits_seven_minutes(tmp_path):
+    """The plan's compiles (captured for sm_90 with the pinned configs) at 3 s each over 16
+    compilers, plus its estimated run time, fit the 420 s deadline; nothing is written."""
+    run = subprocess.run(
+        [sys.executable, "-m", "dynconv.autotune", "gpu-check", "--dry-run", "--arch", "90",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+    budget = dict(item.split("=") for item in
+                  next(line for line in out.splitlines() if line.startswith("budget:")).split()[1:])
+    compiles, total = int(budget["compiles"]), float(budget["total_s"])
+    assert compiles > 50
+    assert float(budget["compile_s"]) == pytest.approx(
+        gpu_check.POOL_START_S + compiles * 3.0 / 16, abs=0.1)
+    assert total == pytest.approx(float(budget["compile_s"]) + float(budget["run_s"]), abs=0.2)
+    assert float(budget["deadline_s"]) == 420 and total <= 420 and budget["fits"] == "yes"
+    assert "launches captured for sm_90" in out
+    for needle in ("[1] precompile:", "[2] correctness: 45 cases", "[3] timings: 11 cases",
+                   "[4] sweep", "[5] tests", "512->512 k3 s1 @7", "64->64 k3 s1 @56",
+                   "128->256 k3 s2 @28", "128->256 k1 s2 @28", "K17", "K1 ", "dw ", "3->16 k7 s2",
+                   "nchw", "fp16", "fused", "premix", "M128 N128 K32 w8 s3"):
+        assert needle in out, needle
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_under_the_interpreter_lists_the_steps(capsys, tmp_path):
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "unknown (TRITON_INTERPRET=1" in out and "budget: unknown" in out
+    assert "pytest test_triton_backward.py" in out and "[4] sweep" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cases_cover_the_issue():
+    checks = gpu_steps.check_cases()
+    assert 40 <= len(checks) <= 50
+    assert {c.dtype for c in checks} == {"bf16", "fp16", "fp32"}
+    assert {c.layout for c in checks} == {"channels_last", "nchw"}
+    assert {c.strategy for c in checks} == {"premix", "fused"}
+    assert {1, 17} <= {c.experts for c in checks}
+    shapes = {(s.kh, s.stride, s.groups > 1, s.cin) for s in (c.shape for c in checks)}
+    assert {(3, 1, False, 16), (3, 2, False, 16), (1, 2, False, 32), (7, 2, False, 3)} <= shapes
+    assert any(c.shape.groups == c.shape.cin > 1 for c in checks)  # depthwise
+    assert any(1 < c.shape.groups < c.shape.cin for c in checks)  # grouped
+    timed = gpu_steps.timing_cases()
+    first = [c for c in timed if c.group == "b32-bf16-cl"]
+    assert [c.shape.label() for c in first[:4]] == [
+        "512->512 k3 s1 @7", "256->256 k3 s1 @14", "128->128 k3 s1 @28", "64->64 k3 s1 @56"]
+    assert {(c.batch, c.dtype, c.layout) for c in first} == {(32, "bf16", "channels_last")}
+    assert {c.group for c in timed} == {"b32-bf16-cl", "nchw", "fp32", "b128"}
+
+
+def test_pinned_configs_follow_the_problem():
+    from dynconv.kernels import configs
+
+    wide = ConvShape("w", 128, 256, 28, 28, 3, 3, 1, 1)
+    narrow = ConvShape("n", 64, 64, 7, 7, 3, 3, 1, 1)
+    for shape, tile in ((wide, "M128 N128 K32 w8 s3"), (narrow, "M64 N64 K32 w4 s3")):
+        pins = gpu_steps.pinned_configs(shape, 4, "bf16")
+        assert gpu_steps.config_text(pins["conv_fwd"]) == tile
+        assert gpu_steps.config_text(pins["conv_bwd_dx"]) == tile
+    for experts in (1, 4, 17):
+        for dtype in ("bf16", "fp32"):
+            dw = gpu_steps.pinned_configs(narrow, experts, dtype)["conv_bwd_dw"]
+            candidates = configs.conv_bwd_dw_configs(interpreter=False)
+            assert dw in candidates
+            tile = configs.conv_bwd_dw_tile_shape(experts, 64, 64 * 9)
+            size = torch.empty(0, dtype=gpu_steps.DTYPES[dtype]).element_size()
+            fits = [c for c in candidates if configs.conv_bwd_dw_config_fits(
+                c, configs.conv_bwd_dw_expert_block(experts), size, tile)]
+            assert dw in fits or not fits  # what the kernel's own prune would keep
+
+
+# --- running without an install ------------------------------------------------------------------
+
+
+def test_path_shim_imports_the_tree_without_an_install(tmp_path):
+    """With the editable install hidden (the base interpreter, the venv's site-packages on
+    PYTHONPATH: no .pth runs, so no install finder), dynconv.kernels does not import; through
+    the shim it does, from the tree, even from the tree's root (where ``dynconv/`` itself is on
+    sys.path), and ``python autotune/gpu_check.py`` re-runs itself under it."""
+    base = getattr(sys, "_base_executable", sys.executable)
+    site = sysconfig.get_paths()["purelib"]
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
+           "PYTHONNOUSERSITE": "1", "PYTHONPATH": site}
+    probe = ("import dynconv.kernels.conv_fwd, dynconv.autotune.bench; "
+             "print(dynconv.kernels.conv_fwd.__file__); print(dynconv.autotune.bench.__file__)")
+    hidden = subprocess.run([base, "-c", probe], capture_output=True, text=True, env=env,
+                            cwd=ROOT, timeout=120, check=False)
+    if hidden.returncode == 0:
+        pytest.skip("the base interpreter imports dynconv.kernels by itself")
+    assert "dynconv.kernels" in hidden.stderr or "No module named" in hidden.stderr
+    shim = tmp_path / "shim"
+    gpu_check.write_path_shim(str(shim))
+    shimmed = {**env, "PYTHONPATH": f"{shim}{os.pathsep}{site}"}
+    found = subprocess.run([base, "-c", probe], capture_output=True, text=True, env=shimmed,
+                           cwd=ROOT, timeout=120, check=False)
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert found.stdout.split() == [os.path.join(ROOT, "kernels", "conv_fwd.py"),
+                                    os.path.join(ROOT, "autotune", "bench.py")]
+    script = subprocess.run([base, os.path.join(ROOT, "autotune", "gpu_check.py"), "--help"],
+                            capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+                            check=False)
+    assert script.returncode == 0, script.stderr[-2000:]
+    assert "through the path shim" in script.stdout
+    assert "usage: python -m dynconv.autotune gpu-check" in script.stdout
+
+
+# --- precompiling -------------------------------------------------------------------------------
+
+PRECOMPILE_SCRIPT = textwrap.dedent("""
+    import json, os, sys, tempfile
+
+    from dynconv.autotune import gpu_check, gpu_steps
+    from dynconv.autotune.launch_capture import CompileJob
+    from dynconv.autotune.shapes import ConvShape
+
+
+    class TargetOnly:  # a driver that knows the GPU target and nothing else
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            from triton.backends.compiler import GPUTarget
+            return GPUTarget("cuda", 90, 32)
+
+
+    def main():
+        shape = ConvShape("t", 16, 32, 9, 9, 3, 3, 1, 1)
+        launches = [gpu_steps.Launches(shape, 3, 4, "bf16", True, True, ("fused",))]
+        jobs = [j for js in gpu_steps.compile_jobs(launches, 90) for j in js]
+        crash = CompileJob(module=sys.argv[1], kernel="k", arch=90, signature={},
+                           constexprs={}, attrs={}, options={"num_warps": 4, "num_stages": 3},
+                           labels=["a job whose compiler process dies"])
+        rows = []
+        pool = gpu_check.Precompiler(2, rows.append, lambda text: print(text, file=sys.stderr))
+        pool.submit([crash] + jobs)
+        done = pool.wait([crash] + jobs, gpu_check.Deadline(400))
+        failures = pool.failures([crash] + jobs)
+        pool.close()
+
+        # Now launch as a GPU would: the pinned table, JITFunction.run (in warmup mode: it
+        # compiles, it does not launch) for an sm_90 target, and count the compiles.
+        from triton import knobs
+        from triton.runtime import driver
+        from triton.runtime.jit import JITFunction
+        from dynconv.kernels import tuned_table
+
+        folder = tempfile.mkdtemp()
+        gpu_steps.write_pinned_table(gpu_steps.pinned_entries(launches, "meta"), "meta", folder)
+        os.environ["DYNCONV_TUNED_DIR"] = folder
+        tuned_table.clear_cache()
+        driver.set_active(TargetOnly())
+        run = JITFunction.run
+        JITFunction.run = lambda self, *a, grid, warmup, **kw: run(self, *a, grid=grid,
+                                                                    warmup=True, **kw)
+        events = []
+        knobs.compilation.listener = lambda *, src, cache_hit, **_: events.append(cache_hit)
+        gpu_steps.config_sources(reset=True)
+        gpu_steps._drive(launches[0], "meta")
+        print(json.dumps({"done": done, "rows": rows, "jobs": len(jobs), "events": events,
+                          "failures": failures, "sources": gpu_steps.config_sources()}))
+
+
+    if __name__ == "__main__":
+        main()
+""")
+
+
+def test_precompiled_kernels_are_what_launches_read_and_a_crash_is_pinned_on_its_job(tmp_path):
+    """Jobs compiled in the pool are Triton cache hits for JITFunction.run's own compile of
+    the same launches (no cold compile); a job whose compiler process dies is named, the
+    others still compile, and its cases would be skipped rather than launched."""
+    (tmp_path / "crashing_module.py").write_text("import os\nos.abort()\n")
+    script = tmp_path / "precompile.py"
+    script.write_text(PRECOMPILE_SCRIPT)
+    run = subprocess.run(
+        [sys.executable, str(script), "crashing_module"], capture_output=True, text=True,
+        env=_env(TRITON_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=os.pathsep.join(
+            p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)),
+        cwd=ROOT, timeout=500, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["done"]
+    by_kernel = {row["kernel"]: row for row in result["rows"]}
+    assert by_kernel["k"]["status"] == "the compiler crashed (its process died)"
+    assert {row["status"] for row in result["rows"] if row["kernel"] != "k"} <= {"ok"}
+    assert {"conv_fwd", "conv_bwd_dx", "conv_bwd_dw"} <= set(by_kernel)
+    assert len(result["rows"]) == result["jobs"] + 1
+    assert result["failures"] and "crashed" in result["failures"][0]
+    assert result["events"] and all(result["events"]), "a launch compiled cold"
+    assert len(result["events"]) == result["jobs"]
+    assert set(result["sources"].split()) == {"conv_fwd:table", "conv_bwd_dx:table",
+                                              "conv_bwd_dw:table"}
+
+
+# --- the steps on miniatures under the interpreter -----------------------------------------------
+
+
+@pytest.fixture
+def pinned_table(tmp_path, monkeypatch):
+    """Use gpu-check's pinned table for the given launches (interpreter keys), then forget it."""
+    from dynconv.kernels import tuned_table
+
+    def use(launches):
+        folder = tmp_path / "pinned"
+        gpu_steps.write_pinned_table(gpu_steps.pinned_entries(launches, "cpu"), "cpu",
+                                     str(folder))
+        monkeypatch.setenv("DYNCONV_TUNED_DIR", str(folder))
+        tuned_table.clear_cache()
+
+    yield use
+    tuned_table.clear_cache()
+
+
+def test_correctness_pass_on_the_interpreter(pinned_table, monkeypatch):
+    cases = [c for c in gpu_steps.check_cases(tiny_shapes=True)
+             if c.shape.name in ("grouped", "stem-7x7-s2")]
+    assert {c.experts for c in cases} == {4, 1}
+    pinned_table([gpu_steps.launches_of_check(c) for c in cases])
+    for case in cases:
+        rows = gpu_steps.run_check(case, "cpu")
+        assert [r["tensor"] for r in rows] == ["y", "grad_x", "grad_bank", "grad_routing",
+                                               "grad_bias"]
+        assert {r["status"] for r in rows} == {"ok"}, rows
+        assert all(0 <= float(r["worst_error_over_bound"]) <= 1 for r in rows)
+        assert set(rows[0]["config_sources"].split()) >= {"conv_fwd:table",
+                                                          "conv_bwd_dx:table",
+                                                          "conv_bwd_dw:table"}
+    # a result outside its bound is a FAIL row, not an exception
+    monkeypatch.setattr(gpu_steps, "relative_tolerance", lambda *args: 0.0)
+    monkeypatch.setattr(gpu_steps, "ATOL", 1e-30)
+    assert "FAIL" in {r["status"] for r in gpu_steps.run_check(cases[0], "cpu")}
+
+
+def test_timings_and_kernel_profile_on_the_interpreter():
+    case = bench.Case("t", tiny(ConvShape("t", 8, 8, 6, 6, 3, 3, 1, 1), 4, 5), 2, 4, "bf16",
+                      "channels_last", memory=False)
+    providers = ("static", "grouped", "triton-premix", "triton-fused", "spanning")
+    rows = gpu_steps.run_timing(case, "cpu", Timer("cpu", min_sample_ms=0.1, max_calls=1),
+                                rounds=1, memory=False, providers=providers)
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in providers
+                                                          for m in bench.MODES}
+    assert {r["status"] for r in rows} == {"ok"}, [r["note"] for r in rows]
+    assert all(r["ratio_to_static"] > 0 for r in rows)
+    profile = gpu_steps.profile_kernels(case, "triton-fused", "cpu", iterations=1)
+    assert profile and {r["status"] for r in profile} == {"ok"}
+    assert all(set(gpu_steps.KERNEL_COLUMNS) >= set(r) for r in profile)
+
+
+def test_cpu_run_writes_its_files_and_summary(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNCONV_TUNED_DIR", str(tmp_path / "restored-after"))
+    code = gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--skip", "timings"])
+    folder = tmp_path / "cpu_interpreter"
+    files = _files(tmp_path)
+    assert code == 0, (folder / "gpu_check.log").read_text()[-3000:]
+    assert files == ["cpu_interpreter/correctness.csv", "cpu_interpreter/gpu_check.log",
+                     "cpu_interpreter/summary.md"]
+    rows = list(csv.DictReader(open(folder / "correctness.csv")))
+    assert len({r["case"] for r in rows}) == len(gpu_steps.check_cases(tiny_shapes=True))
+    assert {r["status"] for r in rows} == {"ok"}
+    assert all(s.endswith(":table") for r in rows for s in r["config_sources"].split())
+    summary = (folder / "summary.md").read_text()
+    assert "| correctness | ok |" in summary and "| timings | skipped: --skip |" in summary
+    assert "0 rows not ok" in summary
+
+
+def test_deadline_cuts_the_steps_and_the_summary_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("DYNCONV_TUNED_DIR", str(tmp_path / "restored-after"))
+    code = gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--deadline-s", "1"])
+    assert code == 1
+    summary = (tmp_path / "cpu_interpreter" / "summary.md").read_text()
+    assert "| correctness | cut by the deadline" in summary
+    assert "| timings | cut by the deadline" in summary
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would run the real check")
+def test_without_a_gpu_every_step_is_skipped(capsys, tmp_path):
+    assert gpu_check.main(["--out", str(tmp_path)]) == 1
+    text = (tmp_path / "no_gpu" / "gpu_check.log").read_text()
+    for step in gpu_check.STEPS:
+        assert f"  {step:11s} skipped: torch.cuda.is_available() is False" in text
+    assert "summary" in capsys.readouterr().out
+
+
+def test_a_killed_run_keeps_its_csv(tmp_path):
+    """Rows are flushed as they are written: SIGKILL after the first cases leaves a CSV whose
+    every row is whole."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dynconv.autotune", "gpu-check", "--device", "cpu", "--out",
+         str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=_env(TRITON_INTERPRET="1"), cwd=ROOT)
+    path = tmp_path / "cpu_interpreter" / "correctness.csv"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            if path.exists() and len(path.read_text().splitlines()) >= 11:  # two cases
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the run ended before it could be killed"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+    rows = list(csv.DictReader(open(path)))
+    assert len(rows) >= 10
+    assert all(None not in r and r["status"] in ("ok", "FAIL", "error") for r in rows)
