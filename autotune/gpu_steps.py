@@ -33,6 +33,7 @@ import torch
 
 from . import bench
 from .shapes import ConvShape, find_layer, tiny
+from .tolerance import reduction_lengths, relative_tolerance
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TRITON_KERNELS = ("mix", "conv_fwd", "conv_bwd_dx", "conv_bwd_dw")
@@ -454,38 +455,15 @@ def warm_driver_utils() -> str:
 
 # --- correctness -------------------------------------------------------------------------------
 
-UNIT_ROUNDOFF = {torch.float64: 2.0**-53, torch.float32: 2.0**-24, torch.float16: 2.0**-11,
-                 torch.bfloat16: 2.0**-8}
-TF32_UNIT_ROUNDOFF = 2.0**-11
-ROUNDINGS = 4
 ATOL = 1e-6
 GRADIENTS = ("grad_x", "grad_bank", "grad_routing", "grad_bias")
 
 
-def relative_tolerance(dtype: torch.dtype, reduction_length: int, tf32: bool) -> float:
-    """The tests' bound (tests/helpers.py, which the package cannot import): relative to each
-    element's sum of |terms|, fp32 with ieee dots errs by at most n * 2**-24 (n products summed
-    in fp32); fp16 / bf16 and tf32 by a few roundings to the dtype's mantissa (the mixed weights
-    or dot operands and the result), ROUNDINGS of them, whatever n."""
-    if dtype in (torch.float16, torch.bfloat16):
-        return ROUNDINGS * UNIT_ROUNDOFF[dtype]
-    if dtype == torch.float32 and tf32:
-        return ROUNDINGS * TF32_UNIT_ROUNDOFF
-    return reduction_length * UNIT_ROUNDOFF[dtype]
-
-
-def reduction_lengths(case: CheckCase) -> tuple[int, int]:
-    """(forward, backward) longest chains of roundings behind an element, as the tests count
-    them: K mixing products + the taps + the bias; the backward's worst of grad_x, the bank /
-    bias gradients (pixels then batch) and the routing gradient (pixels then |W|)."""
+def case_reduction_lengths(case: CheckCase) -> tuple[int, int]:
+    """(forward, backward) reduction lengths of a correctness case (:mod:`.tolerance`)."""
     s = case.shape
-    kernel = s.kh * s.kw
-    forward = case.experts + s.cin // s.groups * kernel + 1
-    pixels = s.ho * s.wo
-    weight = s.cout * (s.cin // s.groups) * kernel
-    backward = 1 + max(case.experts + s.cout // s.groups * kernel, pixels + case.batch,
-                       pixels + max(weight, s.cout))
-    return forward, backward
+    return reduction_lengths(case.batch, s.cin, s.cout, (s.kh, s.kw), s.groups, case.experts,
+                             s.ho * s.wo)
 
 
 def _draw(shape, generator, scale=1.0):
@@ -558,7 +536,7 @@ def run_check(case: CheckCase, device) -> list[dict]:
         return [{**base, "tensor": "all", "status": "error",
                  "seconds": round(time.perf_counter() - start, 3),
                  "note": f"{type(exc).__name__}: {str(exc).strip()}"[:300]}]
-    forward_n, backward_n = reduction_lengths(case)
+    forward_n, backward_n = case_reduction_lengths(case)
     names = ["y", *GRADIENTS[: len(got) - 1]]
     wants, scales = [want_y, *want_grads], [scale_y, *scale_grads]
     rows = []

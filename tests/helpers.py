@@ -15,6 +15,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from dynconv.autotune.tolerance import ROUNDINGS, reduction_lengths, relative_tolerance
+
 LAYOUTS = ("nchw", "channels_last", "strided")
 
 
@@ -184,38 +186,6 @@ def reference_gradients(grad_out, x, bank, routing, bias_bank, stride, padding, 
 
 # --- the bound and its assert -----------------------------------------------------------------
 
-UNIT_ROUNDOFF = {
-    torch.float64: 2.0**-53,
-    torch.float32: 2.0**-24,
-    torch.float16: 2.0**-11,  # 10 stored mantissa bits
-    torch.bfloat16: 2.0**-8,  # 7 stored mantissa bits
-}
-TF32_UNIT_ROUNDOFF = 2.0**-11  # tf32 keeps fp16's 10 mantissa bits
-
-
-def relative_tolerance(dtype: torch.dtype, reduction_length: int, tf32: bool = False,
-                       roundings: int = 4) -> float:
-    """Bound on |got - exact| of one element relative to its scale (the sum of |terms| of that
-    element: :func:`reference_forward`, :func:`reference_gradients`).
-
-    - fp32 with ieee dots, and fp64: operands and accumulation are in the dtype, so the error
-      is that of the sums: a sum (or chain of sums) of n products in working precision u errs
-      by at most ~n * u of the sum of |products| (Higham's gamma_n). ``reduction_length`` is
-      that n, the longest chain of roundings behind an element (see
-      :func:`forward_reduction_length`, :func:`backward_reduction_length`).
-    - fp16 / bf16, and fp32 with tf32 dots: the kernels accumulate in fp32, but round the mixed
-      weights (or the dot operands) and the result to the dtype's mantissa (unit roundoff
-      2**-11 for fp16 and tf32, 2**-8 for bf16). Those ``roundings`` (4 by default: a margin
-      over the two or three that occur) dominate: the fp32 accumulation adds n * 2**-24, less
-      than one fp16 rounding (2**-11) for any n < 8192, so ``reduction_length`` does not enter.
-    """
-    if dtype in (torch.float16, torch.bfloat16):
-        return roundings * UNIT_ROUNDOFF[dtype]
-    if dtype == torch.float32 and tf32:
-        return roundings * TF32_UNIT_ROUNDOFF
-    return reduction_length * UNIT_ROUNDOFF[dtype]
-
-
 def output_hw(case: Case) -> tuple[int, int]:
     """(Ho, Wo) of ``case`` (PyTorch's own shape rule, run on meta tensors)."""
     x = torch.empty(1, case.cin, case.h, case.w, device="meta")
@@ -223,31 +193,25 @@ def output_hw(case: Case) -> tuple[int, int]:
     return tuple(F.conv2d(x, weight, None, **case.geometry).shape[2:])
 
 
+def _reduction_lengths(case: Case) -> tuple[int, int]:
+    ho, wo = output_hw(case)
+    return reduction_lengths(case.batch, case.cin, case.cout, tuple(case.kernel), case.groups,
+                             case.experts, ho * wo)
+
+
 def forward_reduction_length(case: Case) -> int:
-    """Longest chain of roundings behind an output: K products mixed into the weight, the
-    Cin/groups x kh x kw products of the convolution, the bias added."""
-    taps = case.cin // case.groups * case.kernel[0] * case.kernel[1]
-    return case.experts + taps + 1
+    """Longest chain of roundings behind an output (:func:`reduction_lengths`)."""
+    return _reduction_lengths(case)[0]
 
 
 def backward_reduction_length(case: Case) -> int:
-    """Longest chain of roundings behind a gradient element, over the four gradients:
-
-    grad_x: K (mixing) + Cout/groups x kh x kw taps; grad_bank and grad_bias: the output pixels
-    of a sample, then the batch; grad_routing: the output pixels (the per-sample weight
-    gradient), then the |W| = Cout x Cin/groups x kh x kw elements it is contracted over with
-    the bank (or the Cout bias terms). Plus one for the final sum or cast.
-    """
-    ho, wo = output_hw(case)
-    pixels = ho * wo
-    kernel = case.kernel[0] * case.kernel[1]
-    weight = case.cout * (case.cin // case.groups) * kernel
-    return 1 + max(case.experts + case.cout // case.groups * kernel,
-                   pixels + case.batch, pixels + max(weight, case.cout))
+    """Longest chain of roundings behind a gradient element, over the four gradients
+    (:func:`reduction_lengths`)."""
+    return _reduction_lengths(case)[1]
 
 
-def assert_within_bound(got, want, scale, dtype, reduction_length, *, tf32=False, roundings=4,
-                        atol=1e-6, name="output"):
+def assert_within_bound(got, want, scale, dtype, reduction_length, *, tf32=False,
+                        roundings=ROUNDINGS, atol=1e-6, name="output"):
     """``got`` (in ``dtype``, any device) within ``relative_tolerance(...) * scale + atol`` of the
     float64 ``want`` everywhere (and finite, of ``want``'s shape).
 
