@@ -13,6 +13,7 @@ COMMANDS = {
     "sweep": "dynconv.autotune.sweep",
     "gpu-check": "dynconv.autotune.gpu_check",
     "cpu-formulations": "dynconv.autotune.cpu_formulations",
+    "roofline": "dynconv.autotune.roofline",
 }
 SUMMARIES = {
     "compile-check": "compile every launched Triton kernel specialisation for sm_80 / sm_90 "
@@ -22,6 +23,7 @@ SUMMARIES = {
     "sweep": "autotune the Triton kernels over a shape set; write the per-GPU tuned table",
     "gpu-check": "on a GPU machine, within 7 minutes: precompile, correctness, decisive timings",
     "cpu-formulations": "time the native backend's CPU formulations (its rule's evidence)",
+    "roofline": "H200 roofline model: each strategy's bound per layer vs the static conv (no GPU)",
 }
 
 

@@ -1,0 +1,315 @@
+"""``python -m dynconv.autotune roofline``: an H200 roofline of each dynamic-conv strategy.
+
+A *model*, not a measurement (no GPU needed): per layer shape of a named set, at batch ``B``,
+``K`` experts and a dtype, it gives the static conv's FLOPs, the dynamic conv's minimal bytes
+(read x once, write y once, read the bank K x |W| once; routing negligible) and the time bound
+each strategy's tiling allows, as a ratio to the static conv's roofline time. Until
+``gpu-check`` measures them, these bounds are what the ``auto`` rule can go by.
+
+Notation: ``F`` = the static conv's FLOPs (2 B Cout Ho Wo Cin/g kh kw), ``|W|`` = one weight's
+elements, ``e`` = bytes per element, ``eff`` = the fraction of peak a conv kernel reaches
+(``CUDNN_EFFICIENCY``, the same for cuDNN and for our kernels at best), ``m_eff`` = useful rows
+/ padded rows of the GEMM's M tiles, ``w_eff`` = tiles / (waves x SMs) of the grid; BLOCK_M and
+BLOCK_N are each taken from (64, 128), whichever pair gives the best ``m_eff x w_eff``.
+
+- **static** (cuDNN, the floor): ``max(F / (eff peak), e (x + y + |W|) / HBM)``.
+- **premix**: the mix kernel reads the bank and writes B x |W| (memory-bound: its K |W| B
+  multiply-adds run at the bandwidth roof), then the conv reads W_dyn back:
+  ``e (K|W| + B|W|) / HBM + max(F / (eff peak m_eff w_eff), e (x + y + B|W|) / HBM)``.
+  M tiles are per sample (rows = Ho Wo padded to BLOCK_M); grid = B ceil(HoWo/BM) G
+  ceil(Cout_g/BN) tiles.
+- **fused**: no W_dyn, but every row tile re-reads the K bank tiles, ``B ceil(HoWo/BM) K |W| e``
+  extra bytes, from L2 (``L2_BANDWIDTH``) if the bank fits in L2, else from HBM; and mixes them
+  on CUDA cores (``B ceil(HoWo/BM) K |W|`` multiply-adds at ``CUDA_CORE_FLOPS``), added to the
+  tensor-core time since the mix feeds the dot in the same warps:
+  ``max(F / (eff peak m_eff w_eff) + mix, e (x + y + K|W|) / HBM + extra / L2-or-HBM)``,
+  per-sample M tiles as premix, with the (BLOCK_M, BLOCK_N) that minimises this bound (a
+  taller BLOCK_M means fewer re-reads).
+- **spanning** (one static conv over K x Cin routing-scaled channels, the scaling applied while
+  loading x tiles): K x the FLOPs, GEMM rows span the batch (M = B Ho Wo, so ``m_eff`` ~ 1):
+  ``max(K F / (eff peak m_eff w_eff), e (x + y + K|W|) / HBM)``.
+- **grouped** (the grouped-conv trick, for reference): the static FLOPs as B separate small convs
+  (per-sample M tiles as premix) plus writing and reading B x |W| mixed weights; in this model it
+  is premix's bound (the model cannot see cuDNN's grouped-conv kernels being slower). It is not
+  a candidate for ``best``.
+
+Output: a markdown table (and with ``--out``, ``roofline_<set>_B<b>_K<k>_<dtype>.csv`` / ``.md``);
+the last row sums the layers weighted by how often each occurs in the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+from .shapes import SHAPE_SETS, ConvShape, get_shape_set
+
+# --- device constants (H200) -------------------------------------------------------------------
+# HBM bandwidth, SM count, L2 size and the CUDA-core fp32 rate are NVIDIA H200 (SXM) datasheet
+# figures. The tensor-core peak is issue 16's figure (790 TFLOP/s dense bf16/fp16; tf32 half of
+# it), which is below the datasheet's 989 TFLOP/s dense: a sustained rate rather than boost
+# clocks. Compute-bound ratios do not depend on it (static and strategies share it).
+TENSOR_PEAK_FLOPS = {"bf16": 790e12, "fp16": 790e12, "fp32": 395e12}  # fp32 runs as tf32
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+HBM_BANDWIDTH = 4.8e12  # bytes/s
+NUM_SMS = 132
+L2_BYTES = 50e6
+# Assumptions, not datasheet figures:
+L2_BANDWIDTH = 3 * HBM_BANDWIDTH  # bytes/s, an L2 hit rate assumed ~3x HBM's
+CUDA_CORE_FLOPS = 67e12  # fp32 FMA rate of the CUDA cores (the datasheet's FP32 figure)
+CUDNN_EFFICIENCY = 0.6  # fraction of tensor peak cuDNN's static conv (and at best ours) reaches
+BLOCKS = (64, 128)  # BLOCK_M / BLOCK_N choices of the implicit-GEMM tiles
+
+STRATEGIES = ("premix", "fused", "spanning", "grouped")
+CANDIDATES = ("premix", "fused", "spanning")  # grouped is the reference, never "best"
+
+
+@dataclass(frozen=True)
+class Device:
+    peak_flops: float
+    hbm: float = HBM_BANDWIDTH
+    l2: float = L2_BANDWIDTH
+    l2_bytes: float = L2_BYTES
+    sms: int = NUM_SMS
+    cuda_core_flops: float = CUDA_CORE_FLOPS
+    efficiency: float = CUDNN_EFFICIENCY
+
+
+def h200(dtype: str = "bf16") -> Device:
+    if dtype not in TENSOR_PEAK_FLOPS:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(TENSOR_PEAK_FLOPS)}")
+    return Device(peak_flops=TENSOR_PEAK_FLOPS[dtype])
+
+
+@dataclass(frozen=True)
+class Tiling:
+    block_m: int
+    block_n: int
+    m_eff: float  # useful / padded GEMM rows
+    tiles: int
+    wave_eff: float  # tiles / (waves x SMs)
+
+    @property
+    def eff(self) -> float:
+        return self.m_eff * self.wave_eff
+
+
+def tilings(rows_per_tile_group: int, tile_groups: int, shape: ConvShape,
+            sms: int) -> list[Tiling]:
+    """Every (BLOCK_M, BLOCK_N) in ``BLOCKS`` for ``tile_groups`` independent GEMMs of
+    ``rows_per_tile_group`` rows each (B samples for per-sample tiles, 1 for batch-spanning)
+    and Cout/g columns per conv group."""
+    cout_g = shape.cout // shape.groups
+    out = []
+    for bm in BLOCKS:
+        for bn in BLOCKS:
+            m_tiles = math.ceil(rows_per_tile_group / bm)
+            m_eff = rows_per_tile_group / (m_tiles * bm)
+            tiles = tile_groups * m_tiles * shape.groups * math.ceil(cout_g / bn)
+            wave_eff = tiles / (math.ceil(tiles / sms) * sms)
+            out.append(Tiling(bm, bn, m_eff, tiles, wave_eff))
+    return out
+
+
+def tiling(rows_per_tile_group: int, tile_groups: int, shape: ConvShape, sms: int) -> Tiling:
+    """The tiling of :func:`tilings` with the best ``m_eff x wave_eff`` (first on ties)."""
+    return max(tilings(rows_per_tile_group, tile_groups, shape, sms), key=lambda t: t.eff)
+
+
+def weight_elems(shape: ConvShape) -> int:
+    return shape.cout * (shape.cin // shape.groups) * shape.kh * shape.kw
+
+
+@dataclass(frozen=True)
+class LayerRoofline:
+    layer: str
+    label: str
+    count: int
+    ho: int
+    wo: int
+    batch: int
+    experts: int
+    dtype: str
+    flops: int  # the static conv's
+    min_bytes: int  # dynamic: x + y + K |W|
+    static_bytes: int  # x + y + |W|
+    static_s: float
+    premix_s: float
+    fused_s: float
+    spanning_s: float
+    grouped_s: float
+    premix_eff: float  # m_eff x wave_eff of the per-sample tiles
+    spanning_eff: float
+    fused_extra_bytes: int
+    fused_extra_from: str  # "L2" or "HBM"
+    premix_bound: str  # "compute" or "memory" (of the conv kernel)
+    fused_bound: str
+    spanning_bound: str
+
+    def time(self, strategy: str) -> float:
+        return getattr(self, f"{strategy}_s")
+
+    def ratio(self, strategy: str) -> float:
+        return self.time(strategy) / self.static_s
+
+    @property
+    def best(self) -> str:
+        return min(CANDIDATES, key=self.time)
+
+
+def layer_roofline(shape: ConvShape, batch: int = 32, experts: int = 4, dtype: str = "bf16",
+                   device: Device | None = None) -> LayerRoofline:
+    """The model of the module docstring for one layer shape."""
+    if batch < 1 or experts < 1:
+        raise ValueError(f"batch and experts must be >= 1, got {batch} and {experts}")
+    dev = device or h200(dtype)
+    e = DTYPE_BYTES[dtype]
+    hw_out = shape.ho * shape.wo
+    x = batch * shape.cin * shape.h * shape.w
+    y = batch * shape.cout * hw_out
+    w = weight_elems(shape)
+    flops = shape.flops(batch)
+    conv_rate = dev.efficiency * dev.peak_flops
+
+    static_bytes = e * (x + y + w)
+    min_bytes = e * (x + y + experts * w)
+    static_s = max(flops / conv_rate, static_bytes / dev.hbm)
+
+    # premix: per-sample M tiles; mix kernel (memory-bound), then the conv reads W_dyn back.
+    per_sample = tiling(hw_out, batch, shape, dev.sms)
+    mix_s = e * (experts * w + batch * w) / dev.hbm
+    premix_compute = flops / (conv_rate * per_sample.eff)
+    premix_memory = e * (x + y + batch * w) / dev.hbm
+    premix_s = mix_s + max(premix_compute, premix_memory)
+
+    # fused: the K bank tiles re-read (and mixed on CUDA cores) by every row tile; its own
+    # tiling (a taller BLOCK_M means fewer re-reads), the one with the lowest bound.
+    from_l2 = e * experts * w <= dev.l2_bytes
+    fused = []
+    for t in tilings(hw_out, batch, shape, dev.sms):
+        row_tiles = batch * math.ceil(hw_out / t.block_m)
+        extra = e * row_tiles * experts * w
+        compute = flops / (conv_rate * t.eff) + 2 * row_tiles * experts * w / dev.cuda_core_flops
+        memory = min_bytes / dev.hbm + extra / (dev.l2 if from_l2 else dev.hbm)
+        fused.append((max(compute, memory), extra, compute, memory))
+    fused_s, extra, fused_compute, fused_memory = min(fused)
+
+    # spanning: one static conv over K x Cin channels, rows span the batch.
+    spanning_tiling = tiling(batch * hw_out, 1, shape, dev.sms)
+    spanning_compute = experts * flops / (conv_rate * spanning_tiling.eff)
+    spanning_memory = min_bytes / dev.hbm
+    spanning_s = max(spanning_compute, spanning_memory)
+
+    # grouped trick: B small convs (per-sample tiles) + B x |W| written and read.
+    grouped_s = mix_s + max(premix_compute, premix_memory)
+
+    def bound(compute: float, memory: float) -> str:
+        return "compute" if compute >= memory else "memory"
+
+    return LayerRoofline(
+        layer=shape.name, label=shape.label(), count=shape.count, ho=shape.ho, wo=shape.wo,
+        batch=batch, experts=experts,
+        dtype=dtype, flops=flops, min_bytes=min_bytes, static_bytes=static_bytes,
+        static_s=static_s, premix_s=premix_s, fused_s=fused_s, spanning_s=spanning_s,
+        grouped_s=grouped_s, premix_eff=per_sample.eff, spanning_eff=spanning_tiling.eff,
+        fused_extra_bytes=extra, fused_extra_from="L2" if from_l2 else "HBM",
+        premix_bound=bound(premix_compute, premix_memory),
+        fused_bound=bound(fused_compute, fused_memory),
+        spanning_bound=bound(spanning_compute, spanning_memory),
+    )
+
+
+def roofline_table(set_name: str = "resnet18", batch: int = 32, experts: int = 4,
+                   dtype: str = "bf16") -> list[LayerRoofline]:
+    return [layer_roofline(s, batch, experts, dtype) for s in get_shape_set(set_name)]
+
+
+def network_totals(rows: list[LayerRoofline]) -> dict[str, float]:
+    """Count-weighted sums of each strategy's time (and of the per-layer best), in seconds."""
+    totals = {"static": sum(r.count * r.static_s for r in rows)}
+    for strategy in STRATEGIES:
+        totals[strategy] = sum(r.count * r.time(strategy) for r in rows)
+    totals["best"] = sum(r.count * r.time(r.best) for r in rows)
+    return totals
+
+
+def markdown(rows: list[LayerRoofline]) -> str:
+    head = ("| layer | shape | n | Ho x Wo | GFLOP | min MB | static us | premix | fused "
+            "| spanning | grouped | best |")
+    lines = [head, "|" + "---|" * 12]
+    for r in rows:
+        ratios = " | ".join(f"{r.ratio(s):.2f}x" for s in STRATEGIES)
+        lines.append(
+            f"| {r.layer} | {r.label} | {r.count} | {r.ho}x{r.wo} "
+            f"| {r.flops / 1e9:.2f} | {r.min_bytes / 1e6:.1f} | {r.static_s * 1e6:.1f} "
+            f"| {ratios} | {r.best} ({r.ratio(r.best):.2f}x) |")
+    t = network_totals(rows)
+    ratios = " | ".join(f"{t[s] / t['static']:.2f}x" for s in STRATEGIES)
+    flops = sum(r.count * r.flops for r in rows)
+    mb = sum(r.count * r.min_bytes for r in rows)
+    lines.append(f"| **network** | count-weighted | {sum(r.count for r in rows)} | | "
+                 f"{flops / 1e9:.2f} | {mb / 1e6:.1f} | {t['static'] * 1e6:.1f} | {ratios} "
+                 f"| per-layer best {t['best'] / t['static']:.2f}x |")
+    return "\n".join(lines)
+
+
+CSV_FIELDS = ["layer", "label", "count", "ho", "wo", "batch", "experts", "dtype", "flops",
+              "min_bytes", "static_bytes", "static_us"] + \
+    [f"{s}_{c}" for s in STRATEGIES for c in ("us", "ratio")] + \
+    ["best", "premix_eff", "spanning_eff", "fused_extra_bytes", "fused_extra_from",
+     "premix_bound", "fused_bound", "spanning_bound"]
+
+
+def csv_rows(rows: list[LayerRoofline]) -> list[dict]:
+    out = []
+    for r in rows:
+        d = asdict(r)
+        row = {k: d[k] for k in CSV_FIELDS if k in d}
+        row.update(static_us=f"{r.static_s * 1e6:.3f}", best=r.best,
+                   premix_eff=f"{r.premix_eff:.4f}", spanning_eff=f"{r.spanning_eff:.4f}")
+        for strategy in STRATEGIES:
+            row[f"{strategy}_us"] = f"{r.time(strategy) * 1e6:.3f}"
+            row[f"{strategy}_ratio"] = f"{r.ratio(strategy):.4f}"
+        out.append(row)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dynconv.autotune roofline",
+                                     description=__doc__.splitlines()[0].split(": ", 1)[1])
+    parser.add_argument("--set", default="resnet18", choices=sorted(SHAPE_SETS))
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--dtype", default="bf16", choices=sorted(TENSOR_PEAK_FLOPS))
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="also write roofline_<set>_B<batch>_K<experts>_<dtype>.csv/.md here")
+    args = parser.parse_args(argv)
+    if args.batch < 1 or args.experts < 1:
+        parser.error("--batch and --experts must be >= 1")
+    rows = roofline_table(args.set, args.batch, args.experts, args.dtype)
+    title = (f"Roofline model (H200, not a measurement): {args.set}, B={args.batch}, "
+             f"K={args.experts}, {args.dtype}; each strategy's bound / the static conv's "
+             f"(cuDNN at {CUDNN_EFFICIENCY:.0%} of {TENSOR_PEAK_FLOPS[args.dtype] / 1e12:.0f} "
+             f"TFLOP/s, {HBM_BANDWIDTH / 1e12:.1f} TB/s)")
+    table = markdown(rows)
+    print(f"{title}\n\n{table}")
+    if args.out is not None:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out,
+                            f"roofline_{args.set}_B{args.batch}_K{args.experts}_{args.dtype}")
+        with open(stem + ".csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(csv_rows(rows))
+        with open(stem + ".md", "w") as f:
+            f.write(f"# {title}\n\n{table}\n")
+        print(f"\nwrote {stem}.csv and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
