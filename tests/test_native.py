@@ -263,8 +263,8 @@ def test_rule_returns_a_formulation_per_part(shape, threads):
 
 
 def test_rule_branches():
-    # The measured branches (dynconv/backends/native/rule.py): 1x1 -> im2col; 64 channels and grouped
-    # layers -> grouped; many channels and pixels -> per-sample forward and input gradient;
+    # The measured branches (dynconv/backends/native/rule.py): 1x1 -> im2col; 64 channels and
+    # grouped layers -> grouped; many channels and pixels -> per-sample forward and input gradient;
     # (from batch 16, or 512 channels); a long reduction -> im2col weight gradient (and forward
     # at few pixels); stride -> im2col input gradient.
     assert _rule(4, 64, 128, (56, 56), kernel=(1, 1)) == ("im2col",) * 3
