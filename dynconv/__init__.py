@@ -3,6 +3,7 @@
 from .convert import convert_conv2d, fuse_conv_bn_eval
 from .functional import dynamic_conv2d
 from .modules import DynamicBlock, DynamicCNN, DynamicConv2d
+from .optim import param_groups
 from .routing import RoutingMLP
 from .schedule import TemperatureSchedule, set_temperature
 
@@ -15,6 +16,7 @@ __all__ = [
     "convert_conv2d",
     "dynamic_conv2d",
     "fuse_conv_bn_eval",
+    "param_groups",
     "set_temperature",
 ]
 __version__ = "0.1.0"
