@@ -11,13 +11,26 @@ The reference mixes each sample's kernel by an explicit sum over the bank, then 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 import torch.nn.functional as F
 
 from dynconv.autotune.tolerance import ROUNDINGS, reduction_lengths, relative_tolerance
+from dynconv.backends.registry import BACKEND_NAMES
 
 LAYOUTS = ("nchw", "channels_last", "strided")
+# Every backend that runs on CPU tensors as they are, in any floating dtype: all but "triton"
+# (CUDA or the interpreter, and no float64), which has its own tests.
+PYTORCH_BACKENDS = tuple(name for name in BACKEND_NAMES if name != "triton")
+
+
+def env_without_interpreter(**changes) -> dict:
+    """This process's environment without TRITON_INTERPRET, for subprocesses that capture or
+    compile kernels (the interpreter, which conftest switches on, does not compile)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(changes)
+    return env
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,13 +3,19 @@ of x, the kernel bank, the bias bank and the routing weights."""
 
 import pytest
 import torch
-from helpers import Case, case_id, make_inputs, reference_dynamic_conv2d, upstream_gradient
+from helpers import (
+    PYTORCH_BACKENDS,
+    Case,
+    case_id,
+    make_inputs,
+    reference_dynamic_conv2d,
+    upstream_gradient,
+)
 
 from dynconv import dynamic_conv2d
-from dynconv.backends.registry import BACKEND_NAMES
 
 # "triton" has its own tests (test_triton_*.py), under the interpreter without a GPU.
-BACKENDS = [name for name in BACKEND_NAMES if name != "triton"]
+BACKENDS = list(PYTORCH_BACKENDS)
 
 
 # Case(batch, cin, cout, H, W, (kh, kw), stride, padding, dilation, groups, K, bias)

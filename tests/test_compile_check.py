@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
+from helpers import env_without_interpreter
 
 from dynconv.autotune import sass
 from dynconv.autotune.compile_check import Result, parse_resource_usage
@@ -96,10 +96,6 @@ def test_verdicts():
     assert any("compile error" in p for p in Result(_job(), error="boom").problems(limit))
 
 
-def _without_interpreter() -> dict:
-    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-
-
 def test_refuses_to_run_under_interpreter(monkeypatch, capsys):
     from dynconv.autotune import compile_check
 
@@ -125,7 +121,7 @@ def test_capture_specialises_like_a_real_launch():
     """A channels_last bf16 launch: every kernel is captured, pointers are 16-byte aligned and
     the unit channel stride of x is compiled as the constant 1, as Triton does at launch."""
     run = subprocess.run([sys.executable, "-c", CAPTURE_SCRIPT], capture_output=True,
-                         text=True, env=_without_interpreter(), timeout=300, check=False)
+                         text=True, env=env_without_interpreter(), timeout=300, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     jobs = json.loads(run.stdout)
     assert {j["kernel"] for j in jobs} == {"mix_kernel", "conv_fwd_kernel",
@@ -147,7 +143,7 @@ def test_compiles_captured_launches_for_sm90(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "dynconv.autotune", "compile-check", "--only", pattern,
          "--arch", "90", "--jobs", "1", "--report", str(tmp_path)],
-        capture_output=True, text=True, env=_without_interpreter(), timeout=600, check=False,
+        capture_output=True, text=True, env=env_without_interpreter(), timeout=600, check=False,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     (csv_path,) = tmp_path.glob("codegen_triton*.csv")
@@ -183,7 +179,7 @@ def test_shared_memory_estimate_covers_compiled_kernel():
         print(result.shared_bytes, conv_fwd_shared_bytes(largest, 4))
     """)
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                         env=_without_interpreter(), timeout=600, check=False)
+                         env=env_without_interpreter(), timeout=600, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     compiled, estimate = (int(v) for v in run.stdout.split())
     assert 0 < compiled <= estimate

@@ -4,14 +4,13 @@ backend computes in float64 and against the float64 loop otherwise."""
 
 import pytest
 import torch
-from helpers import Case, make_inputs
+from helpers import PYTORCH_BACKENDS, Case, make_inputs
 from torch.autograd import gradgradcheck
 
 from dynconv import DynamicConv2d, dynamic_conv2d
 from dynconv.backends.native.op import native_forward
-from dynconv.backends.registry import BACKEND_NAMES
 
-FLOAT64_BACKENDS = [name for name in BACKEND_NAMES if name != "triton"]
+FLOAT64_BACKENDS = list(PYTORCH_BACKENDS)
 
 # Case(batch, cin, cout, H, W, (kh, kw), stride, padding, dilation, groups, K, bias[, layout])
 GEOMETRIES = [

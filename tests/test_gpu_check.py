@@ -18,19 +18,13 @@ import time
 
 import pytest
 import torch
+from helpers import env_without_interpreter
 
 from dynconv.autotune import bench, gpu_check, gpu_steps
 from dynconv.autotune.measure import Timer
 from dynconv.autotune.shapes import ConvShape, tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _env(**changes) -> dict:
-    """This environment without TRITON_INTERPRET (capture and compiles need the compiler)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(changes)
-    return env
 
 
 def _files(folder) -> list[str]:
@@ -47,7 +41,8 @@ def test_dry_run_plan_fits_seven_minutes(tmp_path):
     run = subprocess.run(
         [sys.executable, "-m", "dynconv.autotune", "gpu-check", "--dry-run", "--arch", "90",
          "--out", str(tmp_path)],
-        capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300, check=False)
+        capture_output=True, text=True, env=env_without_interpreter(), cwd=ROOT, timeout=300,
+        check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     out = run.stdout
     budget = dict(item.split("=") for item in
@@ -223,8 +218,10 @@ def test_precompiled_kernels_are_what_launches_read_and_a_crash_is_pinned_on_its
     script.write_text(PRECOMPILE_SCRIPT)
     run = subprocess.run(
         [sys.executable, str(script), "crashing_module"], capture_output=True, text=True,
-        env=_env(TRITON_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=os.pathsep.join(
-            p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)),
+        env=env_without_interpreter(
+            TRITON_CACHE_DIR=str(tmp_path / "cache"),
+            PYTHONPATH=os.pathsep.join(
+                p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)),
         cwd=ROOT, timeout=500, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
@@ -336,7 +333,7 @@ def test_a_killed_run_keeps_its_csv(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "dynconv.autotune", "gpu-check", "--device", "cpu", "--out",
          str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env=_env(TRITON_INTERPRET="1"), cwd=ROOT)
+        env=env_without_interpreter(TRITON_INTERPRET="1"), cwd=ROOT)
     path = tmp_path / "cpu_interpreter" / "correctness.csv"
     try:
         deadline = time.monotonic() + 120

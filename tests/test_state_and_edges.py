@@ -10,13 +10,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from helpers import Case, make_inputs
+from helpers import PYTORCH_BACKENDS, Case, make_inputs
 
 import dynconv
 from dynconv import DynamicCNN, DynamicConv2d, TemperatureSchedule, dynamic_conv2d
-from dynconv.backends.registry import BACKEND_NAMES
-
-PYTORCH_BACKENDS = [name for name in BACKEND_NAMES if name != "triton"]
 
 
 def _round_trip(model: torch.nn.Module, rebuilt: torch.nn.Module, **load_kwargs):
