@@ -20,9 +20,19 @@ class RoutingMLP(nn.Module):
         reduction: hidden width is ``max(in_channels // reduction, 4)``.
         temperature: T > 0; low -> near one-hot choice, high -> near-uniform mix.
         gate: ``"softmax"`` (rows sum to 1, DyConv) or ``"sigmoid"`` (independent gates, CondConv).
+        init: how :meth:`reset_parameters` initialises the two layers, one of ``INIT_SCHEMES``:
+
+            - ``"small"``: ``nn.Linear``'s default for the hidden layer; output weights
+              N(0, 0.01^2) and zero bias, so the logits start near 0 and the mix near uniform
+              whatever the input;
+            - ``"linear"``: ``nn.Linear``'s default (uniform in +-1/sqrt(fan_in)) for both;
+            - ``"dyconv"``: Kaiming normal (fan_out, ReLU gain) weights and zero biases for both,
+              as DyConv's reference implementations initialise their attention branch.
 
     Shapes: x (B, C, H, W) -> routing (B, K).
     """
+
+    INIT_SCHEMES = ("small", "linear", "dyconv")
 
     def __init__(
         self,
@@ -31,11 +41,13 @@ class RoutingMLP(nn.Module):
         reduction=4,
         temperature=1.0,
         gate="softmax",
+        init="small",
         device=None,
         dtype=None,
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
+        self.init = _check_init(init)
         self.in_channels = check_positive_int(in_channels, "in_channels")
         self.num_experts = check_positive_int(num_experts, "num_experts")
         self.reduction = check_positive_int(reduction, "reduction")
@@ -52,12 +64,21 @@ class RoutingMLP(nn.Module):
         )
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, init: str | None = None) -> None:
+        """Initialise both layers by ``init`` (one of ``INIT_SCHEMES``; None: the module's own
+        ``init``, given at construction). A scheme given here becomes the module's own."""
+        if init is not None:
+            self.init = _check_init(init)
+        if self.init == "dyconv":
+            for layer in (self.fc1, self.fc2):
+                nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(layer.bias)
+            return
         self.fc1.reset_parameters()
-        # Small output weights and zero bias: logits start near 0, so the mix starts near uniform
-        # (softmax) or near 0.5 (sigmoid) whatever the input.
-        nn.init.normal_(self.fc2.weight, std=1e-2)
-        nn.init.zeros_(self.fc2.bias)
+        self.fc2.reset_parameters()
+        if self.init == "small":
+            nn.init.normal_(self.fc2.weight, std=1e-2)
+            nn.init.zeros_(self.fc2.bias)
 
     @property
     def temperature(self) -> float:
@@ -106,8 +127,15 @@ class RoutingMLP(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, num_experts={self.num_experts}, "
-            f"reduction={self.reduction}, temperature={self.temperature:g}, gate={self.gate!r}"
+            f"reduction={self.reduction}, temperature={self.temperature:g}, gate={self.gate!r}, "
+            f"init={self.init!r}"
         )
+
+
+def _check_init(init) -> str:
+    if init not in RoutingMLP.INIT_SCHEMES:
+        raise ValueError(f"init must be one of {RoutingMLP.INIT_SCHEMES}, got {init!r}")
+    return init
 
 
 def autocast_enabled(device_type: str) -> bool:

@@ -218,3 +218,37 @@ def test_training_step_reduces_loss():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("init", RoutingMLP.INIT_SCHEMES)
+def test_router_init_schemes(init):
+    torch.manual_seed(0)
+    router = RoutingMLP(64, num_experts=4, init=init)
+    assert router.init == init and f"init={init!r}" in repr(router)
+    fc2 = router.fc2
+    if init == "small":
+        assert float(fc2.weight.std()) == pytest.approx(1e-2, rel=0.3)
+        assert not fc2.bias.any()
+    elif init == "linear":  # nn.Linear's own: uniform in +-1/sqrt(fan_in)
+        bound = 1 / math.sqrt(fc2.in_features)
+        assert float(fc2.weight.abs().max()) <= bound and float(fc2.bias.abs().max()) <= bound
+        assert float(fc2.weight.std()) > 0.5 * bound / math.sqrt(3)
+    else:  # Kaiming normal on fan_out with the ReLU gain, zero biases
+        expected = math.sqrt(2 / fc2.out_features)
+        assert float(router.fc1.weight.std()) == pytest.approx(
+            math.sqrt(2 / router.fc1.out_features), rel=0.2)
+        assert float(fc2.weight.std()) == pytest.approx(expected, rel=0.5)
+        assert not fc2.bias.any() and not router.fc1.bias.any()
+
+
+def test_router_reset_with_a_scheme_makes_it_the_modules_own():
+    router = RoutingMLP(16, num_experts=4)
+    router.reset_parameters("dyconv")
+    assert router.init == "dyconv"
+    torch.manual_seed(0)
+    router.reset_parameters()  # again by its own scheme
+    assert router.init == "dyconv" and router.fc2.weight.std() > 0.1
+    with pytest.raises(ValueError, match="init must be one of"):
+        router.reset_parameters("zeros")
+    with pytest.raises(ValueError, match="init must be one of"):
+        RoutingMLP(16, init="normal")

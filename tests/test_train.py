@@ -1,6 +1,7 @@
 """dynconv.train: the digits training demo (single process, 2-process gloo, argument errors)."""
 
 import csv
+import math
 import socket
 import subprocess
 import sys
@@ -8,11 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynconv import DynamicCNN
+from dynconv import DynamicCNN, DynamicConv2d
 from dynconv.train import main
-from dynconv.train.data import NUM_CLASSES, TEST_SIZE, load_digits_split
+from dynconv.train.data import NUM_CLASSES, TASKS, TEST_SIZE, load_digits_split
+from dynconv.train.dist import DistContext
+from dynconv.train.loop import (
+    TrainConfig,
+    evaluate,
+    expert_cosine_distance,
+    make_optimizer,
+    recalibrate_batchnorm,
+)
 from dynconv.train.models import (
     StaticCNN,
     count_multiply_adds,
@@ -46,6 +56,94 @@ def test_digits_split_is_fixed_and_normalised():
 def test_digits_subset_out_of_range(bad):
     with pytest.raises(ValueError, match="train_subset"):
         load_digits_split(32, train_subset=bad)
+
+
+def test_affine_digits_are_fixed_distorted_and_normalised():
+    clean, hard = load_digits_split(16), load_digits_split(16, task="digits-affine")
+    again = load_digits_split(16, task="digits-affine")
+    assert torch.equal(hard.train_x, again.train_x) and torch.equal(hard.test_x, again.test_x)
+    assert torch.equal(hard.train_y, clean.train_y) and torch.equal(hard.test_y, clean.test_y)
+    assert hard.train_x.shape == clean.train_x.shape
+    assert abs(float(hard.train_x.mean())) < 1e-4
+    assert abs(float(hard.train_x.std()) - 1) < 1e-4
+    # Every image is moved: no distorted image is close to its clean original.
+    difference = (hard.train_x - clean.train_x).flatten(1).norm(dim=1)
+    assert float(difference.min()) > 0.3 * float(clean.train_x.flatten(1).norm(dim=1).mean())
+    with pytest.raises(ValueError, match="task must be one of"):
+        load_digits_split(16, task="mnist")
+    assert TASKS == ("digits", "digits-affine")
+
+
+def test_expert_cosine_distance():
+    conv = DynamicConv2d(2, 3, 1, num_experts=3)
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 0] = 1.0
+        conv.weight[1, 0, 0] = 2.0  # parallel to expert 0: distance 0
+        conv.weight[2, 0, 1] = 1.0  # orthogonal to both: distance 1
+    assert expert_cosine_distance(nn.Sequential(conv)) == [pytest.approx(2 / 3)]
+    assert expert_cosine_distance(DynamicConv2d(2, 3, 1, num_experts=1)) != [0.0]
+
+
+def test_evaluation_class_information_is_the_mutual_information():
+    """Two classes routed to two different experts: I(class; expert) = H(class) = log 2; routed
+    alike: 0."""
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+    class Fixed(nn.Module):
+        def __init__(self, split):
+            super().__init__()
+            self.split = split
+
+        def forward(self, x, return_routing=False):
+            label = x[:, 0, 0, 0].long()
+            routing = (torch.nn.functional.one_hot(label, 2).float() if self.split
+                       else torch.full((len(x), 2), 0.5))
+            return torch.nn.functional.one_hot(label, 2).float(), [routing]
+
+    x = torch.tensor([0.0, 1.0, 0.0, 1.0]).view(4, 1, 1, 1)
+    y = x.view(-1).long()
+    split = evaluate(Fixed(True), x, y, ctx, num_classes=2, batch_size=3, dynamic=True)
+    assert split.class_information == [pytest.approx(math.log(2))]
+    assert split.entropy == [pytest.approx(0.0, abs=1e-9)]
+    alike = evaluate(Fixed(False), x, y, ctx, num_classes=2, batch_size=3, dynamic=True)
+    assert alike.class_information == [pytest.approx(0.0, abs=1e-12)]
+
+
+def test_recalibrated_batchnorm_holds_the_training_statistics():
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
+    x = 3 + 2 * torch.randn(50, 1, 8, 8)
+    recalibrate_batchnorm(model, x, ctx, batch_size=7)
+    with torch.no_grad():  # the average of the 8 batches' means (update_bn's cumulative mean)
+        batch_means = [model[0](x[i : i + 7]).mean(dim=(0, 2, 3)) for i in range(0, 50, 7)]
+    torch.testing.assert_close(model[1].running_mean, torch.stack(batch_means).mean(0))
+    assert model[1].momentum == 0.1 and model.training
+
+
+@pytest.mark.parametrize("decay", ["kernels", "all"])
+def test_optimizer_weight_decay_groups(decay):
+    model = DynamicCNN(1, 10, num_experts=2, widths=(4, 4, 4))
+    config = TrainConfig(epochs=1, batch_size=8, optimizer="adamw", lr=1e-3, weight_decay=0.05,
+                         momentum=0.9, temperature_start=30, temperature_end=1, anneal_epochs=1,
+                         seed=0, decay=decay)
+    optimizer = make_optimizer(config, model)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    router = model.stages[0].conv.router
+    assert (id(router.fc2.weight) in decayed) == (decay == "all")
+    assert id(model.stages[0].conv.weight) in decayed
+    with pytest.raises(ValueError, match="decay must be one of"):
+        make_optimizer(TrainConfig(**{**config.__dict__, "decay": "none"}), model)
+
+
+def test_one_epoch_smoke_run_is_not_at_chance(tmp_path):
+    """One epoch used to leave DynamicCNN at chance in eval mode: BatchNorm running statistics
+    trailed the weights. They are recalibrated before every evaluation now."""
+    out = tmp_path / "one"
+    assert main(["--epochs", "1", "--threads", "1", "--no-progress", "--out", str(out)]) == 0
+    final = {r["model"]: float(r["test_acc"]) for r in _read_csv(out / "metrics.csv")
+             if r["epoch"] == "1"}
+    assert final["static"] > 0.5 and final["DynamicCNN"] > 0.5, final
 
 
 def test_static_twin_mirrors_dynamic_cnn():
@@ -136,14 +234,18 @@ def test_two_process_gloo_run_writes_one_set_of_artifacts(tmp_path):
     assert len(rows) == 4  # (static, dynamic) x (epoch 0, epoch 1): not one set per rank
 
     # Before training, the metrics reduced over the two ranks' halves of the test set must equal
-    # one pass over the whole test set with the same seed's initial weights.
-    data = load_digits_split(32)
+    # one pass over the whole test set with the same seed's initial weights, and BatchNorm
+    # statistics recalibrated on rank 0's half of the training images (shared with rank 1).
+    data = load_digits_split(32, train_subset=128)
+    one_process = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     torch.manual_seed(0)
-    static = StaticCNN(1, 10).eval()
+    static = StaticCNN(1, 10)
     torch.manual_seed(0)
-    dynamic = DynamicCNN(1, 10, temperature=30.0).eval()
+    dynamic = DynamicCNN(1, 10, temperature=30.0)
     for model, row in ((static, rows[0]), (dynamic, rows[2])):
         assert row["epoch"] == "0"
+        recalibrate_batchnorm(model, data.train_x[0::2], one_process, batch_size=256)
+        model.eval()
         with torch.no_grad():
             logits = model(data.test_x)
         expected_loss = float(torch.nn.functional.cross_entropy(logits, data.test_y))

@@ -24,9 +24,9 @@ import torch
 from dynconv.backends.registry import BACKEND_NAMES
 from dynconv.modules import DynamicCNN, DynamicConv2d
 
-from .data import load_digits_split
+from .data import TASKS, load_digits_split
 from .dist import DistContext, setup, teardown
-from .loop import TrainConfig, fit
+from .loop import DECAY_CHOICES, TrainConfig, fit
 from .models import StaticCNN, count_multiply_adds, count_parameters
 from .report import (
     ModelSummary,
@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weight decay (default: "
                              f"{_per_optimizer(DEFAULT_WEIGHT_DECAY)})")
     parser.add_argument("--momentum", type=_momentum, default=0.9, help="SGD momentum (Nesterov)")
+    parser.add_argument("--decay", choices=DECAY_CHOICES, default="kernels",
+                        help="which parameters get weight decay: 'kernels' as "
+                             "dynconv.param_groups groups them (none on biases, norms, bias banks "
+                             "and routers), or 'all'")
+    parser.add_argument("--task", choices=TASKS, default="digits",
+                        help="'digits', or 'digits-affine': every image randomly rotated, "
+                             "scaled, sheared, shifted and noised (fixed, the same in every run)")
     parser.add_argument("--num-experts", type=_positive_int, default=4, help="K per dynamic conv")
     parser.add_argument("--widths", type=_positive_int, nargs=3, default=[32, 64, 128],
                         metavar="C", help="output channels of the three stages")
@@ -202,9 +209,9 @@ def _write_artifacts(out: Path, args, ctx: DistContext, rows, summaries, routing
     run.update(world_size=ctx.world_size, device_type=ctx.device.type,
                torch_version=str(torch.__version__), wall_seconds=wall_seconds)
     save_checkpoint(out / "checkpoint.pt", run, models["static"], models["dynamic"])
-    settings = (f"{args.epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {args.lr:g} "
-                f"wd {args.weight_decay:g}, cosine; T {args.temperature_start:g} -> "
-                f"{args.temperature_end:g} over {args.anneal_epochs} epochs; seed {args.seed}; "
+    settings = (f"{args.task}, {args.epochs} epochs, batch {args.batch_size}, {args.optimizer} "
+                f"lr {args.lr:g} wd {args.weight_decay:g} on {args.decay}, cosine; "
+                f"T {args.temperature_start:g} -> {args.temperature_end:g} over {args.anneal_epochs} epochs; seed {args.seed}; "
                 f"{ctx.world_size} process(es) on {ctx.device.type}; "
                 f"wall time {wall_seconds:.0f} s")
     (out / "results.md").write_text(table + "\n" + settings + "\n")
@@ -228,20 +235,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         try:
-            data = load_digits_split(args.image_size, args.train_subset)
+            data = load_digits_split(args.image_size, args.train_subset, args.task)
         except ValueError as err:
             parser.error(f"argument --train-subset: {err}")
         config = TrainConfig(
             epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer,
             lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
             temperature_start=args.temperature_start, temperature_end=args.temperature_end,
-            anneal_epochs=args.anneal_epochs, seed=args.seed,
+            anneal_epochs=args.anneal_epochs, seed=args.seed, decay=args.decay,
         )
         log = (lambda text: print(text, flush=True)) if ctx.is_main else (lambda text: None)
         show = ctx.is_main and not args.no_progress and sys.stderr.isatty()
         progress = _progress_factory(show)
         input_shape = (1, args.image_size, args.image_size)
-        log(f"digits: {len(data.train_y)} train / {len(data.test_y)} test images at "
+        log(f"{args.task}: {len(data.train_y)} train / {len(data.test_y)} test images at "
             f"{args.image_size}x{args.image_size}; {ctx.world_size} process(es) on "
             f"{ctx.device.type}")
 

@@ -4,6 +4,10 @@ The digits set (1,797 grey 8x8 images, 10 classes) ships inside the scikit-learn
 training demo needs no download. Images are upsampled to ``image_size`` x ``image_size`` with
 bilinear interpolation, split once into train/test with a fixed, class-stratified split, and
 normalised with the training set's mean and standard deviation.
+
+``task="digits-affine"`` is a harder variant: every image (train and test) gets its own random
+rotation, scale, shear and shift and additive Gaussian noise, drawn once from a fixed generator,
+so the set is the same in every run and needs no download either.
 """
 
 from __future__ import annotations
@@ -21,6 +25,14 @@ TEST_SIZE = 360
 SPLIT_SEED = 0
 # Pixel values of the digits set are integers in [0, 16].
 PIXEL_MAX = 16.0
+TASKS = ("digits", "digits-affine")
+# The distortions of "digits-affine" never depend on the training seed either.
+DISTORTION_SEED = 1
+MAX_ROTATION_DEGREES = 50.0
+SCALE_RANGE = (0.7, 1.1)
+MAX_SHEAR = 0.3
+MAX_SHIFT = 0.2  # fraction of the image's half-width
+NOISE_STD = 0.25  # in units of the clean pixels' range [0, 1]
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,33 @@ def _load_sklearn_digits():
     return digits.images, digits.target, train_test_split
 
 
-def load_digits_split(image_size: int = 32, train_subset: int | None = None) -> DigitsSplit:
+def distort(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each image of ``pixels`` (N, 1, S, S), values in [0, 1], under its own random affine map
+    (rotation, anisotropic scale, shear, shift; zeros outside) plus Gaussian pixel noise."""
+    count = pixels.shape[0]
+
+    def uniform(low, high):
+        return low + (high - low) * torch.rand(count, generator=generator)
+
+    angle = torch.deg2rad(uniform(-MAX_ROTATION_DEGREES, MAX_ROTATION_DEGREES))
+    scale_x, scale_y = uniform(*SCALE_RANGE), uniform(*SCALE_RANGE)
+    shear = uniform(-MAX_SHEAR, MAX_SHEAR)
+    shift = uniform(-MAX_SHIFT, MAX_SHIFT), uniform(-MAX_SHIFT, MAX_SHIFT)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # affine_grid maps output coordinates to input ones: the inverse of the image's motion.
+    theta = torch.stack([
+        torch.stack([cos / scale_x, (sin + shear) / scale_x, shift[0]], dim=1),
+        torch.stack([-sin / scale_y, cos / scale_y, shift[1]], dim=1),
+    ], dim=1)
+    grid = F.affine_grid(theta, list(pixels.shape), align_corners=False)
+    moved = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="zeros",
+                          align_corners=False)
+    noise = torch.randn(pixels.shape, generator=generator) * NOISE_STD
+    return moved + noise
+
+
+def load_digits_split(image_size: int = 32, train_subset: int | None = None,
+                      task: str = "digits") -> DigitsSplit:
     """The fixed digits train/test split, upsampled to ``image_size`` and normalised.
 
     Args:
@@ -61,9 +99,13 @@ def load_digits_split(image_size: int = 32, train_subset: int | None = None) -> 
         train_subset: keep only the first ``train_subset`` training images (the split is already
             shuffled, so this is a random, roughly class-balanced subset); None keeps all 1,437.
             The test set (360 images) is never reduced.
+        task: ``"digits"`` (the clean images) or ``"digits-affine"`` (each image randomly
+            rotated, scaled, sheared, shifted and noised, the same way in every run).
     """
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
         raise ValueError(f"image_size must be an int >= 8, got {image_size!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     images, labels, train_test_split = _load_sklearn_digits()
     train_idx, test_idx = train_test_split(
         list(range(len(labels))), test_size=TEST_SIZE, random_state=SPLIT_SEED, stratify=labels
@@ -81,6 +123,8 @@ def load_digits_split(image_size: int = 32, train_subset: int | None = None) -> 
     if image_size != pixels.shape[-1]:
         pixels = F.interpolate(pixels, size=(image_size, image_size), mode="bilinear",
                                align_corners=False)
+    if task == "digits-affine":
+        pixels = distort(pixels, torch.Generator().manual_seed(DISTORTION_SEED))
     targets = torch.as_tensor(labels, dtype=torch.int64)
     train_x, test_x = pixels[train_idx], pixels[test_idx]
     mean, std = train_x.mean(), train_x.std()

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
+from dynconv.optim import param_groups
 from dynconv.schedule import TemperatureSchedule
 
 from .dist import DistContext, all_reduce_sum, broadcast_buffers
@@ -31,6 +33,10 @@ class Evaluation:
     usage_entropy: per stage, the entropy of the routing averaged over all test images (low when
         every image picks the same experts, log K when the experts are used evenly overall).
     routing_per_class: per stage, a (num_classes, K) tensor of mean routing weights per class.
+    class_information: per stage, the mutual information I(class; expert) in nats between a test
+        image's class and an expert drawn from its routing weights: usage entropy minus the
+        class-weighted entropy of the per-class mean routing (0 when every class is routed
+        alike, at most min(log K, log num_classes)).
     """
 
     loss: float
@@ -38,6 +44,7 @@ class Evaluation:
     entropy: list[float] = field(default_factory=list)
     usage_entropy: list[float] = field(default_factory=list)
     routing_per_class: list[torch.Tensor] = field(default_factory=list)
+    class_information: list[float] = field(default_factory=list)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -110,7 +117,50 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContex
         result.usage_entropy = _entropy(mean_routing).tolist()
         per_class = per_class_sum / class_count.clamp_min(1).view(1, -1, 1)
         result.routing_per_class = [stage.float().cpu() for stage in per_class]
+        class_share = class_count / count  # (num_classes,)
+        conditional = (_entropy(per_class) * class_share).sum(dim=1)  # (stages,)
+        result.class_information = (_entropy(mean_routing) - conditional).tolist()
     return result
+
+
+@torch.no_grad()
+def expert_cosine_distance(model: nn.Module) -> list[float]:
+    """Per dynamic layer of ``model`` (in module order), the mean over expert pairs i < j of
+    ``1 - cos(bank[i], bank[j])``, each expert flattened: 0 for identical experts, about 1 for
+    unrelated (orthogonal) ones. Layers with one expert give NaN."""
+    from dynconv.modules import DynamicConv2d
+
+    distances = []
+    for module in model.modules():
+        if not isinstance(module, DynamicConv2d):
+            continue
+        bank = module.weight.detach().flatten(1).to(torch.float64)
+        experts = bank.shape[0]
+        if experts < 2:
+            distances.append(math.nan)
+            continue
+        unit = bank / bank.norm(dim=1, keepdim=True).clamp_min(1e-30)
+        cosine = unit @ unit.T
+        pairs = torch.triu_indices(experts, experts, offset=1)
+        distances.append(float((1 - cosine[pairs[0], pairs[1]]).mean()))
+    return distances
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, ctx: DistContext,
+                          batch_size: int) -> None:
+    """Recompute every BatchNorm's running statistics as the average of the batch statistics
+    over this rank's shard of ``x`` (training images) under the current weights, in batches of
+    ``batch_size``, then share rank 0's.
+
+    Training only ever uses batch statistics; the running ones are for evaluation, and with
+    momentum 0.1 they trail the weights by tens of steps, which after one short epoch makes a
+    network look untrained in eval mode (issue 15). This is ``torch.optim.swa_utils.update_bn``.
+    """
+    shard = x[ctx.rank :: ctx.world_size]
+    batches = [shard[start : start + batch_size] for start in range(0, len(shard), batch_size)]
+    update_bn(batches, model, device=ctx.device)
+    broadcast_buffers(model, ctx)
 
 
 def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -167,15 +217,28 @@ class TrainConfig:
     temperature_end: float
     anneal_epochs: int
     seed: int
+    # "kernels": weight decay by dynconv.param_groups (none on 1-D parameters, bias banks and
+    # routers); "all": on every parameter.
+    decay: str = "kernels"
     eval_batch_size: int = 256
 
 
-def make_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
+DECAY_CHOICES = ("kernels", "all")
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The run's optimiser over ``model``'s parameters, weight decay as ``config.decay`` says."""
+    if config.decay == "kernels":
+        parameters = param_groups(model, config.weight_decay)
+    elif config.decay == "all":
+        parameters = [{"params": list(model.parameters()), "weight_decay": config.weight_decay}]
+    else:
+        raise ValueError(f"decay must be one of {DECAY_CHOICES}, got {config.decay!r}")
     if config.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay, nesterov=config.momentum > 0)
+                               nesterov=config.momentum > 0)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(parameters, lr=config.lr)
     raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {config.optimizer!r}")
 
 
@@ -194,7 +257,9 @@ def fit(name: str, backend: str, model: nn.Module, data, config: TrainConfig, ct
 
     The learning rate follows a per-step cosine schedule to 0; for a dynamic model the router
     temperature is annealed linearly per step from ``temperature_start`` to ``temperature_end``
-    over the first ``anneal_epochs`` epochs, then held. ``log`` receives one line per epoch.
+    over the first ``anneal_epochs`` epochs, then held. Before every evaluation the BatchNorm
+    running statistics are recomputed on the training images (:func:`recalibrate_batchnorm`).
+    ``log`` receives one line per epoch.
     """
     model.to(ctx.device)
     trained = model
@@ -204,7 +269,7 @@ def fit(name: str, backend: str, model: nn.Module, data, config: TrainConfig, ct
     batch_per_rank = config.batch_size // ctx.world_size
     loader = make_train_loader(data.train_x, data.train_y, batch_per_rank, ctx, config.seed)
     steps_per_epoch = len(loader)
-    optimizer = make_optimizer(config, trained.parameters())
+    optimizer = make_optimizer(config, model)
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=config.epochs * steps_per_epoch)
     temperature = None
@@ -214,16 +279,21 @@ def fit(name: str, backend: str, model: nn.Module, data, config: TrainConfig, ct
         temperature.apply(model)
 
     def evaluate_row(epoch, train_loss, train_acc, seconds, lr):
-        broadcast_buffers(model, ctx)
+        recalibrate_batchnorm(model, data.train_x, ctx, config.eval_batch_size)
         ev = evaluate(model, data.test_x, data.test_y, ctx, data.num_classes,
                       config.eval_batch_size, dynamic)
         row = {"model": name, "backend": backend, "epoch": epoch,
                "temperature": temperature.temperature if dynamic else math.nan,
                "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                "test_loss": ev.loss, "test_acc": ev.accuracy, "epoch_seconds": seconds}
-        for stage, (h, usage) in enumerate(zip(ev.entropy, ev.usage_entropy, strict=True), start=1):
-            row[f"entropy_stage{stage}"] = h
-            row[f"usage_entropy_stage{stage}"] = usage
+        if dynamic:
+            stages = zip(ev.entropy, ev.usage_entropy, ev.class_information,
+                         expert_cosine_distance(model), strict=True)
+            for stage, (h, usage, information, distance) in enumerate(stages, start=1):
+                row[f"entropy_stage{stage}"] = h
+                row[f"usage_entropy_stage{stage}"] = usage
+                row[f"class_information_stage{stage}"] = information
+                row[f"expert_distance_stage{stage}"] = distance
         return row, ev
 
     row, final = evaluate_row(0, math.nan, math.nan, math.nan, optimizer.param_groups[0]["lr"])
