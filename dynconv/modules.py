@@ -23,7 +23,9 @@ class DynamicConv2d(nn.Module):
     Parameters:
         weight: (K, Cout, Cin // groups, kh, kw), each of the K kernels initialised like an
             ``nn.Conv2d`` weight. bias: (K, Cout) or None. router: a :class:`RoutingMLP`, or
-            None when built with ``router=False``.
+            None when built with ``router=False``; ``router_init`` is its initialisation (see
+            :class:`RoutingMLP`): ``"dyconv"`` by default, the one of the routing ablations in
+            ``perf_reports/training/ablation`` that made the routing depend on the input.
 
     Shapes: x (B, Cin, H, W) -> y (B, Cout, Ho, Wo); with ``return_routing=True`` also a (B, K).
     """
@@ -46,6 +48,7 @@ class DynamicConv2d(nn.Module):
         device=None,
         dtype=None,
         router=True,
+        router_init="dyconv",
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -77,7 +80,8 @@ class DynamicConv2d(nn.Module):
         )
         self.gate = check_gate(gate)
         self.router = (
-            RoutingMLP(in_channels, num_experts, reduction, temperature, gate, **factory)
+            RoutingMLP(in_channels, num_experts, reduction, temperature, gate, router_init,
+                       **factory)
             if router else None
         )
         self.reset_parameters()
@@ -119,8 +123,10 @@ class DynamicConv2d(nn.Module):
 
         Stride, padding, dilation, groups, bias, device and dtype are ``conv``'s; ``kwargs``
         are the other arguments of the constructor (temperature, gate, reduction, backend,
-        router). With softmax gates (rows summing to 1) the result computes the same function
-        as ``conv`` (to rounding). ``perturb`` > 0 adds to each expert Gaussian noise of
+        router, router_init). With softmax gates (rows summing to 1) the result computes the
+        same function as ``conv`` (to rounding). The router starts with ``router_init="small"``
+        unless told otherwise (a near-uniform mix, so that perturbed experts stay close to
+        ``conv`` at first). ``perturb`` > 0 adds to each expert Gaussian noise of
         ``perturb`` times the weight's standard deviation, made zero-mean across the experts so
         that a uniform mix still gives ``conv``'s weight exactly (and a near-uniform one, as
         the router starts, nearly): the experts can then drift apart from the first step.
@@ -140,6 +146,7 @@ class DynamicConv2d(nn.Module):
         if forbidden:
             raise TypeError(f"from_conv2d takes {sorted(forbidden)} from conv, not as arguments")
         weight = conv.weight.detach()
+        kwargs.setdefault("router_init", "small")
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                   conv.padding, conv.dilation, conv.groups, bias=conv.bias is not None,
                   num_experts=num_experts, device=weight.device, dtype=weight.dtype, **kwargs)
@@ -225,6 +232,7 @@ class DynamicBlock(nn.Module):
         device=None,
         dtype=None,
         router=True,
+        router_init="dyconv",
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -246,6 +254,7 @@ class DynamicBlock(nn.Module):
             reduction=reduction,
             backend=backend,
             router=router,
+            router_init=router_init,
             **factory,
         )
         self.bn = nn.BatchNorm2d(out_channels, **factory)
@@ -278,6 +287,7 @@ class DynamicCNN(nn.Module):
         backend="auto",
         device=None,
         dtype=None,
+        router_init="dyconv",
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -303,6 +313,7 @@ class DynamicCNN(nn.Module):
                 gate=gate,
                 reduction=reduction,
                 backend=backend,
+                router_init=router_init,
                 **factory,
             )
             for cin, cout in zip(stage_in, widths)

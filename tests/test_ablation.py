@@ -25,7 +25,11 @@ def test_each_variant_changes_one_thing_of_its_base():
         changed = {k for k, v in asdict(recipe).items() if asdict(base)[k] != v}
         if name.startswith("affine"):
             changed.discard("task")
-        if name in ("today", "recommended", "affine-today", "affine-recommended"):
+        if name == "recommended":
+            assert changed == set()
+            assert {k for k, v in asdict(RECOMMENDED).items() if asdict(TODAY)[k] != v} == {
+                "router_init", "decay"}
+        elif name in ("today", "affine-today", "affine-recommended"):
             assert changed == set(), name
         elif name == "no-anneal":  # a constant T = 1: start and anneal length both change
             assert changed == {"temperature_start", "anneal_epochs"}

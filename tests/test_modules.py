@@ -46,10 +46,17 @@ def test_temperature_controls_sharpness():
     assert (a - 0.2).abs().max() < 1e-3  # near uniform
 
 
-def test_default_init_starts_near_uniform():
+def test_small_init_starts_near_uniform_and_the_default_depends_on_the_input():
     torch.manual_seed(0)
-    a = RoutingMLP(16, num_experts=4)(torch.randn(8, 16, 6, 6))
-    assert (a - 0.25).abs().max() < 0.05
+    x = torch.randn(8, 16, 6, 6)
+    small = RoutingMLP(16, num_experts=4, init="small")(x)
+    assert (small - 0.25).abs().max() < 0.05
+    default = RoutingMLP(16, num_experts=4)  # "dyconv": logits at the features' scale
+    assert default.init == "dyconv"
+    assert float(default(x).std(dim=0).mean()) > 0.02  # varies between the samples
+    assert DynamicConv2d(16, 8, 3).router.init == "dyconv"
+    assert DynamicCNN(1, 10, router_init="small").stages[0].conv.router.init == "small"
+    assert DynamicConv2d.from_conv2d(nn.Conv2d(16, 8, 3)).router.init == "small"
 
 
 def test_sigmoid_gate_is_in_open_unit_interval():

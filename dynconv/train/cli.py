@@ -211,7 +211,8 @@ def _write_artifacts(out: Path, args, ctx: DistContext, rows, summaries, routing
     save_checkpoint(out / "checkpoint.pt", run, models["static"], models["dynamic"])
     settings = (f"{args.task}, {args.epochs} epochs, batch {args.batch_size}, {args.optimizer} "
                 f"lr {args.lr:g} wd {args.weight_decay:g} on {args.decay}, cosine; "
-                f"T {args.temperature_start:g} -> {args.temperature_end:g} over {args.anneal_epochs} epochs; seed {args.seed}; "
+                f"T {args.temperature_start:g} -> {args.temperature_end:g} over "
+                f"{args.anneal_epochs} epochs; seed {args.seed}; "
                 f"{ctx.world_size} process(es) on {ctx.device.type}; "
                 f"wall time {wall_seconds:.0f} s")
     (out / "results.md").write_text(table + "\n" + settings + "\n")
