@@ -7,8 +7,9 @@ Both models get the same data, seed, optimiser and cosine learning-rate schedule
 model's router temperature is annealed from 30 to 1 over the first epochs, as DyConv trains it.
 Rank 0 prints a progress bar per epoch (on a terminal), one line per epoch and a final table,
 and writes into ``--out``: ``checkpoint.pt``, ``metrics.csv``, ``routing_per_class.csv``,
-``results.md`` and, per dynamic backend, ``routing_per_class_<backend>.png`` and
-``routing_entropy_<backend>.png``. Needs the ``train`` extra (scikit-learn, matplotlib, tqdm).
+``results.md``, ``accuracy.png`` (test accuracy over training, mean +- std over the seeds) and,
+per dynamic backend, ``routing_per_class_<backend>.png`` and ``routing_entropy_<backend>.png``
+(the first seed's). Needs the ``train`` extra (scikit-learn, matplotlib, tqdm).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ from .models import StaticCNN, count_multiply_adds, count_parameters
 from .report import (
     ModelSummary,
     format_table,
+    plot_accuracy,
     plot_routing_entropy,
     plot_routing_per_class,
     save_checkpoint,
@@ -143,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="device of both models")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for initialisation and shuffling (the split is fixed)")
+    parser.add_argument("--seeds", type=_positive_int, default=3,
+                        help="train every model with this many seeds (--seed, --seed + 1, ...): "
+                             "the table gives mean +- standard deviation over them")
     parser.add_argument("--train-subset", type=_positive_int, default=None,
                         help="train on only the first N of the 1,437 training images")
     parser.add_argument("--threads", type=_positive_int, default=None,
@@ -199,10 +205,14 @@ def _write_artifacts(out: Path, args, ctx: DistContext, rows, summaries, routing
             out / f"routing_per_class_{backend}.png", stages,
             f"DynamicCNN (K={args.num_experts}, backend {backend}): mean routing weight per "
             f"class, test set, T={args.temperature_end:g}")
-        backend_rows = [r for r in rows if r["model"] == "DynamicCNN" and r["backend"] == backend]
+        backend_rows = [r for r in rows if r["model"] == "DynamicCNN" and r["backend"] == backend
+                        and r["seed"] == args.seed]
         plot_routing_entropy(
             out / f"routing_entropy_{backend}.png", backend_rows, args.num_experts,
             f"DynamicCNN (backend {backend}): routing entropy on the test set")
+    plot_accuracy(out / "accuracy.png", rows,
+                  f"test accuracy over training ({args.task}), mean and std over {args.seeds} "
+                  f"seed(s)")
     table = format_table(summaries)
     run = {key: (str(value) if isinstance(value, Path) else value)
            for key, value in vars(args).items()}
@@ -212,7 +222,8 @@ def _write_artifacts(out: Path, args, ctx: DistContext, rows, summaries, routing
     settings = (f"{args.task}, {args.epochs} epochs, batch {args.batch_size}, {args.optimizer} "
                 f"lr {args.lr:g} wd {args.weight_decay:g} on {args.decay}, cosine; "
                 f"T {args.temperature_start:g} -> {args.temperature_end:g} over "
-                f"{args.anneal_epochs} epochs; seed {args.seed}; "
+                f"{args.anneal_epochs} epochs; seeds {args.seed}..{args.seed + args.seeds - 1} "
+                f"(plots: seed {args.seed}); "
                 f"{ctx.world_size} process(es) on {ctx.device.type}; "
                 f"wall time {wall_seconds:.0f} s")
     (out / "results.md").write_text(table + "\n" + settings + "\n")
@@ -253,29 +264,39 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.image_size}x{args.image_size}; {ctx.world_size} process(es) on "
             f"{ctx.device.type}")
 
-        rows, summaries, routing = [], [], {}
+        rows, routing = [], {}
         models = {"static": None, "dynamic": {}}
-        torch.manual_seed(args.seed)
-        static = StaticCNN(1, data.num_classes, args.widths)
-        macs = count_multiply_adds(static, input_shape)
-        result = fit("static", "-", static, data, config, ctx, False, progress, log)
-        rows += result.rows
-        summaries.append(ModelSummary(STATIC_LABEL, "-", result.final.accuracy,
-                                      count_parameters(static), macs, result.epoch_seconds))
-        models["static"] = static
-        for backend in args.backend:
-            torch.manual_seed(args.seed)
-            dynamic = DynamicCNN(1, data.num_classes, num_experts=args.num_experts,
-                                 widths=args.widths, temperature=args.temperature_start,
-                                 backend=backend)
-            macs = count_multiply_adds(dynamic, input_shape)
-            result = fit("DynamicCNN", backend, dynamic, data, config, ctx, True, progress, log)
-            rows += result.rows
-            summaries.append(ModelSummary(f"DynamicCNN (K={args.num_experts})", backend,
-                                          result.final.accuracy, count_parameters(dynamic), macs,
-                                          result.epoch_seconds))
-            routing[backend] = result.final.routing_per_class
-            models["dynamic"][backend] = dynamic
+        summaries: dict[tuple[str, str], ModelSummary] = {}
+
+        def record(label, backend, model, result):
+            rows.extend(result.rows)
+            known = summaries.get((label, backend))
+            accuracies = (known.test_accuracies if known else []) + [result.final.accuracy]
+            seconds = (known.epoch_seconds if known else []) + result.epoch_seconds
+            summaries[label, backend] = ModelSummary(
+                label, backend, accuracies, count_parameters(model),
+                count_multiply_adds(model, input_shape), seconds)
+
+        # Seeds run one after another; the plots and the checkpoint are the first seed's.
+        for seed in range(args.seed, args.seed + args.seeds):
+            seed_config = replace(config, seed=seed)
+            torch.manual_seed(seed)
+            static = StaticCNN(1, data.num_classes, args.widths)
+            result = fit("static", "-", static, data, seed_config, ctx, False, progress, log)
+            record(STATIC_LABEL, "-", static, result)
+            models["static"] = models["static"] or static
+            for backend in args.backend:
+                torch.manual_seed(seed)
+                dynamic = DynamicCNN(1, data.num_classes, num_experts=args.num_experts,
+                                     widths=args.widths, temperature=args.temperature_start,
+                                     backend=backend)
+                result = fit("DynamicCNN", backend, dynamic, data, seed_config, ctx, True,
+                             progress, log)
+                record(f"DynamicCNN (K={args.num_experts})", backend, dynamic, result)
+                if backend not in routing:
+                    routing[backend] = result.final.routing_per_class
+                    models["dynamic"][backend] = dynamic
+        summaries = list(summaries.values())
 
         if ctx.is_main:
             text = _write_artifacts(args.out, args, ctx, rows, summaries, routing, models,

@@ -282,7 +282,7 @@ def fit(name: str, backend: str, model: nn.Module, data, config: TrainConfig, ct
         recalibrate_batchnorm(model, data.train_x, ctx, config.eval_batch_size)
         ev = evaluate(model, data.test_x, data.test_y, ctx, data.num_classes,
                       config.eval_batch_size, dynamic)
-        row = {"model": name, "backend": backend, "epoch": epoch,
+        row = {"model": name, "backend": backend, "seed": config.seed, "epoch": epoch,
                "temperature": temperature.temperature if dynamic else math.nan,
                "lr": lr, "train_loss": train_loss, "train_acc": train_acc,
                "test_loss": ev.loss, "test_acc": ev.accuracy, "epoch_seconds": seconds}
