@@ -151,7 +151,7 @@ SMALL_TILE = (64, 64, 32, 4, 3)
 # mix: (BLOCK_B, BLOCK_N, num_warps); conv_bwd_dw: (BLOCK_P, num_warps, num_stages) in order of
 # preference, the first that compiles without spills for the launch's K_BLOCK and dtype.
 MIX_TILE = (32, 128, 4)
-DW_PREFERENCE = ((32, 8, 2), (16, 4, 2), (16, 4, 1))
+DW_PREFERENCE = ((64, 8, 3), (32, 8, 3), (32, 4, 3))
 
 
 def _tile_of(config) -> tuple:
@@ -182,7 +182,8 @@ def pinned_configs(shape: ConvShape, experts: int, dtype: str) -> dict:
     dx_big = c_in_g >= 128 and shape.h * shape.w >= 128
     k_block = kc.conv_bwd_dw_expert_block(experts)
     element_size = DTYPES[dtype].itemsize
-    dw_tile = kc.conv_bwd_dw_tile_shape(experts, c_out_g, c_in_g * shape.kh * shape.kw)
+    dw_tile = kc.conv_bwd_dw_tile_shape(experts, c_out_g, c_in_g * shape.kh * shape.kw,
+                                        element_size=element_size)
     return {
         "mix": _pick(kc.mix_configs(interpreter=False), [MIX_TILE]),
         "conv_fwd": _pick(kc.conv_fwd_configs(interpreter=False),

@@ -66,7 +66,8 @@ def driven_cases() -> list[DrivenCase]:
 
     ResNet-18's distinct layers at batch 32, K = 4 in bf16 channels_last (the format the GPU
     benchmark uses); two of them (56x56 and 14x14) in fp32 NCHW, one in fp16 channels_last and
-    one in bf16 NCHW; the test shapes in fp32 NCHW (and two in bf16) with K = 1, 4 and 17 (a K
+    one in bf16 NCHW, and one with K = 17 (fused in several expert passes); the test shapes in
+    fp32 NCHW (and two in bf16) with K = 1, 4 and 17 (a K
     past 16 takes the mix kernel's tl.dot path and two expert blocks in the weight gradient).
     """
     resnet = {shape.name: shape for shape in get_shape_set("resnet18")}
@@ -74,7 +75,8 @@ def driven_cases() -> list[DrivenCase]:
     cases += [DrivenCase(resnet["layer1.0.conv1"], 32, 4, "fp32", False),
               DrivenCase(resnet["layer3.0.conv2"], 32, 4, "fp32", False),
               DrivenCase(resnet["layer2.0.conv2"], 32, 4, "fp16", True),
-              DrivenCase(resnet["layer2.0.conv1"], 32, 4, "bf16", False, bias=False)]
+              DrivenCase(resnet["layer2.0.conv1"], 32, 4, "bf16", False, bias=False),
+              DrivenCase(resnet["layer3.0.conv2"], 32, 17, "bf16", True)]
     for index, shape in enumerate(_test_shapes()):
         experts = (1, 4, 17)[index % 3]
         cases.append(DrivenCase(shape, 3, experts, "fp32", False))

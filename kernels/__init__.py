@@ -2,11 +2,12 @@
 
 Modules: ``mix`` (per-sample weight mixing into the conv kernels' layout), ``conv_fwd``
 (implicit-GEMM forward, premix and fused), ``conv_bwd_dx`` (grad_input: per-sample transposed
-implicit GEMM), ``conv_bwd_dw`` (per-sample weight gradient contracted onto the bank, bias-bank
-and routing gradients in its epilogue), ``configs`` (every kernel's candidate configs, autotune
-keys and prunes), ``tuned_table`` (the persisted per-GPU tuned configs, consulted before
-autotuning), ``_common`` (the interpreter switch, dot precision settings, offset spans and the
-int32 limit).
+implicit GEMM), ``conv_bwd_dw`` (per-sample weight gradient on tensor cores, contracted onto
+the bank and routing gradients in registers), ``configs`` (every kernel's candidate configs,
+autotune keys and prunes), ``tuned_table`` (the persisted per-GPU tuned configs, consulted
+before autotuning), ``_experts`` (the unrolled expert mixing that the fused forward and the
+input gradient share), ``_common`` (the interpreter switch, dot precision settings, offset spans
+and the int32 limit).
 
 One naming scheme: in module ``<op>``, ``<op>_kernel`` is the ``@triton.jit`` function,
 ``<op>_tuned`` its autotuner wrapped by ``tuned_table.with_tuned_table`` (its tuned-table name is

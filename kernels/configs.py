@@ -44,8 +44,8 @@ CONV_BWD_DX_KEY = ["H", "W", "HO", "WO", "C_IN_G", "C_OUT_G", "NUM_EXPERTS", "KH
                    "INPUT_PRECISION"]
 CONV_BWD_DW_KEY = ["H", "W", "HO", "WO", "C_IN_G", "C_OUT_G", "NUM_EXPERTS", "SAMPLES_PER_SPLIT",
                    "KH", "KW", "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W",
-                   "K_BLOCK", "HAS_BIAS", "NEED_BANK", "NEED_ROUTING", "NEED_BIAS", "DOT_FP32",
-                   "INPUT_PRECISION", "BLOCK_M", "BLOCK_N"]
+                   "K_BLOCK", "NEED_BANK", "NEED_ROUTING", "DOT_FP32", "INPUT_PRECISION",
+                   "BLOCK_M", "BLOCK_N"]
 
 
 # --- shared rules -------------------------------------------------------------------------------
@@ -171,12 +171,34 @@ def conv_fwd_int64_ok(config: triton.Config) -> bool:
     return entry in _CONV_FWD_INT64
 
 
-def conv_fwd_shared_bytes(config: triton.Config, element_size: int) -> int:
-    """Estimated shared memory of one conv program: num_stages buffers of the x and weight
-    tiles (what the compile-check measures for pipelined channels_last launches)."""
+def conv_fwd_shared_bytes(config: triton.Config, element_size: int,
+                          expert_tiles: int = 0) -> int:
+    """Estimated shared memory of one conv program (forward or dgrad): num_stages buffers of
+    the (BLOCK_M, BLOCK_K) activation tile and the (BLOCK_K, BLOCK_N) weight tile (an upper
+    bound of what the compile-check measures for pipelined channels_last launches). Kernels that
+    mix bank tiles (``expert_tiles`` = EXPERT_CHUNK > 0) buffer that many bank tiles per stage,
+    plus the mixed weight tile the dot reads."""
     kw = config.kwargs
-    tiles = kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]
-    return max(1, config.num_stages) * tiles * element_size
+    w_tile = kw["BLOCK_K"] * kw["BLOCK_N"]
+    if expert_tiles:
+        staged = kw["BLOCK_M"] * kw["BLOCK_K"] + expert_tiles * w_tile
+        return (max(1, config.num_stages) * staged + w_tile) * element_size
+    return max(1, config.num_stages) * (kw["BLOCK_M"] * kw["BLOCK_K"] + w_tile) * element_size
+
+
+# Most experts whose bank tiles one pass of a fused reduction loop (forward or dgrad) mixes; a
+# larger K takes several passes (kernels/_experts.py). Bounded by shared memory: each pipeline
+# stage holds one tile per expert of the chunk.
+MAX_EXPERT_CHUNK = 8
+# Largest BLOCK_M x BLOCK_N of a fused forward that takes several expert passes (K > 8).
+CONV_FWD_MULTI_PASS_MAX_TILE = 64 * 32
+
+
+def expert_chunk(num_experts: int) -> int:
+    """EXPERT_CHUNK of the fused kernels: all K experts in one pass up to MAX_EXPERT_CHUNK, else
+    as few passes as that allows with the experts spread evenly (K = 17: 6, 6, 5)."""
+    passes = -(-num_experts // MAX_EXPERT_CHUNK)
+    return max(1, -(-num_experts // max(1, passes)))
 
 
 def prune_conv_fwd_configs(configs, named_args, **kwargs):
@@ -195,9 +217,20 @@ def prune_conv_fwd_configs(configs, named_args, **kwargs):
             "BLOCK_K": reduction,
         },
     )
+    fused = named_args.get("FUSED")
+    if fused and named_args.get("NUM_EXPERTS", 0) > named_args["EXPERT_CHUNK"]:
+        # Several passes over the reduction keep its index math live across them: larger
+        # tiles spilled (8 B at 64x64 on sm_80, 80 B at 128x128 on sm_90, K = 17).
+        kept = [c for c in kept
+                if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= CONV_FWD_MULTI_PASS_MAX_TILE]
     limit = shared_memory_limit(x.device)
-    kept = [c for c in kept if conv_fwd_shared_bytes(c, x.element_size()) <= limit]
-    return kept or [min(configs, key=lambda c: conv_fwd_shared_bytes(c, x.element_size()))]
+    expert_tiles = named_args["EXPERT_CHUNK"] if fused else 0
+
+    def shared(config):
+        return conv_fwd_shared_bytes(config, x.element_size(), expert_tiles)
+
+    kept = [c for c in kept if shared(c) <= limit]
+    return kept or [min(configs, key=shared)]
 
 
 # --- conv_bwd_dx --------------------------------------------------------------------------------
@@ -225,8 +258,10 @@ def conv_bwd_dx_configs(interpreter: bool | None = None) -> list[triton.Config]:
 
 
 def prune_conv_bwd_dx_configs(configs, named_args, **kwargs):
-    """early_config_prune hook: drop tiles far larger than the problem (they only waste lanes);
-    keep at least one."""
+    """early_config_prune hook: drop tiles far larger than the problem (they only waste lanes)
+    and those whose pipeline buffers (grad_y and EXPERT_CHUNK bank tiles per stage) pass the
+    device's shared memory; keep at least one."""
+    named_args = {**named_args, **kwargs}  # constexprs given by keyword arrive in kwargs
     c_in_g, c_out_g = named_args["C_IN_G"], named_args["C_OUT_G"]
     pixels = named_args["H"] * named_args["W"]
     kept = [
@@ -235,40 +270,47 @@ def prune_conv_bwd_dx_configs(configs, named_args, **kwargs):
         and c.kwargs["BLOCK_K"] <= max(MIN_DOT_BLOCK, triton.next_power_of_2(c_out_g))
         and c.kwargs["BLOCK_M"] <= max(32, triton.next_power_of_2(pixels))
     ]
-    return kept or configs[:1]
+    grad_out = named_args["gy_ptr"]
+    limit = shared_memory_limit(grad_out.device)
+
+    def shared(config):
+        return conv_fwd_shared_bytes(config, grad_out.element_size(),
+                                     named_args["EXPERT_CHUNK"])
+
+    kept = [c for c in kept if shared(c) <= limit]
+    return kept or [min(configs, key=shared)]
 
 
 # --- conv_bwd_dw --------------------------------------------------------------------------------
 
-# The gW tile (BLOCK_M, BLOCK_N) and the expert block K_BLOCK are not autotuned: they follow the
-# register budget below. Autotuning varies BLOCK_P and the warp / stage counts.
+# The gW tile (BLOCK_M = output channels, BLOCK_N = reduction columns) and the expert block
+# K_BLOCK are not autotuned: they follow the register budget below. Autotuning varies BLOCK_P
+# (the pixels of one dot step) and the warp / stage counts.
 
-# Largest fp32 element count of the (K_BLOCK, BLOCK_M, BLOCK_N) grad_bank accumulator.
-CONV_BWD_DW_ACC_BUDGET = 4096
-# Most experts one program accumulates (more are split over the grid's third axis).
-CONV_BWD_DW_MAX_K_BLOCK = 16
-# Most accumulator elements (grad_bank's and gW's) per thread: past this, ptxas spills (sm_80 and
-# sm_90, found by the compile-check).
-CONV_BWD_DW_MAX_ACC_PER_THREAD = 40
+# Most experts one program accumulates (the kernel holds one named accumulator per expert; more
+# experts are split over the grid's third axis, each block recomputing gW_b).
+CONV_BWD_DW_MAX_K_BLOCK = 8
+# Largest BLOCK_M: one wgmma warpgroup's 64 rows (num_warps 4); 8 warps split the columns.
+CONV_BWD_DW_MAX_BLOCK_M = 64
+CONV_BWD_DW_MAX_BLOCK_N = 64
+# Most fp32 accumulator elements ((K_BLOCK + 1) BLOCK_M BLOCK_N: grad_bank's K_BLOCK tiles and
+# the sample's gW tile) per thread of a 4-warp program; the bank tiles held for grad_a and the
+# pipelined operands need the rest of the 255 registers.
+CONV_BWD_DW_MAX_ACC_PER_THREAD = 96
 # (K_BLOCK, element size, BLOCK_M, BLOCK_N, BLOCK_P, num_warps, num_stages) that the rule above
-# lets through but where ptxas still spilled a few bytes on a launched specialisation (sm_80 or
-# sm_90, Triton 3.6 or 3.8: the compile-check). A change to the kernel or the candidates means
+# lets through but where ptxas still spilled on a launched specialisation (sm_80 or sm_90,
+# Triton 3.6 or 3.8: the compile-check). A change to the kernel or the candidates means
 # re-running the compile-check and revising this list.
 CONV_BWD_DW_MEASURED_SPILLS = frozenset({
-    (1, 4, 16, 64, 16, 4, 1),
-    (1, 4, 16, 64, 32, 8, 2),
-    (4, 4, 16, 32, 16, 4, 2),
-    (16, 4, 16, 16, 32, 8, 2),
+    (1, 4, 16, 64, 32, 4, 3),  # the tests' odd shapes (3 or 5 channels: per-element gathers)
+    (4, 2, 16, 32, 32, 8, 3),
 })
 
 # (BLOCK_P, num_warps, num_stages); BLOCK_P is tl.dot's reduction dimension (>= 16).
-# Two stages at most: deeper pipelining of these gathered loads spills on sm_80 / sm_90. The
-# launched specialisations of (32, 4, 1), (32, 4, 2), (16, 8, 1), (16, 8, 2) and (64, 8, 2)
-# spilled on some of the compile-check's layers under Triton 3.6 or 3.8.
 _CONV_BWD_DW_CANDIDATES = [
-    (16, 4, 1),
-    (16, 4, 2),
-    (32, 8, 2),
+    (32, 4, 3),
+    (32, 8, 3),
+    (64, 8, 3),
 ]
 # Interpreter: one config, long pixel chunks (its cost is per program and per op).
 _CONV_BWD_DW_INTERPRETER = (64, 4, 1)
@@ -283,17 +325,19 @@ def conv_bwd_dw_configs(interpreter: bool | None = None) -> list[triton.Config]:
 
 
 def conv_bwd_dw_expert_block(num_experts: int) -> int:
-    """K_BLOCK: experts accumulated per program (a power of two, at most
-    CONV_BWD_DW_MAX_K_BLOCK)."""
-    return min(triton.next_power_of_2(num_experts), CONV_BWD_DW_MAX_K_BLOCK)
+    """K_BLOCK: experts accumulated per program, at most CONV_BWD_DW_MAX_K_BLOCK, the experts
+    spread evenly over the fewest blocks (17 experts: 3 blocks of 6)."""
+    blocks = triton.cdiv(max(1, num_experts), CONV_BWD_DW_MAX_K_BLOCK)
+    return triton.cdiv(max(1, num_experts), blocks)
 
 
 def conv_bwd_dw_tile_shape(num_experts: int, c_out_g: int, reduction: int,
-                           interpreter: bool = False) -> tuple[int, int]:
+                           interpreter: bool = False, element_size: int = 2) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the gW tile (C_out/G rows, C_in/G x KH x KW columns): as large as
-    the problem and the accumulator budget allow.
+    the problem and the accumulator budget of a 4-warp program allow
+    (:func:`conv_bwd_dw_acc_budget`).
 
-    ``tl.dot`` needs each tile side >= 16 when compiled.
+    ``tl.dot`` needs each tile side >= 16 when compiled; wgmma needs BLOCK_M = 64.
     """
     small = MIN_DOT_BLOCK
     if interpreter:
@@ -301,15 +345,19 @@ def conv_bwd_dw_tile_shape(num_experts: int, c_out_g: int, reduction: int,
         return (max(small, triton.next_power_of_2(c_out_g)),
                 max(small, triton.next_power_of_2(reduction)))
     k_block = conv_bwd_dw_expert_block(num_experts)
-    block_m = min(64, max(small, triton.next_power_of_2(c_out_g)))
-    block_n = min(64, max(small, triton.next_power_of_2(reduction)))
-    while (k_block * block_m * block_n > CONV_BWD_DW_ACC_BUDGET
-           and (block_m > small or block_n > small)):
-        if block_n >= block_m and block_n > small:
-            block_n //= 2
-        else:
-            block_m //= 2
+    block_m = min(CONV_BWD_DW_MAX_BLOCK_M, max(small, triton.next_power_of_2(c_out_g)))
+    block_n = min(CONV_BWD_DW_MAX_BLOCK_N, max(small, triton.next_power_of_2(reduction)))
+    while ((k_block + 1) * block_m * block_n > conv_bwd_dw_acc_budget(4, element_size)
+           and block_n > small):
+        block_n //= 2
     return block_m, block_n
+
+
+def conv_bwd_dw_acc_budget(num_warps: int, element_size: int) -> int:
+    """Most fp32 accumulator elements ((K_BLOCK + 1) BLOCK_M BLOCK_N) of one program: half as
+    many with 4-byte operands (twice the registers per pipelined operand element; the fp32 bank
+    tiles held for grad_a)."""
+    return CONV_BWD_DW_MAX_ACC_PER_THREAD * 32 * num_warps * 2 // max(2, element_size)
 
 
 def conv_bwd_dw_config_fits(config: triton.Config, k_block: int, element_size: int,
@@ -317,28 +365,32 @@ def conv_bwd_dw_config_fits(config: triton.Config, k_block: int, element_size: i
     """Whether a config compiles without spills for a (BLOCK_M, BLOCK_N) ``tile`` of a K_BLOCK
     (default: the largest tile :func:`conv_bwd_dw_tile_shape` gives that K_BLOCK).
 
-    The accumulators take ``(K_BLOCK + 1) * BLOCK_M * BLOCK_N`` fp32 over ``32 * num_warps``
-    threads, at most CONV_BWD_DW_MAX_ACC_PER_THREAD each; with 4-byte operands BLOCK_P is at
-    most 32 (a 64-pixel chunk adds too many live loads); CONV_BWD_DW_MEASURED_SPILLS lists the
-    few tiles where ptxas spilled anyway.
+    The accumulators take ``(K_BLOCK + 1) * BLOCK_M * BLOCK_N`` fp32, at most
+    :func:`conv_bwd_dw_acc_budget`; with 4-byte operands BLOCK_P is at most 32 (a 64-pixel chunk
+    of per-element masks and addresses spilled); CONV_BWD_DW_MEASURED_SPILLS lists the few tiles
+    where ptxas spilled anyway.
     """
-    block_m, block_n = tile or conv_bwd_dw_tile_shape(k_block, 1 << 16, 1 << 16)
-    block_p = config.kwargs["BLOCK_P"]
-    threads = 32 * config.num_warps
-    if (k_block + 1) * block_m * block_n > CONV_BWD_DW_MAX_ACC_PER_THREAD * threads:
+    block_m, block_n = tile or conv_bwd_dw_tile_shape(k_block, 1 << 16, 1 << 16,
+                                                      element_size=element_size)
+    if (k_block + 1) * block_m * block_n > conv_bwd_dw_acc_budget(config.num_warps,
+                                                                  element_size):
         return False
-    if element_size == 4 and block_p > 32:
+    if element_size >= 4 and config.kwargs["BLOCK_P"] > 32:
         return False
-    measured = (k_block, element_size, block_m, block_n, block_p, config.num_warps,
-                config.num_stages)
+    measured = (k_block, element_size, block_m, block_n, config.kwargs["BLOCK_P"],
+                config.num_warps, config.num_stages)
     return measured not in CONV_BWD_DW_MEASURED_SPILLS
 
 
 def prune_conv_bwd_dw_configs(configs, named_args, **kwargs):
     """early_config_prune hook: only configs that compile without spills for this K_BLOCK, tile
-    and dtype (:func:`conv_bwd_dw_config_fits`); keep at least one."""
+    and dtype (:func:`conv_bwd_dw_config_fits`), no pixel chunk much longer than a sample;
+    keep at least one."""
     element_size = named_args["x_ptr"].element_size()
     tile = (kwargs["BLOCK_M"], kwargs["BLOCK_N"])
+    pixels = named_args["HO"] * named_args["WO"]
     kept = [c for c in configs
             if conv_bwd_dw_config_fits(c, kwargs["K_BLOCK"], element_size, tile)]
+    shortest = min((c.kwargs["BLOCK_P"] for c in kept), default=0)
+    kept = [c for c in kept if c.kwargs["BLOCK_P"] <= max(shortest, triton.next_power_of_2(pixels))]
     return kept or configs[:1]

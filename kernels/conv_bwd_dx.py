@@ -13,8 +13,11 @@ One program computes a BLOCK_M x BLOCK_N tile of grad_x for one sample: rows are
 group's output channels in BLOCK_K chunks. An input pixel receives a tap (kh, kw) only when
 ``ih + PAD_H - kh*DIL_H`` is a non-negative multiple of the stride that lands inside the output;
 the other rows are masked. The per-sample kernel W_b is mixed from the K bank tiles in registers
-inside the reduction loop, so it never exists in memory. Every grad_x element is written by
-exactly one program (no atomics: deterministic).
+inside the reduction loop, so it never exists in memory: the bank is repacked once per call
+with input channels innermost (contiguous tile loads), K is a compile-time constant and the
+experts are unrolled (``kernels/_experts.py``), so the pipeliner makes every bank tile an
+asynchronous copy. Every grad_x element is written by exactly one program (no atomics:
+deterministic).
 """
 
 from __future__ import annotations
@@ -23,9 +26,11 @@ import triton
 import triton.language as tl
 
 from ._common import check_int32_spans, dot_settings, span
+from ._experts import mixed_tile, routing_chunk
 from .configs import (
     CONV_BWD_DX_KEY,
     conv_bwd_dx_configs,
+    expert_chunk,
     prune_conv_bwd_dx_configs,
 )
 from .tuned_table import with_tuned_table
@@ -34,11 +39,12 @@ from .tuned_table import with_tuned_table
 @triton.jit
 def conv_bwd_dx_kernel(
     gy_ptr, bank_ptr, a_ptr, gx_ptr,
-    H, W, HO, WO, C_IN_G, C_OUT_G, NUM_EXPERTS,
+    H, W, HO, WO, C_IN_G, C_OUT_G,
     gy_stride_b, gy_stride_c, gy_stride_h, gy_stride_w,
-    bank_stride_k, bank_stride_o, bank_stride_c, bank_stride_h, bank_stride_w,
+    bank_stride_k, bank_stride_h, bank_stride_w, bank_stride_o, bank_stride_c,
     a_stride_b, a_stride_k,
     gx_stride_b, gx_stride_c, gx_stride_h, gx_stride_w,
+    NUM_EXPERTS: tl.constexpr, EXPERT_CHUNK: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr,
@@ -63,43 +69,49 @@ def conv_bwd_dx_kernel(
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels within group g
     col_ok = cols < C_IN_G
     red = tl.arange(0, BLOCK_K)  # output channels within group g
+    ih_pad = ih + PAD_H
+    iw_pad = iw + PAD_W
 
-    # 64-bit arithmetic only for the per-sample / per-group base pointers; offsets inside one
-    # sample (and inside the bank) are int32: fewer registers (the launcher checks the spans).
+    # 64-bit arithmetic only for the per-sample / per-group / per-expert base pointers; offsets
+    # inside one sample (and inside one expert) are int32: fewer registers (the launcher checks
+    # the spans).
     b64 = b.to(tl.int64)
     gy_base = gy_ptr + b64 * gy_stride_b + (g * C_OUT_G).to(tl.int64) * gy_stride_c
     bank_base = bank_ptr + (g * C_OUT_G).to(tl.int64) * bank_stride_o
-    a_base = a_ptr + b64 * a_stride_b
+    a_row = a_ptr + b64 * a_stride_b
+    w_cols = cols[None, :] * bank_stride_c
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in range(KH):
-        num_h = ih + PAD_H - kh * DIL_H
-        oh = num_h // STRIDE_H
-        ok_h = (num_h >= 0) & (num_h % STRIDE_H == 0) & (oh < HO)
-        for kw in range(KW):
-            num_w = iw + PAD_W - kw * DIL_W
+    co_chunks = tl.cdiv(C_OUT_G, BLOCK_K)
+    # One pass of the reduction per chunk of experts (a single pass up to EXPERT_CHUNK experts);
+    # one loop over (tap, output-channel chunk) per pass, so that the pipeliner overlaps the
+    # loads of the next steps across taps.
+    for e0 in range(0, NUM_EXPERTS, EXPERT_CHUNK):
+        a_chunk = routing_chunk(a_row, a_stride_k, e0, EXPERT_CHUNK, NUM_EXPERTS)
+        for step in range(0, KH * KW * co_chunks):
+            tap = step // co_chunks
+            kh = tap // KW
+            kw = tap % KW
+            co = (step % co_chunks) * BLOCK_K + red
+            co_ok = co < C_OUT_G
+            num_h = ih_pad - kh * DIL_H
+            oh = num_h // STRIDE_H
+            num_w = iw_pad - kw * DIL_W
             ow = num_w // STRIDE_W
-            ok_w = (num_w >= 0) & (num_w % STRIDE_W == 0) & (ow < WO)
-            ok_row = row_ok & ok_h & ok_w
+            ok_row = (row_ok & (num_h >= 0) & (num_h % STRIDE_H == 0) & (oh < HO)
+                      & (num_w >= 0) & (num_w % STRIDE_W == 0) & (ow < WO))
             # Rows with ok_row False have meaningless (oh, ow); their loads are masked.
-            pix_off = oh * gy_stride_h + ow * gy_stride_w
-            tap_off = kh * bank_stride_h + kw * bank_stride_w
-            for co0 in range(0, C_OUT_G, BLOCK_K):
-                co = co0 + red
-                co_ok = co < C_OUT_G
-                gy = tl.load(gy_base + (pix_off[:, None] + co[None, :] * gy_stride_c),
-                             mask=ok_row[:, None] & co_ok[None, :], other=0.0)
-                w_mask = co_ok[:, None] & col_ok[None, :]
-                w_off = co[:, None] * bank_stride_o + cols[None, :] * bank_stride_c + tap_off
-                w = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-                for k in range(NUM_EXPERTS):
-                    a_k = tl.load(a_base + k * a_stride_k).to(tl.float32)
-                    tile = tl.load(bank_base + k * bank_stride_k + w_off, mask=w_mask, other=0.0)
-                    w += a_k * tile.to(tl.float32)
-                if DOT_FP32:
-                    acc += tl.dot(gy.to(tl.float32), w, input_precision=INPUT_PRECISION)
-                else:
-                    acc += tl.dot(gy, w.to(gy.dtype), input_precision=INPUT_PRECISION)
+            gy = tl.load(gy_base + ((oh * gy_stride_h + ow * gy_stride_w)[:, None]
+                                    + co[None, :] * gy_stride_c),
+                         mask=ok_row[:, None] & co_ok[None, :], other=0.0)
+            w_offs = co[:, None] * bank_stride_o + w_cols + (kh * bank_stride_h
+                                                             + kw * bank_stride_w)
+            w = mixed_tile(bank_base, w_offs, co_ok[:, None] & col_ok[None, :], a_chunk,
+                           bank_stride_k, e0, EXPERT_CHUNK, NUM_EXPERTS, BLOCK_K, BLOCK_N)
+            if DOT_FP32:
+                acc = tl.dot(gy.to(tl.float32), w, acc, input_precision=INPUT_PRECISION)
+            else:
+                acc = tl.dot(gy, w.to(gy.dtype), acc, input_precision=INPUT_PRECISION)
 
     gx_base = gx_ptr + b64 * gx_stride_b + (g * C_IN_G).to(tl.int64) * gx_stride_c
     gx_off = cols[None, :] * gx_stride_c + ih[:, None] * gx_stride_h + iw[:, None] * gx_stride_w
@@ -116,13 +128,26 @@ conv_bwd_dx_tuned = with_tuned_table("conv_bwd_dx", triton.autotune(
 )(conv_bwd_dx_kernel))
 
 
+def pack_bank_for_dgrad(weight_bank):
+    """The bank (K, C_out, C_in/G, KH, KW), any strides, copied to (K, KH, KW, C_out, C_in/G)
+    contiguous: the dgrad tile (output channels x input channels of one tap) is then read with
+    input channels contiguous. One copy of the bank per call, small next to grad_x."""
+    num_experts, out_channels, in_per_group, kh, kw = weight_bank.shape
+    # A fresh tensor, not .contiguous(): that would keep a permuted view's strides on the
+    # size-1 tap dims of a 1x1 kernel (stride 1, so the kernel could not prove its tiles
+    # aligned); here every stride is the product of the sizes after it.
+    packed = weight_bank.new_empty((num_experts, kh, kw, out_channels, in_per_group))
+    return packed.copy_(weight_bank.permute(0, 3, 4, 1, 2))
+
+
 def conv_bwd_dx(grad_out, weight_bank, routing, x_shape, stride, padding, dilation, groups,
                 out=None, interpreter=False):
     """grad_x of dynamic convolution.
 
     Args:
         grad_out: (B, Cout, Ho, Wo), any strides.
-        weight_bank: (K, Cout, Cin // groups, kh, kw), any strides.
+        weight_bank: (K, Cout, Cin // groups, kh, kw), any strides (repacked here,
+            :func:`pack_bank_for_dgrad`).
         routing: (B, K).
         x_shape: (B, Cin, H, W) of the forward input.
         stride, padding, dilation: pairs of ints (symmetric padding); groups: int.
@@ -142,13 +167,15 @@ def conv_bwd_dx(grad_out, weight_bank, routing, x_shape, stride, padding, dilati
     out_per_group = out_channels // groups
     check_int32_spans(**{"one sample of grad_out": span(grad_out, 1),
                          "one sample of grad_x": span(out, 1), "weight_bank": span(weight_bank)})
+    bank = pack_bank_for_dgrad(weight_bank)
     dot_fp32, precision = dot_settings(grad_out.dtype, interpreter)
     args = (
-        grad_out, weight_bank, routing, out,
-        height, width, ho, wo, in_per_group, out_per_group, num_experts,
-        *grad_out.stride(), *weight_bank.stride(), *routing.stride(), *out.stride(),
+        grad_out, bank, routing, out,
+        height, width, ho, wo, in_per_group, out_per_group,
+        *grad_out.stride(), *bank.stride(), *routing.stride(), *out.stride(),
     )
     meta = dict(
+        NUM_EXPERTS=num_experts, EXPERT_CHUNK=expert_chunk(num_experts),
         KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0],
         PAD_W=padding[1], DIL_H=dilation[0], DIL_W=dilation[1], DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision,

@@ -20,7 +20,10 @@ Two strategies share the kernel:
 - premix (``FUSED=False``): W_b comes from the mix kernel's buffer (one row per sample of the
   current chunk; ``w_stride_e`` steps between samples).
 - fused (``FUSED=True``): W_b is never materialised: each reduction step loads the K bank tiles
-  and mixes them with a[b, :] in registers (``w_stride_e`` steps between experts).
+  and mixes them with a[b, :] in registers (``w_stride_e`` steps between experts). K is a
+  compile-time constant and the experts are unrolled (``kernels/_experts.py``), so the bank
+  tiles are pipelined like x's; past ``EXPERT_CHUNK`` experts the reduction runs once per chunk
+  of them (each pass rounds its partial W_b to x's dtype before the dot).
 """
 
 from __future__ import annotations
@@ -30,25 +33,25 @@ import triton
 import triton.language as tl
 
 from ._common import INT32_LIMIT, MIN_DOT_BLOCK, dot_settings, span
+from ._experts import mixed_tile, routing_chunk
 from .configs import (
     CONV_FWD_KEY,
     conv_fwd_configs,
+    expert_chunk,
     prune_conv_fwd_configs,
 )
 from .tuned_table import with_tuned_table
 
 
 @triton.jit
-def _accumulate(acc, x_tile, w_base, w_offs, mask_w, a_row_ptr, a_stride_k, w_stride_e,
-                NUM_EXPERTS, FUSED: tl.constexpr, DOT_FP32: tl.constexpr,
-                INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """acc + x_tile @ W tile; fused mixes the W tile from the K bank tiles first."""
+def _accumulate(acc, x_tile, w_base, w_offs, mask_w, a_chunk, w_stride_e, e0,
+                EXPERT_CHUNK: tl.constexpr, NUM_EXPERTS: tl.constexpr, FUSED: tl.constexpr,
+                DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """acc + x_tile @ W tile; fused mixes the W tile from the chunk's bank tiles first."""
     if FUSED:
-        mixed = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        for k in range(0, NUM_EXPERTS):
-            a_k = tl.load(a_row_ptr + k * a_stride_k).to(tl.float32)
-            bank_tile = tl.load(w_base + k * w_stride_e + w_offs, mask=mask_w, other=0.0)
-            mixed += a_k * bank_tile.to(tl.float32)
+        mixed = mixed_tile(w_base, w_offs, mask_w, a_chunk, w_stride_e, e0, EXPERT_CHUNK,
+                           NUM_EXPERTS, BLOCK_K, BLOCK_N)
         # Round the mixed weights to the input dtype, as premix stores them.
         w_tile = mixed.to(x_tile.dtype)
     else:
@@ -63,7 +66,7 @@ def _accumulate(acc, x_tile, w_base, w_offs, mask_w, a_row_ptr, a_stride_k, w_st
 @triton.jit(do_not_specialize=["BATCH_START"])
 def conv_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, a_ptr, y_ptr,
-    BATCH_START, NUM_EXPERTS,
+    BATCH_START,
     C_IN_G, H, W, C_OUT_G, HO, WO, KH, KW,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
     x_stride_b, x_stride_c, x_stride_h, x_stride_w,
@@ -71,6 +74,7 @@ def conv_fwd_kernel(
     bias_stride_e, bias_stride_o,
     a_stride_b, a_stride_k,
     y_stride_b, y_stride_c, y_stride_h, y_stride_w,
+    NUM_EXPERTS: tl.constexpr, EXPERT_CHUNK: tl.constexpr,
     FUSED: tl.constexpr, HAS_BIAS: tl.constexpr, OFFSET_64: tl.constexpr,
     TAP_MAJOR: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -78,7 +82,8 @@ def conv_fwd_kernel(
     """Grid: (cdiv(HO * WO, BLOCK_M), G * cdiv(C_OUT_G, BLOCK_N), samples in this launch).
 
     Sample ``BATCH_START + program_id(2)`` of x / a / y. Weights: premix reads row
-    ``program_id(2)`` of the mixed buffer; fused reads the bank (NUM_EXPERTS rows).
+    ``program_id(2)`` of the mixed buffer (NUM_EXPERTS = EXPERT_CHUNK = 1); fused reads the
+    bank's NUM_EXPERTS rows, EXPERT_CHUNK of them per pass of the reduction loop.
     """
     pid_m = tl.program_id(0)
     pid_gn = tl.program_id(1)
@@ -91,7 +96,8 @@ def conv_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     if OFFSET_64:
-        # One sample (or the bank) spans more than 2**31 elements: all offsets in int64.
+        # One sample (or one expert's weights) spans more than 2**31 elements: all offsets in
+        # int64.
         offs_m = offs_m.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
         g = g.to(tl.int64)
@@ -108,66 +114,74 @@ def conv_fwd_kernel(
     else:
         w_base = w_ptr + pid_b.to(tl.int64) * w_stride_e + g * w_stride_g
     w_cols = offs_n[None, :] * w_stride_o
+    a_row = a_ptr + b * a_stride_b
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if TAP_MAJOR:
-        # One tap per step, BLOCK_K channels of it: all index math is per row or per column.
-        c_chunks = tl.cdiv(C_IN_G, BLOCK_K)
-        for step in range(0, KH * KW * c_chunks):
-            tap = step // c_chunks
-            i = tap // KW
-            j = tap % KW
-            c = (step % c_chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
-            if OFFSET_64:
-                c = c.to(tl.int64)
-            mask_r = c < C_IN_G
-            hi = h0 + i * dil_h
-            wi = w0 + j * dil_w
-            row_ok = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-            x_tile = tl.load(
-                x_base + (hi * x_stride_h + wi * x_stride_w)[:, None]
-                + (c * x_stride_c)[None, :],
-                mask=row_ok[:, None] & mask_r[None, :], other=0.0,
-            )
-            w_offs = (c * w_stride_c)[:, None] + w_cols + (i * w_stride_h + j * w_stride_w)
-            acc = _accumulate(acc, x_tile, w_base, w_offs, mask_r[:, None] & mask_n[None, :],
-                              a_ptr + b * a_stride_b, a_stride_k, w_stride_e, NUM_EXPERTS,
-                              FUSED, DOT_FP32, INPUT_PRECISION, BLOCK_K, BLOCK_N)
-    else:
-        # Flattened reduction r = tap * C_IN_G + c: no lane wasted when C_IN_G < BLOCK_K, at
-        # the price of per-element (BLOCK_M x BLOCK_K) index math, kept in int32.
-        tl.static_assert(not OFFSET_64, "int64 offsets need TAP_MAJOR")
-        reduction = C_IN_G * KH * KW
-        x_rows = h0 * x_stride_h + w0 * x_stride_w
-        for r0 in range(0, reduction, BLOCK_K):
-            offs_r = r0 + tl.arange(0, BLOCK_K)
-            mask_r = offs_r < reduction
-            c = offs_r % C_IN_G
-            tap = offs_r // C_IN_G
-            dh = (tap // KW) * dil_h
-            dw = (tap % KW) * dil_w
-            hi = h0[:, None] + dh[None, :]
-            wi = w0[:, None] + dw[None, :]
-            mask_x = (mask_m[:, None] & mask_r[None, :]
-                      & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
-            # The input offset separates into a row (pixel) part and a column part.
-            x_cols = c * x_stride_c + dh * x_stride_h + dw * x_stride_w
-            x_tile = tl.load(x_base + x_rows[:, None] + x_cols[None, :], mask=mask_x, other=0.0)
-            w_rows = c * w_stride_c + (tap // KW) * w_stride_h + (tap % KW) * w_stride_w
-            acc = _accumulate(acc, x_tile, w_base, w_rows[:, None] + w_cols,
-                              mask_r[:, None] & mask_n[None, :],
-                              a_ptr + b * a_stride_b, a_stride_k, w_stride_e, NUM_EXPERTS,
-                              FUSED, DOT_FP32, INPUT_PRECISION, BLOCK_K, BLOCK_N)
+    # One pass of the reduction per chunk of experts (a single pass unless fused has more than
+    # EXPERT_CHUNK experts): each pass pipelines x and the chunk's bank tiles together.
+    for e0 in range(0, NUM_EXPERTS, EXPERT_CHUNK):
+        a_chunk = ()
+        if FUSED:
+            a_chunk = routing_chunk(a_row, a_stride_k, e0, EXPERT_CHUNK, NUM_EXPERTS)
+        if TAP_MAJOR:
+            # One tap per step, BLOCK_K channels of it: all index math is per row or column.
+            c_chunks = tl.cdiv(C_IN_G, BLOCK_K)
+            for step in range(0, KH * KW * c_chunks):
+                tap = step // c_chunks
+                i = tap // KW
+                j = tap % KW
+                c = (step % c_chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+                if OFFSET_64:
+                    c = c.to(tl.int64)
+                mask_r = c < C_IN_G
+                hi = h0 + i * dil_h
+                wi = w0 + j * dil_w
+                row_ok = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
+                x_tile = tl.load(
+                    x_base + (hi * x_stride_h + wi * x_stride_w)[:, None]
+                    + (c * x_stride_c)[None, :],
+                    mask=row_ok[:, None] & mask_r[None, :], other=0.0,
+                )
+                w_offs = (c * w_stride_c)[:, None] + w_cols + (i * w_stride_h + j * w_stride_w)
+                acc = _accumulate(acc, x_tile, w_base, w_offs, mask_r[:, None] & mask_n[None, :],
+                                  a_chunk, w_stride_e, e0, EXPERT_CHUNK, NUM_EXPERTS, FUSED,
+                                  DOT_FP32, INPUT_PRECISION, BLOCK_K, BLOCK_N)
+        else:
+            # Flattened reduction r = tap * C_IN_G + c: no lane wasted when C_IN_G < BLOCK_K,
+            # at the price of per-element (BLOCK_M x BLOCK_K) index math, kept in int32.
+            tl.static_assert(not OFFSET_64, "int64 offsets need TAP_MAJOR")
+            reduction = C_IN_G * KH * KW
+            x_rows = h0 * x_stride_h + w0 * x_stride_w
+            for r0 in range(0, reduction, BLOCK_K):
+                offs_r = r0 + tl.arange(0, BLOCK_K)
+                mask_r = offs_r < reduction
+                c = offs_r % C_IN_G
+                tap = offs_r // C_IN_G
+                dh = (tap // KW) * dil_h
+                dw = (tap % KW) * dil_w
+                hi = h0[:, None] + dh[None, :]
+                wi = w0[:, None] + dw[None, :]
+                mask_x = (mask_m[:, None] & mask_r[None, :]
+                          & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
+                # The input offset separates into a row (pixel) part and a column part.
+                x_cols = c * x_stride_c + dh * x_stride_h + dw * x_stride_w
+                x_tile = tl.load(x_base + x_rows[:, None] + x_cols[None, :], mask=mask_x,
+                                 other=0.0)
+                w_rows = c * w_stride_c + (tap // KW) * w_stride_h + (tap % KW) * w_stride_w
+                acc = _accumulate(acc, x_tile, w_base, w_rows[:, None] + w_cols,
+                                  mask_r[:, None] & mask_n[None, :],
+                                  a_chunk, w_stride_e, e0, EXPERT_CHUNK, NUM_EXPERTS, FUSED,
+                                  DOT_FP32, INPUT_PRECISION, BLOCK_K, BLOCK_N)
 
     if HAS_BIAS:
         channel = g * C_OUT_G + offs_n
         if FUSED:
             bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for k in range(0, NUM_EXPERTS):
-                a_k = tl.load(a_ptr + b * a_stride_b + k * a_stride_k).to(tl.float32)
-                bank_bias = tl.load(bias_ptr + k * bias_stride_e + channel * bias_stride_o,
+            for e in tl.static_range(NUM_EXPERTS):
+                a_e = tl.load(a_row + e * a_stride_k).to(tl.float32)
+                bank_bias = tl.load(bias_ptr + e * bias_stride_e + channel * bias_stride_o,
                                     mask=mask_n, other=0.0)
-                bias += a_k * bank_bias.to(tl.float32)
+                bias += a_e * bank_bias.to(tl.float32)
             bias = bias.to(x_ptr.dtype.element_ty)
         else:
             bias = tl.load(bias_ptr + pid_b.to(tl.int64) * bias_stride_e
@@ -204,9 +218,11 @@ def conv_fwd(
 
     Args:
         x: (B, C_in, H, W), any strides. y: (B, C_out, HO, WO), any strides, written in place.
-        weights: (E, G, C_out/G, C_in/G, KH, KW), any strides. Premix (``routing`` None):
-            E >= batch_count mixed weights, row e for sample batch_start + e. Fused: E = K, the
-            bank, mixed with ``routing`` (B, K) in the kernel.
+        weights: (E, G, C_out/G, C_in/G, KH, KW), any strides; tiles are read fastest along
+            C_out/G, so a layout with unit C_out/G stride (:func:`dynconv.kernels.mix.pack_bank`,
+            the mix kernel's rows) makes every weight load contiguous. Premix (``routing``
+            None): E >= batch_count mixed weights, row e for sample batch_start + e. Fused:
+            E = K, the bank, mixed with ``routing`` (B, K) in the kernel (K is compiled in).
         bias: (E, C_out) laid out like ``weights`` along E, or None.
         stride, padding, dilation: (h, w) pairs; padding symmetric.
         interpreter: running under TRITON_INTERPRET (bf16 dots are upcast there).
@@ -220,10 +236,10 @@ def conv_fwd(
     num_experts, groups, out_per_group, in_per_group, kh, kw = weights.shape
     height_out, width_out = y.shape[2], y.shape[3]
     dot_fp32, precision = dot_settings(x.dtype, interpreter)
-    # Sample offsets are int64 in the kernel; the rest fits int32 unless one sample, or the
-    # bank (fused, addressed as k * stride) / one sample's mixed weights (premix), spans more.
+    # Sample and expert offsets are int64 in the kernel; the rest fits int32 unless one sample,
+    # one expert's weights (fused) or one sample's mixed weights (premix) spans more.
     if offset_64 is None:
-        spans = (span(x, 1), span(y, 1), span(weights, 0 if fused else 1))
+        spans = (span(x, 1), span(y, 1), span(weights, 1))
         offset_64 = max(spans) > INT32_LIMIT
     if tap_major is None:
         tap_major = offset_64 or in_per_group >= MIN_DOT_BLOCK
@@ -238,7 +254,7 @@ def conv_fwd(
     )
     conv_fwd_tuned[grid](
         x, weights, bias_arg, a_arg, y,
-        batch_start, num_experts if fused else 1,
+        batch_start,
         in_per_group, x.shape[2], x.shape[3], out_per_group, height_out, width_out, kh, kw,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         *x.stride(),
@@ -246,6 +262,8 @@ def conv_fwd(
         bias.stride(0) if bias is not None else 0, bias.stride(1) if bias is not None else 0,
         routing.stride(0) if fused else 0, routing.stride(1) if fused else 0,
         *y.stride(),
+        NUM_EXPERTS=num_experts if fused else 1,
+        EXPERT_CHUNK=expert_chunk(num_experts) if fused else 1,
         FUSED=fused, HAS_BIAS=bias is not None, OFFSET_64=offset_64, TAP_MAJOR=tap_major,
         DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision,

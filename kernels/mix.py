@@ -49,6 +49,24 @@ def mixed_layout(weight_bank_shape, has_bias: bool) -> MixedLayout:
     return MixedLayout(n_weight, n_bias, bias_offset, max(row_stride, _ALIGN))
 
 
+def pack_bank(weight_bank: torch.Tensor, groups: int) -> torch.Tensor:
+    """The bank (K, C_out, C_in/G, KH, KW), any strides, copied into the mixed rows' order,
+    which the fused conv reads (tiles contiguous along C_out/G): (K, row_stride), row k =
+    bank[k] as (G, KH, KW, C_in/G, C_out/G) flattened, then padding to a multiple of 16
+    elements (never read; it keeps every expert's row 16-element aligned).
+
+    Read it as per-expert conv weights with ``mixed_views(packed, bank_shape, groups, False)``.
+    """
+    num_experts, out_channels, in_per_group, kh, kw = weight_bank.shape
+    layout = mixed_layout(weight_bank.shape, False)
+    packed = weight_bank.new_empty((num_experts, layout.row_stride))
+    rows = packed[:, : layout.n_weight].view(num_experts, groups, kh, kw, in_per_group,
+                                              out_channels // groups)
+    bank = weight_bank.unflatten(1, (groups, out_channels // groups))
+    rows.copy_(bank.permute(0, 1, 4, 5, 3, 2))
+    return packed
+
+
 def mixed_views(buffer: torch.Tensor, weight_bank_shape, groups: int, has_bias: bool):
     """Views of a mixed buffer (n, row_stride): weights and bias in logical order.
 

@@ -103,11 +103,16 @@ def test_pinned_configs_follow_the_problem():
             dw = gpu_steps.pinned_configs(narrow, experts, dtype)["conv_bwd_dw"]
             candidates = configs.conv_bwd_dw_configs(interpreter=False)
             assert dw in candidates
-            tile = configs.conv_bwd_dw_tile_shape(experts, 64, 64 * 9)
             size = torch.empty(0, dtype=gpu_steps.DTYPES[dtype]).element_size()
+            tile = configs.conv_bwd_dw_tile_shape(experts, 64, 64 * 9, element_size=size)
             fits = [c for c in candidates if configs.conv_bwd_dw_config_fits(
                 c, configs.conv_bwd_dw_expert_block(experts), size, tile)]
             assert dw in fits or not fits  # what the kernel's own prune would keep
+    # Every preferred tile is one of the kernels' candidates (not a stale name).
+    dw_tiles = {gpu_steps._tile_of(c) for c in configs.conv_bwd_dw_configs(interpreter=False)}
+    assert set(gpu_steps.DW_PREFERENCE) <= dw_tiles
+    fwd_tiles = {gpu_steps._tile_of(c) for c in configs.conv_fwd_configs(interpreter=False)}
+    assert {gpu_steps.BIG_TILE, gpu_steps.SMALL_TILE} <= fwd_tiles
 
 
 # --- running without an install ------------------------------------------------------------------

@@ -59,7 +59,7 @@ CASES = {
     "channels_last": Case(2, 4, 4, 6, 5, (3, 3), 1, 1, 1, 2, 3, True, "channels_last"),
     "1x1-stride2": Case(2, 5, 3, 5, 5, (1, 1), 2, 0, 1, 1, 2, False),
     "stride3-wide-pad": Case(2, 2, 4, 7, 6, (3, 3), 3, 2, 1, 1, 4, True),
-    # More experts than conv_bwd_dw accumulates per program (16): two expert blocks.
+    # More experts than conv_bwd_dw accumulates per program (8): three expert blocks of 6.
     "K17": Case(2, 2, 2, 4, 4, (3, 3), 1, 1, 1, 1, 17, True),
     # Even kernel, padding="same": the dispatcher pads the extra row / column before the op.
     "same-even-kernel": Case(2, 3, 4, 5, 6, (2, 2), 1, "same", 1, 1, 2, True),
@@ -126,6 +126,45 @@ def test_batch_spanning_several_splits(samples_per_program):
                                            **case.geometry)
     check_grads([grad_bank, grad_routing, grad_bias], expected[1:], scales[1:], torch.float32,
                 case, names=("bank", "routing", "bias"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("experts", [9, 17])
+def test_input_gradient_in_expert_chunks(experts, dtype):
+    """More experts than one pass of conv_bwd_dx mixes (configs.MAX_EXPERT_CHUNK): 9 experts
+    take two passes (5 + 4), 17 take three (6 + 6 + 5); channels_last, two groups."""
+    from dynconv.kernels.configs import MAX_EXPERT_CHUNK, expert_chunk
+
+    assert expert_chunk(experts) < experts and MAX_EXPERT_CHUNK < experts
+    case = Case(2, 4, 6, 5, 4, (3, 3), 1, 1, 1, 2, experts, False, "channels_last")
+    x, bank, routing, _ = make_inputs(case, dtype, DEVICE)
+    grad_out = upstream_gradient((2, 6, 5, 4), dtype, DEVICE)
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    pairs = lambda v: (v, v)  # noqa: E731
+    grad_x = conv_bwd_dx(grad_out, bank, routing, x.shape, pairs(1), pairs(1), pairs(1), 2,
+                         interpreter=INTERPRETER)
+    expected, scales = reference_gradients(grad_out, x, bank, routing, None, **case.geometry)
+    check_grads([grad_x], expected[:1], scales[:1], dtype, case, names=("x",))
+
+
+@pytest.mark.parametrize("experts", [8, 9])
+def test_weight_gradients_expert_blocks(experts):
+    """conv_bwd_dw's named per-expert accumulators: 8 experts fill one program's block, 9 take
+    two blocks (5 + 4); channels_last, two groups, with a bias bank (its terms in torch)."""
+    from dynconv.kernels.configs import conv_bwd_dw_expert_block
+
+    assert conv_bwd_dw_expert_block(experts) == (8 if experts == 8 else 5)
+    case = Case(2, 4, 6, 5, 4, (3, 3), 1, 1, 1, 2, experts, True, "channels_last")
+    x, bank, routing, bias_bank = make_inputs(case, torch.float32, DEVICE)
+    grad_out = upstream_gradient((2, 6, 5, 4), torch.float32, DEVICE)
+    grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    pairs = lambda v: (v, v)  # noqa: E731
+    grads = conv_bwd_dw(grad_out, x, bank, routing, bias_bank, pairs(1), pairs(1), pairs(1), 2,
+                        interpreter=INTERPRETER)
+    expected, scales = reference_gradients(grad_out, x, bank, routing, bias_bank,
+                                           **case.geometry)
+    check_grads(list(grads), expected[1:], scales[1:], torch.float32, case,
+                names=("bank", "routing", "bias"))
 
 
 def test_strided_views_in_and_out():

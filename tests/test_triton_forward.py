@@ -58,6 +58,9 @@ CASES = {
     # Several row tiles (72 pixels) and column tiles (18 channels) per sample.
     "multi_tile": Case(h=9, w=8, cin=4, cout=18),
     "groups_2_multi_n_tile": Case(groups=2, cin=4, cout=36, h=4, w=4, experts=2),
+    # Past configs.MAX_EXPERT_CHUNK experts fused takes several passes: 5 + 4 and 6 + 6 + 5.
+    "experts_9": Case(experts=9, batch=2),
+    "experts_17": Case(experts=17, batch=2, layout="channels_last", groups=2),
 }
 
 
@@ -89,7 +92,7 @@ def test_forward_fp32(name, strategy):
 
 
 TAP_MAJOR_CASES = ["base_3x3", "stride_2", "dilation_2", "groups_2", "depthwise", "odd_hw",
-                   "no_bias", "channels_last", "strided_input", "multi_tile"]
+                   "no_bias", "channels_last", "strided_input", "multi_tile", "experts_17"]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -114,7 +117,8 @@ def test_forward_wide_channels_several_chunks(strategy):
                   experts=2, layout="channels_last"), strategy, torch.float32)
 
 
-LOW_PRECISION_CASES = ["base_3x3", "stride_2", "depthwise", "channels_last", "experts_1"]
+LOW_PRECISION_CASES = ["base_3x3", "stride_2", "depthwise", "channels_last", "experts_1",
+                       "experts_17"]
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -317,6 +321,62 @@ def test_conv_configs_pruned_by_shape():
     assert all(c.kwargs["BLOCK_N"] == smallest_n for c in small)
     large = prune_conv_fwd_configs(configs, _conv_named_args((56, 56), 64, 128))
     assert len(large) == len(configs)
+
+
+def test_expert_chunks():
+    """Fused kernels mix at most MAX_EXPERT_CHUNK experts per pass, spread evenly."""
+    from dynconv.kernels.configs import MAX_EXPERT_CHUNK, expert_chunk
+
+    assert MAX_EXPERT_CHUNK == 8
+    assert [expert_chunk(k) for k in (1, 4, 8, 9, 16, 17, 64)] == [1, 4, 8, 5, 8, 6, 8]
+
+
+def test_auto_strategy_never_fuses_several_expert_passes():
+    from dynconv.backends.triton import forward
+    from dynconv.kernels.configs import MAX_EXPERT_CHUNK
+
+    assert forward.MAX_EXPERT_CHUNK == MAX_EXPERT_CHUNK  # the Triton-free copy agrees
+    assert forward.choose_strategy(None, (8, 512, 512, 3, 3), (7, 7)) == "fused"
+    assert forward.choose_strategy(None, (9, 512, 512, 3, 3), (7, 7)) == "premix"
+
+
+def test_fused_configs_with_several_expert_passes_keep_small_tiles():
+    from dynconv.kernels.configs import (
+        CONV_FWD_MULTI_PASS_MAX_TILE,
+        conv_fwd_configs,
+        prune_conv_fwd_configs,
+    )
+
+    configs = conv_fwd_configs(interpreter=False)
+    args = {**_conv_named_args((14, 14), 256, 256), "FUSED": True,
+            "x_ptr": torch.empty(1, dtype=torch.bfloat16)}
+    one_pass = prune_conv_fwd_configs(configs, {**args, "NUM_EXPERTS": 4, "EXPERT_CHUNK": 4})
+    passes = prune_conv_fwd_configs(configs, {**args, "NUM_EXPERTS": 17, "EXPERT_CHUNK": 6})
+    def area(c):
+        return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+    assert max(map(area, one_pass)) > CONV_FWD_MULTI_PASS_MAX_TILE
+    assert passes and max(map(area, passes)) <= CONV_FWD_MULTI_PASS_MAX_TILE
+
+
+def test_fused_configs_pruned_by_shared_memory():
+    """Fused buffers EXPERT_CHUNK bank tiles per pipeline stage: wide fp32 tiles with 8 experts
+    do not fit an sm_80's shared memory and are pruned there."""
+    from dynconv.kernels.configs import (
+        conv_fwd_configs,
+        conv_fwd_shared_bytes,
+        prune_conv_fwd_configs,
+        pruning_for_capability,
+    )
+
+    configs = conv_fwd_configs(interpreter=False)
+    args = _conv_named_args((56, 56), 64, 128)
+    args["x_ptr"] = torch.empty(1, 64, 1, 1, device="meta")
+    with pruning_for_capability(80):
+        premix = prune_conv_fwd_configs(configs, args)
+        fused = prune_conv_fwd_configs(configs, args, FUSED=True, EXPERT_CHUNK=8)
+    assert len(premix) == len(configs)
+    assert fused and len(fused) < len(configs)
+    assert all(conv_fwd_shared_bytes(c, 4, 8) <= 166912 for c in fused)
 
 
 def test_conv_configs_with_int64_offsets():

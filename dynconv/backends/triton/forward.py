@@ -11,6 +11,10 @@ import torch
 from dynconv.geometry import output_hw, output_memory_format
 from dynconv.kernels._common import interpreter_enabled
 
+# The most experts the fused kernels mix in one pass (dynconv.kernels.configs; repeated here so
+# that importing the backend does not import Triton).
+MAX_EXPERT_CHUNK = 8
+
 STRATEGIES = ("auto", "premix", "fused")
 
 # Bytes of mixed weights (plus bias) that premix keeps in memory at once; the batch is processed
@@ -35,11 +39,15 @@ def choose_strategy(x_shape, weight_bank_shape, out_hw) -> str:
     reads it back. Fused writes nothing but each row tile loads the K bank tiles (the bank is
     small and cache-resident) and mixes them again: ``ceil(HO*WO / 64) * K`` multiply-adds and
     tile loads per weight element and sample, on CUDA cores beside the tensor-core dot. So fused
-    is chosen when a sample has few row tiles and few experts (late, low-resolution layers),
-    premix otherwise. The threshold (``_FUSED_MAX_REMIX``) is a guess until measured on a GPU.
+    is chosen when a sample has few row tiles and at most MAX_EXPERT_CHUNK experts (late,
+    low-resolution layers), premix otherwise. The threshold (``_FUSED_MAX_REMIX``) is a guess
+    until measured on a GPU.
     """
     del x_shape  # the decision depends on the output size and K only, for now
     num_experts = weight_bank_shape[0]
+    if num_experts > MAX_EXPERT_CHUNK:
+        # Fused would mix the bank in several passes over the reduction, each reloading x.
+        return "premix"
     row_tiles = -(-(out_hw[0] * out_hw[1]) // _FUSED_ROWS_PER_TILE)
     return "fused" if row_tiles * num_experts <= _FUSED_MAX_REMIX else "premix"
 
@@ -80,7 +88,7 @@ def triton_forward_impl(
     """
     from dynconv.kernels._common import check_int32_spans, span
     from dynconv.kernels.conv_fwd import conv_fwd
-    from dynconv.kernels.mix import mix, mixed_layout, mixed_views
+    from dynconv.kernels.mix import mix, mixed_layout, mixed_views, pack_bank
 
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -100,11 +108,11 @@ def triton_forward_impl(
     interpreter = interpreter_enabled() and x.device.type == "cpu"
 
     if strategy == "fused":
-        # The bank repacked once (K x |W|, small next to the B x |W| premix would write) into
-        # the mixed layout, so that the kernel's weight tiles are read with output channels
-        # contiguous; then viewed back as (K, G, C_out/G, C_in/G, KH, KW).
-        bank = weight_bank.unflatten(1, (groups, out_channels // groups))
-        bank = bank.permute(0, 1, 4, 5, 3, 2).contiguous().permute(0, 1, 5, 4, 2, 3)
+        # The bank repacked once per call (K x |W|, small next to the B x |W| premix would
+        # write) into the mixed rows' layout, so that the kernel's bank tiles are contiguous
+        # along the output channels; viewed as per-expert conv weights (K, G, C_out/G, C_in/G,
+        # KH, KW).
+        bank, _ = mixed_views(pack_bank(weight_bank, groups), weight_bank.shape, groups, False)
         for start in range(0, batch, MAX_SAMPLES_PER_LAUNCH):
             count = min(MAX_SAMPLES_PER_LAUNCH, batch - start)
             conv_fwd(x, bank, bias_bank, routing, y, start, count, stride, padding, dilation,
