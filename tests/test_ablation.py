@@ -21,7 +21,7 @@ from dynconv.train.ablation import (
 
 def test_each_variant_changes_one_thing_of_its_base():
     for name, recipe in VARIANTS.items():
-        base = RECOMMENDED if "recommended" in name else TODAY
+        base = RECOMMENDED if "recommended" in name or "uniform" in name else TODAY
         changed = {k for k, v in asdict(recipe).items() if asdict(base)[k] != v}
         if name.startswith("affine"):
             changed.discard("task")
@@ -33,6 +33,9 @@ def test_each_variant_changes_one_thing_of_its_base():
             assert changed == set(), name
         elif name == "no-anneal":  # a constant T = 1: start and anneal length both change
             assert changed == {"temperature_start", "anneal_epochs"}
+        elif "uniform-mix" in name:  # a constant, very high T
+            assert changed == {"temperature_start", "temperature_end", "anneal_epochs"}
+            assert recipe.temperature_start == recipe.temperature_end >= 1e4
         else:
             assert len(changed) == 1, (name, changed)
 
