@@ -263,7 +263,9 @@ def prune_conv_bwd_dx_configs(configs, named_args, **kwargs):
     device's shared memory; keep at least one."""
     named_args = {**named_args, **kwargs}  # constexprs given by keyword arrive in kwargs
     c_in_g, c_out_g = named_args["C_IN_G"], named_args["C_OUT_G"]
-    pixels = named_args["H"] * named_args["W"]
+    # Rows of one program: the pixels of one stride phase (kernels/conv_bwd_dx.py).
+    pixels = (triton.cdiv(named_args["H"], named_args["STRIDE_H"])
+              * triton.cdiv(named_args["W"], named_args["STRIDE_W"]))
     kept = [
         c for c in configs
         if c.kwargs["BLOCK_N"] <= max(MIN_DOT_BLOCK, triton.next_power_of_2(c_in_g))

@@ -8,19 +8,31 @@ KW) and the routing a (B, K). For sample b of group g (C_IN_G = C_in/G, C_OUT_G 
     with ih = oh*STRIDE_H - PAD_H + kh*DIL_H, iw = ow*STRIDE_W - PAD_W + kw*DIL_W,
     W_b = sum_k a[b, k] * bank[k]
 
-One program computes a BLOCK_M x BLOCK_N tile of grad_x for one sample: rows are input pixels
-(ih, iw), columns are input channels of one group; the reduction runs over (kh, kw) and the
-group's output channels in BLOCK_K chunks. An input pixel receives a tap (kh, kw) only when
-``ih + PAD_H - kh*DIL_H`` is a non-negative multiple of the stride that lands inside the output;
-the other rows are masked. The per-sample kernel W_b is mixed from the K bank tiles in registers
-inside the reduction loop, so it never exists in memory: the bank is repacked once per call
-with input channels innermost (contiguous tile loads), K is a compile-time constant and the
-experts are unrolled (``kernels/_experts.py``), so the pipeliner makes every bank tile an
-asynchronous copy. Every grad_x element is written by exactly one program (no atomics:
+Stride-phase decomposition: input pixel (ih, iw) receives tap (kh, kw) only when
+``ih + PAD_H - kh*DIL_H`` is a multiple of STRIDE_H (and likewise along w), so at stride s most
+(pixel, tap) pairs contribute nothing (3/4 of them at stride 2 with a 3x3 kernel). The input
+pixels are split into STRIDE_H x STRIDE_W phases (ih % STRIDE_H, iw % STRIDE_W); within a phase
+exactly the taps ``kh = kh0 + j*TAP_STEP_H`` (TAP_STEP = stride / gcd(stride, dilation)) reach
+every pixel, and each of them reads a dense, shifted grid of grad_y: the phase pixel
+(qh, qw) = (ih // STRIDE_H, iw // STRIDE_W) reads output pixel (qh + oh0 - j*DIL_H*TAP_STEP_H /
+STRIDE_H, ...). So each phase is a dense implicit GEMM over its valid taps only, masked at the
+borders; a phase that no tap reaches (e.g. a 1x1 kernel at stride 2) writes zeros. At stride 1
+there is one phase with every tap, the plain transposed implicit GEMM.
+
+One program computes a BLOCK_M x BLOCK_N tile of grad_x for one sample and one phase (the phase
+is a grid axis, folded into the first one): rows are the phase's pixels, columns are input
+channels of one group; the reduction runs over the phase's taps and the group's output channels
+in BLOCK_K chunks, as one loop. The per-sample kernel W_b is mixed from the K bank tiles in
+registers inside the reduction loop, so it never exists in memory: the bank is repacked once
+per call with input channels innermost (contiguous tile loads), K is a compile-time constant
+and the experts are unrolled (``kernels/_experts.py``), so the pipeliner makes every bank tile
+an asynchronous copy. Every grad_x element is written by exactly one program (no atomics:
 deterministic).
 """
 
 from __future__ import annotations
+
+import math
 
 import triton
 import triton.language as tl
@@ -37,6 +49,24 @@ from .tuned_table import with_tuned_table
 
 
 @triton.jit
+def _phase_taps(r, KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+                DIL: tl.constexpr, TAP_STEP: tl.constexpr):
+    """The taps of one dimension that reach input phase ``r`` (input index = q * STRIDE + r):
+    those k with ``(r + PAD - k * DIL) % STRIDE == 0``, which are ``k0 + j * TAP_STEP`` for
+    ``j < n`` (TAP_STEP = STRIDE / gcd(STRIDE, DIL)); tap ``k0 + j * TAP_STEP`` reads output
+    index ``q + off0 - j * (DIL * TAP_STEP / STRIDE)``. Returns (k0, n, off0); n = 0 when no tap
+    reaches the phase (k0 and off0 are then meaningless)."""
+    k0 = r * 0 + KSIZE  # "none" unless a residue below matches
+    for c in tl.static_range(TAP_STEP):
+        # r + PAD - c * DIL, shifted by the multiple c * DIL * STRIDE of STRIDE to stay >= 0.
+        hit = (r + PAD + c * DIL * (STRIDE - 1)) % STRIDE == 0
+        k0 = tl.where(hit, c, k0)  # at most one c < TAP_STEP matches
+    n = tl.where(k0 < KSIZE, (KSIZE - 1 - k0) // TAP_STEP + 1, 0)
+    off0 = (r + PAD - k0 * DIL) // STRIDE  # exact where n > 0
+    return k0, n, off0
+
+
+@triton.jit
 def conv_bwd_dx_kernel(
     gy_ptr, bank_ptr, a_ptr, gx_ptr,
     H, W, HO, WO, C_IN_G, C_OUT_G,
@@ -49,28 +79,52 @@ def conv_bwd_dx_kernel(
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    TAP_STEP_H: tl.constexpr, TAP_STEP_W: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Grid: (B * cdiv(H * W, BLOCK_M), G * cdiv(C_IN_G, BLOCK_N))."""
-    tiles_m = (H * W + BLOCK_M - 1) // BLOCK_M
+    """Grid: (B * STRIDE_H * STRIDE_W * cdiv(HQ * WQ, BLOCK_M), G * cdiv(C_IN_G, BLOCK_N)),
+    HQ = cdiv(H, STRIDE_H), WQ = cdiv(W, STRIDE_W): per sample, one run of row tiles per
+    stride phase."""
+    hq = (H + STRIDE_H - 1) // STRIDE_H
+    wq = (W + STRIDE_W - 1) // STRIDE_W
+    tiles_m = (hq * wq + BLOCK_M - 1) // BLOCK_M
     pid0 = tl.program_id(0)
     pid1 = tl.program_id(1)
-    b = pid0 // tiles_m
+    b = pid0 // (tiles_m * (STRIDE_H * STRIDE_W))
     tile_m = pid0 % tiles_m
+    if STRIDE_H * STRIDE_W == 1:
+        phase = tile_m * 0
+    else:
+        phase = (pid0 // tiles_m) % (STRIDE_H * STRIDE_W)
+    rh = phase // STRIDE_W
+    rw = phase % STRIDE_W
     tiles_n = (C_IN_G + BLOCK_N - 1) // BLOCK_N
     g = pid1 // tiles_n
     tile_n = pid1 % tiles_n
 
-    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)  # input pixels
-    ih = rows // W
-    iw = rows % W
-    row_ok = rows < H * W
+    # Rows: the pixels (qh, qw) of the phase's grid, input pixel (qh * STRIDE_H + rh,
+    # qw * STRIDE_W + rw). A phase smaller than HQ x WQ (H or W not a multiple of the stride)
+    # masks its last row / column.
+    rows = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    qh = rows // wq
+    qw = rows % wq
+    ih = qh * STRIDE_H + rh
+    iw = qw * STRIDE_W + rw
+    row_ok = rows < hq * wq
+    if STRIDE_H != 1:
+        row_ok = row_ok & (ih < H)
+    if STRIDE_W != 1:
+        row_ok = row_ok & (iw < W)
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels within group g
     col_ok = cols < C_IN_G
     red = tl.arange(0, BLOCK_K)  # output channels within group g
-    ih_pad = ih + PAD_H
-    iw_pad = iw + PAD_W
+
+    # The phase's taps: kh = kh0 + jh * TAP_STEP_H (jh < n_th) reads output row
+    # qh + oh0 - jh * DIL_H * TAP_STEP_H / STRIDE_H, and likewise along w: a dense, shifted
+    # grid of grad_y.
+    kh0, n_th, oh0 = _phase_taps(rh, KH, STRIDE_H, PAD_H, DIL_H, TAP_STEP_H)
+    kw0, n_tw, ow0 = _phase_taps(rw, KW, STRIDE_W, PAD_W, DIL_W, TAP_STEP_W)
 
     # 64-bit arithmetic only for the per-sample / per-group / per-expert base pointers; offsets
     # inside one sample (and inside one expert) are int32: fewer registers (the launcher checks
@@ -80,38 +134,49 @@ def conv_bwd_dx_kernel(
     bank_base = bank_ptr + (g * C_OUT_G).to(tl.int64) * bank_stride_o
     a_row = a_ptr + b64 * a_stride_b
     w_cols = cols[None, :] * bank_stride_c
+    gy_rows = qh * gy_stride_h + qw * gy_stride_w  # loop-invariant part of the grad_y rows
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    co_chunks = tl.cdiv(C_OUT_G, BLOCK_K)
+    # One step per (valid tap, output-channel chunk) of the phase: no step of a masked-out tap.
+    n_steps = n_th * n_tw * tl.cdiv(C_OUT_G, BLOCK_K)
     # One pass of the reduction per chunk of experts (a single pass up to EXPERT_CHUNK experts);
     # one loop over (tap, output-channel chunk) per pass, so that the pipeliner overlaps the
-    # loads of the next steps across taps.
+    # loads of the next steps across taps. The (jh, jw, chunk) counters advance without
+    # divisions.
     for e0 in range(0, NUM_EXPERTS, EXPERT_CHUNK):
         a_chunk = routing_chunk(a_row, a_stride_k, e0, EXPERT_CHUNK, NUM_EXPERTS)
-        for step in range(0, KH * KW * co_chunks):
-            tap = step // co_chunks
-            kh = tap // KW
-            kw = tap % KW
-            co = (step % co_chunks) * BLOCK_K + red
+        co0 = n_steps * 0
+        jh = n_steps * 0
+        jw = n_steps * 0
+        for _ in range(0, n_steps):
+            oh_off = oh0 - jh * (DIL_H * TAP_STEP_H // STRIDE_H)
+            ow_off = ow0 - jw * (DIL_W * TAP_STEP_W // STRIDE_W)
+            co = co0 + red
             co_ok = co < C_OUT_G
-            num_h = ih_pad - kh * DIL_H
-            oh = num_h // STRIDE_H
-            num_w = iw_pad - kw * DIL_W
-            ow = num_w // STRIDE_W
-            ok_row = (row_ok & (num_h >= 0) & (num_h % STRIDE_H == 0) & (oh < HO)
-                      & (num_w >= 0) & (num_w % STRIDE_W == 0) & (ow < WO))
-            # Rows with ok_row False have meaningless (oh, ow); their loads are masked.
-            gy = tl.load(gy_base + ((oh * gy_stride_h + ow * gy_stride_w)[:, None]
-                                    + co[None, :] * gy_stride_c),
+            oh = qh + oh_off
+            ow = qw + ow_off
+            # 0 <= oh < HO as one unsigned compare (a negative oh wraps past HO).
+            ok_row = (row_ok & (oh.to(tl.uint32, bitcast=True) < HO)
+                      & (ow.to(tl.uint32, bitcast=True) < WO))
+            gy = tl.load(gy_base + ((gy_rows + (oh_off * gy_stride_h + ow_off * gy_stride_w))
+                                    [:, None] + co[None, :] * gy_stride_c),
                          mask=ok_row[:, None] & co_ok[None, :], other=0.0)
-            w_offs = co[:, None] * bank_stride_o + w_cols + (kh * bank_stride_h
-                                                             + kw * bank_stride_w)
+            tap_w = ((kh0 + jh * TAP_STEP_H) * bank_stride_h
+                     + (kw0 + jw * TAP_STEP_W) * bank_stride_w)
+            w_offs = co[:, None] * bank_stride_o + w_cols + tap_w
             w = mixed_tile(bank_base, w_offs, co_ok[:, None] & col_ok[None, :], a_chunk,
                            bank_stride_k, e0, EXPERT_CHUNK, NUM_EXPERTS, BLOCK_K, BLOCK_N)
             if DOT_FP32:
                 acc = tl.dot(gy.to(tl.float32), w, acc, input_precision=INPUT_PRECISION)
             else:
                 acc = tl.dot(gy, w.to(gy.dtype), acc, input_precision=INPUT_PRECISION)
+            co0 += BLOCK_K
+            next_tap = co0 >= C_OUT_G
+            co0 = tl.where(next_tap, 0, co0)
+            jw += next_tap.to(tl.int32)
+            next_row = jw >= n_tw
+            jw = tl.where(next_row, 0, jw)
+            jh += next_row.to(tl.int32)
 
     gx_base = gx_ptr + b64 * gx_stride_b + (g * C_IN_G).to(tl.int64) * gx_stride_c
     gx_off = cols[None, :] * gx_stride_c + ih[:, None] * gx_stride_h + iw[:, None] * gx_stride_w
@@ -177,12 +242,16 @@ def conv_bwd_dx(grad_out, weight_bank, routing, x_shape, stride, padding, dilati
     meta = dict(
         NUM_EXPERTS=num_experts, EXPERT_CHUNK=expert_chunk(num_experts),
         KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0],
-        PAD_W=padding[1], DIL_H=dilation[0], DIL_W=dilation[1], DOT_FP32=dot_fp32,
-        INPUT_PRECISION=precision,
+        PAD_W=padding[1], DIL_H=dilation[0], DIL_W=dilation[1],
+        TAP_STEP_H=stride[0] // math.gcd(stride[0], dilation[0]),
+        TAP_STEP_W=stride[1] // math.gcd(stride[1], dilation[1]),
+        DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
     )
+    phases = stride[0] * stride[1]
+    phase_pixels = triton.cdiv(height, stride[0]) * triton.cdiv(width, stride[1])
 
     def grid(m):
-        return (batch * triton.cdiv(height * width, m["BLOCK_M"]),
+        return (batch * phases * triton.cdiv(phase_pixels, m["BLOCK_M"]),
                 groups * triton.cdiv(in_per_group, m["BLOCK_N"]))
 
     conv_bwd_dx_tuned[grid](*args, **meta)

@@ -147,6 +147,57 @@ def test_input_gradient_in_expert_chunks(experts, dtype):
     check_grads([grad_x], expected[:1], scales[:1], dtype, case, names=("x",))
 
 
+# conv_bwd_dx splits the input pixels into stride phases (ih % sh, iw % sw), each a dense GEMM
+# over the taps that reach it: phases of unequal size (H, W not multiples of the stride), phases
+# that no tap reaches (written as zeros: dilation sharing a factor with the stride, a kernel
+# smaller than the stride), taps whose output grid is shifted past the border (wide padding).
+PHASE_CASES = {
+    "s2-k3-odd-sizes": Case(2, 4, 6, 9, 8, (3, 3), 2, 1, 1, 1, 3, False),
+    "s2-dil2-empty-phases": Case(2, 3, 4, 9, 10, (3, 3), 2, 1, 2, 1, 2, False),
+    "s2-dil2-pad2": Case(1, 3, 4, 9, 10, (3, 3), 2, 2, 2, 1, 2, False),
+    "s3-k5": Case(2, 3, 5, 8, 7, (5, 5), 3, 2, 1, 1, 3, False),
+    "s3-k2-empty-phases": Case(2, 2, 3, 8, 7, (2, 2), 3, 0, 1, 1, 2, False),
+    "s(1,2)-k(3,5)-dil(2,1)": Case(2, 4, 4, 7, 9, (3, 5), (1, 2), (2, 2), (2, 1), 2, 3, False),
+    "s(2,1)-k(5,3)-dil(1,3)": Case(2, 4, 4, 8, 9, (5, 3), (2, 1), (1, 3), (1, 3), 1, 2, False),
+    "s2-k7-stem": Case(1, 3, 4, 13, 12, (7, 7), 2, 3, 1, 1, 2, False),
+    "s2-1x1-pad0": Case(2, 5, 6, 7, 6, (1, 1), 2, 0, 1, 1, 2, False),
+    "s2-pad0-unreached-rows": Case(2, 3, 4, 8, 8, (3, 3), 2, 0, 1, 1, 2, False),
+    "s2-depthwise-cl": Case(2, 6, 6, 7, 9, (3, 3), 2, 1, 1, 6, 4, False, "channels_last"),
+    "s3-pad-wider-than-kernel": Case(2, 2, 4, 5, 6, (3, 3), 3, 4, 1, 1, 2, False),
+}
+
+
+def run_input_gradient(case: Case, dtype):
+    x, bank, routing, _ = make_inputs(case, dtype, DEVICE)
+    pair = lambda v: tuple(v) if isinstance(v, tuple) else (v, v)  # noqa: E731
+    stride, padding, dilation = pair(case.stride), pair(case.padding), pair(case.dilation)
+    with torch.no_grad():
+        y = dynconv.dynamic_conv2d(x, bank, routing, None, backend="loop", **case.geometry)
+    grad_out = upstream_gradient(y.shape, dtype, DEVICE)
+    if case.layout == "channels_last":
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    grad_x = conv_bwd_dx(grad_out, bank, routing, x.shape, stride, padding, dilation,
+                         case.groups, interpreter=INTERPRETER)
+    expected, scales = reference_gradients(grad_out, x, bank, routing, None, **case.geometry)
+    check_grads([grad_x], expected[:1], scales[:1], dtype, case, names=("x",))
+
+
+@pytest.mark.parametrize("name", list(PHASE_CASES))
+def test_input_gradient_stride_phases(name):
+    run_input_gradient(PHASE_CASES[name], torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_input_gradient_stride_phases_low_precision(dtype):
+    run_input_gradient(PHASE_CASES["s2-k3-odd-sizes"].replace(layout="channels_last"), dtype)
+
+
+def test_input_gradient_stride_phases_expert_chunks():
+    """Several expert passes (K = 17: 6 + 6 + 5) at stride 2: every pass walks the phase's taps
+    from the start."""
+    run_input_gradient(Case(2, 3, 4, 7, 6, (3, 3), 2, 1, 1, 1, 17, False), torch.float32)
+
+
 @pytest.mark.parametrize("experts", [8, 9])
 def test_weight_gradients_expert_blocks(experts):
     """conv_bwd_dw's named per-expert accumulators: 8 experts fill one program's block, 9 take
