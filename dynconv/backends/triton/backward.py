@@ -29,6 +29,12 @@ def triton_backward_impl(
     interpreter = x.device.type == "cpu" and interpreter_enabled()
     stride, padding, dilation = tuple(stride), tuple(padding), tuple(dilation)
     grad_x = grad_bank = grad_routing = grad_bias = None
+    if groups < x.shape[1] and grad_out.stride(1) != 1:
+        # grad_out with its channels innermost, once for both kernels: their grad_out tiles
+        # then load as 16-byte rows along the output channels (cp.async) instead of per-element
+        # gathers along the pixels (the compile-check's NCHW launches). Depthwise convs read
+        # one channel per group and gain nothing.
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
     if need_x:
         grad_x = conv_bwd_dx(grad_out, weight_bank, routing, x.shape, stride, padding, dilation,
                              groups, out=torch.empty_like(x), interpreter=interpreter)
