@@ -600,6 +600,7 @@ KERNEL_COLUMNS = ["layer", "shape", "batch", "experts", "dtype", "layout", "prov
                   "calls_per_step", "us_per_step", "share_of_step", "step_us", "clock",
                   "status", "note"]
 _SHORT_NAMES = {"mix_kernel": "mix", "conv_fwd_kernel": "conv_fwd",
+                "conv_fwd_spanning_kernel": "conv_fwd_spanning",
                 "conv_bwd_dx_kernel": "dgrad (conv_bwd_dx)",
                 "conv_bwd_dw_kernel": "wgrad (conv_bwd_dw)"}
 

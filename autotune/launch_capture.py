@@ -8,9 +8,10 @@ hand miss them, so the compile-check compiles what this module captures instead:
 
 1. :func:`driven_cases` lists convolutions (ResNet-18's layers at batch 32, in bf16 / fp16 /
    fp32, channels_last and NCHW, and the small odd shapes of the tests);
-2. :func:`capture` runs the backend's real forward (premix and fused) and backward on meta
-   tensors (no memory, no GPU) with ``JITFunction.run`` and ``Autotuner.run`` replaced by
-   recorders: every config that survives the autotuner's pruning for the target is recorded;
+2. :func:`capture` runs the backend's real forward (premix, fused and batch-spanning) and
+   backward on meta tensors (no memory, no GPU) with ``JITFunction.run`` and
+   ``Autotuner.run`` replaced by recorders: every config that survives the autotuner's pruning
+   for the target is recorded;
 3. :func:`specialise` turns a recorded launch into plain values (signature, constexprs,
    attributes, options) with the binder Triton uses at launch, for one target;
 4. :func:`jobs_for` deduplicates them into :class:`CompileJob` values that worker processes
@@ -145,8 +146,8 @@ def _meta_inputs(case: DrivenCase):
 
 
 def capture(cases: list[DrivenCase], capability: int) -> list[Launch]:
-    """Every launch (and autotuner candidate) of the forward, premix and fused, and the backward
-    of each case, with configs pruned as for a GPU of ``capability``."""
+    """Every launch (and autotuner candidate) of the forward (premix, fused, spanning) and the
+    backward of each case, with configs pruned as for a GPU of ``capability``."""
     from dynconv.backends.triton.backward import triton_backward_impl
     from dynconv.backends.triton.forward import triton_forward_impl
     from dynconv.kernels.configs import pruning_for_capability
@@ -159,7 +160,7 @@ def capture(cases: list[DrivenCase], capability: int) -> list[Launch]:
             s = case.shape
             geometry = ((s.stride, s.stride), (s.padding, s.padding),
                         (s.dilation, s.dilation), s.groups)
-            for strategy in ("premix", "fused"):
+            for strategy in ("premix", "fused", "spanning"):
                 current["label"] = f"{case.label} fwd-{strategy}"
                 triton_forward_impl(x, bank, routing, bias, *geometry, strategy=strategy)
             current["label"] = f"{case.label} bwd"

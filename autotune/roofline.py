@@ -9,8 +9,11 @@ each strategy's tiling allows, as a ratio to the static conv's roofline time. Un
 Notation: ``F`` = the static conv's FLOPs (2 B Cout Ho Wo Cin/g kh kw), ``|W|`` = one weight's
 elements, ``e`` = bytes per element, ``eff`` = the fraction of peak a conv kernel reaches
 (``CUDNN_EFFICIENCY``, the same for cuDNN and for our kernels at best), ``m_eff`` = useful rows
-/ padded rows of the GEMM's M tiles, ``w_eff`` = tiles / (waves x SMs) of the grid; BLOCK_M and
-BLOCK_N are each taken from (64, 128), whichever pair gives the best ``m_eff x w_eff``.
+/ padded rows of the GEMM's M tiles, ``n_eff`` = useful / padded columns (a conv group with
+fewer output channels than the tile takes the narrowest power-of-two tile >= them, at least 16:
+depthwise uses 1 column of 16), ``w_eff`` = tiles / (waves x SMs) of the grid; BLOCK_M and
+BLOCK_N are each taken from (64, 128), whichever pair gives the best ``m_eff x n_eff x w_eff``
+(written ``m_eff w_eff`` below for short).
 
 - **static** (cuDNN, the floor): ``max(F / (eff peak), e (x + y + |W|) / HBM)``.
 - **premix**: the mix kernel reads the bank and writes B x |W| (memory-bound: its K |W| B
@@ -25,8 +28,9 @@ BLOCK_N are each taken from (64, 128), whichever pair gives the best ``m_eff x w
   ``max(F / (eff peak m_eff w_eff) + mix, e (x + y + K|W|) / HBM + extra / L2-or-HBM)``,
   per-sample M tiles as premix, with the (BLOCK_M, BLOCK_N) that minimises this bound (a
   taller BLOCK_M means fewer re-reads).
-- **spanning** (one static conv over K x Cin routing-scaled channels, the scaling applied while
-  loading x tiles): K x the FLOPs, GEMM rows span the batch (M = B Ho Wo, so ``m_eff`` ~ 1):
+- **spanning** (one static conv over K x Cin routing-scaled channels, the routing applied per
+  expert to a partial accumulator, ``kernels/conv_fwd_spanning.py``): K x the FLOPs, GEMM rows
+  span the batch (M = B Ho Wo, so ``m_eff`` ~ 1):
   ``max(K F / (eff peak m_eff w_eff), e (x + y + K|W|) / HBM)``.
 - **grouped** (the grouped-conv trick, for reference): the static FLOPs as B separate small convs
   (per-sample M tiles as premix) plus writing and reading B x |W| mixed weights; in this model it
@@ -41,82 +45,46 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import sys
 from dataclasses import asdict, dataclass
 
+from dynconv.backends.triton.roofline_model import (  # noqa: F401  (re-exported)
+    BLOCKS,
+    CANDIDATES,
+    CUDA_CORE_FLOPS,
+    CUDNN_EFFICIENCY,
+    DTYPE_BYTES,
+    HBM_BANDWIDTH,
+    L2_BANDWIDTH,
+    L2_BYTES,
+    NUM_SMS,
+    STRATEGIES,
+    TENSOR_PEAK_FLOPS,
+    Device,
+    Tiling,
+    h200,
+    strategy_bounds,
+)
+from dynconv.backends.triton.roofline_model import tilings as _tilings
+
 from .shapes import SHAPE_SETS, ConvShape, get_shape_set
 
-# --- device constants (H200) -------------------------------------------------------------------
-# HBM bandwidth, SM count, L2 size and the CUDA-core fp32 rate are NVIDIA H200 (SXM) datasheet
-# figures. The tensor-core peak is issue 16's figure (790 TFLOP/s dense bf16/fp16; tf32 half of
-# it), which is below the datasheet's 989 TFLOP/s dense: a sustained rate rather than boost
-# clocks. Compute-bound ratios do not depend on it (static and strategies share it).
-TENSOR_PEAK_FLOPS = {"bf16": 790e12, "fp16": 790e12, "fp32": 395e12}  # fp32 runs as tf32
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-HBM_BANDWIDTH = 4.8e12  # bytes/s
-NUM_SMS = 132
-L2_BYTES = 50e6
-# Assumptions, not datasheet figures:
-L2_BANDWIDTH = 3 * HBM_BANDWIDTH  # bytes/s, an L2 hit rate assumed ~3x HBM's
-CUDA_CORE_FLOPS = 67e12  # fp32 FMA rate of the CUDA cores (the datasheet's FP32 figure)
-CUDNN_EFFICIENCY = 0.6  # fraction of tensor peak cuDNN's static conv (and at best ours) reaches
-BLOCKS = (64, 128)  # BLOCK_M / BLOCK_N choices of the implicit-GEMM tiles
-
-STRATEGIES = ("premix", "fused", "spanning", "grouped")
-CANDIDATES = ("premix", "fused", "spanning")  # grouped is the reference, never "best"
-
-
-@dataclass(frozen=True)
-class Device:
-    peak_flops: float
-    hbm: float = HBM_BANDWIDTH
-    l2: float = L2_BANDWIDTH
-    l2_bytes: float = L2_BYTES
-    sms: int = NUM_SMS
-    cuda_core_flops: float = CUDA_CORE_FLOPS
-    efficiency: float = CUDNN_EFFICIENCY
-
-
-def h200(dtype: str = "bf16") -> Device:
-    if dtype not in TENSOR_PEAK_FLOPS:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(TENSOR_PEAK_FLOPS)}")
-    return Device(peak_flops=TENSOR_PEAK_FLOPS[dtype])
-
-
-@dataclass(frozen=True)
-class Tiling:
-    block_m: int
-    block_n: int
-    m_eff: float  # useful / padded GEMM rows
-    tiles: int
-    wave_eff: float  # tiles / (waves x SMs)
-
-    @property
-    def eff(self) -> float:
-        return self.m_eff * self.wave_eff
+# The formulas live in dynconv.backends.triton.roofline_model (Triton-free): the forward's
+# ``auto`` rule and this tool use the same bounds.
 
 
 def tilings(rows_per_tile_group: int, tile_groups: int, shape: ConvShape,
             sms: int) -> list[Tiling]:
     """Every (BLOCK_M, BLOCK_N) in ``BLOCKS`` for ``tile_groups`` independent GEMMs of
-    ``rows_per_tile_group`` rows each (B samples for per-sample tiles, 1 for batch-spanning)
-    and Cout/g columns per conv group."""
-    cout_g = shape.cout // shape.groups
-    out = []
-    for bm in BLOCKS:
-        for bn in BLOCKS:
-            m_tiles = math.ceil(rows_per_tile_group / bm)
-            m_eff = rows_per_tile_group / (m_tiles * bm)
-            tiles = tile_groups * m_tiles * shape.groups * math.ceil(cout_g / bn)
-            wave_eff = tiles / (math.ceil(tiles / sms) * sms)
-            out.append(Tiling(bm, bn, m_eff, tiles, wave_eff))
-    return out
+    ``rows_per_tile_group`` rows each and ``shape``'s Cout/g columns per conv group."""
+    return _tilings(rows_per_tile_group, tile_groups, shape.cout // shape.groups, shape.groups,
+                    sms)
 
 
 def tiling(rows_per_tile_group: int, tile_groups: int, shape: ConvShape, sms: int) -> Tiling:
-    """The tiling of :func:`tilings` with the best ``m_eff x wave_eff`` (first on ties)."""
+    """The tiling of :func:`tilings` with the best ``m_eff x n_eff x wave_eff`` (first on
+    ties)."""
     return max(tilings(rows_per_tile_group, tile_groups, shape, sms), key=lambda t: t.eff)
 
 
@@ -142,7 +110,7 @@ class LayerRoofline:
     fused_s: float
     spanning_s: float
     grouped_s: float
-    premix_eff: float  # m_eff x wave_eff of the per-sample tiles
+    premix_eff: float  # m_eff x n_eff x wave_eff of the per-sample tiles
     spanning_eff: float
     fused_extra_bytes: int
     fused_extra_from: str  # "L2" or "HBM"
@@ -164,63 +132,11 @@ class LayerRoofline:
 def layer_roofline(shape: ConvShape, batch: int = 32, experts: int = 4, dtype: str = "bf16",
                    device: Device | None = None) -> LayerRoofline:
     """The model of the module docstring for one layer shape."""
-    if batch < 1 or experts < 1:
-        raise ValueError(f"batch and experts must be >= 1, got {batch} and {experts}")
-    dev = device or h200(dtype)
-    e = DTYPE_BYTES[dtype]
-    hw_out = shape.ho * shape.wo
-    x = batch * shape.cin * shape.h * shape.w
-    y = batch * shape.cout * hw_out
-    w = weight_elems(shape)
-    flops = shape.flops(batch)
-    conv_rate = dev.efficiency * dev.peak_flops
-
-    static_bytes = e * (x + y + w)
-    min_bytes = e * (x + y + experts * w)
-    static_s = max(flops / conv_rate, static_bytes / dev.hbm)
-
-    # premix: per-sample M tiles; mix kernel (memory-bound), then the conv reads W_dyn back.
-    per_sample = tiling(hw_out, batch, shape, dev.sms)
-    mix_s = e * (experts * w + batch * w) / dev.hbm
-    premix_compute = flops / (conv_rate * per_sample.eff)
-    premix_memory = e * (x + y + batch * w) / dev.hbm
-    premix_s = mix_s + max(premix_compute, premix_memory)
-
-    # fused: the K bank tiles re-read (and mixed on CUDA cores) by every row tile; its own
-    # tiling (a taller BLOCK_M means fewer re-reads), the one with the lowest bound.
-    from_l2 = e * experts * w <= dev.l2_bytes
-    fused = []
-    for t in tilings(hw_out, batch, shape, dev.sms):
-        row_tiles = batch * math.ceil(hw_out / t.block_m)
-        extra = e * row_tiles * experts * w
-        compute = flops / (conv_rate * t.eff) + 2 * row_tiles * experts * w / dev.cuda_core_flops
-        memory = min_bytes / dev.hbm + extra / (dev.l2 if from_l2 else dev.hbm)
-        fused.append((max(compute, memory), extra, compute, memory))
-    fused_s, extra, fused_compute, fused_memory = min(fused)
-
-    # spanning: one static conv over K x Cin channels, rows span the batch.
-    spanning_tiling = tiling(batch * hw_out, 1, shape, dev.sms)
-    spanning_compute = experts * flops / (conv_rate * spanning_tiling.eff)
-    spanning_memory = min_bytes / dev.hbm
-    spanning_s = max(spanning_compute, spanning_memory)
-
-    # grouped trick: B small convs (per-sample tiles) + B x |W| written and read.
-    grouped_s = mix_s + max(premix_compute, premix_memory)
-
-    def bound(compute: float, memory: float) -> str:
-        return "compute" if compute >= memory else "memory"
-
+    b = strategy_bounds(batch, experts, shape.cin, shape.cout, shape.h, shape.w, shape.ho,
+                        shape.wo, shape.kh, shape.kw, shape.groups, dtype, device)
     return LayerRoofline(
         layer=shape.name, label=shape.label(), count=shape.count, ho=shape.ho, wo=shape.wo,
-        batch=batch, experts=experts,
-        dtype=dtype, flops=flops, min_bytes=min_bytes, static_bytes=static_bytes,
-        static_s=static_s, premix_s=premix_s, fused_s=fused_s, spanning_s=spanning_s,
-        grouped_s=grouped_s, premix_eff=per_sample.eff, spanning_eff=spanning_tiling.eff,
-        fused_extra_bytes=extra, fused_extra_from="L2" if from_l2 else "HBM",
-        premix_bound=bound(premix_compute, premix_memory),
-        fused_bound=bound(fused_compute, fused_memory),
-        spanning_bound=bound(spanning_compute, spanning_memory),
-    )
+        batch=batch, experts=experts, dtype=dtype, **asdict(b))
 
 
 def roofline_table(set_name: str = "resnet18", batch: int = 32, experts: int = 4,

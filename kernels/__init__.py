@@ -1,7 +1,9 @@
 """Triton kernels of dynconv (installed as ``dynconv.kernels``). They know nothing of autograd.
 
 Modules: ``mix`` (per-sample weight mixing into the conv kernels' layout), ``conv_fwd``
-(implicit-GEMM forward, premix and fused), ``conv_bwd_dx`` (grad_input: per-sample transposed
+(implicit-GEMM forward, premix and fused), ``conv_fwd_spanning`` (the batch-spanning forward:
+one implicit GEMM over the whole batch's output pixels, the bank shared, the routing applied per
+expert), ``conv_bwd_dx`` (grad_input: per-sample transposed
 implicit GEMM), ``conv_bwd_dw`` (per-sample weight gradient on tensor cores, contracted onto
 the bank and routing gradients in registers), ``configs`` (every kernel's candidate configs,
 autotune keys and prunes), ``tuned_table`` (the persisted per-GPU tuned configs, consulted

@@ -396,3 +396,101 @@ def prune_conv_bwd_dw_configs(configs, named_args, **kwargs):
     shortest = min((c.kwargs["BLOCK_P"] for c in kept), default=0)
     kept = [c for c in kept if c.kwargs["BLOCK_P"] <= max(shortest, triton.next_power_of_2(pixels))]
     return kept or configs[:1]
+
+
+# --- conv_fwd_spanning (batch-spanning forward) -------------------------------------------------
+
+CONV_FWD_SPANNING_KEY = [
+    "ROWS", "NUM_EXPERTS", "C_IN_G", "C_OUT_G", "H", "W", "HO", "WO", "KH", "KW",
+    "stride_h", "stride_w", "dil_h", "dil_w", "x_stride_c", "TAP_MAJOR", "OFFSET_64",
+]
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The kernel holds two fp32 (BLOCK_M,
+# BLOCK_N) accumulators (the sum and one expert's partial): each at most 64 per thread
+# (64 x 128 on 4 warps, 128 x 128 on 8). Rows span the batch, so BLOCK_M = 128 fills its tiles
+# even at 7x7; BLOCK_K = 64 halves the steps of wide channels (a 128-byte bf16 row; fewer
+# instructions per wgmma). 128 x 128 x 64 takes 2 stages: with 3 it spilled 8 bytes on sm_90
+# under Triton 3.6 (3x3 layers, compile-check).
+_CONV_FWD_SPANNING_CANDIDATES = [
+    (64, 16, 32, 4, 3),
+    (64, 32, 32, 4, 3),
+    (64, 64, 32, 4, 3),
+    (64, 128, 32, 4, 3),
+    (128, 64, 32, 8, 3),
+    (128, 128, 32, 8, 3),
+    (128, 64, 64, 8, 3),
+    (128, 128, 64, 8, 2),
+]
+# With int64 offsets (one sample spanning > 2**31 elements) only the smallest tiles.
+_CONV_FWD_SPANNING_INT64 = {(64, 16, 32, 4, 3), (64, 32, 32, 4, 3)}
+# fp32 operands (twice the registers per pipelined element) spilled past 32 accumulator
+# elements per thread (64 x 128 on 4 warps, 128 x 128 on 8: NCHW x, sm_90, compile-check);
+# BLOCK_K = 64 spilled with a strided-channel (NCHW) x, in the flattened reduction (the 7x7
+# stem) and on sm_80 (mma.sync: operands through registers), so it is kept for tap-major
+# 2-byte channels_last x on sm_90 only.
+CONV_FWD_SPANNING_FP32_MAX_ACC_PER_THREAD = 32
+# Before sm_90 (mma.sync: both operands through registers) Triton 3.6 spilled 8-16 bytes on
+# every tile from 64 x 64 on 4 warps up (bf16 / fp16 channels_last 3x3): these are the
+# (BLOCK_M, BLOCK_N, num_warps) kept there.
+_CONV_FWD_SPANNING_PRE_SM90 = {(64, 16, 4), (64, 32, 4), (128, 64, 8)}
+# Interpreter: one config; tall row tiles mean fewer interpreted programs.
+_CONV_FWD_SPANNING_INTERPRETER = (128, 16, 32, 4, 1)
+
+
+def conv_fwd_spanning_configs(interpreter: bool | None = None) -> list[triton.Config]:
+    """Candidate configs of the batch-spanning forward (one under the interpreter)."""
+    interpreter = interpreter_enabled() if interpreter is None else interpreter
+    table = [_CONV_FWD_SPANNING_INTERPRETER] if interpreter else _CONV_FWD_SPANNING_CANDIDATES
+    return mnk_tile_configs(table)
+
+
+def _spanning_capability(device) -> int:
+    """Compute capability (major * 10 + minor) that pruning assumes for ``device``: the
+    assumed one of :func:`pruning_for_capability` off CUDA, else 0 (unknown)."""
+    if device is None or device.type != "cuda":
+        return _ASSUMED_CAPABILITY or 0
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
+
+
+def prune_conv_fwd_spanning_configs(configs, named_args, **kwargs):
+    """early_config_prune hook: blocks no larger than the problem (rows = the launch's batch x
+    HO x WO; BLOCK_K against C_in/G tap-major, the whole reduction flattened), shared memory
+    (num_stages x (x tile + bank tile)) within the device's limit, int64 offsets on the small
+    tiles only, the tiles that spilled with fp32 or strided channels left out; keep at least
+    one."""
+    named_args = {**named_args, **kwargs}  # constexprs given by keyword arrive in kwargs
+    x = named_args["x_ptr"]
+    reduction = named_args["C_IN_G"]
+    if not named_args.get("TAP_MAJOR"):
+        reduction *= named_args["KH"] * named_args["KW"]
+    if named_args.get("OFFSET_64"):
+        configs = [c for c in configs
+                   if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                       c.num_warps, c.num_stages) in _CONV_FWD_SPANNING_INT64]
+    if x.element_size() >= 4:
+        configs = [c for c in configs
+                   if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
+                   <= CONV_FWD_SPANNING_FP32_MAX_ACC_PER_THREAD * 32 * c.num_warps]
+    capability = _spanning_capability(x.device)
+    if capability and capability < 90:
+        configs = [c for c in configs
+                   if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+                   in _CONV_FWD_SPANNING_PRE_SM90]
+    if (x.element_size() >= 4 or named_args["x_stride_c"] != 1 or capability < 90
+            or not named_args.get("TAP_MAJOR")):
+        configs = [c for c in configs if c.kwargs["BLOCK_K"] <= 32]
+    if named_args["C_OUT_G"] >= 2 * MIN_DOT_BLOCK:
+        # 16-column tiles of a wider group only multiply the x re-reads (and spilled 8 bytes
+        # on sm_80 at 64 channels).
+        configs = [c for c in configs if c.kwargs["BLOCK_N"] > MIN_DOT_BLOCK] or configs
+    kept = _fit_blocks(configs, {"BLOCK_M": named_args["ROWS"],
+                                 "BLOCK_N": named_args["C_OUT_G"], "BLOCK_K": reduction})
+    limit = shared_memory_limit(x.device)
+
+    def shared(config):
+        return conv_fwd_shared_bytes(config, x.element_size())
+
+    kept = [c for c in kept if shared(c) <= limit]
+    return kept or [min(configs, key=shared)]

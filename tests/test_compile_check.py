@@ -125,11 +125,15 @@ def test_capture_specialises_like_a_real_launch():
     assert run.returncode == 0, run.stderr[-3000:]
     jobs = json.loads(run.stdout)
     assert {j["kernel"] for j in jobs} == {"mix_kernel", "conv_fwd_kernel",
-                                           "conv_bwd_dx_kernel", "conv_bwd_dw_kernel"}
+                                           "conv_fwd_spanning_kernel", "conv_bwd_dx_kernel",
+                                           "conv_bwd_dw_kernel"}
     forward = [j for j in jobs if j["kernel"] == "conv_fwd_kernel"]
     assert {label.rsplit(" ", 1)[-1] for j in forward for label in j["labels"]} == {
         "fwd-premix", "fwd-fused"}
-    for job in forward:
+    spanning = [j for j in jobs if j["kernel"] == "conv_fwd_spanning_kernel"]
+    assert spanning and all(label.endswith("fwd-spanning") for j in spanning
+                            for label in j["labels"])
+    for job in forward + spanning:
         names = list(job["signature"])
         assert job["signature"]["x_stride_c"] == "constexpr"
         assert job["constexprs"][str((names.index("x_stride_c"),))] == 1

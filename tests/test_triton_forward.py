@@ -1,4 +1,5 @@
-"""The Triton forward (mix + conv kernels, premix and fused) against a float64 per-sample loop.
+"""The Triton forward (mix + conv kernels: premix, fused and batch-spanning) against a float64
+per-sample loop.
 
 Runs the compiled kernels on CUDA when a GPU is present, else the Triton interpreter on CPU
 (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported). Shapes are tiny: the
@@ -33,7 +34,7 @@ if not ON_GPU and not interpreter_enabled():
 # fp32 dots in ieee unless a test asks for tf32 (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("fp32_dots")
 
-STRATEGIES = ("premix", "fused")
+STRATEGIES = ("premix", "fused", "spanning")
 
 
 CASES = {
@@ -100,6 +101,7 @@ TAP_MAJOR_CASES = ["base_3x3", "stride_2", "dilation_2", "groups_2", "depthwise"
 def test_forward_fp32_tap_major(name, strategy, monkeypatch):
     """The tap-major reduction (used from C_in/G >= 16) forced on small channel counts."""
     monkeypatch.setattr("dynconv.kernels.conv_fwd.MIN_DOT_BLOCK", 1)
+    monkeypatch.setattr("dynconv.kernels.conv_fwd_spanning.MIN_DOT_BLOCK", 1)
     run_case(CASES[name], strategy, torch.float32)
 
 
@@ -187,6 +189,7 @@ def test_padding_same_through_dispatcher(strategy, monkeypatch):
 def test_int64_offsets_path(strategy):
     """The OFFSET_64 variant (used when a sample spans > 2**31 elements) computes the same."""
     from dynconv.kernels.conv_fwd import conv_fwd
+    from dynconv.kernels.conv_fwd_spanning import conv_fwd_spanning
     from dynconv.kernels.mix import mix, mixed_views
 
     case = Case(stride=(2, 1), layout="channels_last")
@@ -195,7 +198,11 @@ def test_int64_offsets_path(strategy):
     y = torch.empty(y_ref.shape, device=DEVICE, dtype=x.dtype)
     interpreter = not ON_GPU
     with torch.no_grad():
-        if strategy == "fused":
+        if strategy == "spanning":
+            conv_fwd_spanning(x, bank.unflatten(1, (1, case.cout)), bias, routing, y,
+                              case.stride, case.padding, case.dilation, interpreter,
+                              offset_64=True)
+        elif strategy == "fused":
             conv_fwd(x, bank.unflatten(1, (1, case.cout)), bias, routing, y, 0, case.batch,
                      case.stride, case.padding, case.dilation, interpreter, offset_64=True)
         else:
@@ -283,11 +290,54 @@ def test_cpu_tensors_without_interpreter_raise(monkeypatch):
         dynconv.dynamic_conv2d(x, bank, routing, bias, padding=1, backend="triton")
 
 
-def test_choose_strategy_heuristic():
-    # Late layer: 4x4 output, K=4 -> one row tile, fused. Early layer: 56x56 output -> premix.
-    assert choose_strategy((8, 64, 8, 8), (4, 64, 64, 3, 3), (4, 4)) == "fused"
-    assert choose_strategy((8, 64, 56, 56), (4, 64, 64, 3, 3), (56, 56)) == "premix"
-    assert choose_strategy((8, 64, 8, 8), (64, 64, 64, 3, 3), (8, 8)) == "premix"
+def test_choose_strategy_follows_the_roofline_model():
+    """auto picks the strategy with the lowest bound of the roofline model (the one ``python -m
+    dynconv.autotune roofline`` tabulates), fused only up to MAX_EXPERT_CHUNK experts."""
+    from dynconv.backends.triton.roofline_model import strategy_bounds
+
+    def pick(batch, cin, cout, size, experts, kernel=3, stride=1, groups=1,
+             dtype=torch.bfloat16):
+        out = (size + 2 * (kernel // 2) - kernel) // stride + 1
+        return choose_strategy((batch, cin, size, size),
+                               (experts, cout, cin // groups, kernel, kernel), (out, out),
+                               groups, dtype)
+
+    # Early layer: 56x56 outputs fill per-sample tiles; K x the FLOPs would cost spanning,
+    # re-mixing the bank in 49 row tiles per sample would cost fused.
+    assert pick(32, 64, 64, 56, 4) == "premix"
+    # Late layer at 7x7: one row tile per sample, the bank from L2: fused.
+    assert pick(32, 512, 512, 7, 4) == "fused"
+    # Past MAX_EXPERT_CHUNK experts fused is never chosen.
+    assert pick(32, 512, 512, 7, 9) != "fused"
+    # A memory-bound 1x1 on small images with a bank larger than the batch's samples: writing
+    # B x |W| costs premix, per-sample tiles cost fused; one batch-spanning GEMM wins.
+    assert pick(32, 64, 128, 56, 4, kernel=1, stride=2) == "spanning"
+    # The rule is the model's argmin, whatever it picks.
+    for batch, cin, cout, size, experts in [(8, 64, 64, 8, 4), (2, 256, 256, 14, 2),
+                                            (64, 32, 96, 28, 8), (4, 16, 16, 4, 3)]:
+        bounds = strategy_bounds(batch, experts, cin, cout, size, size, size, size, 3, 3, 1,
+                                 "bf16")
+        best = min(("premix", "fused", "spanning"), key=bounds.time)
+        assert pick(batch, cin, cout, size, experts) == best
+
+
+def test_choose_strategy_depthwise_counts_the_padded_columns():
+    """Depthwise (one output channel per group) fills 1 of 16 tile columns: K x those wasted
+    FLOPs keep spanning off a compute-bound depthwise layer."""
+    from dynconv.backends.triton.roofline_model import h200, tilings
+
+    assert tilings(64, 1, 1, 32, h200().sms)[0].n_eff == 1 / 16
+    assert tilings(64, 1, 96, 1, h200().sms)[0].n_eff == 96 / 128
+    assert choose_strategy((32, 144, 56, 56), (4, 144, 1, 3, 3), (56, 56), 144,
+                           torch.bfloat16) != "spanning"
+
+
+def test_choose_strategy_dtype_and_signature():
+    """dtype selects the model's peak and bytes (None: bf16); the rule takes positional
+    arguments only (tools replace it by ``lambda *args: name``)."""
+    shape = ((32, 64, 28, 28), (4, 128, 64, 1, 1), (14, 14), 1)
+    assert choose_strategy(*shape) == choose_strategy(*shape, torch.bfloat16)
+    assert choose_strategy(*shape, torch.float32) in ("premix", "fused", "spanning")
 
 
 # --- configs -------------------------------------------------------------------------------------
@@ -336,8 +386,13 @@ def test_auto_strategy_never_fuses_several_expert_passes():
     from dynconv.kernels.configs import MAX_EXPERT_CHUNK
 
     assert forward.MAX_EXPERT_CHUNK == MAX_EXPERT_CHUNK  # the Triton-free copy agrees
-    assert forward.choose_strategy(None, (8, 512, 512, 3, 3), (7, 7)) == "fused"
-    assert forward.choose_strategy(None, (9, 512, 512, 3, 3), (7, 7)) == "premix"
+    # The model alone would fuse 9 experts here too.
+    from dynconv.backends.triton.roofline_model import best_strategy, strategy_bounds
+
+    x_shape = (8, 256, 7, 7)
+    assert best_strategy(strategy_bounds(8, 9, 256, 256, 7, 7, 7, 7, 3, 3)) == "fused"
+    assert forward.choose_strategy(x_shape, (8, 256, 256, 3, 3), (7, 7)) == "fused"
+    assert forward.choose_strategy(x_shape, (9, 256, 256, 3, 3), (7, 7)) == "premix"
 
 
 def test_fused_configs_with_several_expert_passes_keep_small_tiles():
@@ -393,7 +448,7 @@ def test_conv_configs_with_int64_offsets():
     assert all(conv_fwd_int64_ok(c) for c in kept)
 
 
-@pytest.mark.parametrize("strategy", ["premix", "fused"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_bank_span_past_int32_is_refused(strategy):
     """The mix and fused conv step through the bank with int32 offsets: a larger bank fails with
     a ValueError before any launch (meta tensors stand in for the memory)."""

@@ -1,21 +1,25 @@
 """The ``triton`` backend's forward: strategy choice, batch chunking and kernel launches.
 
 Pure tensor functions, no autograd: ``triton_forward_impl`` is what the custom ops build on.
-Kernels live in ``dynconv.kernels`` (mix, conv_fwd).
+Kernels live in ``dynconv.kernels`` (mix, conv_fwd, conv_fwd_spanning).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from dynconv.geometry import output_hw, output_memory_format
-from dynconv.kernels._common import interpreter_enabled
+from dynconv.kernels._common import MIN_DOT_BLOCK, interpreter_enabled
+
+from .roofline_model import best_strategy, strategy_bounds
 
 # The most experts the fused kernels mix in one pass (dynconv.kernels.configs; repeated here so
 # that importing the backend does not import Triton).
 MAX_EXPERT_CHUNK = 8
 
-STRATEGIES = ("auto", "premix", "fused")
+STRATEGIES = ("auto", "premix", "fused", "spanning")
 
 # Bytes of mixed weights (plus bias) that premix keeps in memory at once; the batch is processed
 # in chunks of as many samples as fit.
@@ -24,32 +28,38 @@ PREMIX_BUFFER_BYTES = 64 * 2**20
 # Samples are the third grid axis of the conv kernel, which CUDA limits to 65535 programs.
 MAX_SAMPLES_PER_LAUNCH = 65535
 
-# Output rows per tile that the fused strategy's heuristic assumes (a typical BLOCK_M).
-_FUSED_ROWS_PER_TILE = 64
-# Fused re-mixes the bank once per output-row tile: it is chosen while that costs at most this
-# many bank-tile loads and multiply-adds per weight element and sample (row tiles x K).
-_FUSED_MAX_REMIX = 32
+# The roofline model's names of the dtypes (fp32 runs as tf32 or ieee: the model assumes tf32).
+_MODEL_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def choose_strategy(x_shape, weight_bank_shape, out_hw) -> str:
-    """``"premix"`` or ``"fused"`` for one call, by a heuristic that has not been measured yet.
+@functools.lru_cache(maxsize=1024)
+def _modelled_best(batch, experts, cin, cout, h, w, ho, wo, kh, kw, groups, dtype,
+                   candidates) -> str:
+    bounds = strategy_bounds(batch, experts, cin, cout, h, w, ho, wo, kh, kw, groups, dtype)
+    return best_strategy(bounds, candidates)
 
-    Every output-row tile of a sample needs that sample's whole weight matrix. Premix mixes it
-    once per sample (K x |W| multiply-adds), writes it (B x |W| to memory) and each row tile
-    reads it back. Fused writes nothing but each row tile loads the K bank tiles (the bank is
-    small and cache-resident) and mixes them again: ``ceil(HO*WO / 64) * K`` multiply-adds and
-    tile loads per weight element and sample, on CUDA cores beside the tensor-core dot. So fused
-    is chosen when a sample has few row tiles and at most MAX_EXPERT_CHUNK experts (late,
-    low-resolution layers), premix otherwise. The threshold (``_FUSED_MAX_REMIX``) is a guess
-    until measured on a GPU.
+
+def choose_strategy(x_shape, weight_bank_shape, out_hw, groups: int = 1,
+                    dtype: torch.dtype | None = None) -> str:
+    """``"premix"``, ``"fused"`` or ``"spanning"`` for one call: the strategy with the lowest
+    time bound in the H200 roofline model (:mod:`.roofline_model`, the model of ``python -m
+    dynconv.autotune roofline``), until measured data replaces it.
+
+    In the model premix pays for writing and re-reading B x |W| mixed weights and for
+    per-sample row tiles; fused for re-reading and re-mixing the K bank tiles in every row tile
+    (CUDA-core work beside the dot) and per-sample row tiles; spanning for K x the FLOPs, with
+    rows spanning the batch (full tiles and a full grid at small images). Fused is never chosen
+    past MAX_EXPERT_CHUNK experts (it would mix the bank in several passes over the reduction,
+    each reloading x: the model does not see that). ``dtype`` defaults to bf16.
     """
-    del x_shape  # the decision depends on the output size and K only, for now
-    num_experts = weight_bank_shape[0]
+    batch, in_channels, height, width = x_shape
+    num_experts, out_channels, _, kh, kw = weight_bank_shape
+    candidates = ("premix", "fused", "spanning")
     if num_experts > MAX_EXPERT_CHUNK:
-        # Fused would mix the bank in several passes over the reduction, each reloading x.
-        return "premix"
-    row_tiles = -(-(out_hw[0] * out_hw[1]) // _FUSED_ROWS_PER_TILE)
-    return "fused" if row_tiles * num_experts <= _FUSED_MAX_REMIX else "premix"
+        candidates = ("premix", "spanning")
+    model_dtype = _MODEL_DTYPES.get(dtype, "bf16")
+    return _modelled_best(max(1, batch), num_experts, in_channels, out_channels, height, width,
+                          out_hw[0], out_hw[1], kh, kw, groups, model_dtype, candidates)
 
 
 def premix_chunk_size(batch: int, row_elements: int, element_size: int,
@@ -79,7 +89,8 @@ def triton_forward_impl(
         weight_bank: (K, C_out, C_in/groups, KH, KW). routing: (B, K).
         bias_bank: (K, C_out) or None. All in x's dtype and on x's device (already validated).
         stride, padding, dilation: (h, w) ints; padding symmetric.
-        strategy: ``"premix"``, ``"fused"`` or ``"auto"`` (:func:`choose_strategy`).
+        strategy: ``"premix"``, ``"fused"``, ``"spanning"`` or ``"auto"``
+            (:func:`choose_strategy`).
         premix_buffer_bytes: bound on premix's mixed-weight buffer (default
             ``PREMIX_BUFFER_BYTES``); the batch is processed in chunks that fit it.
 
@@ -104,8 +115,27 @@ def triton_forward_impl(
     if batch == 0 or y.numel() == 0:
         return y
     if strategy == "auto":
-        strategy = choose_strategy(x.shape, weight_bank.shape, (height_out, width_out))
+        # Positional arguments: tools and tests replace the rule by ``lambda *args: name``.
+        strategy = choose_strategy(x.shape, weight_bank.shape, (height_out, width_out), groups,
+                                   x.dtype)
     interpreter = interpreter_enabled() and x.device.type == "cpu"
+
+    if strategy == "spanning":
+        from dynconv.kernels.conv_fwd_spanning import conv_fwd_spanning
+
+        # One GEMM whose rows span the batch, the bank (repacked as for fused: tiles contiguous
+        # along the output channels) as the shared operand, the routing applied per expert.
+        bank, _ = mixed_views(pack_bank(weight_bank, groups), weight_bank.shape, groups, False)
+        x_in = x
+        if in_per_group >= MIN_DOT_BLOCK and x.stride(1) != 1:
+            # Tap-major tiles are contiguous along the channels only in channels_last: every
+            # x tile of every expert pass is then a 16-byte cp.async row instead of per-element
+            # gathers (2-byte ones for bf16, not asynchronous), about half the instructions per
+            # step and no register spills (compile-check). One copy of x per call.
+            x_in = x.contiguous(memory_format=torch.channels_last)
+        conv_fwd_spanning(x_in, bank, bias_bank, routing, y, stride, padding, dilation,
+                          interpreter=interpreter)
+        return y
 
     if strategy == "fused":
         # The bank repacked once per call (K x |W|, small next to the B x |W| premix would
