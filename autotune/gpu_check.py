@@ -14,14 +14,14 @@ they come (CSV rows appended and flushed: a killed run keeps what it measured). 
    each case below waits only for its own kernels, so the correctness pass starts early;
    ``precompile.csv`` has every kernel's registers, spills, shared memory, wgmma / mma and
    asynchronous loads;
-3. **correctness**: about 40 cases, y and the four gradients of ``backend="triton"`` (premix or
-   fused forced) against ``native`` in float64 on the GPU, each element within the tests'
-   rounding bound (``correctness.csv``);
+3. **correctness**: about 50 cases, y and the four gradients of ``backend="triton"`` (premix,
+   fused or spanning forced) against ``native`` in float64 on the GPU, each element within the
+   tests' rounding bound (``correctness.csv``);
 4. **timings**: the ResNet-18 layers at batch 32, bf16, channels_last, then NCHW, fp32 and
-   batch 128: static cuDNN conv, the grouped trick, triton (auto, premix, fused) and the dense
-   K x Cin form, forward / backward / forward+backward interleaved with the static conv, peak
-   memory (``timings.csv``, bench's columns), and per-kernel device times from the profiler
-   (``kernels.csv``); no compile pool runs meanwhile;
+   batch 128: static cuDNN conv, the grouped trick, triton (auto, premix, fused, spanning) and
+   the batch-spanning form in PyTorch, forward / backward / forward+backward interleaved with
+   the static conv, peak memory (``timings.csv``, bench's columns), and per-kernel device times
+   from the profiler (``kernels.csv``); no compile pool runs meanwhile;
 5. with the time left only: the **sweep** of the late layers (its candidates precompiled in the
    pool first; table ``<device>.json``), then a trimmed **tests** run (pytest, Triton tests).
 
@@ -860,7 +860,8 @@ def step_sweep(run: Run, precompiler) -> None:
     left = left if left * (1 - SWEEP_SHARE) < TESTS_MIN_S else left * SWEEP_SHARE
     step = run.begin("sweep")
     if precompiler is not None and run.plan and run.plan.arch:
-        launches = [gpu_steps.Launches(s, 32, 4, "bf16", True, True, ("premix", "fused"))
+        launches = [gpu_steps.Launches(s, 32, 4, "bf16", True, True,
+                                       gpu_steps.FORWARD_STRATEGIES)
                     for s in gpu_steps.sweep_shapes()]
         jobs = [j for js in gpu_steps.compile_jobs(launches, run.plan.arch, pin=False)
                 for j in js]

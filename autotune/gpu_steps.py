@@ -50,7 +50,7 @@ class CheckCase:
     experts: int
     dtype: str
     layout: str  # "channels_last" or "nchw"
-    strategy: str  # "premix" or "fused"
+    strategy: str  # "premix", "fused" or "spanning"
     bias: bool = True
     tf32: bool = False  # fp32 only: torch.backends.cudnn.allow_tf32 during the triton run
 
@@ -71,10 +71,11 @@ def check_cases(tiny_shapes: bool = False) -> list[CheckCase]:
 
     Seven small geometries (3x3 s1, 3x3 s2, 1x1 s2 without bias, grouped, depthwise, the 7x7 s2
     stem with 3 input channels, a dilated one with few channels) x bf16 / fp16 / fp32 (ieee dots)
-    x premix / fused, with K = 4, 17 or 1 per geometry and channels_last / NCHW alternating; then
-    three ResNet-18 layers at batch 32 with the configs the timings use (bf16 premix at 128@28,
-    bf16 fused at 512@7, fp32 tf32 at 256@14). ``tiny_shapes``: a handful of miniatures, for the
-    interpreter.
+    x premix / fused (and the batch-spanning strategy for one dtype per geometry, rotating), with
+    K = 4, 17 or 1 per geometry and channels_last / NCHW alternating; then four ResNet-18 layers
+    at batch 32 with the configs the timings use (bf16 premix at 128@28, bf16 fused at 512@7,
+    fp32 tf32 at 256@14, bf16 spanning on the 1x1 stride-2 downsample at 56x56).
+    ``tiny_shapes``: a handful of miniatures, for the interpreter.
     """
     geometries = [
         (ConvShape("3x3-s1", 16, 32, 9, 9, 3, 3, 1, 1), 4, True),
@@ -94,11 +95,17 @@ def check_cases(tiny_shapes: bool = False) -> list[CheckCase]:
             for s, strategy in enumerate(("premix", "fused")):
                 layout = "channels_last" if (g + d + s) % 2 == 0 else "nchw"
                 cases.append(CheckCase(shape, batch, experts, dtype, layout, strategy, bias))
+    for g, (shape, experts, bias) in enumerate(geometries):
+        if not tiny_shapes:
+            dtype = ("bf16", "fp16", "fp32")[g % 3]
+            layout = "channels_last" if g % 2 == 0 else "nchw"
+            cases.append(CheckCase(shape, batch, experts, dtype, layout, "spanning", bias))
     layers = [
         CheckCase(_resnet("layer2.0.conv2"), 32, 4, "bf16", "channels_last", "premix"),
         CheckCase(_resnet("layer4.0.conv2"), 32, 4, "bf16", "channels_last", "fused"),
         CheckCase(_resnet("layer3.0.conv2"), 32, 4, "fp32", "channels_last", "premix",
                   tf32=True),
+        CheckCase(_resnet("layer2.0.downsample"), 32, 4, "bf16", "channels_last", "spanning"),
     ]
     if tiny_shapes:
         # one case per geometry (dtype, strategy and layout rotating), one miniature layer
@@ -113,9 +120,12 @@ def check_cases(tiny_shapes: bool = False) -> list[CheckCase]:
 # short keeps them.
 TIMED_LAYERS = ("layer4.0.conv2", "layer3.0.conv2", "layer2.0.conv2", "layer1.0.conv1",
                 "layer3.0.conv1", "layer3.0.downsample")
-TIMING_PROVIDERS = ("static", "grouped", "triton", "triton-premix", "triton-fused", "spanning")
+TIMING_PROVIDERS = ("static", "grouped", "triton", "triton-premix", "triton-fused",
+                    "triton-spanning", "spanning-torch")
 # providers whose kernels are profiled one by one
-PROFILED_PROVIDERS = ("static", "triton-premix", "triton-fused")
+PROFILED_PROVIDERS = ("static", "triton-premix", "triton-fused", "triton-spanning")
+# The Triton backend's forward strategies (dynconv.backends.triton.forward.STRATEGIES less auto).
+FORWARD_STRATEGIES = ("premix", "fused", "spanning")
 
 
 def timing_cases(tiny_shapes: bool = False) -> list[bench.Case]:
@@ -233,7 +243,7 @@ def config_sources(reset: bool = False) -> str:
 
 @contextlib.contextmanager
 def forced_strategy(strategy: str):
-    """The Triton backend's forward uses ``strategy`` ("premix" or "fused") within the block:
+    """The Triton backend's forward uses ``strategy`` (one of FORWARD_STRATEGIES) within the block:
     its heuristic (``choose_strategy``) is replaced, so calls still go through the dispatcher
     and the custom op as a user's do."""
     from dynconv.backends.triton import forward
@@ -314,7 +324,7 @@ def launches_of_check(case: CheckCase) -> Launches:
 
 def launches_of_timing(case: bench.Case) -> Launches:
     return Launches(case.shape, case.batch, case.experts, case.dtype,
-                    case.layout == "channels_last", True, ("premix", "fused"))
+                    case.layout == "channels_last", True, FORWARD_STRATEGIES)
 
 
 def _drive(launch: Launches, device) -> None:
@@ -565,10 +575,11 @@ def run_check(case: CheckCase, device) -> list[dict]:
 
 
 def provider_forward(provider: str, case: bench.Case, t: dict):
-    """bench's forward builder, plus ``triton-premix`` / ``triton-fused`` (the Triton backend
-    through the dispatcher with its strategy forced) and ``spanning`` (the dense K x Cin form:
-    one static conv of the routing-scaled input, plain autograd)."""
-    if provider in ("triton-premix", "triton-fused"):
+    """bench's forward builder, plus ``triton-premix`` / ``triton-fused`` / ``triton-spanning``
+    (the Triton backend through the dispatcher with its strategy forced) and ``spanning-torch``
+    (the same batch-spanning formulation in PyTorch: one static conv of the routing-scaled
+    input over K x Cin channels, plain autograd)."""
+    if provider in ("triton-premix", "triton-fused", "triton-spanning"):
         forward, leaves = bench.forward_fn("triton", case, t)
         strategy = provider.split("-", 1)[1]
 
@@ -577,7 +588,7 @@ def provider_forward(provider: str, case: bench.Case, t: dict):
                 return forward()
 
         return forced, leaves
-    if provider == "spanning":
+    if provider == "spanning-torch":
         from dynconv.backends.reference import spanning_dynamic_conv2d
         from dynconv.geometry import ConvGeometry
 

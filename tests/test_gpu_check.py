@@ -54,10 +54,10 @@ def test_dry_run_plan_fits_seven_minutes(tmp_path):
     assert total == pytest.approx(float(budget["compile_s"]) + float(budget["run_s"]), abs=0.2)
     assert float(budget["deadline_s"]) == 420 and total <= 420 and budget["fits"] == "yes"
     assert "launches captured for sm_90" in out
-    for needle in ("[1] precompile:", "[2] correctness: 45 cases", "[3] timings: 11 cases",
+    for needle in ("[1] precompile:", "[2] correctness: 53 cases", "[3] timings: 11 cases",
                    "[4] sweep", "[5] tests", "512->512 k3 s1 @7", "64->64 k3 s1 @56",
                    "128->256 k3 s2 @28", "128->256 k1 s2 @28", "K17", "K1 ", "dw ", "3->16 k7 s2",
-                   "nchw", "fp16", "fused", "premix", "M128 N128 K32 w8 s3"):
+                   "nchw", "fp16", "fused", "premix", "spanning", "M128 N128 K32 w8 s3"):
         assert needle in out, needle
     assert list(tmp_path.iterdir()) == []
 
@@ -72,10 +72,13 @@ def test_dry_run_under_the_interpreter_lists_the_steps(capsys, tmp_path):
 
 def test_cases_cover_the_issue():
     checks = gpu_steps.check_cases()
-    assert 40 <= len(checks) <= 50
+    assert 45 <= len(checks) <= 55
     assert {c.dtype for c in checks} == {"bf16", "fp16", "fp32"}
     assert {c.layout for c in checks} == {"channels_last", "nchw"}
-    assert {c.strategy for c in checks} == {"premix", "fused"}
+    assert {c.strategy for c in checks} == {"premix", "fused", "spanning"}
+    spanning = [c for c in checks if c.strategy == "spanning"]
+    assert {c.dtype for c in spanning} == {"bf16", "fp16", "fp32"}
+    assert {c.layout for c in spanning} == {"channels_last", "nchw"}
     assert {1, 17} <= {c.experts for c in checks}
     shapes = {(s.kh, s.stride, s.groups > 1, s.cin) for s in (c.shape for c in checks)}
     assert {(3, 1, False, 16), (3, 2, False, 16), (1, 2, False, 32), (7, 2, False, 3)} <= shapes
@@ -285,7 +288,8 @@ def test_correctness_pass_on_the_interpreter(pinned_table, monkeypatch):
 def test_timings_and_kernel_profile_on_the_interpreter():
     case = bench.Case("t", tiny(ConvShape("t", 8, 8, 6, 6, 3, 3, 1, 1), 4, 5), 2, 4, "bf16",
                       "channels_last", memory=False)
-    providers = ("static", "grouped", "triton-premix", "triton-fused", "spanning")
+    providers = ("static", "grouped", "triton-premix", "triton-fused", "triton-spanning",
+                 "spanning-torch")
     rows = gpu_steps.run_timing(case, "cpu", Timer("cpu", min_sample_ms=0.1, max_calls=1),
                                 rounds=1, memory=False, providers=providers)
     assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in providers
