@@ -164,6 +164,19 @@ def test_premix_batch_larger_than_chunk(dtype):
     run_case(case, "premix", dtype, premix_buffer_bytes=budget)
 
 
+def test_premix_chunks_fill_a_wave():
+    from dynconv.backends.triton.forward import ASSUMED_SM_COUNT, samples_per_wave
+
+    meta = torch.device("meta")
+    # 512 -> 512 at 7x7: 4 programs per sample at 128 x 128 tiles, 33 samples fill 132 SMs.
+    assert samples_per_wave(meta, 1, 512, 49) == -(-ASSUMED_SM_COUNT // 4) == 33
+    assert samples_per_wave(meta, 1, 64, 56 * 56) == 6  # 25 tiles per sample
+    row = 512 * 512 * 9  # bf16: 4.5 MiB per sample, 14 fit 64 MiB
+    assert premix_chunk_size(32, row, 2) == 14
+    assert premix_chunk_size(32, row, 2, min_samples=33) == 32  # the wave, capped by the batch
+    assert premix_chunk_size(64, row, 2, min_samples=33) == 33
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_empty_batch(strategy):
     x, bank, routing, bias = make_inputs(Case(batch=1), torch.float32, DEVICE)
