@@ -125,12 +125,14 @@ def conv_fwd_kernel(
             a_chunk = routing_chunk(a_row, a_stride_k, e0, EXPERT_CHUNK, NUM_EXPERTS)
         if TAP_MAJOR:
             # One tap per step, BLOCK_K channels of it: all index math is per row or column.
+            # The (tap row i, tap column j, channel chunk c0) of a step are counters carried by
+            # the loop (no integer division per step).
             c_chunks = tl.cdiv(C_IN_G, BLOCK_K)
-            for step in range(0, KH * KW * c_chunks):
-                tap = step // c_chunks
-                i = tap // KW
-                j = tap % KW
-                c = (step % c_chunks) * BLOCK_K + tl.arange(0, BLOCK_K)
+            i = pid_m * 0
+            j = pid_m * 0
+            c0 = pid_m * 0
+            for _ in range(0, KH * KW * c_chunks):
+                c = c0 + tl.arange(0, BLOCK_K)
                 if OFFSET_64:
                     c = c.to(tl.int64)
                 mask_r = c < C_IN_G
@@ -146,6 +148,13 @@ def conv_fwd_kernel(
                 acc = _accumulate(acc, x_tile, w_base, w_offs, mask_r[:, None] & mask_n[None, :],
                                   a_chunk, w_stride_e, e0, EXPERT_CHUNK, NUM_EXPERTS, FUSED,
                                   DOT_FP32, INPUT_PRECISION, BLOCK_K, BLOCK_N)
+                c0 += BLOCK_K
+                next_tap = c0 >= C_IN_G
+                c0 = tl.where(next_tap, 0, c0)
+                j = tl.where(next_tap, j + 1, j)
+                next_row = j >= KW
+                j = tl.where(next_row, 0, j)
+                i = tl.where(next_row, i + 1, i)
         else:
             # Flattened reduction r = tap * C_IN_G + c: no lane wasted when C_IN_G < BLOCK_K,
             # at the price of per-element (BLOCK_M x BLOCK_K) index math, kept in int32.
