@@ -149,6 +149,7 @@ _CONV_FWD_CANDIDATES = [
     (128, 64, 32, 8, 3),
     (64, 128, 32, 8, 3),
     (128, 128, 32, 8, 3),
+    (128, 128, 64, 8, 3),
 ]
 # With int64 offsets (a sample spanning > 2**31 elements, rare) only these compile without
 # register spills; the compile-check holds them to that.
@@ -218,6 +219,11 @@ def prune_conv_fwd_configs(configs, named_args, **kwargs):
         },
     )
     fused = named_args.get("FUSED")
+    if (fused or x.element_size() >= 4 or named_args.get("x_stride_c") != 1
+            or not named_args.get("TAP_MAJOR") or _pruning_capability(x.device) < 90):
+        # BLOCK_K = 64 (half the steps of wide channels) only where its tiles are 128-byte
+        # rows of a 2-byte channels_last x feeding wgmma from shared memory: premix on sm_90.
+        kept = [c for c in kept if c.kwargs["BLOCK_K"] <= 32]
     if fused and named_args.get("NUM_EXPERTS", 0) > named_args["EXPERT_CHUNK"]:
         # Several passes over the reduction keep its index math live across them: larger
         # tiles spilled (8 B at 64x64 on sm_80, 80 B at 128x128 on sm_90, K = 17).
@@ -443,7 +449,7 @@ def conv_fwd_spanning_configs(interpreter: bool | None = None) -> list[triton.Co
     return mnk_tile_configs(table)
 
 
-def _spanning_capability(device) -> int:
+def _pruning_capability(device) -> int:
     """Compute capability (major * 10 + minor) that pruning assumes for ``device``: the
     assumed one of :func:`pruning_for_capability` off CUDA, else 0 (unknown)."""
     if device is None or device.type != "cuda":
@@ -473,7 +479,7 @@ def prune_conv_fwd_spanning_configs(configs, named_args, **kwargs):
         configs = [c for c in configs
                    if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
                    <= CONV_FWD_SPANNING_FP32_MAX_ACC_PER_THREAD * 32 * c.num_warps]
-    capability = _spanning_capability(x.device)
+    capability = _pruning_capability(x.device)
     if capability and capability < 90:
         configs = [c for c in configs
                    if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)

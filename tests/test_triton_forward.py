@@ -383,7 +383,31 @@ def test_conv_configs_pruned_by_shape():
     assert small and all(c.kwargs["BLOCK_M"] <= max(64, smallest_m) for c in small)
     assert all(c.kwargs["BLOCK_N"] == smallest_n for c in small)
     large = prune_conv_fwd_configs(configs, _conv_named_args((56, 56), 64, 128))
-    assert len(large) == len(configs)
+    assert len(large) == len(configs) - 1  # not BLOCK_K = 64: fp32, unknown device
+
+
+def test_conv_configs_with_wide_reduction_steps_only_for_premix_on_sm90():
+    """BLOCK_K = 64 is kept for a 2-byte channels_last x (premix, tap-major) on sm_90 only."""
+    from dynconv.kernels.configs import (
+        conv_fwd_configs,
+        prune_conv_fwd_configs,
+        pruning_for_capability,
+    )
+
+    configs = conv_fwd_configs(interpreter=False)
+    bf16_cl = {**_conv_named_args((56, 56), 64, 128), "x_ptr": torch.empty(1, dtype=torch.bfloat16),
+               "x_stride_c": 1, "TAP_MAJOR": True, "FUSED": False}
+
+    def wide(named_args, capability):
+        with pruning_for_capability(capability):
+            kept = prune_conv_fwd_configs(configs, named_args)
+        return any(c.kwargs["BLOCK_K"] == 64 for c in kept)
+
+    assert wide(bf16_cl, 90)
+    assert not wide(bf16_cl, 80)
+    assert not wide({**bf16_cl, "x_stride_c": 3136}, 90)  # NCHW
+    assert not wide({**bf16_cl, "FUSED": True, "NUM_EXPERTS": 4, "EXPERT_CHUNK": 4}, 90)
+    assert not wide({**bf16_cl, "x_ptr": torch.empty(1)}, 90)  # fp32
 
 
 def test_expert_chunks():
@@ -442,8 +466,9 @@ def test_fused_configs_pruned_by_shared_memory():
     with pruning_for_capability(80):
         premix = prune_conv_fwd_configs(configs, args)
         fused = prune_conv_fwd_configs(configs, args, FUSED=True, EXPERT_CHUNK=8)
-    assert len(premix) == len(configs)
-    assert fused and len(fused) < len(configs)
+    narrow = [c for c in configs if c.kwargs["BLOCK_K"] <= 32]  # BLOCK_K 64: sm_90 bf16 only
+    assert len(premix) == len(narrow)
+    assert fused and len(fused) < len(narrow)
     assert all(conv_fwd_shared_bytes(c, 4, 8) <= 166912 for c in fused)
 
 
