@@ -11,7 +11,9 @@ per-round ratios provider / static. Providers:
 
 - ``loop`` and ``grouped``: the plain-autograd baselines (``backend="loop"`` / ``"grouped"``);
 - ``native:<formulation>[@chunk]``: the native op with its formulation (and chunk size) forced;
-- ``auto``: ``backend="auto"``, i.e. the native op with the rule's choice.
+- ``auto``: ``backend="auto"``, i.e. the native op with the rule's choice;
+- ``auto:recompute``: the same, with the backward always mixing the weights again (never
+  keeping the forward's small ones: ``native.recompute_mixed_weights``).
 
 ``--parts`` times each formulation's forward, input gradient and weight gradient alone (the
 rule's evidence). With ``--memory``, each provider's forward+backward runs once in a fresh
@@ -89,7 +91,7 @@ def parse_provider(provider: str) -> tuple[str, tuple[str, ...] | None, int | No
 
     ``<formulation>`` is one name for every part or ``<forward>/<input_grad>/<weight_grad>``.
     """
-    if provider in BASELINES or provider == "auto":
+    if provider in BASELINES or provider in ("auto", "auto:recompute"):
         return provider, None, None
     kind, _, rest = provider.partition(":")
     formulation, _, chunk = rest.partition("@")
@@ -97,7 +99,7 @@ def parse_provider(provider: str) -> tuple[str, tuple[str, ...] | None, int | No
     if (kind != "native" or len(names) not in (1, 3) or any(n not in FORMULATIONS for n in names)
             or (chunk and not chunk.isdigit())):
         raise ValueError(
-            f"provider must be loop, grouped, auto or native:<f>[@chunk] or "
+            f"provider must be loop, grouped, auto, auto:recompute or native:<f>[@chunk] or "
             f"native:<f>/<f>/<f>[@chunk] with f one of {FORMULATIONS}, got {provider!r}"
         )
     return "native", names * (3 // len(names)), int(chunk) if chunk else None
@@ -114,6 +116,13 @@ def provider_forward(provider: str, case: Case, tensors: dict):
     forward, leaves = forward_fn("auto", case, tensors)
     if kind == "auto":
         return forward, leaves
+    if kind == "auto:recompute":
+
+        def recompute():
+            with native.recompute_mixed_weights():
+                return forward()
+
+        return recompute, leaves
 
     def forced():
         with native.force_formulation(formulation, chunk):
@@ -150,16 +159,19 @@ def timing_columns(static_fn, fn, rounds: int, clock: str) -> dict:
 
 
 def measure(case: Case, providers: list[str], threads: int, rounds: int, modes,
-            clock: str = "wall") -> list[dict]:
+            clock: str = "wall", reference: str = "static") -> list[dict]:
     """Rows of one case: median ratio to the static conv, interleaved run by run.
 
     ``clock="process"`` times CPU time of this process instead of wall time: with one thread it
     does not count the time other processes hold the core (a shared machine), with more it also
-    counts OpenMP threads waiting at barriers.
+    counts OpenMP threads waiting at barriers. ``reference`` is what each provider is
+    interleaved with and divided by: the static conv (default) or another provider (e.g.
+    ``grouped``: then the ratio compares the two directly, without the static conv's own
+    sensitivity to what ran just before it; the ``static_ms`` column is then that provider's).
     """
     torch.set_num_threads(threads)
     tensors = make_inputs(case, "cpu")
-    static_forward, static_leaves = forward_fn("static", case, tensors)
+    static_forward, static_leaves = provider_forward(reference, case, tensors)
     rows = []
     for mode in modes:
         static_fn = mode_fn(mode, static_forward, static_leaves)
@@ -168,7 +180,8 @@ def measure(case: Case, providers: list[str], threads: int, rounds: int, modes,
             fn = mode_fn(mode, forward, leaves)
             rows.append({
                 **case_columns(case), "threads": threads, "clock": clock, "provider": provider,
-                "mode": mode, **timing_columns(static_fn, fn, rounds, clock),
+                "reference": reference, "mode": mode,
+                **timing_columns(static_fn, fn, rounds, clock),
                 "rule": "/".join(rule_choice(case, threads)), "commit": git_commit(),
             })
     return rows
@@ -345,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", default="all", help="issue, quick or all (default)")
     parser.add_argument("--providers", default=",".join(
         list(BASELINES) + [f"native:{f}" for f in FORMULATIONS] + ["auto"]),
-        help="comma-separated: loop, grouped, auto, native:<formulation>[@chunk]")
+        help="comma-separated: loop, grouped, auto, auto:recompute, "
+             "native:<formulation>[@chunk]")
     parser.add_argument("--threads", default=str(torch.get_num_threads()),
                         help="comma-separated thread counts (default: torch's current)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per figure")
@@ -353,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall (default) or process CPU time (robust with --threads 1)")
     parser.add_argument("--filter", default="", help="only cases whose label contains this")
+    parser.add_argument("--reference", default="static",
+                        help="what every provider is interleaved with and divided by: static "
+                             "(default) or a provider (e.g. grouped, for a direct comparison)")
     parser.add_argument("--memory", action="store_true",
                         help="peak RSS of static, loop, grouped and auto at B=64, C=128, 16x16, "
                              "K=4 (one fresh process each) instead of timings")
@@ -377,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     providers = [p for p in args.providers.split(",") if p]
     for provider in providers:
         parse_provider(provider)
+    if args.reference != "static":
+        parse_provider(args.reference)
     suffix = f"_{args.tag}" if args.tag else ""
     if args.memory:
         shape = ConvShape("c128@16", 128, 128, 16, 16, 3, 3, 1, 1)
@@ -407,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for label, case in selected_cases(args.set, args.filter):
         for t in threads:
-            case_rows = measure(case, providers, t, args.rounds, modes, args.clock)
+            case_rows = measure(case, providers, t, args.rounds, modes, args.clock,
+                                args.reference)
             rows += case_rows
             cells = " ".join(
                 f"{r['provider']}={r['ratio']:.2f}" for r in case_rows if r["mode"] == modes[-1]

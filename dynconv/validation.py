@@ -110,12 +110,70 @@ def check_tensor(t, name: str) -> torch.Tensor:
     return t
 
 
+# Geometries of arguments that passed every check, by _cache_key; emptied when full.
+CHECKED_CACHE_SIZE = 512
+_checked: dict = {}
+
+
+def _plain(value):
+    """A hashable stand-in for a stride / padding / dilation argument of exactly int, str or a
+    2-tuple / 2-list of exactly ints (so that no bool, NumPy integer or float is ever mistaken
+    for an int it equals), else None: such an argument is checked every time."""
+    kind = type(value)
+    if kind is int or kind is str:
+        return value
+    if ((kind is tuple or kind is list) and len(value) == 2 and type(value[0]) is int
+            and type(value[1]) is int):
+        return (value[0], value[1])
+    return None
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _cache_key(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
+    """Everything check_conv_inputs reads, as a hashable key; None if it cannot be cached
+    (under torch.compile, which traces the checks into guards; tensor subclasses such as fake
+    tensors; arguments that are not plain)."""
+    if (torch.compiler.is_compiling() or type(x) not in _PLAIN_TENSORS
+            or type(weight_bank) not in _PLAIN_TENSORS or type(routing) not in _PLAIN_TENSORS
+            or type(groups) is not int
+            or not (bias_bank is None or type(bias_bank) in _PLAIN_TENSORS)):
+        return None
+    geometry = (_plain(stride), _plain(padding), _plain(dilation))
+    if None in geometry:
+        return None
+    bias_key = None if bias_bank is None else (bias_bank.shape, bias_bank.dtype, bias_bank.device)
+    return (x.shape, x.dtype, x.device, weight_bank.shape, weight_bank.dtype, weight_bank.device,
+            routing.shape, routing.dtype, routing.device, bias_key, geometry, groups)
+
+
 def check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
     """Validate the arguments of :func:`dynconv.dynamic_conv2d` and return a ConvGeometry.
 
     Shapes: x (B, Cin, H, W); weight_bank (K, Cout, Cin // groups, kh, kw);
     routing (B, K); bias_bank (K, Cout) or None.
+
+    The checks read only the tensors' types, shapes, dtypes and devices and the other
+    arguments, so the geometry of arguments that passed them is remembered (plain tensors and
+    plain int / str / pair arguments only): a repeated call skips them. Any argument that fails
+    a check is never remembered, and raises every time.
     """
+    key = _cache_key(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups)
+    if key is not None:
+        geometry = _checked.get(key)
+        if geometry is not None:
+            return geometry
+    geometry = _check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilation,
+                                  groups)
+    if key is not None:
+        if len(_checked) >= CHECKED_CACHE_SIZE:
+            _checked.clear()
+        _checked[key] = geometry
+    return geometry
+
+
+def _check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
     check_tensor(x, "x")
     check_tensor(weight_bank, "weight_bank")
     check_tensor(routing, "routing")

@@ -19,6 +19,7 @@ TINY = Case("test", ConvShape("tiny", 4, 6, 7, 7, 3, 3, 1, 1), batch=2, experts=
 def test_parse_provider():
     assert cf.parse_provider("grouped") == ("grouped", None, None)
     assert cf.parse_provider("auto") == ("auto", None, None)
+    assert cf.parse_provider("auto:recompute") == ("auto:recompute", None, None)
     assert cf.parse_provider("native:im2col@3") == ("native", ("im2col",) * 3, 3)
     assert cf.parse_provider("native:per_sample/im2col/grouped") == (
         "native", ("per_sample", "im2col", "grouped"), None)
@@ -75,6 +76,14 @@ def test_measure_provider_rows():
     assert [r["provider"] for r in rows] == ["grouped", "native:per_sample"]
     assert all(r["ratio"] > 0 and r["mode"] == "fwd" for r in rows)
     assert all(r["commit"] == git_commit() and r["commit"] for r in rows)
+
+
+def test_measure_against_another_provider():
+    # --reference grouped: each provider interleaved with, and divided by, the grouped trick.
+    rows = cf.measure(TINY, ["auto", "auto:recompute"], threads=1, rounds=2, modes=["fwd+bwd"],
+                      reference="grouped")
+    assert [r["provider"] for r in rows] == ["auto", "auto:recompute"]
+    assert all(r["reference"] == "grouped" and r["ratio"] > 0 for r in rows)
 
 
 def test_fresh_process_memory_of_a_forced_formulation():

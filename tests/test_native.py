@@ -146,10 +146,12 @@ def test_saved_tensors_exclude_mixed_weights(formulation):
 def test_chunks_hold_k_samples_below_the_large_temporary_limit(monkeypatch):
     # |W| = 6*4*3*3 = 216 float64 values = 1728 bytes; a budget of one sample's weights gives
     # chunks of 1, raised to K = 4 samples, unless 4 samples pass LARGE_TEMPORARY_BYTES.
-    x, bank, _, _ = make_inputs(Case(9, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 4, True))
+    x, bank, _, _ = make_inputs(Case(8, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 4, True))
     args = (x, bank, [1, 1], [1, 1], [1, 1], 1)
     monkeypatch.setattr(native, "MIXED_WEIGHT_BUDGET_BYTES", 1728)
     assert native._plan(*args)[1] == 4
+    # Chunks are balanced: 9 samples in chunks of at most 4 run as 3 + 3 + 3.
+    assert native._plan(torch.cat([x, x[:1]]), *args[1:])[1] == 3
     monkeypatch.setattr(native, "LARGE_TEMPORARY_BYTES", 2 * 1728)
     assert native._plan(*args)[1] == 2
     monkeypatch.setattr(native, "LARGE_TEMPORARY_BYTES", 1000)
@@ -266,7 +268,7 @@ def test_rule_branches():
     # The measured branches (dynconv/backends/native/rule.py): 1x1 -> im2col; 64 channels and
     # grouped layers -> grouped; many channels and pixels -> per-sample forward and input gradient;
     # (from batch 16, or 512 channels); a long reduction -> im2col weight gradient (and forward
-    # at few pixels); stride -> im2col input gradient.
+    # at few pixels); a stride changes nothing (second pass: its im2col input gradient lost).
     assert _rule(4, 64, 128, (56, 56), kernel=(1, 1)) == ("im2col",) * 3
     assert _rule(16, 64, 64, (14, 14)) == ("grouped",) * 3
     assert _rule(4, 144, 144, (56, 56), groups=144) == ("grouped",) * 3
@@ -275,7 +277,7 @@ def test_rule_branches():
     assert _rule(16, 256, 256, (14, 14)) == ("per_sample", "per_sample", "im2col")
     assert _rule(4, 256, 256, (14, 14)) == ("grouped", "grouped", "im2col")
     assert _rule(4, 512, 512, (7, 7)) == ("im2col", "per_sample", "im2col")
-    assert _rule(4, 64, 128, (56, 56), stride=2) == ("grouped", "im2col", "grouped")
+    assert _rule(4, 64, 128, (56, 56), stride=2) == ("grouped",) * 3
 
 
 def test_rule_follows_thread_count():
@@ -369,3 +371,121 @@ def test_opcheck_every_formulation_in_chunks(formulation):
     with native.force_formulation(formulation, chunk=2):
         torch.library.opcheck(native_forward, op_args(case, torch.float64))
         _opcheck_backward(case, torch.float64, [True, False, True, False])
+
+
+# --- saved mixed weights (eager, small |W|) and the plan cache ----------------------------------
+
+# |W| = 2 * 2 * 3 * 3 = 36 values per sample, x has 2 * H * W: the weights are saved when
+# 4 * 36 <= 2 * H * W, i.e. from 72 pixels (8x9) on, and not at 70 (7x10).
+SAVING_CASE = Case(3, 2, 2, 8, 9, (3, 3), 1, 1, 1, 1, 3, True)
+
+
+def _saved_shapes(case, formulation=None, chunk=None):
+    x, bank, routing, bias = make_inputs(case)
+    leaves = [t.requires_grad_(True) for t in (x, bank, routing, bias)]
+    saved = []
+    with native.force_formulation(formulation, chunk), torch.autograd.graph.saved_tensors_hooks(
+        lambda t: saved.append(tuple(t.shape)) or t, lambda t: t
+    ):
+        y = dynamic_conv2d(*leaves, backend="native", **case.geometry)
+    y.sum().backward()
+    return saved
+
+
+def test_mixed_weights_saved_only_up_to_a_quarter_of_x():
+    weight_numel = 2 * 2 * 3 * 3
+    saving = _saved_shapes(SAVING_CASE)
+    assert (3, weight_numel) in saving
+    assert 4 * 3 * weight_numel <= 3 * 2 * 8 * 9
+    assert (3, weight_numel) not in _saved_shapes(SAVING_CASE.replace(h=7, w=10))
+    # The plan says so too, at the boundary and below it.
+    x, bank, _, _ = make_inputs(SAVING_CASE)
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    assert native._plan(x, bank, *args).save_mixed
+    assert not native._plan(x[:, :, :7, :10], bank, *args).save_mixed
+    # Never the large layers of the memory goal: B=64, C=128, 16x16 (|W| x B = 4.5 x |x|).
+    big_x, big_bank = torch.empty(64, 128, 16, 16), torch.empty(4, 128, 128, 3, 3)
+    assert not native._plan(big_x, big_bank, *args).save_mixed
+
+
+def test_mixed_weights_not_saved_without_grad():
+    x, bank, routing, bias = make_inputs(SAVING_CASE)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        dynamic_conv2d(x, bank, routing, bias, backend="native", **SAVING_CASE.geometry)
+        with torch.no_grad():
+            dynamic_conv2d(x, bank.requires_grad_(True), routing, bias, backend="native",
+                           **SAVING_CASE.geometry)
+    assert not saved
+
+
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+@pytest.mark.parametrize("chunk", [None, 2])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_saved_mixed_weights_match_recompute_and_float64_loop(formulation, chunk, layout,
+                                                               monkeypatch):
+    case = SAVING_CASE.replace(layout=layout)
+    assert (3, 36) in _saved_shapes(case, formulation, chunk)
+    _check_against_reference(case, formulation, chunk)
+    tensors = make_inputs(case)
+
+    def run():
+        with native.force_formulation(formulation, chunk):
+            return _forward_backward(
+                lambda *t: dynamic_conv2d(*t, backend="native", **case.geometry), tensors)
+
+    saved_y, saved_grads = run()
+    monkeypatch.setattr(native, "SAVE_MIXED_MAX_FRACTION", 0.0)
+    assert (3, 36) not in _saved_shapes(case, formulation, chunk)
+    recomputed_y, recomputed_grads = run()
+    # The saved weights are the very values the recompute makes: identical results.
+    torch.testing.assert_close(saved_y, recomputed_y, rtol=0, atol=0)
+    for got, want in zip(saved_grads, recomputed_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_saved_mixed_weights_double_backward():
+    # create_graph=True goes through the differentiable path whatever was saved.
+    case = SAVING_CASE.replace(batch=2)
+    leaves = tuple(t.requires_grad_(True) for t in make_inputs(case))
+    assert torch.autograd.gradgradcheck(
+        lambda *t: dynamic_conv2d(*t, backend="native", **case.geometry), leaves, fast_mode=True)
+
+
+def test_plan_cache_follows_threads_shapes_dtype_and_forcing():
+    native.clear_plan_cache()
+    x, bank, _, _ = make_inputs(Case(16, 128, 128, 16, 16, (3, 3), 1, 1, 1, 1, 2, False),
+                                dtype=torch.float32)
+    args = ([1, 1], [1, 1], [1, 1], 1)
+
+    def fresh(xx, bb):
+        return native._make_plan(xx, bb, *args)
+
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 16, 1):
+            torch.set_num_threads(t)
+            for xx, bb in ((x, bank), (x[:4], bank), (x.double(), bank.double()),
+                           (x.contiguous(memory_format=torch.channels_last), bank),
+                           (x[:, :, :8, :8], bank)):
+                assert native._plan(xx, bb, *args) == fresh(xx, bb)
+                with native.force_formulation("im2col", chunk=3):
+                    plan = native._plan(xx, bb, *args)
+                    assert plan == fresh(xx, bb)
+                    assert plan.formulations == ("im2col",) * 3 and plan.chunk == 3
+        torch.set_num_threads(1)
+        assert native._plan(x, bank, *args).formulations.forward == "per_sample"
+        torch.set_num_threads(16)
+        assert native._plan(x, bank, *args).formulations.forward == "grouped"
+    finally:
+        torch.set_num_threads(threads)
+    assert 0 < len(native._plan_cache) <= native.PLAN_CACHE_SIZE
+
+
+def test_plan_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(native, "PLAN_CACHE_SIZE", 3)
+    native.clear_plan_cache()
+    bank = torch.empty(2, 4, 4, 3, 3)
+    for batch in range(1, 10):
+        native._plan(torch.empty(batch, 4, 6, 6), bank, [1, 1], [1, 1], [1, 1], 1)
+        assert len(native._plan_cache) <= 3

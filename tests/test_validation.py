@@ -105,3 +105,29 @@ def test_module_rejects_wrong_input_channels():
 def test_cnn_rejects_wrong_widths():
     with pytest.raises(ValueError, match="widths must give 3 stage widths"):
         DynamicCNN(widths=(8, 16))
+
+
+def test_remembered_checks_still_reject_every_bad_call():
+    # A valid call is remembered (dynconv.validation._checked); the same shapes with a bad
+    # argument that equals a good one (a bool for an int, a float) must still raise, every time.
+    from dynconv.validation import check_conv_inputs
+
+    x, bank, routing = torch.randn(2, 4, 6, 6), torch.randn(3, 5, 4, 3, 3), torch.randn(2, 3)
+    good = check_conv_inputs(x, bank, routing, None, 1, 1, 1, 1)
+    assert check_conv_inputs(x, bank, routing, None, 1, 1, 1, 1) is good
+    assert check_conv_inputs(x, bank, routing, None, [1, 1], (1, 1), 1, 1) == good
+    for _ in range(2):
+        with pytest.raises(TypeError, match="stride"):
+            check_conv_inputs(x, bank, routing, None, True, 1, 1, 1)
+        with pytest.raises(TypeError, match="padding"):
+            check_conv_inputs(x, bank, routing, None, 1, 1.0, 1, 1)
+        with pytest.raises(TypeError, match="groups"):
+            check_conv_inputs(x, bank, routing, None, 1, 1, 1, True)
+        with pytest.raises(TypeError, match="dtype"):
+            check_conv_inputs(x, bank.double(), routing, None, 1, 1, 1, 1)
+        with pytest.raises(ValueError, match="routing"):
+            check_conv_inputs(x, bank, routing[:1], None, 1, 1, 1, 1)
+        with pytest.raises(ValueError, match="padding='same'"):
+            check_conv_inputs(x, bank, routing, None, 2, "same", 1, 1)
+        with pytest.raises(TypeError, match="x must be a floating-point"):
+            check_conv_inputs(x.long(), bank, routing, None, 1, 1, 1, 1)

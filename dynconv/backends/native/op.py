@@ -3,11 +3,16 @@
 It is what ``backend="auto"`` runs where Triton does not (the CPU). Compared to the grouped
 trick under plain autograd it
 
-- saves only x, the routing weights and the parameters for backward, never the mixed
-  per-sample weights (B x |W|): those are recomputed chunk by chunk in backward;
-- processes the batch in chunks so that the temporaries that exist at any moment (mixed
-  weights, their gradient, im2col patches) are bounded: MIXED_WEIGHT_BUDGET_BYTES each, raised
-  to K samples per chunk up to LARGE_TEMPORARY_BYTES (see :func:`batch_chunk_size`, ``_plan``);
+- saves only x, the routing weights and the parameters for backward, and the mixed
+  per-sample weights (B x |W|) only when they are small: at most SAVE_MIXED_MAX_FRACTION (a
+  quarter) of x's bytes, in eager mode (:class:`_EagerNativeConv`); otherwise they are
+  recomputed chunk by chunk in backward;
+- processes the batch in chunks of equal size so that the temporaries that exist at any moment
+  (mixed weights, their gradient, im2col patches) are bounded: MIXED_WEIGHT_BUDGET_BYTES each,
+  raised to K samples per chunk up to LARGE_TEMPORARY_BYTES (see :func:`batch_chunk_size`,
+  ``_plan``);
+- plans a call (formulations, chunk, derived shapes) once per distinct signature (shapes,
+  strides, dtype, thread count, forced choices): a small bounded cache, ``_plan``;
 - picks, per shape and thread count and separately for the forward, the input gradient and
   the weight gradient, how each chunk is convolved (grouped convolution, per-sample
   convolution or im2col + batched matmul: :mod:`.formulations`) by a measured rule
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from typing import NamedTuple
 
 import torch
 
@@ -34,7 +40,7 @@ from dynconv.geometry import ConvGeometry, output_hw, output_memory_format
 from ..custom_op import (
     call_forward,
     define_custom_ops,
-    eager_autograd_function,
+    differentiable_backward,
     fake_backward_outputs,
     forward_output,
 )
@@ -47,6 +53,14 @@ MIXED_WEIGHT_BUDGET_BYTES = 8 * 2**20
 # glibc serves blocks above 32 MiB (its largest mmap threshold) straight from mmap and returns
 # them on free, so each such temporary page-faults anew on every call. Chunks stay below it.
 LARGE_TEMPORARY_BYTES = 24 * 2**20
+# The eager backward keeps the forward's mixed weights (instead of mixing them again) when all
+# B x |W| of them take at most this fraction of x's bytes (x is saved for backward anyway), i.e.
+# when 4 * Cout * kh * kw / groups <= H * W for a quarter: never the 37.7 MiB of the
+# 128-channel 16x16 layer at batch 64 (x: 8 MiB). 0 turns saving off (benchmarks, tests).
+SAVE_MIXED_MAX_FRACTION = 0.25
+# Plans (formulations, chunk, derived shapes) kept per distinct call signature; the cache is
+# emptied when it is full (a model has far fewer distinct layer shapes than this).
+PLAN_CACHE_SIZE = 512
 
 # Set by :func:`force_formulation` (tests, benchmarks): (plan or None, chunk or None).
 _forced: tuple[FormulationPlan | None, int | None] = (None, None)
@@ -70,6 +84,19 @@ def force_formulation(formulation=None, chunk: int | None = None):
         yield
     finally:
         _forced = previous
+
+
+@contextlib.contextmanager
+def recompute_mixed_weights():
+    """Within the block, the eager backward always recomputes the mixed weights (never saves
+    them): SAVE_MIXED_MAX_FRACTION is 0. For benchmarks and tests."""
+    global SAVE_MIXED_MAX_FRACTION
+    previous = SAVE_MIXED_MAX_FRACTION
+    SAVE_MIXED_MAX_FRACTION = 0.0
+    try:
+        yield
+    finally:
+        SAVE_MIXED_MAX_FRACTION = previous
 
 
 def _as_plan(formulation) -> FormulationPlan:
@@ -98,23 +125,65 @@ def batch_chunk_size(
     return max(1, min(batch, MIXED_WEIGHT_BUDGET_BYTES // per_sample))
 
 
-def _plan(x, weight_bank, stride, padding, dilation, groups) -> tuple[FormulationPlan, int]:
-    """(formulation of each part, samples per chunk): forced, else the rule within the budget."""
+class CallPlan(NamedTuple):
+    """How one call runs, a function of the call's shapes, strides, dtype, thread count and the
+    forced choices (cached by :func:`_plan`)."""
+
+    formulations: FormulationPlan
+    chunk: int  # samples per chunk
+    weight_shape: tuple  # one sample's mixed weights: (Cout, Cin / groups, kh, kw)
+    chunk_weight_shape: tuple  # (chunk,) + weight_shape
+    weight_numel: int  # |W|
+    y_strides: tuple  # strides of a dense y (B, Cout, Ho, Wo) in x's memory format
+    save_mixed: bool  # B x |W| fits SAVE_MIXED_MAX_FRACTION of x: the backward may keep them
+
+
+_plan_cache: dict = {}
+
+
+def _plan(x, weight_bank, stride, padding, dilation, groups) -> CallPlan:
+    """How this call runs: forced, else the rule within the budget; cached per signature.
+
+    The key holds everything the plan reads: the shapes, x's strides (its memory format), the
+    dtype, the geometry, torch's thread count, the forced formulation / chunk and the module
+    constants (tests change them). Tensor subclasses (fake tensors) are planned uncached.
+    """
+    if type(x) is not torch.Tensor:
+        return _make_plan(x, weight_bank, stride, padding, dilation, groups)
+    key = (x.shape, x.stride(), x.dtype, weight_bank.shape, tuple(stride), tuple(padding),
+           tuple(dilation), groups, torch.get_num_threads(), _forced, MIXED_WEIGHT_BUDGET_BYTES,
+           LARGE_TEMPORARY_BYTES, SAVE_MIXED_MAX_FRACTION)
+    plan = _plan_cache.get(key)
+    if plan is None:
+        plan = _make_plan(x, weight_bank, stride, padding, dilation, groups)
+        if len(_plan_cache) >= PLAN_CACHE_SIZE:
+            _plan_cache.clear()
+        _plan_cache[key] = plan
+    return plan
+
+
+def clear_plan_cache() -> None:
+    """Forget every cached plan (they are rebuilt on use)."""
+    _plan_cache.clear()
+
+
+def _make_plan(x, weight_bank, stride, padding, dilation, groups) -> CallPlan:
     batch, in_channels, height, width = x.shape
     out_channels, kernel = weight_bank.shape[1], tuple(weight_bank.shape[3:])
     out_h, out_w = output_hw((height, width), kernel, stride, padding, dilation)
+    memory_format = output_memory_format(x)
     plan, chunk = _forced
     if plan is None:
         plan = choose_formulations(
             batch, in_channels, out_channels, (height, width), kernel, (out_h, out_w), groups,
-            x.dtype, output_memory_format(x) == torch.channels_last, torch.get_num_threads(),
+            x.dtype, memory_format == torch.channels_last, torch.get_num_threads(),
             tuple(stride),
         )
+    weight_numel = weight_bank[0].numel()
     if chunk is None:
         temp = 0
         if "im2col" in plan:
             temp = in_channels * kernel[0] * kernel[1] * out_h * out_w
-        weight_numel = weight_bank[0].numel()
         # Low-precision weight gradients are converted to fp32 for the bank gradient sums.
         element_size = max(x.element_size(), 4)
         chunk = batch_chunk_size(batch, weight_numel, element_size, temp)
@@ -126,7 +195,17 @@ def _plan(x, weight_bank, stride, padding, dilation, groups) -> tuple[Formulatio
         at_least_k = min(weight_bank.shape[0], max(
             1, LARGE_TEMPORARY_BYTES // (max(weight_numel, temp) * element_size)))
         chunk = max(chunk, at_least_k)
-    return plan, max(1, min(chunk, batch))
+        # Chunks of equal size: 16 samples in chunks of at most 14 run as 8 + 8, not 14 + 2
+        # (a small last chunk is a poorly used convolution, and a second buffer shape).
+        if 0 < chunk < batch:
+            chunk = -(-batch // -(-batch // chunk))
+    chunk = max(1, min(chunk, batch))
+    weight_shape = tuple(weight_bank.shape[1:])
+    save_mixed = batch > 0 and batch * weight_numel <= SAVE_MIXED_MAX_FRACTION * x.numel()
+    return CallPlan(
+        plan, chunk, weight_shape, (chunk,) + weight_shape, weight_numel,
+        _dense_strides((batch, out_channels, out_h, out_w), memory_format), save_mixed,
+    )
 
 
 _workspace = threading.local()
@@ -141,29 +220,43 @@ def _mixed_weight_buffer(chunk: int, bank_2d: torch.Tensor) -> torch.Tensor:
     cost as much as the mixing itself. Elsewhere (CUDA keeps its own cache) it is a plain
     allocation, and so it is for tensor subclasses (fake tensors while tracing).
     """
-    shape = (chunk, bank_2d.shape[1])
-    numel = chunk * bank_2d.shape[1]
+    width = bank_2d.shape[1]
+    dtype = bank_2d.dtype
+    views = getattr(_workspace, "views", None)
+    if views is not None and type(bank_2d) is torch.Tensor:
+        view = views.get((dtype, chunk, width))
+        if view is not None and view.device == bank_2d.device:
+            return view
+    shape = (chunk, width)
+    numel = chunk * width
     if (bank_2d.device.type != "cpu" or type(bank_2d) is not torch.Tensor
             or numel * bank_2d.element_size() > LARGE_TEMPORARY_BYTES):
         return bank_2d.new_empty(shape)
     buffers = getattr(_workspace, "buffers", None)
-    if buffers is None:
+    if buffers is None or views is None:
         buffers = _workspace.buffers = {}
-    buffer = buffers.get(bank_2d.dtype)
-    if buffer is None or buffer.numel() < numel:
-        # A normal tensor even if this first call runs under inference_mode, so that later
-        # calls outside it may write into it.
-        with torch.inference_mode(False):
+        views = _workspace.views = {}
+    buffer = buffers.get(dtype)
+    # A normal tensor even if this first call runs under inference_mode, so that later calls
+    # outside it may write into it (its views too).
+    with torch.inference_mode(False):
+        if buffer is None or buffer.numel() < numel:
             buffer = bank_2d.new_empty(numel)
-        if type(buffer) is not torch.Tensor:  # a subclass made by an active mode
-            return buffer.view(shape)
-        buffers[bank_2d.dtype] = buffer
-    return buffer[:numel].view(shape)
+            if type(buffer) is not torch.Tensor:  # a subclass made by an active mode
+                return buffer.view(shape)
+            buffers[dtype] = buffer
+            # The views of a smaller buffer would keep it alive: drop them.
+            for key in [key for key in views if key[0] == dtype]:
+                del views[key]
+        view = buffer[:numel].view(shape)
+    views[(dtype, chunk, width)] = view
+    return view
 
 
 def clear_workspace() -> None:
     """Free this thread's mixed-weight workspace of the native backend (it is rebuilt on use)."""
     _workspace.buffers = {}
+    _workspace.views = {}
 
 
 def _is_dense(t: torch.Tensor) -> bool:
@@ -172,32 +265,43 @@ def _is_dense(t: torch.Tensor) -> bool:
 
 def forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
     """y (B, Cout, Ho, Wo) from x (B, Cin, H, W), bank (K, Cout, Cin/g, kh, kw), routing (B, K)."""
+    plan = _plan(x, weight_bank, stride, padding, dilation, groups)
+    return _forward(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, plan,
+                    None)
+
+
+def _forward(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, plan,
+             mixed):
+    """forward_impl with its plan; ``mixed`` (B, |W|), if given, receives all the mixed
+    weights (to be saved for backward) instead of the workspace."""
     batch = x.shape[0]
-    num_experts, out_channels = weight_bank.shape[:2]
-    bank_2d = weight_bank.reshape(num_experts, -1)
-    plan, chunk = _plan(x, weight_bank, stride, padding, dilation, groups)
-    mixed = _mixed_weight_buffer(chunk, bank_2d)
-    y = None
+    chunk = plan.chunk
+    bank_2d = weight_bank.reshape(weight_bank.shape[0], plan.weight_numel)
+    if chunk == batch:  # one chunk: no slicing (an empty batch has chunk 1)
+        if mixed is None:
+            mixed = _mixed_weight_buffer(chunk, bank_2d)
+        weights = torch.mm(routing, bank_2d, out=mixed).view(plan.chunk_weight_shape)
+        bias = None if bias_bank is None else routing @ bias_bank
+        y = conv_forward(plan.formulations.forward, x, weights, bias, stride, padding,
+                         dilation, groups)
+        # The output is copied only when the result does not have y's dense strides.
+        if y.stride() == plan.y_strides:
+            return y
+        out = forward_output(x, weight_bank, stride, padding, dilation)
+        out.copy_(y)
+        return out
+    buffer = _mixed_weight_buffer(chunk, bank_2d) if mixed is None else None
+    y = forward_output(x, weight_bank, stride, padding, dilation)
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)
-        a = routing if chunk == batch else routing[start:stop]
-        weights = torch.mm(a, bank_2d, out=mixed[: stop - start])
-        weights = weights.view((stop - start,) + tuple(weight_bank.shape[1:]))
+        a = routing[start:stop]
+        out = mixed[start:stop] if buffer is None else buffer[: stop - start]
+        weights = torch.mm(a, bank_2d, out=out).view((stop - start,) + plan.weight_shape)
         bias = None if bias_bank is None else a @ bias_bank
-        y_chunk = conv_forward(
-            plan.forward, x if chunk == batch else x[start:stop], weights, bias, stride, padding,
-            dilation, groups,
+        y[start:stop] = conv_forward(
+            plan.formulations.forward, x[start:stop], weights, bias, stride, padding, dilation,
+            groups,
         )
-        if y is None:
-            # The output is allocated only when the single chunk's result cannot be returned
-            # as it is: an unused allocation would push the real one onto fresh pages.
-            if chunk == batch and y_chunk.stride() == _dense_strides(
-                    y_chunk.shape, output_memory_format(x)):
-                return y_chunk
-            y = forward_output(x, weight_bank, stride, padding, dilation)
-        y[start:stop] = y_chunk
-    if y is None:  # empty batch
-        y = forward_output(x, weight_bank, stride, padding, dilation)
     return y
 
 
@@ -215,11 +319,13 @@ def _dense_strides(shape, memory_format) -> tuple[int, ...]:
 
 
 def backward_impl(
-    grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, output_mask
+    grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, output_mask,
+    mixed=None,
 ):
     """Gradients (x, weight_bank, routing, bias_bank); an unrequested one is an empty tensor.
 
-    For each chunk of samples the mixed weights W_b are recomputed, the per-sample weight
+    For each chunk of samples the mixed weights W_b are recomputed (or read from ``mixed``,
+    (B, |W|), the forward's, when it saved them), the per-sample weight
     gradient gW_b comes from the chunk's formulation, and it is contracted at once:
     grad_bank += a^T gW, grad_routing[b, k] = <gW_b, bank[k]> (+ the bias terms).
     """
@@ -227,8 +333,8 @@ def backward_impl(
     need_bias = need_bias and bias_bank is not None
     need_weight = need_bank or need_routing
     batch = x.shape[0]
-    num_experts = weight_bank.shape[0]
-    bank_2d = weight_bank.reshape(num_experts, -1)
+    plan = _plan(x, weight_bank, stride, padding, dilation, groups)
+    bank_2d = weight_bank.reshape(weight_bank.shape[0], plan.weight_numel)
     # Low-precision gradients are summed over chunks in fp32, then cast once.
     acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
     # Outputs of a custom op may not alias each other: each unrequested gradient gets its own
@@ -250,8 +356,10 @@ def backward_impl(
     if need_bias:
         bias_acc = bias_bank.new_empty(bias_bank.shape, dtype=acc_dtype) if low_precision else (
             grad_bias)
-    plan, chunk = _plan(x, weight_bank, stride, padding, dilation, groups)
-    mixed = _mixed_weight_buffer(chunk, bank_2d) if need_x or need_weight else None
+    chunk = plan.chunk
+    buffer = None
+    if mixed is None and (need_x or need_weight):
+        buffer = _mixed_weight_buffer(chunk, bank_2d)
     whole = chunk == batch
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)
@@ -260,10 +368,14 @@ def backward_impl(
         a_t = a.t().to(acc_dtype) if low_precision else a.t()
         grad_out_chunk = grad_out if whole else grad_out[start:stop]
         if need_x or need_weight:
-            weights = torch.mm(a, bank_2d, out=mixed[:n]).view((n,) + tuple(weight_bank.shape[1:]))
+            if buffer is None:  # the forward's
+                weights = mixed if whole else mixed[start:stop]
+            else:
+                weights = torch.mm(a, bank_2d, out=buffer if whole else buffer[:n])
+            weights = weights.view(plan.chunk_weight_shape if whole else (n,) + plan.weight_shape)
             gx, gw = _chunk_backward(
-                plan, grad_out_chunk, x if whole else x[start:stop], weights, stride, padding,
-                dilation, groups, need_x, need_weight,
+                plan.formulations, grad_out_chunk, x if whole else x[start:stop], weights, stride,
+                padding, dilation, groups, need_x, need_weight,
             )
             if need_x:
                 if grad_x is None:
@@ -321,7 +433,51 @@ def _accumulate_mm(out: torch.Tensor, left: torch.Tensor, right: torch.Tensor, s
 
 
 native_forward, native_backward = define_custom_ops("native", forward_impl, backward_impl)
-_EagerNativeConv = eager_autograd_function("EagerNativeConv", forward_impl, backward_impl)
+
+
+class _EagerNativeConv(torch.autograd.Function):
+    """The eager-mode twin of the custom ops: the same implementations without the custom op's
+    dispatch and autograd wrapper, which also keeps the forward's mixed weights for backward
+    when they are small (``CallPlan.save_mixed``; only when ``may_save``, i.e. grad mode is on
+    and an input that needs them requires grad).
+
+    Saving is eager-only: under torch.compile the op's schema (shared with the Triton backend)
+    returns y alone (a second output would change the op both backends define, and its fake
+    would need a size guard on H x W); and where saving is allowed the recompute it avoids is
+    small: a (B, K) @ (K, |W|) product, K multiply-adds per weight, against the convolution's
+    Ho x Wo (>= about 4 Cout kh kw / groups there) per weight.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
+                may_save):
+        plan = _plan(x, weight_bank, stride, padding, dilation, groups)
+        mixed = None
+        if may_save and plan.save_mixed:
+            mixed = weight_bank.new_empty((x.shape[0], plan.weight_numel))
+        y = _forward(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
+                     plan, mixed)
+        ctx.save_for_backward(x, weight_bank, routing, bias_bank, mixed)
+        ctx.geometry = (stride, padding, dilation, groups)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight_bank, routing, bias_bank, mixed = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:4])
+        needed = mask[:3] + [mask[3] and bias_bank is not None]
+        if torch.is_grad_enabled():
+            # create_graph=True: gradients that can be differentiated again (custom_op.py).
+            grads = differentiable_backward(grad_out, (x, weight_bank, routing, bias_bank),
+                                            ctx.geometry, needed)
+        else:
+            grads = backward_impl(grad_out, x, weight_bank, routing, bias_bank, *ctx.geometry,
+                                  mask, mixed)
+        return (
+            grads[0] if needed[0] else None, grads[1] if needed[1] else None,
+            grads[2] if needed[2] else None, grads[3] if needed[3] else None,
+            None, None, None, None, None,
+        )
 
 
 def native_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
@@ -332,5 +488,11 @@ def native_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeom
     autograd wrapper (a fixed cost per call that can be as large as a small layer's whole
     convolution).
     """
-    forward_op = native_forward if torch.compiler.is_compiling() else _EagerNativeConv.apply
-    return call_forward(forward_op, x, weight_bank, routing, bias_bank, geometry)
+    if torch.compiler.is_compiling():
+        return call_forward(native_forward, x, weight_bank, routing, bias_bank, geometry)
+    may_save = torch.is_grad_enabled() and (
+        x.requires_grad or weight_bank.requires_grad or routing.requires_grad)
+    return _EagerNativeConv.apply(
+        x, weight_bank, routing, bias_bank, geometry.stride, geometry.padding, geometry.dilation,
+        geometry.groups, may_save,
+    )

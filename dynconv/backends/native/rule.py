@@ -15,8 +15,12 @@ so each gets its own formulation. The rule, in order (the constants below name t
     ``PER_SAMPLE_ANY_BATCH_CHANNELS`` input channels);
   - ``im2col`` weight gradient when the reduction Cin * kh * kw is at least
     ``IM2COL_MIN_REDUCTION``, and then an ``im2col`` forward too when the output has at most
-    ``IM2COL_FORWARD_MAX_PIXELS`` pixels;
-  - ``im2col`` input gradient for any stride above 1.
+    ``IM2COL_FORWARD_MAX_PIXELS`` pixels.
+
+  A strided convolution's input gradient stays with the weight gradient's formulation (it was
+  ``im2col`` for any stride until the second pass: faster alone in the parts benchmark with one
+  thread, but the whole forward+backward lost to the grouped trick with 1 and 2 threads, as it
+  splits the one ``convolution_backward`` call that computes both gradients into two).
 
 The thresholds come from ``python -m dynconv.autotune.cpu_formulations --parts`` (each part of
 each formulation timed against the same part of the static ``F.conv2d``, 1 and 2 threads). The
@@ -82,6 +86,4 @@ def choose_formulations(
         weight_grad = "im2col"
         if pixels <= IM2COL_FORWARD_MAX_PIXELS:
             forward = "im2col"
-    if max(stride) > 1:
-        input_grad = "im2col"
     return FormulationPlan(forward, input_grad, weight_grad)
