@@ -61,8 +61,10 @@ from dynconv.backends.triton.roofline_model import (  # noqa: F401  (re-exported
     NUM_SMS,
     STRATEGIES,
     TENSOR_PEAK_FLOPS,
+    Bounds,
     Device,
     Tiling,
+    best_strategy,
     h200,
     strategy_bounds,
 )
@@ -93,7 +95,9 @@ def weight_elems(shape: ConvShape) -> int:
 
 
 @dataclass(frozen=True)
-class LayerRoofline:
+class LayerRoofline(Bounds):
+    """One layer's bounds (:class:`Bounds`) with the layer's name and the call it models."""
+
     layer: str
     label: str
     count: int
@@ -102,31 +106,13 @@ class LayerRoofline:
     batch: int
     experts: int
     dtype: str
-    flops: int  # the static conv's
-    min_bytes: int  # dynamic: x + y + K |W|
-    static_bytes: int  # x + y + |W|
-    static_s: float
-    premix_s: float
-    fused_s: float
-    spanning_s: float
-    grouped_s: float
-    premix_eff: float  # m_eff x n_eff x wave_eff of the per-sample tiles
-    spanning_eff: float
-    fused_extra_bytes: int
-    fused_extra_from: str  # "L2" or "HBM"
-    premix_bound: str  # "compute" or "memory" (of the conv kernel)
-    fused_bound: str
-    spanning_bound: str
-
-    def time(self, strategy: str) -> float:
-        return getattr(self, f"{strategy}_s")
 
     def ratio(self, strategy: str) -> float:
         return self.time(strategy) / self.static_s
 
     @property
     def best(self) -> str:
-        return min(CANDIDATES, key=self.time)
+        return best_strategy(self)
 
 
 def layer_roofline(shape: ConvShape, batch: int = 32, experts: int = 4, dtype: str = "bf16",
