@@ -50,8 +50,11 @@ def _setup_context(ctx, inputs, output):
     ctx.geometry = (stride, padding, dilation, groups)
 
 
-def _backward_through(backward_op, ctx, grad_out):
-    x, weight_bank, routing, bias_bank = ctx.saved_tensors
+def backward_through(backward_op, ctx, grad_out, extra_inputs: int = 0):
+    """The gradients of a forward whose first four inputs are (x, weight_bank, routing,
+    bias_bank), then stride, padding, dilation, groups and ``extra_inputs`` more non-tensor
+    inputs. Saved tensors past the first four are passed on to ``backward_op`` after the mask."""
+    x, weight_bank, routing, bias_bank, *saved_extras = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:4])
     needed = mask[:3] + [mask[3] and bias_bank is not None]
     if torch.is_grad_enabled():
@@ -60,8 +63,10 @@ def _backward_through(backward_op, ctx, grad_out):
         grads = differentiable_backward(grad_out, (x, weight_bank, routing, bias_bank),
                                         ctx.geometry, needed)
     else:
-        grads = backward_op(grad_out, x, weight_bank, routing, bias_bank, *ctx.geometry, mask)
-    return tuple(g if need else None for g, need in zip(grads, needed)) + (None,) * 4
+        grads = backward_op(grad_out, x, weight_bank, routing, bias_bank, *ctx.geometry, mask,
+                            *saved_extras)
+    return (tuple(g if need else None for g, need in zip(grads, needed))
+            + (None,) * (4 + extra_inputs))
 
 
 def differentiable_backward(grad_out, inputs, geometry, needed) -> list:
@@ -134,7 +139,7 @@ def define_custom_ops(backend: str, forward_impl, backward_impl) -> tuple:
 def register_autograd(forward_op, backward_op) -> None:
     """Make ``forward_op`` differentiable through ``backward_op``."""
     forward_op.register_autograd(
-        lambda ctx, grad_out: _backward_through(backward_op, ctx, grad_out),
+        lambda ctx, grad_out: backward_through(backward_op, ctx, grad_out),
         setup_context=_setup_context,
     )
 
@@ -154,7 +159,7 @@ def eager_autograd_function(name: str, forward_impl, backward_impl) -> type:
                             groups)
 
     def backward(ctx, grad_out):
-        return _backward_through(backward_impl, ctx, grad_out)
+        return backward_through(backward_impl, ctx, grad_out)
 
     return type(name, (torch.autograd.Function,), {
         "forward": staticmethod(forward), "backward": staticmethod(backward),

@@ -38,9 +38,9 @@ import torch
 from dynconv.geometry import ConvGeometry, output_hw, output_memory_format
 
 from ..custom_op import (
+    backward_through,
     call_forward,
     define_custom_ops,
-    differentiable_backward,
     fake_backward_outputs,
     forward_output,
 )
@@ -463,21 +463,9 @@ class _EagerNativeConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight_bank, routing, bias_bank, mixed = ctx.saved_tensors
-        mask = list(ctx.needs_input_grad[:4])
-        needed = mask[:3] + [mask[3] and bias_bank is not None]
-        if torch.is_grad_enabled():
-            # create_graph=True: gradients that can be differentiated again (custom_op.py).
-            grads = differentiable_backward(grad_out, (x, weight_bank, routing, bias_bank),
-                                            ctx.geometry, needed)
-        else:
-            grads = backward_impl(grad_out, x, weight_bank, routing, bias_bank, *ctx.geometry,
-                                  mask, mixed)
-        return (
-            grads[0] if needed[0] else None, grads[1] if needed[1] else None,
-            grads[2] if needed[2] else None, grads[3] if needed[3] else None,
-            None, None, None, None, None,
-        )
+        # The saved mixed weights (or None) reach backward_impl after the mask; may_save is
+        # the one extra non-tensor input.
+        return backward_through(backward_impl, ctx, grad_out, extra_inputs=1)
 
 
 def native_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
