@@ -49,3 +49,15 @@ def check_int32_spans(**spans: int) -> None:
                 f"{name} spans {value} elements, more than the 2**31 - 1 that the Triton "
                 f"kernels address with 32-bit offsets; split the input or the bank"
             )
+
+
+def resolve_tap_major(tap_major: bool | None, offset_64: bool, in_per_group: int) -> bool:
+    """How a conv forward walks its reduction: ``tap_major`` as given, or (None) tap by tap
+    from C_in/G >= MIN_DOT_BLOCK or with int64 offsets, else as one flattened (tap, channel)
+    axis. The flattened walk keeps int32 per-element index math, so int64 offsets need
+    tap-major."""
+    if tap_major is None:
+        tap_major = offset_64 or in_per_group >= MIN_DOT_BLOCK
+    if offset_64 and not tap_major:
+        raise ValueError("int64 offsets need tap_major=True")
+    return tap_major

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INT32_LIMIT, MIN_DOT_BLOCK, dot_settings, span
+from ._common import INT32_LIMIT, dot_settings, resolve_tap_major, span
 from ._experts import mixed_tile, routing_chunk
 from .configs import (
     CONV_FWD_KEY,
@@ -250,10 +250,7 @@ def conv_fwd(
     if offset_64 is None:
         spans = (span(x, 1), span(y, 1), span(weights, 1))
         offset_64 = max(spans) > INT32_LIMIT
-    if tap_major is None:
-        tap_major = offset_64 or in_per_group >= MIN_DOT_BLOCK
-    if offset_64 and not tap_major:
-        raise ValueError("int64 offsets need tap_major=True")
+    tap_major = resolve_tap_major(tap_major, offset_64, in_per_group)
     bias_arg = bias if bias is not None else y
     a_arg = routing if fused else y
     grid = lambda meta: (

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INT32_LIMIT, MIN_DOT_BLOCK, dot_settings, span
+from ._common import INT32_LIMIT, dot_settings, resolve_tap_major, span
 from .configs import (
     CONV_FWD_SPANNING_KEY,
     conv_fwd_spanning_configs,
@@ -239,10 +239,7 @@ def conv_fwd_spanning(
     dot_fp32, precision = dot_settings(x.dtype, interpreter)
     if offset_64 is None:
         offset_64 = max(span(x, 1), span(y, 1)) > INT32_LIMIT
-    if tap_major is None:
-        tap_major = offset_64 or in_per_group >= MIN_DOT_BLOCK
-    if offset_64 and not tap_major:
-        raise ValueError("int64 offsets need tap_major=True")
+    tap_major = resolve_tap_major(tap_major, offset_64, in_per_group)
     chunk = samples_per_launch(x, y, pixels, offset_64)
     if max_samples is not None:
         chunk = max(1, min(chunk, max_samples))

@@ -100,8 +100,8 @@ TAP_MAJOR_CASES = ["base_3x3", "stride_2", "dilation_2", "groups_2", "depthwise"
 @pytest.mark.parametrize("name", TAP_MAJOR_CASES)
 def test_forward_fp32_tap_major(name, strategy, monkeypatch):
     """The tap-major reduction (used from C_in/G >= 16) forced on small channel counts."""
-    monkeypatch.setattr("dynconv.kernels.conv_fwd.MIN_DOT_BLOCK", 1)
-    monkeypatch.setattr("dynconv.kernels.conv_fwd_spanning.MIN_DOT_BLOCK", 1)
+    # Both forward kernels take their default from _common.resolve_tap_major.
+    monkeypatch.setattr("dynconv.kernels._common.MIN_DOT_BLOCK", 1)
     run_case(CASES[name], strategy, torch.float32)
 
 
