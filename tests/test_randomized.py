@@ -18,7 +18,7 @@ A seeded generator (``random.Random``, no extra dependency) draws each case:
 
 ``triton`` (under the interpreter without a GPU) gets its own, fewer and tiny draws (H, W <= 7,
 channels <= 8, batch 0-3, float32 only: it refuses float64 by design) with the forward strategy
-(premix / fused) drawn too; every PyTorch backend runs on those draws as well.
+(premix / fused / spanning) drawn too; every PyTorch backend runs on those draws as well.
 
 A draw whose padded input is smaller than the dilated kernel is not a convolution: the valid
 streams redraw, and a third stream keeps exactly those draws and checks that every backend
@@ -118,7 +118,8 @@ class Draw:
     routing: str = "softmax"  # or "signed": standard normal values, rows not summing to 1
     # native only: None (the shape rule), else ((forward, input_grad, weight_grad), chunk).
     native_plan: tuple | None = None
-    # triton only: the forward strategy, "premix" or "fused" (None: the heuristic's choice).
+    # triton only: the forward strategy, "premix", "fused" or "spanning" (None: the rule's
+    # choice).
     triton_strategy: str | None = None
     # bank, routing and bias bank as non-contiguous views (x's layout is the case's).
     strided_operands: bool = False
@@ -216,7 +217,7 @@ def draw(seed: int, stream: str, sizes: tuple[int, int, int] | None = None) -> D
     if rng.random() < 0.5:
         plan = tuple(rng.choice(FORMULATIONS) for _ in range(3))
         native_plan = (plan, rng.randint(1, max(1, case.batch)))
-    strategy = rng.choice(("premix", "fused")) if stream == "triton" else None
+    strategy = rng.choice(("premix", "fused", "spanning")) if stream == "triton" else None
     strided_operands = rng.random() < 0.25
     grad_layout = rng.choice(("nchw", "nchw", "channels_last", "strided"))
     return Draw(seed, case, dtype, routing, native_plan, strategy, strided_operands,
