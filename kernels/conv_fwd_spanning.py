@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from ._common import INT32_LIMIT, dot_settings, resolve_tap_major, span
+from ._taps import flattened_x_tile, next_tap_step, tap_major_x_tile
 from .configs import (
     CONV_FWD_SPANNING_KEY,
     conv_fwd_spanning_configs,
@@ -110,59 +111,27 @@ def conv_fwd_spanning_kernel(
         w_base = w_group + tl.cast(k, tl.int64) * w_stride_e
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if TAP_MAJOR:
-            # One tap per step, BLOCK_K channels of it: all index math is per row or column.
-            # The (tap row i, tap column j, channel chunk c0) of a step are counters carried by
-            # the loop (no integer division per step).
-            c_chunks = tl.cdiv(C_IN_G, BLOCK_K)
+            # One tap per step, BLOCK_K channels of it (the counters i, j, c0 carried).
             i = pid_m * 0
             j = pid_m * 0
             c0 = pid_m * 0
-            for _ in range(0, KH * KW * c_chunks):
-                c = c0 + tl.arange(0, BLOCK_K)
-                if OFFSET_64:
-                    c = c.to(tl.int64)
-                mask_r = c < C_IN_G
-                hi = h0 + i * dil_h
-                wi = w0 + j * dil_w
-                row_ok = mask_m & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W)
-                x_tile = tl.load(
-                    x_base + (x_rows + hi * x_stride_h + wi * x_stride_w)[:, None]
-                    + (c * x_stride_c)[None, :],
-                    mask=row_ok[:, None] & mask_r[None, :], other=0.0,
-                )
+            for _ in range(0, KH * KW * tl.cdiv(C_IN_G, BLOCK_K)):
+                x_tile, c, mask_r = tap_major_x_tile(
+                    x_base, x_rows, h0, w0, mask_m, i, j, c0, C_IN_G, H, W, dil_h, dil_w,
+                    x_stride_c, x_stride_h, x_stride_w, OFFSET_64, BLOCK_K)
                 w_tile = tl.load(
                     w_base + (c * w_stride_c)[:, None] + w_cols
                     + (i * w_stride_h + j * w_stride_w),
                     mask=mask_r[:, None] & mask_n[None, :], other=0.0,
                 )
                 part = _dot(x_tile, w_tile, part, DOT_FP32, INPUT_PRECISION)
-                c0 += BLOCK_K
-                next_tap = c0 >= C_IN_G
-                c0 = tl.where(next_tap, 0, c0)
-                j = tl.where(next_tap, j + 1, j)
-                next_row = j >= KW
-                j = tl.where(next_row, 0, j)
-                i = tl.where(next_row, i + 1, i)
+                i, j, c0 = next_tap_step(i, j, c0, C_IN_G, KW, BLOCK_K)
         else:
-            # Flattened reduction r = tap * C_IN_G + c: no lane wasted when C_IN_G < BLOCK_K,
-            # at the price of per-element (BLOCK_M x BLOCK_K) index math, kept in int32.
             tl.static_assert(not OFFSET_64, "int64 offsets need TAP_MAJOR")
-            reduction = C_IN_G * KH * KW
-            x_pix = x_rows + h0 * x_stride_h + w0 * x_stride_w
-            for r0 in range(0, reduction, BLOCK_K):
-                offs_r = r0 + tl.arange(0, BLOCK_K)
-                mask_r = offs_r < reduction
-                c = offs_r % C_IN_G
-                tap = offs_r // C_IN_G
-                dh = (tap // KW) * dil_h
-                dw = (tap % KW) * dil_w
-                hi = h0[:, None] + dh[None, :]
-                wi = w0[:, None] + dw[None, :]
-                mask_x = (mask_m[:, None] & mask_r[None, :]
-                          & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W))
-                x_cols = c * x_stride_c + dh * x_stride_h + dw * x_stride_w
-                x_tile = tl.load(x_base + x_pix[:, None] + x_cols[None, :], mask=mask_x,
-                                 other=0.0)
+            for r0 in range(0, C_IN_G * KH * KW, BLOCK_K):
+                x_tile, c, tap, mask_r = flattened_x_tile(
+                    x_base, x_rows, h0, w0, mask_m, r0, C_IN_G, H, W, KH, KW, dil_h, dil_w,
+                    x_stride_c, x_stride_h, x_stride_w, BLOCK_K)
                 w_rows = c * w_stride_c + (tap // KW) * w_stride_h + (tap % KW) * w_stride_w
                 w_tile = tl.load(w_base + w_rows[:, None] + w_cols,
                                  mask=mask_r[:, None] & mask_n[None, :], other=0.0)
