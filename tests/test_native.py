@@ -181,6 +181,33 @@ def test_workspace_reuse_between_calls_keeps_results(formulation):
         torch.testing.assert_close(leaf.grad, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("formulation", FORMULATIONS)
+def test_weight_gradient_workspace_reused_across_chunks_and_calls(formulation):
+    # The per_sample and im2col weight gradients of every chunk are written into one reused
+    # workspace slot (the grouped one's come from convolution_backward): two steps whose
+    # backward passes run one after the other, each in three chunks, both match the loop.
+    case = Case(5, 4, 6, 7, 6, (3, 3), 1, 1, 1, 1, 3, True)
+    geometry = case.geometry
+    native.clear_workspace()
+    steps = []
+    for seed in (0, 7):
+        inputs = make_inputs(case, seed=seed)
+        steps.append((inputs, _forward_backward(
+            lambda *t: reference_dynamic_conv2d(*t, **geometry), inputs)))
+    with native.force_formulation(formulation, chunk=2):
+        runs = []
+        for inputs, _ in steps:
+            leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+            runs.append((leaves, dynamic_conv2d(*leaves, backend="native", **geometry)))
+        for _leaves, y in runs:
+            y.backward(upstream_gradient(y.shape, y.dtype))
+    for (leaves, _), (_, (_, want_grads)) in zip(runs, steps, strict=True):
+        for leaf, want in zip(leaves, want_grads, strict=True):
+            torch.testing.assert_close(leaf.grad, want, rtol=1e-10, atol=1e-10)
+    slots = {key[0] for key in native._workspace.buffers}
+    assert (native.GRAD_MIXED in slots) == (formulation != "grouped")
+
+
 def test_workspace_survives_inference_mode_and_fake_tensors():
     # The workspace is made on the first call; that call may run under inference_mode or with
     # fake tensors (shape tracing), and later ordinary calls must still work.

@@ -33,7 +33,8 @@ def _grouped_forward(x, weights, bias, stride, padding, dilation, groups):
     return y.view(n, -1, y.shape[2], y.shape[3])
 
 
-def _grouped_backward(grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w):
+def _grouped_backward(grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w,
+                      gw_out=None):
     n = x.shape[0]
     gx, gw, _ = torch.ops.aten.convolution_backward(
         grad_out.reshape(1, -1, grad_out.shape[2], grad_out.shape[3]),
@@ -56,7 +57,8 @@ def _per_sample_forward(x, weights, bias, stride, padding, dilation, groups):
     ])
 
 
-def _per_sample_backward(grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w):
+def _per_sample_backward(grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w,
+                         gw_out=None):
     grads_x, grads_w = [], []
     for i in range(x.shape[0]):
         gx, gw, _ = torch.ops.aten.convolution_backward(
@@ -67,7 +69,8 @@ def _per_sample_backward(grad_out, x, weights, stride, padding, dilation, groups
         grads_w.append(gw)
     return (
         torch.cat(grads_x) if need_x else None,
-        torch.stack(grads_w) if need_w else None,
+        (torch.stack(grads_w) if gw_out is None else torch.stack(grads_w, out=gw_out))
+        if need_w else None,
     )
 
 
@@ -104,7 +107,8 @@ def _im2col_forward(x, weights, bias, stride, padding, dilation, groups):
     return y.view(n, out_channels, out_hw[0], out_hw[1])
 
 
-def _im2col_backward(grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w):
+def _im2col_backward(grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w,
+                     gw_out=None):
     n, out_channels = weights.shape[:2]
     kernel = weights.shape[3:]
     out_hw = grad_out.shape[2:]
@@ -114,7 +118,8 @@ def _im2col_backward(grad_out, x, weights, stride, padding, dilation, groups, ne
     # One patch-sized temporary at a time: the patches are freed before their gradient exists.
     if need_w:
         cols = _im2col(x, kernel, stride, padding, dilation, groups, out_hw)
-        gw = torch.bmm(gy, cols.transpose(1, 2)).view(weights.shape)
+        out = None if gw_out is None else gw_out.view(gy.shape[0], gy.shape[1], cols.shape[1])
+        gw = torch.bmm(gy, cols.transpose(1, 2), out=out).view(weights.shape)
         del cols
     if need_x:
         grad_cols = torch.bmm(w.transpose(1, 2), gy).view(n, -1, gy.shape[2])
@@ -139,10 +144,20 @@ def conv_forward(formulation, x, weights, bias, stride, padding, dilation, group
     return _FORWARD[formulation](x, weights, bias, stride, padding, dilation, groups)
 
 
+# Formulations whose weight gradient can be written into a given buffer (``gw_out``); the
+# grouped one gets its gradient from ``convolution_backward``, which allocates it.
+WRITES_GRAD_WEIGHTS_INTO_BUFFER = ("per_sample", "im2col")
+
+
 def conv_backward(
-    formulation, grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w
+    formulation, grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w,
+    gw_out=None,
 ):
-    """(grad_x (n, Cin, H, W) or None, grad_weights (n, Cout, Cin // groups, kh, kw) or None)."""
+    """(grad_x (n, Cin, H, W) or None, grad_weights (n, Cout, Cin // groups, kh, kw) or None).
+
+    ``gw_out``: a contiguous buffer of grad_weights' shape that the formulations of
+    WRITES_GRAD_WEIGHTS_INTO_BUFFER write it into (the others ignore it).
+    """
     return _BACKWARD[formulation](
-        grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w
+        grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w, gw_out
     )

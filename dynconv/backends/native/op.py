@@ -44,7 +44,12 @@ from ..custom_op import (
     fake_backward_outputs,
     forward_output,
 )
-from .formulations import FORMULATIONS, conv_backward, conv_forward
+from .formulations import (
+    FORMULATIONS,
+    WRITES_GRAD_WEIGHTS_INTO_BUFFER,
+    conv_backward,
+    conv_forward,
+)
 from .rule import FormulationPlan, choose_formulations
 
 # Bytes that each per-chunk temporary (the mixed weights, their gradient, the im2col patches
@@ -211,20 +216,27 @@ def _make_plan(x, weight_bank, stride, padding, dilation, groups) -> CallPlan:
 _workspace = threading.local()
 
 
-def _mixed_weight_buffer(chunk: int, bank_2d: torch.Tensor) -> torch.Tensor:
-    """A (chunk, |W|) buffer for the mixed weights of one chunk, reused by every chunk.
+# Workspace slots: the mixed weights of a chunk, and the chunk's per-sample weight gradient.
+MIXED, GRAD_MIXED = "mixed", "grad_mixed"
 
-    On the CPU it is a per-thread workspace kept between calls (at most LARGE_TEMPORARY_BYTES
-    per dtype; :func:`clear_workspace` frees it), because a buffer freed at the end of the
-    forward and allocated again in the backward comes back from the OS page by page, which can
-    cost as much as the mixing itself. Elsewhere (CUDA keeps its own cache) it is a plain
-    allocation, and so it is for tensor subclasses (fake tensors while tracing).
+
+def _mixed_weight_buffer(chunk: int, bank_2d: torch.Tensor, slot: str = MIXED) -> torch.Tensor:
+    """A (chunk, |W|) buffer, reused by every chunk: ``slot`` MIXED for the mixed weights of a
+    chunk, GRAD_MIXED for their gradient (the weight gradient of the chunk's convolutions,
+    where the formulation can write into a given buffer).
+
+    On the CPU each slot is a per-thread workspace kept between calls (at most
+    LARGE_TEMPORARY_BYTES per slot and dtype; :func:`clear_workspace` frees it), because a
+    buffer freed at the end of one pass and allocated again in the next comes back from the OS
+    page by page: 18 MB of fresh pages cost ~10 ms on a 2-core VM, as much as the mixing
+    itself. Elsewhere (CUDA keeps its own cache) it is a plain allocation, and so it is for
+    tensor subclasses (fake tensors while tracing).
     """
     width = bank_2d.shape[1]
     dtype = bank_2d.dtype
     views = getattr(_workspace, "views", None)
     if views is not None and type(bank_2d) is torch.Tensor:
-        view = views.get((dtype, chunk, width))
+        view = views.get((slot, dtype, chunk, width))
         if view is not None and view.device == bank_2d.device:
             return view
     shape = (chunk, width)
@@ -236,7 +248,7 @@ def _mixed_weight_buffer(chunk: int, bank_2d: torch.Tensor) -> torch.Tensor:
     if buffers is None or views is None:
         buffers = _workspace.buffers = {}
         views = _workspace.views = {}
-    buffer = buffers.get(dtype)
+    buffer = buffers.get((slot, dtype))
     # A normal tensor even if this first call runs under inference_mode, so that later calls
     # outside it may write into it (its views too).
     with torch.inference_mode(False):
@@ -244,17 +256,18 @@ def _mixed_weight_buffer(chunk: int, bank_2d: torch.Tensor) -> torch.Tensor:
             buffer = bank_2d.new_empty(numel)
             if type(buffer) is not torch.Tensor:  # a subclass made by an active mode
                 return buffer.view(shape)
-            buffers[dtype] = buffer
+            buffers[(slot, dtype)] = buffer
             # The views of a smaller buffer would keep it alive: drop them.
-            for key in [key for key in views if key[0] == dtype]:
+            for key in [key for key in views if key[:2] == (slot, dtype)]:
                 del views[key]
         view = buffer[:numel].view(shape)
-    views[(dtype, chunk, width)] = view
+    views[(slot, dtype, chunk, width)] = view
     return view
 
 
 def clear_workspace() -> None:
-    """Free this thread's mixed-weight workspace of the native backend (it is rebuilt on use)."""
+    """Free this thread's workspace of the native backend (mixed weights and their gradient;
+    it is rebuilt on use)."""
     _workspace.buffers = {}
     _workspace.views = {}
 
@@ -360,6 +373,11 @@ def backward_impl(
     buffer = None
     if mixed is None and (need_x or need_weight):
         buffer = _mixed_weight_buffer(chunk, bank_2d)
+    # The chunk's weight gradient, if its formulation can write it into a buffer: reused by
+    # every chunk and every call, like the mixed weights.
+    grad_buffer = None
+    if need_weight and plan.formulations.weight_grad in WRITES_GRAD_WEIGHTS_INTO_BUFFER:
+        grad_buffer = _mixed_weight_buffer(chunk, bank_2d, GRAD_MIXED)
     whole = chunk == batch
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)
@@ -376,6 +394,7 @@ def backward_impl(
             gx, gw = _chunk_backward(
                 plan.formulations, grad_out_chunk, x if whole else x[start:stop], weights, stride,
                 padding, dilation, groups, need_x, need_weight,
+                None if grad_buffer is None else grad_buffer[:n].view(weights.shape),
             )
             if need_x:
                 if grad_x is None:
@@ -408,18 +427,22 @@ def backward_impl(
     return grad_x, grad_bank, grad_routing, grad_bias
 
 
-def _chunk_backward(plan, grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w):
-    """(grad_x or None, grad_weights or None) of a chunk, each part by its own formulation."""
+def _chunk_backward(plan, grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w,
+                    gw_out=None):
+    """(grad_x or None, grad_weights or None) of a chunk, each part by its own formulation
+    (the weight gradient written into ``gw_out`` where that formulation can)."""
     if plan.input_grad == plan.weight_grad or not (need_x and need_w):
         formulation = plan.input_grad if need_x else plan.weight_grad
         return conv_backward(
-            formulation, grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w
+            formulation, grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w,
+            gw_out if need_w else None,
         )
     gx, _ = conv_backward(
         plan.input_grad, grad_out, x, weights, stride, padding, dilation, groups, True, False
     )
     _, gw = conv_backward(
-        plan.weight_grad, grad_out, x, weights, stride, padding, dilation, groups, False, True
+        plan.weight_grad, grad_out, x, weights, stride, padding, dilation, groups, False, True,
+        gw_out,
     )
     return gx, gw
 
