@@ -156,6 +156,20 @@ def test_chunks_hold_k_samples_below_the_large_temporary_limit(monkeypatch):
     assert native._plan(*args)[1] == 2
     monkeypatch.setattr(native, "LARGE_TEMPORARY_BYTES", 1000)
     assert native._plan(*args)[1] == 1
+    # Where the chunk's weight-sized temporaries all live in the reused workspace (mixed
+    # weights, and a weight gradient written into it: per_sample / im2col), the limit does
+    # not apply to them: K samples, as much as the bank.
+    with native.force_formulation(("grouped", "grouped", "per_sample")):
+        assert native._plan(*args)[1] == 4
+    # ... but im2col patches (here 4 * 9 * 42 values per sample) are fresh temporaries.
+    with native.force_formulation(("grouped", "grouped", "im2col")):
+        assert native._plan(*args)[1] == 1
+    # A low-precision weight gradient is copied to fp32 (fresh) before it is summed: one
+    # sample's copy (864 bytes) is within the budget and the limit, two are not.
+    bf16 = (x.to(torch.bfloat16), bank.to(torch.bfloat16)) + args[2:]
+    monkeypatch.setattr(native, "MIXED_WEIGHT_BUDGET_BYTES", 864)
+    with native.force_formulation(("grouped", "grouped", "per_sample")):
+        assert native._plan(*bf16)[1] == 1
 
 
 @pytest.mark.parametrize("formulation", FORMULATIONS)

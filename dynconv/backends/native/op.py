@@ -194,11 +194,20 @@ def _make_plan(x, weight_bank, stride, padding, dilation, groups) -> CallPlan:
         chunk = batch_chunk_size(batch, weight_numel, element_size, temp)
         # Every chunk reads the whole bank (mixing, twice with backward) and updates its
         # gradient: with at least K samples per chunk that traffic stays at most that of the
-        # chunk's own mixed weights. Not past LARGE_TEMPORARY_BYTES, though: larger blocks come
-        # fresh from the OS on every call, and their page faults cost more than re-reading
-        # the bank.
-        at_least_k = min(weight_bank.shape[0], max(
-            1, LARGE_TEMPORARY_BYTES // (max(weight_numel, temp) * element_size)))
+        # chunk's own mixed weights. Not past LARGE_TEMPORARY_BYTES for a temporary allocated
+        # fresh on every call, though: larger blocks come from the OS page by page each time,
+        # and their page faults cost more than re-reading the bank. The mixed weights, and
+        # the weight gradient of the formulations that write it into a buffer, live in the
+        # reused workspace instead (which may then hold as much as the bank itself: K
+        # samples); the rest (im2col patches, a grouped weight gradient, an fp32 copy of a
+        # low-precision one) are fresh.
+        fresh = temp
+        if (plan.weight_grad not in WRITES_GRAD_WEIGHTS_INTO_BUFFER
+                or element_size != x.element_size()):
+            fresh = max(fresh, weight_numel)
+        at_least_k = weight_bank.shape[0]
+        if fresh:
+            at_least_k = min(at_least_k, max(1, LARGE_TEMPORARY_BYTES // (fresh * element_size)))
         chunk = max(chunk, at_least_k)
         # Chunks of equal size: 16 samples in chunks of at most 14 run as 8 + 8, not 14 + 2
         # (a small last chunk is a poorly used convolution, and a second buffer shape).
@@ -226,7 +235,8 @@ def _mixed_weight_buffer(chunk: int, bank_2d: torch.Tensor, slot: str = MIXED) -
     where the formulation can write into a given buffer).
 
     On the CPU each slot is a per-thread workspace kept between calls (at most
-    LARGE_TEMPORARY_BYTES per slot and dtype; :func:`clear_workspace` frees it), because a
+    LARGE_TEMPORARY_BYTES per slot and dtype, or the largest bank's size where chunks of K
+    samples need it; :func:`clear_workspace` frees it), because a
     buffer freed at the end of one pass and allocated again in the next comes back from the OS
     page by page: 18 MB of fresh pages cost ~10 ms on a 2-core VM, as much as the mixing
     itself. Elsewhere (CUDA keeps its own cache) it is a plain allocation, and so it is for
@@ -241,8 +251,10 @@ def _mixed_weight_buffer(chunk: int, bank_2d: torch.Tensor, slot: str = MIXED) -
             return view
     shape = (chunk, width)
     numel = chunk * width
+    # At most LARGE_TEMPORARY_BYTES per slot, or the bank's size (K samples: see ``_plan``).
+    limit = max(LARGE_TEMPORARY_BYTES, bank_2d.numel() * bank_2d.element_size())
     if (bank_2d.device.type != "cpu" or type(bank_2d) is not torch.Tensor
-            or numel * bank_2d.element_size() > LARGE_TEMPORARY_BYTES):
+            or numel * bank_2d.element_size() > limit):
         return bank_2d.new_empty(shape)
     buffers = getattr(_workspace, "buffers", None)
     if buffers is None or views is None:
