@@ -24,6 +24,7 @@ offsets, so divisibility comes out as on a GPU.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from dataclasses import dataclass, field
 
@@ -44,12 +45,16 @@ class DrivenCase:
     dtype: str
     channels_last: bool
     bias: bool = True
+    # fp32 dots: torch.backends.cudnn.allow_tf32 while the case is driven (the fp32 kernels
+    # compile tf32 or "ieee" dots by it: kernels/_common.dot_settings); None leaves the setting
+    # as the caller has it (autotune/gpu_steps.py sets it around the capture itself).
+    tf32: bool | None = None
 
     @property
     def label(self) -> str:
         layout = "cl" if self.channels_last else "nchw"
         return (f"{self.shape.label()} B{self.batch} K{self.num_experts} {self.dtype} {layout}"
-                f"{'' if self.bias else ' nobias'}")
+                f"{'' if self.bias else ' nobias'}{' ieee' if self.tf32 is False else ''}")
 
 
 def _test_shapes() -> list[ConvShape]:
@@ -70,17 +75,25 @@ def driven_cases() -> list[DrivenCase]:
     one in bf16 NCHW, and one with K = 17 (fused in several expert passes); the test shapes in
     fp32 NCHW (and two in bf16) with K = 1, 4 and 17 (a K
     past 16 takes the mix kernel's tl.dot path and two expert blocks in the weight gradient).
+
+    fp32 is driven with tf32 dots (PyTorch's default ``allow_tf32``) and again with them off
+    (labels ending in ``ieee``: "ieee" fp32 dots, other specialisations than tf32's): the two
+    fp32 NCHW layers, one layer in fp32 channels_last and the fp32 test shapes.
     """
     resnet = {shape.name: shape for shape in get_shape_set("resnet18")}
     cases = [DrivenCase(shape, 32, 4, "bf16", True) for shape in resnet.values()]
     cases += [DrivenCase(resnet["layer1.0.conv1"], 32, 4, "fp32", False),
               DrivenCase(resnet["layer3.0.conv2"], 32, 4, "fp32", False),
+              DrivenCase(resnet["layer1.0.conv1"], 32, 4, "fp32", False, tf32=False),
+              DrivenCase(resnet["layer3.0.conv2"], 32, 4, "fp32", False, tf32=False),
+              DrivenCase(resnet["layer2.0.conv2"], 32, 4, "fp32", True, tf32=False),
               DrivenCase(resnet["layer2.0.conv2"], 32, 4, "fp16", True),
               DrivenCase(resnet["layer2.0.conv1"], 32, 4, "bf16", False, bias=False),
               DrivenCase(resnet["layer3.0.conv2"], 32, 17, "bf16", True)]
     for index, shape in enumerate(_test_shapes()):
         experts = (1, 4, 17)[index % 3]
         cases.append(DrivenCase(shape, 3, experts, "fp32", False))
+        cases.append(DrivenCase(shape, 3, experts, "fp32", False, tf32=False))
         if index < 2:
             cases.append(DrivenCase(shape, 2, experts, "bf16", index == 0, bias=False))
     return cases
@@ -94,6 +107,19 @@ class Launch:
     args: tuple
     kwargs: dict
     label: str
+
+
+def _hooked_args(arg_names, args, kwargs, config) -> tuple:
+    """``args`` as ``config`` launches them: its ``pre_hook`` (which sets the block shapes of
+    tensor descriptors in place, e.g. the TMA forward's) run on copies of the descriptors, so
+    that each config's launch keeps its own."""
+    if config.pre_hook is None:
+        return args
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    copies = tuple(copy.copy(a) if isinstance(a, TensorDescriptor) else a for a in args)
+    config.pre_hook({**dict(zip(arg_names, copies)), **kwargs, **config.all_kwargs()})
+    return copies
 
 
 @contextlib.contextmanager
@@ -113,8 +139,8 @@ def _recording(launches: list, label_of):
         finally:
             self.nargs = None
         for config in configs:
-            launches.append(Launch(self.fn, args, {**kwargs, **config.all_kwargs()},
-                                   label_of()))
+            launches.append(Launch(self.fn, _hooked_args(self.arg_names, args, kwargs, config),
+                                   {**kwargs, **config.all_kwargs()}, label_of()))
 
     saved = (JITFunction.run, Autotuner.run, os.environ.get("DYNCONV_TUNED"))
     JITFunction.run, Autotuner.run = record_jit, record_autotuner
@@ -146,11 +172,13 @@ def _meta_inputs(case: DrivenCase):
 
 
 def capture(cases: list[DrivenCase], capability: int) -> list[Launch]:
-    """Every launch (and autotuner candidate) of the forward (premix, fused, spanning) and the
-    backward of each case, with configs pruned as for a GPU of ``capability``."""
+    """Every launch (and autotuner candidate) of the forward (premix, fused, spanning, and
+    premix_tma where TMA can run it: never below sm_90) and the backward of each case, with
+    configs pruned as for a GPU of ``capability``."""
     from dynconv.backends.triton.backward import triton_backward_impl
     from dynconv.backends.triton.forward import triton_forward_impl
     from dynconv.kernels.configs import pruning_for_capability
+    from dynconv.kernels.conv_fwd_tma import conv_fwd_tma_supported
 
     launches: list[Launch] = []
     current = {"label": ""}
@@ -160,13 +188,30 @@ def capture(cases: list[DrivenCase], capability: int) -> list[Launch]:
             s = case.shape
             geometry = ((s.stride, s.stride), (s.padding, s.padding),
                         (s.dilation, s.dilation), s.groups)
-            for strategy in ("premix", "fused", "spanning"):
-                current["label"] = f"{case.label} fwd-{strategy}"
-                triton_forward_impl(x, bank, routing, bias, *geometry, strategy=strategy)
-            current["label"] = f"{case.label} bwd"
-            triton_backward_impl(grad_out, x, bank, routing, bias, *geometry,
-                                 [True, True, True, case.bias])
+            strategies = ["premix", "fused", "spanning"]
+            if conv_fwd_tma_supported(x, bank.shape, geometry[0], s.groups):
+                strategies.append("premix_tma")  # sm_90+, stride 1, 2-byte channels_last only
+            with _tf32_dots(case.tf32):
+                for strategy in strategies:
+                    current["label"] = f"{case.label} fwd-{strategy}"
+                    triton_forward_impl(x, bank, routing, bias, *geometry, strategy=strategy)
+                current["label"] = f"{case.label} bwd"
+                triton_backward_impl(grad_out, x, bank, routing, bias, *geometry,
+                                     [True, True, True, case.bias])
     return launches
+
+
+@contextlib.contextmanager
+def _tf32_dots(enabled: bool | None):
+    """``torch.backends.cudnn.allow_tf32 = enabled`` within the block, restored after (None:
+    left as it is)."""
+    saved = torch.backends.cudnn.allow_tf32
+    if enabled is not None:
+        torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
 
 
 @dataclass

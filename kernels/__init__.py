@@ -3,13 +3,15 @@
 Modules: ``mix`` (per-sample weight mixing into the conv kernels' layout), ``conv_fwd``
 (implicit-GEMM forward, premix and fused), ``conv_fwd_spanning`` (the batch-spanning forward:
 one implicit GEMM over the whole batch's output pixels, the bank shared, the routing applied per
-expert), ``conv_bwd_dx`` (grad_input: per-sample transposed
+expert), ``conv_fwd_tma`` (premix on Hopper's TMA tensor descriptors, for stride 1, groups 1,
+bf16 / fp16 channels_last), ``conv_bwd_dx`` (grad_input: per-sample transposed
 implicit GEMM), ``conv_bwd_dw`` (per-sample weight gradient on tensor cores, contracted onto
 the bank and routing gradients in registers), ``configs`` (every kernel's candidate configs,
 autotune keys and prunes), ``tuned_table`` (the persisted per-GPU tuned configs, consulted
 before autotuning), ``_experts`` (the unrolled expert mixing that the fused forward and the
-input gradient share), ``_common`` (the interpreter switch, dot precision settings, offset spans
-and the int32 limit).
+input gradient share), ``_taps`` (the x tile of a forward reduction step, tap-major or
+flattened, shared by the forward kernels), ``_common`` (the interpreter switch, dot precision
+settings, offset spans and the int32 limit).
 
 One naming scheme: in module ``<op>``, ``<op>_kernel`` is the ``@triton.jit`` function,
 ``<op>_tuned`` its autotuner wrapped by ``tuned_table.with_tuned_table`` (its tuned-table name is

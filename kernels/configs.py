@@ -33,11 +33,13 @@ from ._common import MIN_DOT_BLOCK, interpreter_enabled
 SHARED_MEMORY_LIMITS = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 DEFAULT_SHARED_MEMORY_LIMIT = 101376
 
-MIX_KEY = ["NUM_EXPERTS", "N_WEIGHT", "N_BIAS"]
+# INPUT_PRECISION is in every key: fp32 launches with tf32 on and off prune to different configs
+# (fp32_ieee_dots), so neither the autotuner's cache nor the tuned table may share an entry.
+MIX_KEY = ["NUM_EXPERTS", "N_WEIGHT", "N_BIAS", "INPUT_PRECISION"]
 CONV_FWD_KEY = [
     "C_IN_G", "C_OUT_G", "H", "W", "HO", "WO", "KH", "KW",
     "stride_h", "stride_w", "dil_h", "dil_w", "NUM_EXPERTS", "x_stride_c",
-    "FUSED", "TAP_MAJOR", "OFFSET_64",
+    "FUSED", "TAP_MAJOR", "OFFSET_64", "INPUT_PRECISION",
 ]
 CONV_BWD_DX_KEY = ["H", "W", "HO", "WO", "C_IN_G", "C_OUT_G", "NUM_EXPERTS", "KH", "KW",
                    "STRIDE_H", "STRIDE_W", "PAD_H", "PAD_W", "DIL_H", "DIL_W", "DOT_FP32",
@@ -101,6 +103,26 @@ def shared_memory_limit(device) -> int:
     return SHARED_MEMORY_LIMITS.get(major * 10 + minor, DEFAULT_SHARED_MEMORY_LIMIT)
 
 
+def fp32_ieee_dots(operand, named_args) -> bool:
+    """Whether a launch's dots are fp32 in "ieee" precision (``allow_tf32`` off:
+    kernels/_common.dot_settings): 4-byte ``operand`` elements, no tf32. Without tensor cores
+    such dots are FMA loops with both operand tiles in registers, so they take smaller tiles
+    (each kernel's ``*_IEEE`` candidates) than tf32 dots of the same shape."""
+    return (operand.element_size() >= 4 and not named_args.get("DOT_FP32")
+            and named_args.get("INPUT_PRECISION") == "ieee")
+
+
+def mnk_entry(config: triton.Config) -> tuple:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of a GEMM-tiled config."""
+    kw = config.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages
+
+
+def split_ieee(configs, ieee_table, ieee: bool) -> list:
+    """The configs of ``ieee_table`` for fp32 "ieee" dots (``ieee``), the others otherwise."""
+    return [c for c in configs if (mnk_entry(c) in ieee_table) == ieee]
+
+
 def mnk_tile_configs(table) -> list[triton.Config]:
     """Configs of a GEMM-tiled kernel from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     return [
@@ -111,12 +133,19 @@ def mnk_tile_configs(table) -> list[triton.Config]:
 
 # --- mix ----------------------------------------------------------------------------------------
 
-# (BLOCK_B, BLOCK_N, num_warps); the expert chunk BLOCK_E is 16 (tl.dot's minimum) when K >= 16.
+# (BLOCK_B, BLOCK_N, num_warps); the expert chunk BLOCK_E is 16 (tl.dot's minimum; fewer experts
+# are masked).
 _MIX_CANDIDATES = [
     (16, 256, 4),
     (32, 128, 4),
     (64, 128, 8),
+    (16, 128, 4),
+    (16, 256, 8),
 ]
+# fp32 dots in ieee (allow_tf32 off: FMA, both operands in registers) reached 250-255 registers
+# at 32 accumulator elements per thread and spilled 8-32 bytes at 64 x 128 on 8 warps (Triton
+# 3.6, sm_80 and sm_90); at 16 per thread they take 128-141 registers, no spill.
+MIX_FP32_IEEE_MAX_ACC_PER_THREAD = 16
 _MIX_INTERPRETER = (16, 256, 4)
 
 
@@ -131,17 +160,27 @@ def mix_configs(interpreter: bool | None = None) -> list[triton.Config]:
 
 
 def prune_mix_configs(configs, named_args, **kwargs):
-    """early_config_prune hook: no column block larger than the problem.
+    """early_config_prune hook: no column block larger than the problem; with fp32 ieee dots no
+    more than MIX_FP32_IEEE_MAX_ACC_PER_THREAD accumulator elements per thread.
 
     The batch is not pruned on: it is not part of the key (premix chunks vary in size).
     """
-    kept = _fit_blocks(configs, {"BLOCK_N": named_args["N_WEIGHT"] + named_args["N_BIAS"]})
+    named_args = {**named_args, **kwargs}  # constexprs given by keyword arrive in kwargs
+    if fp32_ieee_dots(named_args["a_ptr"], named_args):
+        configs = [c for c in configs
+                   if c.kwargs["BLOCK_B"] * c.kwargs["BLOCK_N"]
+                   <= MIX_FP32_IEEE_MAX_ACC_PER_THREAD * 32 * c.num_warps] or configs
+    kept = _fit_blocks(configs, {"BLOCK_N": named_args["N_COLS"]})
     return kept or [configs[0]]
 
 
 # --- conv_fwd -----------------------------------------------------------------------------------
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); BLOCK_N and BLOCK_K >= 16 for tl.dot.
+# The last five (4 stages, 256-wide tiles; sm90_only_config) are kept for the premix forward of
+# 2-byte channels_last x on sm_90 only: on the ResNet-18 bf16 / fp16 channels_last launches they
+# compiled without spills under Triton 3.6 and 3.8 (128 x 256: 184-220 registers; shared memory
+# as conv_fwd_shared_bytes estimates, 196608 bytes at 128 x 256 x 64 x 4 stages).
 _CONV_FWD_CANDIDATES = [
     (64, 16, 32, 4, 3),
     (64, 32, 32, 4, 3),
@@ -150,18 +189,46 @@ _CONV_FWD_CANDIDATES = [
     (64, 128, 32, 8, 3),
     (128, 128, 32, 8, 3),
     (128, 128, 64, 8, 3),
+    (128, 128, 32, 8, 4),
+    (128, 128, 64, 8, 4),
+    (128, 256, 32, 8, 3),
+    (128, 256, 32, 8, 4),
+    (128, 256, 64, 8, 3),
+    (128, 256, 64, 8, 4),
+]
+# fp32 with tf32 off ("ieee" dots: FMA, both operand tiles in registers; fp32_ieee_dots) takes
+# these instead, and only these: BLOCK_K = 16, at most 16 accumulator elements per thread. With
+# the tf32 tiles (BLOCK_K = 32) ptxas spilled (compile-check of the ieee launches, sm_80 / sm_90,
+# Triton 3.8 / 3.6): premix 128 x 64 and 128 x 128 on 8 warps 8-80 bytes (NCHW), 64 x 16 on 4
+# warps 8 bytes once (Triton 3.6, sm_90); fused 64 x 64 / 128 x 64 256-2216 bytes, and even
+# 64 x 16 on 4 warps 48-184 bytes (the tests' odd shapes, and the ResNet 3x3 NCHW layers on
+# sm_90). With BLOCK_K = 16 every launch compiled
+# without spills but 64 x 16 on 4 warps, fused in several expert passes (K = 17: 8-16 bytes,
+# Triton 3.6); on 8 warps it took 79-102 registers there.
+_CONV_FWD_IEEE = [
+    (64, 16, 16, 8, 3),
+    (64, 32, 16, 4, 3),
+    (64, 64, 16, 8, 3),
 ]
 # With int64 offsets (a sample spanning > 2**31 elements, rare) only these compile without
-# register spills; the compile-check holds them to that.
-_CONV_FWD_INT64 = {(64, 16, 32, 4, 3)}
+# register spills; the compile-check holds them to that. (64, 16, 16, 8, 3) is the ieee one
+# (not measured with int64 offsets: no driven case has them).
+_CONV_FWD_INT64 = {(64, 16, 32, 4, 3), (64, 16, 16, 8, 3)}
 # Interpreter: one config; large rows and reduction chunks mean fewer interpreted programs.
 _CONV_FWD_INTERPRETER = (64, 16, 32, 4, 1)
+
+
+def sm90_only_config(config: triton.Config) -> bool:
+    """Whether a premix / spanning forward config is kept for 2-byte channels_last x
+    (tap-major) on sm_90 only: a 64-wide reduction step, a 256-wide tile or 4 stages."""
+    kw = config.kwargs
+    return kw["BLOCK_K"] > 32 or kw["BLOCK_N"] > 128 or config.num_stages > 3
 
 
 def conv_fwd_configs(interpreter: bool | None = None) -> list[triton.Config]:
     """Candidate configs of the conv forward kernel (one under the interpreter)."""
     interpreter = interpreter_enabled() if interpreter is None else interpreter
-    table = [_CONV_FWD_INTERPRETER] if interpreter else _CONV_FWD_CANDIDATES
+    table = [_CONV_FWD_INTERPRETER] if interpreter else _CONV_FWD_CANDIDATES + _CONV_FWD_IEEE
     return mnk_tile_configs(table)
 
 
@@ -203,11 +270,13 @@ def expert_chunk(num_experts: int) -> int:
 
 
 def prune_conv_fwd_configs(configs, named_args, **kwargs):
-    """early_config_prune hook: blocks no larger than the problem, shared memory within limit,
-    and only int64-capable configs with OFFSET_64."""
+    """early_config_prune hook: the ieee tiles for fp32 ieee dots (the others otherwise),
+    blocks no larger than the problem, shared memory within limit, and only int64-capable
+    configs with OFFSET_64."""
     named_args = {**named_args, **kwargs}  # constexprs given by keyword arrive in kwargs
     x = named_args["x_ptr"]
     reduction = named_args["C_IN_G"] * named_args["KH"] * named_args["KW"]
+    configs = split_ieee(configs, _CONV_FWD_IEEE, fp32_ieee_dots(x, named_args)) or configs
     if named_args.get("OFFSET_64"):
         configs = [c for c in configs if conv_fwd_int64_ok(c)]
     kept = _fit_blocks(
@@ -222,8 +291,9 @@ def prune_conv_fwd_configs(configs, named_args, **kwargs):
     if (fused or x.element_size() >= 4 or named_args.get("x_stride_c") != 1
             or not named_args.get("TAP_MAJOR") or _pruning_capability(x.device) < 90):
         # BLOCK_K = 64 (half the steps of wide channels) only where its tiles are 128-byte
-        # rows of a 2-byte channels_last x feeding wgmma from shared memory: premix on sm_90.
-        kept = [c for c in kept if c.kwargs["BLOCK_K"] <= 32]
+        # rows of a 2-byte channels_last x feeding wgmma from shared memory: premix on sm_90;
+        # so are 256-wide tiles and 4-stage pipelines (sm90_only_config).
+        kept = [c for c in kept if not sm90_only_config(c)]
     if fused and named_args.get("NUM_EXPERTS", 0) > named_args["EXPERT_CHUNK"]:
         # Several passes over the reduction keep its index math live across them: larger
         # tiles spilled (8 B at 64x64 on sm_80, 80 B at 128x128 on sm_90, K = 17).
@@ -251,6 +321,16 @@ _CONV_BWD_DX_CANDIDATES = [
     (128, 64, 32, 8, 3),
     (128, 128, 32, 8, 3),
 ]
+# fp32 with tf32 off ("ieee" dots; fp32_ieee_dots) takes these instead, and only these: with
+# the tiles above ptxas spilled 64 x 64 on 4 warps and 128 x 64 on 8: 272-352 bytes, and
+# 64 x 16 8-232 bytes on the tests' odd NCHW shapes (depthwise, groups; Triton 3.8); with
+# BLOCK_K = 16 and at most 16 accumulator elements per thread none did (compile-check of the
+# ieee launches, sm_80 / sm_90, Triton 3.8 / 3.6).
+_CONV_BWD_DX_IEEE = [
+    (64, 16, 16, 4, 3),
+    (64, 32, 16, 4, 3),
+    (64, 64, 16, 8, 3),
+]
 # Interpreter: one config with large row tiles (its cost is per program and per op).
 _CONV_BWD_DX_INTERPRETER = (64, 16, 16, 4, 1)
 
@@ -259,15 +339,19 @@ def conv_bwd_dx_configs(interpreter: bool | None = None) -> list[triton.Config]:
     """Candidate tile configs of the input-gradient kernel (one under the interpreter, which
     cannot time kernels)."""
     interpreter = interpreter_enabled() if interpreter is None else interpreter
-    table = [_CONV_BWD_DX_INTERPRETER] if interpreter else _CONV_BWD_DX_CANDIDATES
+    table = ([_CONV_BWD_DX_INTERPRETER] if interpreter
+             else _CONV_BWD_DX_CANDIDATES + _CONV_BWD_DX_IEEE)
     return mnk_tile_configs(table)
 
 
 def prune_conv_bwd_dx_configs(configs, named_args, **kwargs):
     """early_config_prune hook: drop tiles far larger than the problem (they only waste lanes)
     and those whose pipeline buffers (grad_y and EXPERT_CHUNK bank tiles per stage) pass the
-    device's shared memory; keep at least one."""
+    device's shared memory; the ieee tiles for fp32 ieee dots (the others otherwise); keep at
+    least one."""
     named_args = {**named_args, **kwargs}  # constexprs given by keyword arrive in kwargs
+    configs = split_ieee(configs, _CONV_BWD_DX_IEEE,
+                         fp32_ieee_dots(named_args["gy_ptr"], named_args)) or configs
     c_in_g, c_out_g = named_args["C_IN_G"], named_args["C_OUT_G"]
     # Rows of one program: the pixels of one stride phase (kernels/conv_bwd_dx.py).
     pixels = (triton.cdiv(named_args["H"], named_args["STRIDE_H"])
@@ -320,6 +404,23 @@ _CONV_BWD_DW_CANDIDATES = [
     (32, 8, 3),
     (64, 8, 3),
 ]
+# fp32 with tf32 off ("ieee" dots; fp32_ieee_dots) takes these instead, and only these: with
+# the ones above ptxas spilled 8-72 bytes (BLOCK_P 32 on 4 warps for 16 x 32 and 64 x 16 gW
+# tiles, on 8 warps for 16 x 64; Triton 3.8 sm_90, 3.6 sm_80 / sm_90). No 16-pixel config
+# compiled without spills for every gW tile under both Tritons (Triton 3.6 holds 8-warp
+# programs to 128 registers, 3.8 4-warp ones to 168 on sm_90), so the ones that spilled on a
+# launched tile are listed: (BLOCK_M, BLOCK_N, BLOCK_P, num_warps, num_stages), with the bytes.
+# 32 pixels on 8 warps with 2 stages is the one left for a 16 x 64 tile (122-190 registers).
+_CONV_BWD_DW_IEEE = [(16, 8, 3), (16, 4, 2), (16, 8, 2), (32, 8, 2)]
+CONV_BWD_DW_IEEE_MEASURED_SPILLS = frozenset({
+    (16, 32, 16, 8, 3),  # 16 bytes, Triton 3.6 sm_80 (6 -> 4 channels, 2 groups, stride 2)
+    (16, 64, 16, 8, 3),  # 32 bytes, Triton 3.6 sm_90 (5 -> 7 channels; the 7x7 stem)
+    (16, 32, 16, 8, 2),  # 32 bytes, Triton 3.6 sm_80
+    (64, 16, 16, 4, 2),  # 8 bytes, Triton 3.8 sm_90 (ResNet 3x3 NCHW, K = 4)
+    (16, 64, 16, 4, 2),  # 32 bytes, Triton 3.8 sm_90
+    (16, 64, 16, 8, 2),  # 8 bytes, Triton 3.8 sm_80
+    (16, 32, 32, 8, 2),  # 48 bytes, Triton 3.8 sm_80
+})
 # Interpreter: one config, long pixel chunks (its cost is per program and per op).
 _CONV_BWD_DW_INTERPRETER = (64, 4, 1)
 
@@ -328,7 +429,8 @@ def conv_bwd_dw_configs(interpreter: bool | None = None) -> list[triton.Config]:
     """Candidate BLOCK_P / warps / stages of the weight-gradient kernel (one under the
     interpreter)."""
     interpreter = interpreter_enabled() if interpreter is None else interpreter
-    table = [_CONV_BWD_DW_INTERPRETER] if interpreter else _CONV_BWD_DW_CANDIDATES
+    table = ([_CONV_BWD_DW_INTERPRETER] if interpreter
+             else _CONV_BWD_DW_CANDIDATES + _CONV_BWD_DW_IEEE)
     return [triton.Config({"BLOCK_P": p}, num_warps=w, num_stages=st) for p, w, st in table]
 
 
@@ -391,9 +493,18 @@ def conv_bwd_dw_config_fits(config: triton.Config, k_block: int, element_size: i
 
 
 def prune_conv_bwd_dw_configs(configs, named_args, **kwargs):
-    """early_config_prune hook: only configs that compile without spills for this K_BLOCK, tile
-    and dtype (:func:`conv_bwd_dw_config_fits`), no pixel chunk much longer than a sample;
-    keep at least one."""
+    """early_config_prune hook: the ieee config for fp32 ieee dots (the others otherwise), only
+    configs that compile without spills for this K_BLOCK, tile and dtype
+    (:func:`conv_bwd_dw_config_fits`), no pixel chunk much longer than a sample; keep at least
+    one."""
+    ieee = fp32_ieee_dots(named_args["x_ptr"], {**named_args, **kwargs})
+    configs = [c for c in configs
+               if ((c.kwargs["BLOCK_P"], c.num_warps, c.num_stages) in _CONV_BWD_DW_IEEE) == ieee
+               ] or configs
+    if ieee:
+        configs = [c for c in configs
+                   if (kwargs["BLOCK_M"], kwargs["BLOCK_N"], c.kwargs["BLOCK_P"], c.num_warps,
+                       c.num_stages) not in CONV_BWD_DW_IEEE_MEASURED_SPILLS] or configs[:1]
     element_size = named_args["x_ptr"].element_size()
     tile = (kwargs["BLOCK_M"], kwargs["BLOCK_N"])
     pixels = named_args["HO"] * named_args["WO"]
@@ -409,13 +520,19 @@ def prune_conv_bwd_dw_configs(configs, named_args, **kwargs):
 CONV_FWD_SPANNING_KEY = [
     "ROWS", "NUM_EXPERTS", "C_IN_G", "C_OUT_G", "H", "W", "HO", "WO", "KH", "KW",
     "stride_h", "stride_w", "dil_h", "dil_w", "x_stride_c", "TAP_MAJOR", "OFFSET_64",
+    "INPUT_PRECISION",
 ]
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The kernel holds two fp32 (BLOCK_M,
 # BLOCK_N) accumulators (the sum and one expert's partial): each at most 64 per thread
 # (64 x 128 on 4 warps, 128 x 128 on 8). Rows span the batch, so BLOCK_M = 128 fills its tiles
 # even at 7x7; BLOCK_K = 64 halves the steps of wide channels (a 128-byte bf16 row; fewer
 # instructions per wgmma). 128 x 128 x 64 takes 2 stages: with 3 it spilled 8 bytes on sm_90
-# under Triton 3.6 (3x3 layers, compile-check).
+# under Triton 3.6 (3x3 layers, compile-check). The 4-stage ones (sm90_only_config: 2-byte
+# channels_last x on sm_90 only) compiled without spills under Triton 3.6 and 3.8 on the ResNet-18
+# bf16 / fp16 channels_last launches (222-245 registers). Tried and dropped (sm_90, same
+# launches): 128 x 128 x 64 with 4 stages spilled 88 bytes (Triton 3.8) / 96-112 (3.6); the two
+# accumulators of a 128 x 256 tile need 256 registers a thread on 8 warps: 128 x 256 x 32 and
+# x 64 with 2 stages spilled 200-208 / 256-272 bytes (3.8) and 208-224 / 280-304 (3.6).
 _CONV_FWD_SPANNING_CANDIDATES = [
     (64, 16, 32, 4, 3),
     (64, 32, 32, 4, 3),
@@ -425,9 +542,24 @@ _CONV_FWD_SPANNING_CANDIDATES = [
     (128, 128, 32, 8, 3),
     (128, 64, 64, 8, 3),
     (128, 128, 64, 8, 2),
+    (128, 64, 64, 8, 4),
+    (128, 128, 32, 8, 4),
 ]
-# With int64 offsets (one sample spanning > 2**31 elements) only the smallest tiles.
-_CONV_FWD_SPANNING_INT64 = {(64, 16, 32, 4, 3), (64, 32, 32, 4, 3)}
+# fp32 with tf32 off ("ieee" dots; fp32_ieee_dots) takes these instead, and only these (on
+# sm_80 too: _CONV_FWD_SPANNING_PRE_SM90 is for tensor-core dots). With BLOCK_K = 32 ptxas
+# spilled 64 x 16 on 4 warps 16-168 bytes (the tests' odd NCHW shapes), 128 x 64 on 8 warps
+# 64-80 and 64 x 64 on 4 warps 88-104 (Triton 3.6); with BLOCK_K = 16, 4 warps still spilled
+# 40-112 bytes (the tests' 6 -> 4 channels in 2 groups at stride 2, and depthwise) and 64 x 64
+# on 8 warps 8-32 bytes; these (8 warps, at most 16 accumulator elements per thread) did not
+# (compile-check of the ieee launches, sm_80 / sm_90, Triton 3.8 / 3.6).
+_CONV_FWD_SPANNING_IEEE = [
+    (64, 16, 16, 8, 3),
+    (64, 32, 16, 8, 3),
+    (128, 32, 16, 8, 3),
+]
+# With int64 offsets (one sample spanning > 2**31 elements) only the smallest tiles (the
+# ieee one not measured with int64 offsets: no driven case has them).
+_CONV_FWD_SPANNING_INT64 = {(64, 16, 32, 4, 3), (64, 32, 32, 4, 3), (64, 16, 16, 8, 3)}
 # fp32 operands (twice the registers per pipelined element) spilled past 32 accumulator
 # elements per thread (64 x 128 on 4 warps, 128 x 128 on 8: NCHW x, sm_90, compile-check);
 # BLOCK_K = 64 spilled with a strided-channel (NCHW) x, in the flattened reduction (the 7x7
@@ -445,7 +577,8 @@ _CONV_FWD_SPANNING_INTERPRETER = (128, 16, 32, 4, 1)
 def conv_fwd_spanning_configs(interpreter: bool | None = None) -> list[triton.Config]:
     """Candidate configs of the batch-spanning forward (one under the interpreter)."""
     interpreter = interpreter_enabled() if interpreter is None else interpreter
-    table = [_CONV_FWD_SPANNING_INTERPRETER] if interpreter else _CONV_FWD_SPANNING_CANDIDATES
+    table = ([_CONV_FWD_SPANNING_INTERPRETER] if interpreter
+             else _CONV_FWD_SPANNING_CANDIDATES + _CONV_FWD_SPANNING_IEEE)
     return mnk_tile_configs(table)
 
 
@@ -471,22 +604,22 @@ def prune_conv_fwd_spanning_configs(configs, named_args, **kwargs):
     reduction = named_args["C_IN_G"]
     if not named_args.get("TAP_MAJOR"):
         reduction *= named_args["KH"] * named_args["KW"]
+    ieee = fp32_ieee_dots(x, named_args)
+    configs = split_ieee(configs, _CONV_FWD_SPANNING_IEEE, ieee) or configs
     if named_args.get("OFFSET_64"):
-        configs = [c for c in configs
-                   if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                       c.num_warps, c.num_stages) in _CONV_FWD_SPANNING_INT64]
+        configs = [c for c in configs if mnk_entry(c) in _CONV_FWD_SPANNING_INT64]
     if x.element_size() >= 4:
         configs = [c for c in configs
                    if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"]
                    <= CONV_FWD_SPANNING_FP32_MAX_ACC_PER_THREAD * 32 * c.num_warps]
     capability = _pruning_capability(x.device)
-    if capability and capability < 90:
+    if capability and capability < 90 and not ieee:
         configs = [c for c in configs
                    if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
                    in _CONV_FWD_SPANNING_PRE_SM90]
     if (x.element_size() >= 4 or named_args["x_stride_c"] != 1 or capability < 90
             or not named_args.get("TAP_MAJOR")):
-        configs = [c for c in configs if c.kwargs["BLOCK_K"] <= 32]
+        configs = [c for c in configs if not sm90_only_config(c)]
     if named_args["C_OUT_G"] >= 2 * MIN_DOT_BLOCK:
         # 16-column tiles of a wider group only multiply the x re-reads (and spilled 8 bytes
         # on sm_80 at 64 channels).
@@ -497,6 +630,87 @@ def prune_conv_fwd_spanning_configs(configs, named_args, **kwargs):
 
     def shared(config):
         return conv_fwd_shared_bytes(config, x.element_size())
+
+    kept = [c for c in kept if shared(c) <= limit]
+    return kept or [min(configs, key=shared)]
+
+
+# --- conv_fwd_tma (premix forward on TMA tensor descriptors, sm_90+) ------------------------------
+
+CONV_FWD_TMA_KEY = ["C_IN", "C_OUT", "H", "W", "HO", "WO", "KH", "KW", "dil_h", "dil_w",
+                    "HAS_BIAS"]
+# (BLOCK_H, BLOCK_W, BLOCK_N, BLOCK_K, num_warps, num_stages): the pixel tile is BLOCK_H x
+# BLOCK_W output pixels of one sample (64 or 128). BLOCK_W is 8 or 16 and BLOCK_K 64 (a 128-byte
+# bf16 row) or 32: the x box then flattens to (pixels, BLOCK_K) with the same swizzle, a view of
+# its shared-memory buffer. BLOCK_N is wgmma's M side (the kernel computes y^T): a multiple of
+# 64. Shared memory: num_stages x (x box + weight box); the epilogue's y box reuses it (128 x 256
+# x 64 at 4 stages: 192 KiB of sm_90's 227).
+_CONV_FWD_TMA_CANDIDATES = [
+    (8, 8, 64, 32, 4, 4),
+    (8, 8, 64, 64, 4, 4),
+    (8, 16, 64, 64, 4, 4),
+    (8, 8, 128, 64, 4, 4),
+    (8, 8, 256, 64, 8, 4),
+    (8, 16, 128, 64, 8, 3),
+    (8, 16, 128, 64, 8, 4),
+    (16, 8, 128, 64, 8, 4),
+    (8, 16, 256, 64, 8, 4),
+]
+# Interpreter: one config, 16-wide channel boxes (the tests' channel counts are 8 to 24).
+_CONV_FWD_TMA_INTERPRETER = (8, 8, 16, 16, 4, 1)
+
+
+def set_conv_fwd_tma_block_shapes(nargs) -> None:
+    """pre_hook of every conv_fwd_tma config: the descriptors' boxes follow the config's blocks
+    (the launcher builds them with placeholder block shapes)."""
+    h, w, n, k = (nargs[f"BLOCK_{d}"] for d in "HWNK")
+    nargs["x_desc"].block_shape = [1, h, w, k]
+    nargs["w_desc"].block_shape = [1, 1, k, n]
+    nargs["y_desc"].block_shape = [1, h, w, n]
+
+
+def conv_fwd_tma_configs(interpreter: bool | None = None) -> list[triton.Config]:
+    """Candidate configs of the TMA forward (one under the interpreter), each with the pre_hook
+    that sets the descriptors' block shapes."""
+    interpreter = interpreter_enabled() if interpreter is None else interpreter
+    table = [_CONV_FWD_TMA_INTERPRETER] if interpreter else _CONV_FWD_TMA_CANDIDATES
+    return [
+        triton.Config({"BLOCK_H": h, "BLOCK_W": w, "BLOCK_N": n, "BLOCK_K": k}, num_warps=nw,
+                      num_stages=s, pre_hook=set_conv_fwd_tma_block_shapes)
+        for h, w, n, k, nw, s in table
+    ]
+
+
+def conv_fwd_tma_capability_ok(device) -> bool:
+    """TMA needs sm_90+: a CUDA device's own capability, or the one the compile-check assumes
+    (:func:`pruning_for_capability`) for meta tensors; anything else (the interpreter) is fine."""
+    if device is not None and device.type == "cuda":
+        return _pruning_capability(device) >= 90
+    return _ASSUMED_CAPABILITY is None or _ASSUMED_CAPABILITY >= 90
+
+
+def conv_fwd_tma_shared_bytes(config: triton.Config, element_size: int) -> int:
+    """Shared memory of one program: num_stages x (x box + weight box + the 8-byte barrier TMA
+    signals), or the epilogue's y box (which reuses the pipeline's buffers) if larger; the
+    compile-check measures it."""
+    kw = config.kwargs
+    pixels = kw["BLOCK_H"] * kw["BLOCK_W"]
+    stages = max(1, config.num_stages)
+    staged = (pixels * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * element_size
+    return max(stages * (staged + 8), pixels * kw["BLOCK_N"] * element_size)
+
+
+def prune_conv_fwd_tma_configs(configs, named_args, **kwargs):
+    """early_config_prune hook: boxes no larger than the problem (rows and columns of the
+    output image, C_out, C_in), shared memory within the device's limit; keep at least one."""
+    named_args = {**named_args, **kwargs}  # constexprs given by keyword arrive in kwargs
+    element_size = named_args["bias_ptr"].element_size()
+    kept = _fit_blocks(configs, {"BLOCK_H": named_args["HO"], "BLOCK_W": named_args["WO"],
+                                 "BLOCK_N": named_args["C_OUT"], "BLOCK_K": named_args["C_IN"]})
+    limit = shared_memory_limit(named_args["bias_ptr"].device)
+
+    def shared(config):
+        return conv_fwd_tma_shared_bytes(config, element_size)
 
     kept = [c for c in kept if shared(c) <= limit]
     return kept or [min(configs, key=shared)]

@@ -1,14 +1,26 @@
 """Mix kernel: per-sample weights ``W[b] = sum_k a[b, k] bank[k]`` (and the bias) in one pass.
 
-From the routing a (B, K), the bank (K, C_out, C_in/G, KH, KW) and the bias bank (K, C_out), a
-tiled (B x K) @ (K x N) product whose N columns are the bank's weights followed by its bias.
-Each sample's row is written in the layout the conv forward kernel reads (reduction-major,
-output channels contiguous)::
+From the routing a (B, K), the packed bank (K, N_WEIGHT) (:func:`pack_bank`) and the bias bank
+(K, C_out), a tiled (B x K) @ (K x N) product whose N columns are one sample's row of the
+mixed buffer, laid out as the conv forward kernel reads it (reduction-major, output channels
+contiguous)::
 
     row[b] = [ W[b] as (G, KH, KW, C_in/G, C_out/G) | pad | bias[b] (C_out) | pad ]
 
-The bank is read through its strides (any layout), gathered into that order; the writes, which
+The packed bank's rows are in exactly that order (column n of the bank is column n of the
+mixed row, its padding zeros), so every bank load is contiguous, 16-byte vectorised and free
+of index math; the bias bank is read through its strides in the same pass. The writes, which
 are B x |W| and dominate the traffic, are contiguous.
+
+Traffic: :func:`pack_bank` costs one K x |W| read and one K x |W| write per forward call,
+against the K x |W| that the mix reads per chunk of the batch anyway (once per BLOCK_B samples,
+mostly from L2): those reads become whole 16-byte rows (cp.async) instead of per-element
+gathers with a stride of KH x KW along C_in/G (2-byte scalar loads for bf16, index math per
+column). Premix callers pack once per call and pass the packed bank to every chunk's
+:func:`mix`; given the bank itself, :func:`mix` packs it on every call.
+
+All expert counts take the tl.dot path (fewer than 16 experts are masked), so fp32 follows
+``allow_tf32`` (tf32 or ieee) for every K.
 """
 
 from __future__ import annotations
@@ -51,9 +63,10 @@ def mixed_layout(weight_bank_shape, has_bias: bool) -> MixedLayout:
 
 def pack_bank(weight_bank: torch.Tensor, groups: int) -> torch.Tensor:
     """The bank (K, C_out, C_in/G, KH, KW), any strides, copied into the mixed rows' order,
-    which the fused conv reads (tiles contiguous along C_out/G): (K, row_stride), row k =
-    bank[k] as (G, KH, KW, C_in/G, C_out/G) flattened, then padding to a multiple of 16
-    elements (never read; it keeps every expert's row 16-element aligned).
+    which the fused conv reads (tiles contiguous along C_out/G) and the mix kernel reads with
+    unit stride: (K, row_stride), row k = bank[k] as (G, KH, KW, C_in/G, C_out/G) flattened,
+    then zeros up to a multiple of 16 elements (they keep every expert's row 16-element aligned
+    and mix to zeros in the mixed rows' padding).
 
     Read it as per-expert conv weights with ``mixed_views(packed, bank_shape, groups, False)``.
     """
@@ -64,6 +77,7 @@ def pack_bank(weight_bank: torch.Tensor, groups: int) -> torch.Tensor:
                                               out_channels // groups)
     bank = weight_bank.unflatten(1, (groups, out_channels // groups))
     rows.copy_(bank.permute(0, 1, 4, 5, 3, 2))
+    packed[:, layout.n_weight :].zero_()
     return packed
 
 
@@ -88,19 +102,22 @@ def mixed_views(buffer: torch.Tensor, weight_bank_shape, groups: int, has_bias: 
 @triton.jit
 def mix_kernel(
     a_ptr, bank_ptr, bias_ptr, out_ptr,
-    BATCH, NUM_EXPERTS, N_WEIGHT, N_BIAS, BIAS_OFFSET,
-    C_OUT_G, C_IN_G, KH, KW,
+    BATCH, NUM_EXPERTS, N_WEIGHT, N_BIAS, N_COLS,
     a_stride_b, a_stride_k,
-    bank_stride_k, bank_stride_o, bank_stride_c, bank_stride_h, bank_stride_w,
+    bank_stride_k,
     bias_stride_k, bias_stride_o,
     out_stride_b,
-    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """out[b, col(n)] = sum_k a[b, k] * src[k, n] for n over weights then bias.
+    """out[b, n] = sum_k a[b, k] * (bank[k, n] for n < N_WEIGHT, else bias[k, n - N_WEIGHT]).
 
-    Grid: (cdiv(N_WEIGHT + N_BIAS, BLOCK_N), cdiv(BATCH, BLOCK_B)).
+    Columns n < N_COLS of the mixed rows: the packed bank's N_WEIGHT columns (a multiple of 16,
+    padding included), then the N_BIAS bias columns and the bias section's padding (written as
+    zeros). Source column = destination column: no index math, unit-stride loads and stores.
+
+    Grid: (cdiv(N_COLS, BLOCK_N), cdiv(BATCH, BLOCK_B)).
     """
     pid_n = tl.program_id(0)
     pid_b = tl.program_id(1)
@@ -108,54 +125,38 @@ def mix_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_b = offs_b < BATCH
     is_weight = offs_n < N_WEIGHT
-    # Destination order (G, KH, KW, C_IN_G, C_OUT_G) -> the bank's (C_OUT, C_IN_G, KH, KW).
-    o = offs_n % C_OUT_G
-    rest = offs_n // C_OUT_G
-    c = rest % C_IN_G
-    rest = rest // C_IN_G
-    tap = rest % (KH * KW)
-    g = rest // (KH * KW)
-    src = (g * C_OUT_G + o) * bank_stride_o + c * bank_stride_c
-    src += (tap // KW) * bank_stride_h + (tap % KW) * bank_stride_w
     bias_col = offs_n - N_WEIGHT
     is_bias = (offs_n >= N_WEIGHT) & (bias_col < N_BIAS)
     bias_src = bias_col * bias_stride_o
 
     acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-    if USE_DOT:
-        for e0 in range(0, NUM_EXPERTS, BLOCK_E):
-            offs_e = e0 + tl.arange(0, BLOCK_E)
-            mask_e = offs_e < NUM_EXPERTS
-            a = tl.load(
-                a_ptr + offs_b[:, None] * a_stride_b + offs_e[None, :] * a_stride_k,
-                mask=mask_b[:, None] & mask_e[None, :], other=0.0,
+    # Experts in chunks of BLOCK_E = 16 (tl.dot's minimum), the last one masked: with fewer
+    # experts the dot multiplies zeros, still far fewer instructions than outer products (each
+    # thread would hold one column of a row and load all BLOCK_B routing weights per expert).
+    for e0 in range(0, NUM_EXPERTS, BLOCK_E):
+        offs_e = e0 + tl.arange(0, BLOCK_E)
+        mask_e = offs_e < NUM_EXPERTS
+        a = tl.load(
+            a_ptr + offs_b[:, None] * a_stride_b + offs_e[None, :] * a_stride_k,
+            mask=mask_b[:, None] & mask_e[None, :], other=0.0,
+        )
+        tile = tl.load(
+            bank_ptr + offs_e[:, None] * bank_stride_k + offs_n[None, :],
+            mask=mask_e[:, None] & is_weight[None, :], other=0.0,
+        )
+        if HAS_BIAS:
+            tile += tl.load(
+                bias_ptr + offs_e[:, None] * bias_stride_k + bias_src[None, :],
+                mask=mask_e[:, None] & is_bias[None, :], other=0.0,
             )
-            tile = tl.load(
-                bank_ptr + offs_e[:, None] * bank_stride_k + src[None, :],
-                mask=mask_e[:, None] & is_weight[None, :], other=0.0,
-            )
-            if HAS_BIAS:
-                tile += tl.load(
-                    bias_ptr + offs_e[:, None] * bias_stride_k + bias_src[None, :],
-                    mask=mask_e[:, None] & is_bias[None, :], other=0.0,
-                )
-            if DOT_FP32:
-                acc = tl.dot(a.to(tl.float32), tile.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(a, tile, acc, input_precision=INPUT_PRECISION)
-    else:
-        # Fewer than 16 experts: too small for tl.dot on a GPU, outer products instead.
-        for k in range(0, NUM_EXPERTS):
-            a = tl.load(a_ptr + offs_b * a_stride_b + k * a_stride_k, mask=mask_b, other=0.0)
-            row = tl.load(bank_ptr + k * bank_stride_k + src, mask=is_weight, other=0.0)
-            if HAS_BIAS:
-                row += tl.load(bias_ptr + k * bias_stride_k + bias_src, mask=is_bias, other=0.0)
-            acc += a.to(tl.float32)[:, None] * row.to(tl.float32)[None, :]
+        if DOT_FP32:
+            acc = tl.dot(a.to(tl.float32), tile.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, tile, acc, input_precision=INPUT_PRECISION)
 
-    col = tl.where(is_weight, offs_n, BIAS_OFFSET + bias_col)
-    out = out_ptr + offs_b.to(tl.int64)[:, None] * out_stride_b + col[None, :]
+    out = out_ptr + offs_b.to(tl.int64)[:, None] * out_stride_b + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty),
-             mask=mask_b[:, None] & (is_weight | is_bias)[None, :])
+             mask=mask_b[:, None] & (offs_n < N_COLS)[None, :])
 
 
 # The persisted per-GPU tuned table is consulted first, then the autotuner.
@@ -170,36 +171,45 @@ def mix(routing: torch.Tensor, weight_bank: torch.Tensor, bias_bank: torch.Tenso
     """Mixed per-sample weights (and bias) in the conv kernel's layout.
 
     Args:
-        routing: (n, K). weight_bank: (K, C_out, C_in/G, KH, KW), any strides.
+        routing: (n, K).
+        weight_bank: the packed bank (K, row_stride) of :func:`pack_bank` (pack it once per
+            forward call and pass it to every chunk), or the bank (K, C_out, C_in/G, KH, KW),
+            any strides, which is then packed here on every call.
         bias_bank: (K, C_out) or None. groups: G.
         out: optional (>= n, row_stride) buffer to write into (its first n rows are used).
 
     Returns:
-        (n, row_stride) buffer in routing's dtype, rows laid out as :func:`mixed_layout`; read
-        it through :func:`mixed_views`.
+        (n, row_stride) buffer in routing's dtype, rows laid out as :func:`mixed_layout` (the
+        padding written as zeros); read it through :func:`mixed_views`.
     """
+    if weight_bank.dim() == 5:
+        weight_bank = pack_bank(weight_bank, groups)
+    if (weight_bank.dim() != 2 or weight_bank.shape[1] % _ALIGN
+            or (weight_bank.stride(1) != 1 and weight_bank.shape[1] > 1)):
+        raise ValueError(
+            f"weight_bank: expected the bank (K, C_out, C_in/G, KH, KW) or pack_bank's "
+            f"(K, row_stride) with unit column stride and row_stride a multiple of {_ALIGN}, "
+            f"got shape {tuple(weight_bank.shape)} strides {weight_bank.stride()}"
+        )
     n, num_experts = routing.shape
-    layout = mixed_layout(weight_bank.shape, bias_bank is not None)
+    n_weight = weight_bank.shape[1]
+    n_bias = bias_bank.shape[1] if bias_bank is not None else 0
+    n_cols = n_weight + triton.cdiv(n_bias, _ALIGN) * _ALIGN
     if out is None:
-        out = routing.new_empty((n, layout.row_stride))
+        out = routing.new_empty((n, n_cols))
     out = out[:n]
-    _, out_channels, in_per_group, kh, kw = weight_bank.shape
     dot_fp32, precision = dot_settings(routing.dtype, interpreter)
     bias = bias_bank if bias_bank is not None else weight_bank  # unused pointer when no bias
-    grid = lambda meta: (
-        triton.cdiv(layout.n_weight + layout.n_bias, meta["BLOCK_N"]),
-        triton.cdiv(n, meta["BLOCK_B"]),
-    )
+    grid = lambda meta: (triton.cdiv(n_cols, meta["BLOCK_N"]), triton.cdiv(n, meta["BLOCK_B"]))
     mix_tuned[grid](
         routing, weight_bank, bias, out,
-        n, num_experts, layout.n_weight, layout.n_bias, layout.bias_offset,
-        out_channels // groups, in_per_group, kh, kw,
+        n, num_experts, n_weight, n_bias, n_cols,
         routing.stride(0), routing.stride(1),
-        *weight_bank.stride(),
+        weight_bank.stride(0),
         bias.stride(0) if bias_bank is not None else 0,
         bias.stride(1) if bias_bank is not None else 0,
         out.stride(0),
-        HAS_BIAS=bias_bank is not None, USE_DOT=num_experts >= 16, DOT_FP32=dot_fp32,
+        HAS_BIAS=bias_bank is not None, DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision,
     )
     return out

@@ -125,8 +125,8 @@ def test_capture_specialises_like_a_real_launch():
     assert run.returncode == 0, run.stderr[-3000:]
     jobs = json.loads(run.stdout)
     assert {j["kernel"] for j in jobs} == {"mix_kernel", "conv_fwd_kernel",
-                                           "conv_fwd_spanning_kernel", "conv_bwd_dx_kernel",
-                                           "conv_bwd_dw_kernel"}
+                                           "conv_fwd_spanning_kernel", "conv_fwd_tma_kernel",
+                                           "conv_bwd_dx_kernel", "conv_bwd_dw_kernel"}
     forward = [j for j in jobs if j["kernel"] == "conv_fwd_kernel"]
     assert {label.rsplit(" ", 1)[-1] for j in forward for label in j["labels"]} == {
         "fwd-premix", "fwd-fused"}
@@ -188,3 +188,63 @@ def test_shared_memory_estimate_covers_compiled_kernel():
     assert run.returncode == 0, run.stderr[-3000:]
     compiled, estimate = (int(v) for v in run.stdout.split())
     assert 0 < compiled <= estimate
+
+
+def test_driven_cases_include_fp32_ieee_launches():
+    """fp32 is driven with tf32 on (PyTorch's default) and off ("ieee" dots, other kernels):
+    the ResNet NCHW layers, one channels_last layer and the tests' odd shapes."""
+    from dynconv.autotune.launch_capture import driven_cases
+
+    cases = driven_cases()
+    ieee = [c for c in cases if c.tf32 is False]
+    assert all(c.dtype == "fp32" and c.label.endswith(" ieee") for c in ieee)
+    assert not any(c.label.endswith(" ieee") for c in cases if c.tf32 is not False)
+    names = {c.shape.name for c in ieee}
+    assert {"layer1.0.conv1", "layer3.0.conv2"} <= names
+    assert any(c.channels_last for c in ieee) and any(not c.channels_last for c in ieee)
+    # Every fp32 shape driven with tf32 is driven with ieee dots too.
+    assert {(c.shape, c.channels_last) for c in cases if c.dtype == "fp32" and c.tf32 is None
+            and not c.channels_last} <= {(c.shape, c.channels_last) for c in ieee}
+
+
+IEEE_CAPTURE_SCRIPT = textwrap.dedent("""
+    import json
+    import torch
+    from dynconv.autotune.launch_capture import DrivenCase, capture
+    from dynconv.autotune.shapes import ConvShape
+    shape = ConvShape("odd", 5, 7, 9, 8, 3, 3, 1, 1)
+    out = {}
+    for tf32 in (False, True, None):
+        launches = capture([DrivenCase(shape, 3, 4, "fp32", False, tf32=tf32)], 80)
+        out[str(tf32)] = sorted({(l.kernel.fn.__name__, l.kwargs["INPUT_PRECISION"])
+                                 for l in launches})
+        out[str(tf32) + " blocks"] = sorted({(l.kernel.fn.__name__, l.kwargs.get("BLOCK_K"),
+                                              l.kwargs.get("BLOCK_P"), l.kwargs["num_warps"],
+                                              l.kwargs["num_stages"]) for l in launches})
+    out["restored"] = torch.backends.cudnn.allow_tf32
+    print(json.dumps(out))
+""")
+
+
+def test_capture_drives_ieee_launches_with_their_configs():
+    """A case with tf32 off is captured with "ieee" dots and the ieee configs (BLOCK_K = 16,
+    the weight gradient's own configs); allow_tf32 is restored afterwards, and
+    tf32=None follows the caller's setting (PyTorch's default: on)."""
+    run = subprocess.run([sys.executable, "-c", IEEE_CAPTURE_SCRIPT], capture_output=True,
+                         text=True, env=env_without_interpreter(), timeout=300, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout)
+    kernels = {"mix_kernel", "conv_fwd_kernel", "conv_fwd_spanning_kernel",
+               "conv_bwd_dx_kernel", "conv_bwd_dw_kernel"}
+    assert {tuple(k) for k in out["False"]} == {(k, "ieee") for k in kernels}
+    assert {tuple(k) for k in out["True"]} == {(k, "tf32") for k in kernels}
+    assert out["None"] == out["True"] and out["restored"] is True
+    from dynconv.kernels.configs import _CONV_BWD_DW_IEEE
+
+    for name, block_k, block_p, warps, stages in out["False blocks"]:
+        if name in ("conv_fwd_kernel", "conv_fwd_spanning_kernel", "conv_bwd_dx_kernel"):
+            assert block_k == 16
+        if name == "conv_bwd_dw_kernel":
+            assert (block_p, warps, stages) in _CONV_BWD_DW_IEEE
+    for _name, block_k, block_p, warps, stages in out["True blocks"]:
+        assert block_k != 16 and (block_p, warps, stages) not in _CONV_BWD_DW_IEEE

@@ -337,3 +337,47 @@ def test_spans_past_int32_are_refused():
     with pytest.raises(ValueError, match="weight_bank spans"):
         conv_bwd_dw(grad_out, x, huge_bank, routing, None, pairs(1), pairs(1), pairs(1), 1,
                     interpreter=INTERPRETER)
+
+
+def test_backward_fp32_ieee_dots_take_their_own_configs():
+    """fp32 with tf32 off: the input gradient keeps only its BLOCK_K = 16 tiles and the weight
+    gradient its 16-pixel configs but those measured to spill on the gW tile (the tf32 ones
+    spilled there); tf32 launches never
+    see them."""
+    from dynconv.kernels.configs import (
+        _CONV_BWD_DW_IEEE,
+        _CONV_BWD_DX_IEEE,
+        CONV_BWD_DW_IEEE_MEASURED_SPILLS,
+        conv_bwd_dw_configs,
+        conv_bwd_dx_configs,
+        mnk_entry,
+        prune_conv_bwd_dw_configs,
+        prune_conv_bwd_dx_configs,
+        pruning_for_capability,
+    )
+
+    fp32 = torch.empty(1, device="meta")
+    dx_args = {"gy_ptr": fp32, "C_IN_G": 64, "C_OUT_G": 64, "H": 56, "W": 56, "STRIDE_H": 1,
+               "STRIDE_W": 1, "EXPERT_CHUNK": 1, "DOT_FP32": False}
+    dx = conv_bwd_dx_configs(interpreter=False)
+    for capability in (80, 90):
+        with pruning_for_capability(capability):
+            ieee = prune_conv_bwd_dx_configs(dx, dx_args, INPUT_PRECISION="ieee")
+            tf32 = prune_conv_bwd_dx_configs(dx, dx_args, INPUT_PRECISION="tf32")
+        assert ieee and {mnk_entry(c) for c in ieee} <= set(_CONV_BWD_DX_IEEE)
+        assert tf32 and not {mnk_entry(c) for c in tf32} & set(_CONV_BWD_DX_IEEE)
+        assert any(mnk_entry(c) == (64, 64, 32, 4, 3) for c in tf32)  # spilled with ieee
+
+    dw = conv_bwd_dw_configs(interpreter=False)
+    dw_args = {"x_ptr": fp32, "HO": 56, "WO": 56}
+
+    def entries(kept):
+        return {(c.kwargs["BLOCK_P"], c.num_warps, c.num_stages) for c in kept}
+
+    for tile in ((64, 16), (16, 16), (16, 32), (16, 64)):
+        meta = {"K_BLOCK": 4, "BLOCK_M": tile[0], "BLOCK_N": tile[1], "DOT_FP32": False}
+        ieee = entries(prune_conv_bwd_dw_configs(dw, dw_args, **meta, INPUT_PRECISION="ieee"))
+        assert ieee and ieee <= set(_CONV_BWD_DW_IEEE)
+        assert not {(*tile, *e) for e in ieee} & CONV_BWD_DW_IEEE_MEASURED_SPILLS
+        tf32 = entries(prune_conv_bwd_dw_configs(dw, dw_args, **meta, INPUT_PRECISION="tf32"))
+        assert tf32 and not tf32 & set(_CONV_BWD_DW_IEEE)

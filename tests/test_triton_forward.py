@@ -229,46 +229,133 @@ def test_int64_offsets_path(strategy):
 # --- mix kernel alone ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("experts", [1, 5, 16, 17, 64])
+def _mixed_rows_reference(routing, bank, bias, groups):
+    """The whole mixed rows (padding included, zeros) in float64 from pack_bank's order."""
+    from dynconv.kernels.mix import mixed_layout, pack_bank
+
+    a = routing.double().cpu()
+    layout = mixed_layout(bank.shape, bias is not None)
+    packed = pack_bank(bank.double().cpu(), groups)
+    rows = a.new_zeros(a.shape[0], layout.row_stride)
+    scale = torch.zeros_like(rows)
+    rows[:, : packed.shape[1]] = a @ packed
+    scale[:, : packed.shape[1]] = a.abs() @ packed.abs()
+    if bias is not None:
+        end = layout.bias_offset + layout.n_bias
+        rows[:, layout.bias_offset : end] = a @ bias.double().cpu()
+        scale[:, layout.bias_offset : end] = a.abs() @ bias.double().cpu().abs()
+    return rows, scale
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("experts", [1, 4, 5, 16, 17, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
-def test_mix_kernel(experts, dtype):
-    from dynconv.kernels.mix import mix, mixed_views
+def test_mix_kernel(experts, dtype, bias):
+    """The packed bank mixed for groups > 1 (C_out/G = 2, a 3x1 kernel: 36 weights, so the row
+    has padding before the bias and after it), one chunk of 16 experts or several, the last
+    masked; the whole row, padding included (zeros), against float64."""
+    from dynconv.kernels.mix import mix, mixed_layout, mixed_views, pack_bank
 
     g = torch.Generator().manual_seed(experts)
     batch, cout, cin_g, groups = 3, 6, 2, 3
     bank = torch.randn(experts, cout, cin_g, 3, 1, generator=g).to(DEVICE, dtype)
-    bias = torch.randn(experts, cout, generator=g).to(DEVICE, dtype)
+    bias_bank = torch.randn(experts, cout, generator=g).to(DEVICE, dtype) if bias else None
     routing = torch.randn(batch, experts, generator=g).to(DEVICE, dtype)
-    buffer = mix(routing, bank, bias, groups, interpreter=not ON_GPU)
-    weights, mixed_bias = mixed_views(buffer, bank.shape, groups, True)
-    a, k = routing.double().cpu(), experts
-    w_ref = (a @ bank.double().cpu().view(k, -1)).view(batch, groups, cout // groups, cin_g, 3, 1)
-    w_scale = (a.abs() @ bank.double().cpu().abs().view(k, -1)).view(w_ref.shape)
-    b_ref, b_scale = a @ bias.double().cpu(), a.abs() @ bias.double().cpu().abs()
+    packed = pack_bank(bank, groups)
+    buffer = mix(routing, packed, bias_bank, groups, interpreter=not ON_GPU)
+    layout = mixed_layout(bank.shape, bias)
+    assert buffer.shape == (batch, layout.row_stride) and buffer.dtype == dtype
+    rows, scale = _mixed_rows_reference(routing, bank, bias_bank, groups)
     # A sum of K products accumulated in fp32 (fp32: K * 2**-24), rounded once to fp16 / bf16
     # (2 roundings of margin).
-    assert_within_bound(weights, w_ref, w_scale, dtype, k, roundings=2, atol=1e-7,
+    assert_within_bound(buffer, rows, scale, dtype, experts, roundings=2, atol=1e-7,
+                        name="mixed rows")
+    # Read back through the views: the per-sample weights in the bank's logical order.
+    weights, mixed_bias = mixed_views(buffer, bank.shape, groups, bias)
+    a = routing.double().cpu()
+    w_ref = (a @ bank.double().cpu().view(experts, -1)).view(batch, groups, cout // groups,
+                                                               cin_g, 3, 1)
+    w_scale = (a.abs() @ bank.double().cpu().abs().view(experts, -1)).view(w_ref.shape)
+    assert_within_bound(weights, w_ref, w_scale, dtype, experts, roundings=2, atol=1e-7,
                         name="mixed weights")
-    assert_within_bound(mixed_bias, b_ref, b_scale, dtype, k, roundings=2, atol=1e-7,
-                        name="mixed bias")
+    assert (mixed_bias is None) == (not bias)
 
 
-def test_mix_kernel_strided_bank_and_chunk_buffer():
-    """A non-contiguous bank is gathered through its strides; ``out`` rows beyond n untouched."""
-    from dynconv.kernels.mix import mix, mixed_layout, mixed_views
+def test_pack_bank_order_and_zero_padding():
+    """pack_bank: (K, row_stride), the mixed rows' order (read back by mixed_views), zeros in
+    the padding; from a non-contiguous bank too."""
+    from dynconv.kernels.mix import mixed_layout, mixed_views, pack_bank
 
-    g = torch.Generator().manual_seed(1)
-    bank = torch.randn(4, 3, 5, 3, 2, generator=g).permute(0, 2, 1, 4, 3).to(DEVICE)  # (4,5,3,2,3)
-    routing = torch.randn(2, 4, generator=g).to(DEVICE)
+    g = torch.Generator().manual_seed(3)
+    bank = torch.randn(2, 6, 5, 3, 1, generator=g).permute(0, 2, 1, 4, 3)  # (2, 5, 6, 1, 3)
+    bank = bank[:, :4]  # (2, 4, 6, 1, 3): 72 weights, row of 80
+    assert not bank.is_contiguous()
+    packed = pack_bank(bank, 2)
     layout = mixed_layout(bank.shape, False)
+    assert packed.shape == (2, layout.row_stride) == (2, 80) and packed.is_contiguous()
+    assert (packed[:, layout.n_weight :] == 0).all()
+    weights, _ = mixed_views(packed, bank.shape, 2, False)
+    torch.testing.assert_close(weights, bank.unflatten(1, (2, 2)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("experts", [4, 17])
+def test_mix_kernel_non_contiguous_bank_and_chunk_buffer(experts):
+    """A non-contiguous bank (and bias bank) packed once; the packed bank and the bank itself
+    (packed inside mix) give the same rows; ``out`` rows beyond n untouched."""
+    from dynconv.kernels.mix import mix, mixed_layout, mixed_views, pack_bank
+
+    g = torch.Generator().manual_seed(experts)
+    bank = torch.randn(experts, 3, 5, 3, 2, generator=g).permute(0, 2, 1, 4, 3).to(DEVICE)
+    bias = torch.randn(5, experts, generator=g).to(DEVICE).t()  # (K, 5), column stride K
+    routing = torch.randn(2, experts, generator=g).to(DEVICE)
+    assert not (bank.is_contiguous() or bias.is_contiguous())
+    layout = mixed_layout(bank.shape, True)
     out = torch.full((3, layout.row_stride), 7.0, device=DEVICE)
-    mix(routing, bank, None, 1, out=out, interpreter=not ON_GPU)
-    weights, bias = mixed_views(out[:2], bank.shape, 1, False)
-    assert bias is None
-    expected = (routing.double() @ bank.double().reshape(4, -1)).view(2, 1, *bank.shape[1:])
+    mix(routing, pack_bank(bank, 1), bias, 1, out=out, interpreter=not ON_GPU)
+    weights, mixed_bias = mixed_views(out[:2], bank.shape, 1, True)
+    expected = (routing.double() @ bank.double().reshape(experts, -1)).view(2, 1, *bank.shape[1:])
     torch.testing.assert_close(weights.double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mixed_bias.double(), routing.double() @ bias.double(),
+                               rtol=1e-6, atol=1e-6)
     assert (out[2] == 7.0).all()
+    unpacked = mix(routing, bank, bias, 1, interpreter=not ON_GPU)
+    torch.testing.assert_close(unpacked, out[:2], rtol=0, atol=0)
+
+
+def test_mix_rejects_a_bank_it_cannot_read_with_unit_stride():
+    from dynconv.kernels.mix import mix, pack_bank
+
+    bank = torch.randn(2, 4, 3, 3, 3)
+    routing = torch.randn(1, 2)
+    with pytest.raises(ValueError, match="weight_bank"):
+        mix(routing, torch.randn(2, 20), None, 1, interpreter=True)  # not a multiple of 16
+    with pytest.raises(ValueError, match="weight_bank"):
+        mix(routing, pack_bank(bank, 1)[:, ::2], None, 1, interpreter=True)  # strided columns
+
+
+def test_premix_packs_the_bank_once_per_call(monkeypatch):
+    """Premix packs the bank once per forward call and mixes every chunk from the packed bank."""
+    import dynconv.kernels.mix as mix_module
+
+    packs, banks = [], []
+    pack_bank, mix = mix_module.pack_bank, mix_module.mix
+
+    def counting_pack(*args, **kwargs):
+        packs.append(1)
+        return pack_bank(*args, **kwargs)
+
+    def recording_mix(routing, weight_bank, *args, **kwargs):
+        banks.append(weight_bank.dim())
+        return mix(routing, weight_bank, *args, **kwargs)
+
+    monkeypatch.setattr(mix_module, "pack_bank", counting_pack)
+    monkeypatch.setattr(mix_module, "mix", recording_mix)
+    case = Case(batch=5, experts=4, groups=2, cout=6, layout="channels_last")
+    element_size = torch.tensor([], dtype=torch.bfloat16).element_size()
+    row_bytes = (case.cout * (case.cin // case.groups) * 9 + 16 + 16) * element_size
+    run_case(case, "premix", torch.bfloat16, premix_buffer_bytes=2 * row_bytes)
+    assert len(packs) == 1 and banks == [2, 2, 2]  # chunks of 2, 2, 1: each from the packed bank
 
 
 # --- module, dispatch and errors ----------------------------------------------------------------
@@ -371,7 +458,13 @@ def test_interpreter_uses_one_config():
 
 
 def test_conv_configs_pruned_by_shape():
-    from dynconv.kernels.configs import conv_fwd_configs, prune_conv_fwd_configs
+    from dynconv.kernels.configs import (
+        _CONV_FWD_IEEE,
+        conv_fwd_configs,
+        mnk_entry,
+        prune_conv_fwd_configs,
+        sm90_only_config,
+    )
 
     configs = conv_fwd_configs(interpreter=False)
     for c in configs:  # tl.dot operands >= 16 on a GPU
@@ -383,31 +476,42 @@ def test_conv_configs_pruned_by_shape():
     assert small and all(c.kwargs["BLOCK_M"] <= max(64, smallest_m) for c in small)
     assert all(c.kwargs["BLOCK_N"] == smallest_n for c in small)
     large = prune_conv_fwd_configs(configs, _conv_named_args((56, 56), 64, 128))
-    assert len(large) == len(configs) - 1  # not BLOCK_K = 64: fp32, unknown device
+    # Not BLOCK_K = 64, 256-wide or 4 stages (fp32, unknown device), nor the ieee tiles.
+    assert len(large) == sum(not sm90_only_config(c) and mnk_entry(c) not in _CONV_FWD_IEEE
+                             for c in configs)
 
 
 def test_conv_configs_with_wide_reduction_steps_only_for_premix_on_sm90():
-    """BLOCK_K = 64 is kept for a 2-byte channels_last x (premix, tap-major) on sm_90 only."""
+    """BLOCK_K = 64, 256-wide tiles and 4-stage pipelines are kept for a 2-byte channels_last x
+    (premix, tap-major) on sm_90 only."""
     from dynconv.kernels.configs import (
         conv_fwd_configs,
+        conv_fwd_shared_bytes,
         prune_conv_fwd_configs,
         pruning_for_capability,
+        sm90_only_config,
     )
 
     configs = conv_fwd_configs(interpreter=False)
-    bf16_cl = {**_conv_named_args((56, 56), 64, 128), "x_ptr": torch.empty(1, dtype=torch.bfloat16),
-               "x_stride_c": 1, "TAP_MAJOR": True, "FUSED": False}
+    bf16_cl = {**_conv_named_args((14, 14), 256, 256),
+               "x_ptr": torch.empty(1, dtype=torch.bfloat16), "x_stride_c": 1,
+               "TAP_MAJOR": True, "FUSED": False}
 
     def wide(named_args, capability):
         with pruning_for_capability(capability):
             kept = prune_conv_fwd_configs(configs, named_args)
-        return any(c.kwargs["BLOCK_K"] == 64 for c in kept)
+        assert kept
+        return {name for c in kept for name, on in (("K64", c.kwargs["BLOCK_K"] == 64),
+                                                   ("N256", c.kwargs["BLOCK_N"] == 256),
+                                                   ("4 stages", c.num_stages == 4)) if on}
 
-    assert wide(bf16_cl, 90)
+    assert wide(bf16_cl, 90) == {"K64", "N256", "4 stages"}
+    assert all(conv_fwd_shared_bytes(c, 2) <= 232448 for c in configs if sm90_only_config(c))
     assert not wide(bf16_cl, 80)
     assert not wide({**bf16_cl, "x_stride_c": 3136}, 90)  # NCHW
     assert not wide({**bf16_cl, "FUSED": True, "NUM_EXPERTS": 4, "EXPERT_CHUNK": 4}, 90)
     assert not wide({**bf16_cl, "x_ptr": torch.empty(1)}, 90)  # fp32
+    assert not wide({**bf16_cl, "TAP_MAJOR": False}, 90)
 
 
 def test_expert_chunks():
@@ -454,10 +558,13 @@ def test_fused_configs_pruned_by_shared_memory():
     """Fused buffers EXPERT_CHUNK bank tiles per pipeline stage: wide fp32 tiles with 8 experts
     do not fit an sm_80's shared memory and are pruned there."""
     from dynconv.kernels.configs import (
+        _CONV_FWD_IEEE,
         conv_fwd_configs,
         conv_fwd_shared_bytes,
+        mnk_entry,
         prune_conv_fwd_configs,
         pruning_for_capability,
+        sm90_only_config,
     )
 
     configs = conv_fwd_configs(interpreter=False)
@@ -466,7 +573,10 @@ def test_fused_configs_pruned_by_shared_memory():
     with pruning_for_capability(80):
         premix = prune_conv_fwd_configs(configs, args)
         fused = prune_conv_fwd_configs(configs, args, FUSED=True, EXPERT_CHUNK=8)
-    narrow = [c for c in configs if c.kwargs["BLOCK_K"] <= 32]  # BLOCK_K 64: sm_90 bf16 only
+    # BLOCK_K 64, 256-wide tiles and 4 stages: sm_90 bf16 only; nor is 256 wide for 128 channels.
+    # (The ieee tiles are for fp32 with tf32 off.)
+    narrow = [c for c in configs
+              if not sm90_only_config(c) and mnk_entry(c) not in _CONV_FWD_IEEE]
     assert len(premix) == len(narrow)
     assert fused and len(fused) < len(narrow)
     assert all(conv_fwd_shared_bytes(c, 4, 8) <= 166912 for c in fused)
@@ -514,3 +624,63 @@ def test_auto_keeps_float64_off_triton():
         cuda64 = torch.ones(1, device="cuda", dtype=torch.float64)
         assert resolve("auto", cuda64).name == "native"
         assert resolve("auto", torch.ones(1, device="cuda")).name == "triton"
+
+
+def test_fp32_ieee_dots_take_their_own_tiles():
+    """fp32 with tf32 off ("ieee" dots, FMA with both operands in registers) keeps only the
+    BLOCK_K = 16 tiles, which the compile-check measured without spills where the tf32 tiles
+    spilled; tf32 and bf16 launches never see them."""
+    from dynconv.kernels.configs import (
+        _CONV_FWD_IEEE,
+        conv_fwd_configs,
+        fp32_ieee_dots,
+        mnk_entry,
+        prune_conv_fwd_configs,
+        pruning_for_capability,
+    )
+
+    configs = conv_fwd_configs(interpreter=False)
+    fp32 = {**_conv_named_args((56, 56), 64, 64), "x_ptr": torch.empty(1, device="meta"),
+            "x_stride_c": 3136, "TAP_MAJOR": True, "DOT_FP32": False}
+    bf16 = {**fp32, "x_ptr": torch.empty(1, dtype=torch.bfloat16, device="meta")}
+    assert fp32_ieee_dots(fp32["x_ptr"], {**fp32, "INPUT_PRECISION": "ieee"})
+    assert not fp32_ieee_dots(fp32["x_ptr"], {**fp32, "INPUT_PRECISION": "tf32"})
+    assert not fp32_ieee_dots(bf16["x_ptr"], {**bf16, "INPUT_PRECISION": "ieee"})
+    ieee_tiles = set(_CONV_FWD_IEEE)
+    for capability in (80, 90):
+        with pruning_for_capability(capability):
+            for fused in ({"FUSED": False}, {"FUSED": True, "NUM_EXPERTS": 4,
+                                             "EXPERT_CHUNK": 4}):
+                ieee = prune_conv_fwd_configs(configs, {**fp32, **fused},
+                                              INPUT_PRECISION="ieee")
+                tf32 = prune_conv_fwd_configs(configs, {**fp32, **fused},
+                                              INPUT_PRECISION="tf32")
+                low = prune_conv_fwd_configs(configs, {**bf16, **fused},
+                                             INPUT_PRECISION="ieee")
+                assert ieee and {mnk_entry(c) for c in ieee} <= ieee_tiles
+                # What spilled with ieee dots: BLOCK_K = 32, 64 x 64 on 4 warps, 128 x 64.
+                assert all(c.kwargs["BLOCK_K"] == 16 for c in ieee)
+                assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 16 * 32 * c.num_warps
+                           for c in ieee)
+                for kept in (tf32, low):
+                    assert kept and not {mnk_entry(c) for c in kept} & ieee_tiles
+                assert any(mnk_entry(c) == (64, 64, 32, 4, 3) for c in tf32)
+        # int64 offsets keep one ieee tile.
+        with pruning_for_capability(capability):
+            int64 = prune_conv_fwd_configs(configs, fp32, INPUT_PRECISION="ieee",
+                                           OFFSET_64=True)
+        assert [mnk_entry(c) for c in int64] == [(64, 16, 16, 8, 3)]
+
+
+def test_conv_fwd_autotune_key_separates_tf32_from_ieee():
+    from dynconv.kernels.configs import (
+        CONV_BWD_DW_KEY,
+        CONV_BWD_DX_KEY,
+        CONV_FWD_KEY,
+        CONV_FWD_SPANNING_KEY,
+        MIX_KEY,
+    )
+
+    for key in (CONV_FWD_KEY, CONV_FWD_SPANNING_KEY, CONV_BWD_DX_KEY, CONV_BWD_DW_KEY,
+                MIX_KEY):
+        assert "INPUT_PRECISION" in key

@@ -136,6 +136,7 @@ def test_spanning_interpreter_uses_one_config():
 
 def test_spanning_configs_fit_registers_and_shared_memory():
     from dynconv.kernels.configs import (
+        _CONV_FWD_SPANNING_IEEE,
         CONV_FWD_SPANNING_FP32_MAX_ACC_PER_THREAD,
         conv_fwd_shared_bytes,
         conv_fwd_spanning_configs,
@@ -152,8 +153,10 @@ def test_spanning_configs_fit_registers_and_shared_memory():
         nchw = prune_conv_fwd_spanning_configs(configs, _named_args(x_stride_c=49))
     with pruning_for_capability(80):
         ampere = prune_conv_fwd_spanning_configs(configs, _named_args())
-    # A wide channels_last bf16 layer on sm_90 keeps every tile of at least 32 columns.
-    assert _tiles(bf16) == {t for t in _tiles(configs) if t[1] >= 32}
+    # A wide channels_last bf16 layer on sm_90 keeps every tile of at least 32 columns (but
+    # the ones for fp32 with tf32 off).
+    assert _tiles(bf16) == {t for t in _tiles(configs) if t[1] >= 32
+                            and t not in {e[:4] for e in _CONV_FWD_SPANNING_IEEE}}
     assert max(t[2] for t in _tiles(bf16)) == 64
     # fp32: accumulators of at most 32 elements per thread, BLOCK_K = 32, within shared memory.
     assert fp32 and all(
@@ -163,6 +166,9 @@ def test_spanning_configs_fit_registers_and_shared_memory():
     # Strided channels and sm_80: no BLOCK_K = 64; sm_80 keeps its measured tiles only.
     assert nchw and max(t[2] for t in _tiles(nchw)) == 32
     assert _tiles(ampere) == {(64, 32, 32, 4), (128, 64, 32, 8)}
+    # 4-stage pipelines: 2-byte channels_last on sm_90 only.
+    assert max(c.num_stages for c in bf16) == 4
+    assert max(c.num_stages for c in fp32 + nchw + ampere) <= 3
 
 
 def test_spanning_configs_pruned_by_shape():
@@ -179,3 +185,31 @@ def test_spanning_configs_pruned_by_shape():
         int64 = prune_conv_fwd_spanning_configs(configs, _named_args(), OFFSET_64=True)
     assert _tiles(tiny) == {(64, 16, 32, 4)}
     assert int64 and all(t[:2] in {(64, 16), (64, 32)} for t in _tiles(int64))
+
+
+def test_spanning_fp32_ieee_dots_take_their_own_tiles():
+    """fp32 with tf32 off keeps only the BLOCK_K = 16, 8-warp tiles (on sm_80 too); 4 warps
+    and BLOCK_K = 32 spilled there. tf32 launches never see them."""
+    from dynconv.kernels.configs import (
+        _CONV_FWD_SPANNING_IEEE,
+        conv_fwd_spanning_configs,
+        mnk_entry,
+        prune_conv_fwd_spanning_configs,
+        pruning_for_capability,
+    )
+
+    configs = conv_fwd_spanning_configs(interpreter=False)
+    ieee_tiles = set(_CONV_FWD_SPANNING_IEEE)
+    for capability in (80, 90):
+        for args in (_named_args(dtype=torch.float32, x_stride_c=49, DOT_FP32=False),
+                     _named_args(90, 3, 2, dtype=torch.float32, x_stride_c=110,
+                                 DOT_FP32=False)):
+            with pruning_for_capability(capability):
+                ieee = prune_conv_fwd_spanning_configs(configs, args, INPUT_PRECISION="ieee")
+                tf32 = prune_conv_fwd_spanning_configs(configs, args, INPUT_PRECISION="tf32")
+            assert ieee and {mnk_entry(c) for c in ieee} <= ieee_tiles
+            assert all(c.kwargs["BLOCK_K"] == 16 and c.num_warps == 8 for c in ieee)
+            assert tf32 and not {mnk_entry(c) for c in tf32} & ieee_tiles
+    with pruning_for_capability(90):
+        bf16 = prune_conv_fwd_spanning_configs(configs, _named_args(), INPUT_PRECISION="ieee")
+    assert bf16 and not {mnk_entry(c) for c in bf16} & ieee_tiles

@@ -19,7 +19,9 @@ from .roofline_model import best_strategy, strategy_bounds
 # that importing the backend does not import Triton).
 MAX_EXPERT_CHUNK = 8
 
-STRATEGIES = ("auto", "premix", "fused", "spanning")
+# "premix_tma" (premix on Hopper's TMA descriptors, kernels/conv_fwd_tma.py) is only ever asked
+# for by name: it has not been timed on a GPU, so "auto" never picks it.
+STRATEGIES = ("auto", "premix", "fused", "spanning", "premix_tma")
 
 # Bytes of mixed weights (plus bias) that premix keeps in memory at once; the batch is processed
 # in chunks of as many samples as fit.
@@ -74,8 +76,10 @@ def premix_chunk_size(batch: int, row_elements: int, element_size: int,
 # Streaming multiprocessors assumed where the device has none to ask (meta tensors of the
 # compile-check): an H100 / H200's.
 ASSUMED_SM_COUNT = 132
-# The largest conv tile of the candidates (kernels/configs.py): a sample gives at least
-# cdiv(HO * WO, 128) x cdiv(C_out/G, 128) x G programs.
+# The conv tile a wave is counted in (kernels/configs.py): a sample gives at least
+# cdiv(HO * WO, 128) x cdiv(C_out/G, 128) x G programs. The 128 x 256 premix tiles of sm_90 are
+# not counted: where they apply (C_out >= 256) a wave of them would double a buffer that is
+# already past its byte budget (512 channels at 7x7: 33 samples, 156 MB in bf16).
 _LARGEST_TILE = 128
 
 
@@ -110,8 +114,9 @@ def triton_forward_impl(
         weight_bank: (K, C_out, C_in/groups, KH, KW). routing: (B, K).
         bias_bank: (K, C_out) or None. All in x's dtype and on x's device (already validated).
         stride, padding, dilation: (h, w) ints; padding symmetric.
-        strategy: ``"premix"``, ``"fused"``, ``"spanning"`` or ``"auto"``
-            (:func:`choose_strategy`).
+        strategy: ``"premix"``, ``"fused"``, ``"spanning"``, ``"premix_tma"`` (premix with
+            TMA descriptors: sm_90+, stride 1, groups 1, 2-byte channels_last; never chosen by
+            ``"auto"``, ValueError where it cannot run) or ``"auto"`` (:func:`choose_strategy`).
         premix_buffer_bytes: bound on premix's mixed-weight buffer (default
             ``PREMIX_BUFFER_BYTES``); the batch is processed in chunks that fit it.
 
@@ -170,6 +175,15 @@ def triton_forward_impl(
                      interpreter=interpreter)
         return y
 
+    # premix (and premix_tma): the batch mixed chunk by chunk into one buffer, each chunk's
+    # rows read by the conv kernel (through TMA descriptors for premix_tma).
+    tma = strategy == "premix_tma"
+    if tma:
+        from dynconv.kernels.conv_fwd_tma import conv_fwd_tma, conv_fwd_tma_unsupported
+
+        reason = conv_fwd_tma_unsupported(x, weight_bank.shape, stride, groups, interpreter)
+        if reason is not None:
+            raise ValueError(f"strategy='premix_tma' cannot run this convolution: {reason}")
     layout = mixed_layout(weight_bank.shape, bias_bank is not None)
     # A chunk smaller than one wave of the GPU leaves SMs idle in every launch (512 channels
     # at 7x7 in bf16: 14 samples fit 64 MiB, 56 programs of 132 at 128 x 128 tiles); one
@@ -180,12 +194,19 @@ def triton_forward_impl(
                               wave)
     chunk = min(chunk, MAX_SAMPLES_PER_LAUNCH)
     buffer = x.new_empty((chunk, layout.row_stride))
+    # The bank packed once per call into the mixed rows' order (a K x |W| read and write), so
+    # that every chunk's mix reads it with unit stride (16-byte loads, no index math) instead of
+    # gathering K x |W| elements per chunk.
+    packed = pack_bank(weight_bank, groups)
     for start in range(0, batch, chunk):
         count = min(chunk, batch - start)
-        mixed = mix(routing[start : start + count], weight_bank, bias_bank, groups, out=buffer,
+        mixed = mix(routing[start : start + count], packed, bias_bank, groups, out=buffer,
                     interpreter=interpreter)
         weights, bias = mixed_views(mixed, weight_bank.shape, groups, bias_bank is not None)
-        conv_fwd(x, weights, bias, None, y, start, count, stride, padding, dilation,
-                 interpreter=interpreter)
+        if tma:
+            conv_fwd_tma(x, weights, bias, y, start, count, padding, dilation,
+                         interpreter=interpreter)
+        else:
+            conv_fwd(x, weights, bias, None, y, start, count, stride, padding, dilation,
+                     interpreter=interpreter)
     return y
-
