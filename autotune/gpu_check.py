@@ -14,11 +14,12 @@ they come (CSV rows appended and flushed: a killed run keeps what it measured). 
    each case below waits only for its own kernels, so the correctness pass starts early;
    ``precompile.csv`` has every kernel's registers, spills, shared memory, wgmma / mma and
    asynchronous loads;
-3. **correctness**: about 50 cases, y and the four gradients of ``backend="triton"`` (premix,
-   fused or spanning forced) against ``native`` in float64 on the GPU, each element within the
-   tests' rounding bound (``correctness.csv``);
+3. **correctness**: about 60 cases, y and the four gradients of ``backend="triton"`` (premix,
+   fused, spanning or premix_tma forced) against ``native`` in float64 on the GPU, each element
+   within the tests' rounding bound (``correctness.csv``);
 4. **timings**: the ResNet-18 layers at batch 32, bf16, channels_last, then NCHW, fp32 and
-   batch 128: static cuDNN conv, the grouped trick, triton (auto, premix, fused, spanning) and
+   batch 128: static cuDNN conv, the grouped trick, triton (auto, premix, fused, spanning, and
+   premix_tma where TMA can address the layer) and
    the batch-spanning form in PyTorch, forward / backward / forward+backward interleaved with
    the static conv, peak memory (``timings.csv``, bench's columns), and per-kernel device times
    from the profiler (``kernels.csv``); no compile pool runs meanwhile;
@@ -811,8 +812,9 @@ def _time_cases(run: Run, plan: Plan, precompiler, timer, meta: dict, offset: in
         if why == "deadline":
             run.end(step, "cut by the deadline", f"{index} of {len(plan.timings)} cases run")
             return
-        providers = [p for p in gpu_steps.TIMING_PROVIDERS
-                     if not (why and p.startswith("triton"))]
+        providers = gpu_steps.providers_for(
+            case, [p for p in gpu_steps.TIMING_PROVIDERS if not (why and p.startswith("triton"))],
+            device)
         rows = gpu_steps.run_timing(case, device, timer, run.args.rounds,
                                     memory=device == "cuda", providers=providers)
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -826,7 +828,7 @@ def _time_cases(run: Run, plan: Plan, precompiler, timer, meta: dict, offset: in
                            for p in gpu_steps.TIMING_PROVIDERS[1:])
                 + f" (fwd+bwd / static; configs from {sources or '-'})"
                 + (f"; triton skipped: {why}" if why else ""))
-        for provider in gpu_steps.PROFILED_PROVIDERS:
+        for provider in gpu_steps.providers_for(case, gpu_steps.PROFILED_PROVIDERS, device):
             if why and provider.startswith("triton"):
                 continue
             run.record("kernels", gpu_steps.KERNEL_COLUMNS,

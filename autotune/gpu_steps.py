@@ -100,12 +100,22 @@ def check_cases(tiny_shapes: bool = False) -> list[CheckCase]:
             dtype = ("bf16", "fp16", "fp32")[g % 3]
             layout = "channels_last" if g % 2 == 0 else "nchw"
             cases.append(CheckCase(shape, batch, experts, dtype, layout, "spanning", bias))
+    if not tiny_shapes:
+        # premix on TMA descriptors (sm_90+; stride 1, groups 1, 2-byte channels_last, channels
+        # multiples of 8): partial channel chunks and boxes, padding 2 with dilation 2, K = 17.
+        cases += [
+            CheckCase(geometries[0][0], batch, 4, "bf16", "channels_last", "premix_tma"),
+            CheckCase(geometries[0][0], batch, 4, "fp16", "channels_last", "premix_tma", False),
+            CheckCase(ConvShape("dilated-tma", 24, 40, 11, 9, 3, 3, 1, 2, 2), batch, 17, "bf16",
+                      "channels_last", "premix_tma"),
+        ]
     layers = [
         CheckCase(_resnet("layer2.0.conv2"), 32, 4, "bf16", "channels_last", "premix"),
         CheckCase(_resnet("layer4.0.conv2"), 32, 4, "bf16", "channels_last", "fused"),
         CheckCase(_resnet("layer3.0.conv2"), 32, 4, "fp32", "channels_last", "premix",
                   tf32=True),
         CheckCase(_resnet("layer2.0.downsample"), 32, 4, "bf16", "channels_last", "spanning"),
+        CheckCase(_resnet("layer4.0.conv2"), 32, 4, "bf16", "channels_last", "premix_tma"),
     ]
     if tiny_shapes:
         # one case per geometry (dtype, strategy and layout rotating), one miniature layer
@@ -121,11 +131,38 @@ def check_cases(tiny_shapes: bool = False) -> list[CheckCase]:
 TIMED_LAYERS = ("layer4.0.conv2", "layer3.0.conv2", "layer2.0.conv2", "layer1.0.conv1",
                 "layer3.0.conv1", "layer3.0.downsample")
 TIMING_PROVIDERS = ("static", "grouped", "triton", "triton-premix", "triton-fused",
-                    "triton-spanning", "spanning-torch")
+                    "triton-spanning", "triton-premix_tma", "spanning-torch")
 # providers whose kernels are profiled one by one
-PROFILED_PROVIDERS = ("static", "triton-premix", "triton-fused", "triton-spanning")
+PROFILED_PROVIDERS = ("static", "triton-premix", "triton-fused", "triton-spanning",
+                      "triton-premix_tma")
 # The Triton backend's forward strategies (dynconv.backends.triton.forward.STRATEGIES less auto).
-FORWARD_STRATEGIES = ("premix", "fused", "spanning")
+FORWARD_STRATEGIES = ("premix", "fused", "spanning", "premix_tma")
+# The strategy that runs only where TMA can address the convolution (tma_eligible).
+TMA_STRATEGY = "premix_tma"
+
+
+def tma_eligible(shape: ConvShape, dtype: str, channels_last: bool, device) -> bool:
+    """Whether the premix_tma strategy can run this convolution on ``device`` (sm_90+, stride 1,
+    groups 1, bf16 / fp16 channels_last, channels multiples of 8); elsewhere gpu-check leaves it
+    out instead of recording an error."""
+    from dynconv.kernels._common import interpreter_enabled
+    from dynconv.kernels.conv_fwd_tma import conv_fwd_tma_supported
+
+    x = torch.empty(1, shape.cin, shape.h, shape.w, dtype=DTYPES[dtype], device=device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    bank_shape = (1, shape.cout, shape.cin // shape.groups, shape.kh, shape.kw)
+    interpreter = interpreter_enabled() and x.device.type == "cpu"
+    return conv_fwd_tma_supported(x, bank_shape, (shape.stride,) * 2, shape.groups, interpreter)
+
+
+def providers_for(case: bench.Case, providers, device) -> list[str]:
+    """``providers`` less ``triton-premix_tma`` where the case is not TMA-eligible."""
+    tma = f"triton-{TMA_STRATEGY}"
+    if tma in providers and not tma_eligible(case.shape, case.dtype,
+                                             case.layout == "channels_last", device):
+        return [p for p in providers if p != tma]
+    return list(providers)
 
 
 def timing_cases(tiny_shapes: bool = False) -> list[bench.Case]:
@@ -336,6 +373,9 @@ def _drive(launch: Launches, device) -> None:
         launch.shape, launch.batch, launch.experts, launch.dtype, launch.channels_last,
         launch.bias, device)
     for strategy in launch.strategies:
+        if strategy == TMA_STRATEGY and not tma_eligible(launch.shape, launch.dtype,
+                                                         launch.channels_last, x.device):
+            continue
         triton_forward_impl(x, bank, routing, bias, *_pairs(launch.shape), strategy=strategy)
     if launch.backward:
         triton_backward_impl(grad_out, x, bank, routing, bias, *_pairs(launch.shape),
@@ -575,11 +615,11 @@ def run_check(case: CheckCase, device) -> list[dict]:
 
 
 def provider_forward(provider: str, case: bench.Case, t: dict):
-    """bench's forward builder, plus ``triton-premix`` / ``triton-fused`` / ``triton-spanning``
+    """bench's forward builder, plus ``triton-<strategy>`` for each of FORWARD_STRATEGIES
     (the Triton backend through the dispatcher with its strategy forced) and ``spanning-torch``
     (the same batch-spanning formulation in PyTorch: one static conv of the routing-scaled
     input over K x Cin channels, plain autograd)."""
-    if provider in ("triton-premix", "triton-fused", "triton-spanning"):
+    if provider in ("triton-premix", "triton-fused", "triton-spanning", "triton-premix_tma"):
         forward, leaves = bench.forward_fn("triton", case, t)
         strategy = provider.split("-", 1)[1]
 

@@ -38,6 +38,17 @@ class KernelSpec:
     configs: str  # name of the candidate-config function (called with interpreter=False)
     variants: tuple[str, ...]
     direction: str  # "forward" or "backward"
+    # (item, tensors, interpreter) -> whether the kernel can run the item at all (None: always)
+    applies: Callable[..., bool] | None = None
+
+
+def _tma_applies(item: Item, t: dict, interpreter: bool) -> bool:
+    """The TMA forward runs only where TMA can address the convolution (see conv_fwd_tma)."""
+    from dynconv.kernels.conv_fwd_tma import conv_fwd_tma_supported
+
+    s = item.shape
+    return conv_fwd_tma_supported(t["x"], t["bank"].shape, (s.stride, s.stride), s.groups,
+                                  interpreter)
 
 
 KERNELS = {
@@ -48,6 +59,9 @@ KERNELS = {
                                     "conv_fwd_spanning_tuned",
                                     "dynconv.kernels.configs:conv_fwd_spanning_configs",
                                     ("spanning",), "forward"),
+    "conv_fwd_tma": KernelSpec("dynconv.kernels.conv_fwd_tma", "conv_fwd_tma_tuned",
+                               "dynconv.kernels.configs:conv_fwd_tma_configs",
+                               ("premix_tma",), "forward", applies=_tma_applies),
     "mix": KernelSpec("dynconv.kernels.mix", "mix_tuned",
                       "dynconv.kernels.configs:mix_configs", ("premix",), "forward"),
     "conv_bwd_dx": KernelSpec("dynconv.kernels.conv_bwd_dx", "conv_bwd_dx_tuned",
@@ -185,9 +199,12 @@ def tune_one(kernel_name: str, kernel, item: Item, device: str, interpreter: boo
     """
     from dynconv.kernels import tuned_table
 
-    candidates = _resolve(KERNELS[kernel_name].configs)(interpreter=False)
+    spec = KERNELS[kernel_name]
+    if spec.applies is not None and not spec.applies(item, t, interpreter):
+        return {}
+    candidates = _resolve(spec.configs)(interpreter=False)
     entries: dict[str, dict] = {}
-    for variant in KERNELS[kernel_name].variants:
+    for variant in spec.variants:
         run = driver(kernel_name, variant, item, t, interpreter)
         # a first launch with the first candidate tells the key and the arguments to prune on
         with tuned_table.forcing(kernel.name, candidates[0]) as launches:

@@ -54,10 +54,11 @@ def test_dry_run_plan_fits_seven_minutes(tmp_path):
     assert total == pytest.approx(float(budget["compile_s"]) + float(budget["run_s"]), abs=0.2)
     assert float(budget["deadline_s"]) == 420 and total <= 420 and budget["fits"] == "yes"
     assert "launches captured for sm_90" in out
-    for needle in ("[1] precompile:", "[2] correctness: 53 cases", "[3] timings: 11 cases",
+    for needle in ("[1] precompile:", "[2] correctness: 57 cases", "[3] timings: 11 cases",
                    "[4] sweep", "[5] tests", "512->512 k3 s1 @7", "64->64 k3 s1 @56",
                    "128->256 k3 s2 @28", "128->256 k1 s2 @28", "K17", "K1 ", "dw ", "3->16 k7 s2",
-                   "nchw", "fp16", "fused", "premix", "spanning", "M128 N128 K32 w8 s3"):
+                   "nchw", "fp16", "fused", "premix", "spanning", "premix_tma",
+                   "M128 N128 K32 w8 s3"):
         assert needle in out, needle
     assert list(tmp_path.iterdir()) == []
 
@@ -72,10 +73,17 @@ def test_dry_run_under_the_interpreter_lists_the_steps(capsys, tmp_path):
 
 def test_cases_cover_the_issue():
     checks = gpu_steps.check_cases()
-    assert 45 <= len(checks) <= 55
+    assert 45 <= len(checks) <= 60
     assert {c.dtype for c in checks} == {"bf16", "fp16", "fp32"}
     assert {c.layout for c in checks} == {"channels_last", "nchw"}
-    assert {c.strategy for c in checks} == {"premix", "fused", "spanning"}
+    assert {c.strategy for c in checks} == {"premix", "fused", "spanning", "premix_tma"}
+    tma = [c for c in checks if c.strategy == "premix_tma"]
+    # every TMA case is one the strategy can run (on a GPU of capability 9.0)
+    assert {c.dtype for c in tma} == {"bf16", "fp16"} and {c.layout for c in tma} == {
+        "channels_last"}
+    assert all(c.shape.stride == 1 and c.shape.groups == 1 and c.shape.cin % 8 == 0
+               and c.shape.cout % 8 == 0 for c in tma)
+    assert {17, 4} <= {c.experts for c in tma} and any(c.shape.dilation > 1 for c in tma)
     spanning = [c for c in checks if c.strategy == "spanning"]
     assert {c.dtype for c in spanning} == {"bf16", "fp16", "fp32"}
     assert {c.layout for c in spanning} == {"channels_last", "nchw"}
@@ -90,6 +98,28 @@ def test_cases_cover_the_issue():
         "512->512 k3 s1 @7", "256->256 k3 s1 @14", "128->128 k3 s1 @28", "64->64 k3 s1 @56"]
     assert {(c.batch, c.dtype, c.layout) for c in first} == {(32, "bf16", "channels_last")}
     assert {c.group for c in timed} == {"b32-bf16-cl", "nchw", "fp32", "b128"}
+
+
+def test_tma_provider_only_where_tma_can_run(monkeypatch):
+    """gpu-check times and profiles triton-premix_tma only on TMA-eligible cases (elsewhere it
+    would only record errors); without a GPU or the interpreter it is never eligible."""
+    from dynconv.kernels import _common
+
+    eligible = bench.Case("g", ConvShape("s", 16, 32, 9, 9, 3, 3, 1, 1), 2, 4, "bf16",
+                          "channels_last")
+    strided = bench.Case("g", ConvShape("s2", 16, 32, 9, 9, 3, 3, 2, 1), 2, 4, "bf16",
+                         "channels_last")
+    nchw = bench.Case("g", eligible.shape, 2, 4, "bf16", "nchw")
+    fp32 = bench.Case("g", eligible.shape, 2, 4, "fp32", "channels_last")
+    tma = "triton-premix_tma"
+    providers = gpu_steps.TIMING_PROVIDERS
+    monkeypatch.setattr(_common, "interpreter_enabled", lambda: False)
+    assert tma not in gpu_steps.providers_for(eligible, providers, "cpu")
+    monkeypatch.setattr(_common, "interpreter_enabled", lambda: True)
+    assert gpu_steps.providers_for(eligible, providers, "cpu") == list(providers)
+    for case in (strided, nchw, fp32):
+        kept = gpu_steps.providers_for(case, providers, "cpu")
+        assert kept == [p for p in providers if p != tma], case
 
 
 def test_pinned_configs_follow_the_problem():
