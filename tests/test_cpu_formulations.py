@@ -44,13 +44,13 @@ def test_measure_parts_rows_and_table(tmp_path):
     assert len(table) == 3 and "fwd grouped" in table[0] and table[2].count("|") == 19
 
 
-def _write_provider_rows(path, ratios):
+def _write_provider_rows(path, ratios, reference="static"):
     rows = []
     for (batch, provider), ratio in ratios.items():
         rows.append({**cf.case_columns(Case("t", TINY.shape, batch=batch)), "threads": 1,
-                     "clock": "wall", "provider": provider, "mode": "fwd+bwd",
-                     "time_ms": 1.0, "static_ms": 1.0, "ratio": ratio, "ratio_of_mins": ratio,
-                     "rule": "grouped/grouped/grouped"})
+                     "clock": "wall", "provider": provider, "reference": reference,
+                     "mode": "fwd+bwd", "time_ms": 1.0, "static_ms": 1.0, "ratio": ratio,
+                     "ratio_of_mins": ratio, "rule": "grouped/grouped/grouped"})
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -64,10 +64,25 @@ def test_goal_summary_counts_wins_and_losses(tmp_path):
         (4, "loop"): 3.0, (4, "grouped"): 1.4, (4, "auto"): 1.7,  # a loss, > 1.6
     })
     summary = cf.goal_summary(str(path))
-    assert "2 cases: auto at most the better baseline on 1, at most 1.6x static on 1, " \
-           "at most 1.3x on 1" in summary
+    assert "2 cases (ratios to static): auto at most the better baseline on 1, within 5 % of " \
+           "it on 1, at most 1.6x static on 1, at most 1.3x on 1" in summary
     assert "B4 4->6 k3 s1 @7 K4 fp32 nchw, 1 thread(s): 1.70 against 1.40 (21% slower)" in summary
     assert "B2 " not in summary.split("baseline:")[1]
+
+
+def test_goal_summary_of_a_direct_comparison(tmp_path):
+    # --reference grouped: the CSV has no grouped rows; its ratio is 1 by definition.
+    path = tmp_path / "direct.csv"
+    _write_provider_rows(path, {
+        (2, "loop"): 1.5, (2, "auto"): 1.04,  # within 5 % of the trick
+        (4, "loop"): 0.9, (4, "auto"): 0.8,  # a win
+        (8, "loop"): 2.0, (8, "auto"): 1.2,  # a loss
+    }, reference="grouped")
+    summary = cf.goal_summary(str(path))
+    assert "3 cases (ratios to the grouped provider): auto at most the better baseline on 1, " \
+           "within 5 % of it on 2;" in summary
+    assert "1.6x" not in summary
+    assert "B8 4->6 k3 s1 @7 K4 fp32 nchw, 1 thread(s): 1.20 against 1.00 (20% slower)" in summary
 
 
 def test_measure_provider_rows():
