@@ -145,6 +145,13 @@ def triton_forward_impl(
         strategy = choose_strategy(x.shape, weight_bank.shape, (height_out, width_out), groups,
                                    x.dtype)
     interpreter = interpreter_enabled() and x.device.type == "cpu"
+    if strategy != "premix_tma" and in_per_group >= MIN_DOT_BLOCK and x.stride(1) != 1:
+        # Tap-major tiles are contiguous along the channels only in channels_last: every x tile
+        # is then a 16-byte cp.async row instead of per-element gathers (2-byte ones for bf16,
+        # not asynchronous): about half the instructions per step and no register spills
+        # (compile-check). One copy of x per call; y keeps x's memory format (allocated above).
+        # premix_tma takes a channels_last x as given, or refuses.
+        x = x.contiguous(memory_format=torch.channels_last)
 
     if strategy == "spanning":
         from dynconv.kernels.conv_fwd_spanning import conv_fwd_spanning
@@ -152,14 +159,7 @@ def triton_forward_impl(
         # One GEMM whose rows span the batch, the bank (repacked as for fused: tiles contiguous
         # along the output channels) as the shared operand, the routing applied per expert.
         bank, _ = mixed_views(pack_bank(weight_bank, groups), weight_bank.shape, groups, False)
-        x_in = x
-        if in_per_group >= MIN_DOT_BLOCK and x.stride(1) != 1:
-            # Tap-major tiles are contiguous along the channels only in channels_last: every
-            # x tile of every expert pass is then a 16-byte cp.async row instead of per-element
-            # gathers (2-byte ones for bf16, not asynchronous), about half the instructions per
-            # step and no register spills (compile-check). One copy of x per call.
-            x_in = x.contiguous(memory_format=torch.channels_last)
-        conv_fwd_spanning(x_in, bank, bias_bank, routing, y, stride, padding, dilation,
+        conv_fwd_spanning(x, bank, bias_bank, routing, y, stride, padding, dilation,
                           interpreter=interpreter)
         return y
 
