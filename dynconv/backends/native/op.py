@@ -229,7 +229,7 @@ _workspace = threading.local()
 MIXED, GRAD_MIXED = "mixed", "grad_mixed"
 
 
-def _mixed_weight_buffer(chunk: int, bank_2d: torch.Tensor, slot: str = MIXED) -> torch.Tensor:
+def _workspace_buffer(chunk: int, bank_2d: torch.Tensor, slot: str = MIXED) -> torch.Tensor:
     """A (chunk, |W|) buffer, reused by every chunk: ``slot`` MIXED for the mixed weights of a
     chunk, GRAD_MIXED for their gradient (the weight gradient of the chunk's convolutions,
     where the formulation can write into a given buffer).
@@ -304,7 +304,7 @@ def _forward(x, weight_bank, routing, bias_bank, stride, padding, dilation, grou
     bank_2d = weight_bank.reshape(weight_bank.shape[0], plan.weight_numel)
     if chunk == batch:  # one chunk: no slicing (an empty batch has chunk 1)
         if mixed is None:
-            mixed = _mixed_weight_buffer(chunk, bank_2d)
+            mixed = _workspace_buffer(chunk, bank_2d)
         weights = torch.mm(routing, bank_2d, out=mixed).view(plan.chunk_weight_shape)
         bias = None if bias_bank is None else routing @ bias_bank
         y = conv_forward(plan.formulations.forward, x, weights, bias, stride, padding,
@@ -315,7 +315,7 @@ def _forward(x, weight_bank, routing, bias_bank, stride, padding, dilation, grou
         out = forward_output(x, weight_bank, stride, padding, dilation)
         out.copy_(y)
         return out
-    buffer = _mixed_weight_buffer(chunk, bank_2d) if mixed is None else None
+    buffer = _workspace_buffer(chunk, bank_2d) if mixed is None else None
     y = forward_output(x, weight_bank, stride, padding, dilation)
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)
@@ -384,12 +384,12 @@ def backward_impl(
     chunk = plan.chunk
     buffer = None
     if mixed is None and (need_x or need_weight):
-        buffer = _mixed_weight_buffer(chunk, bank_2d)
+        buffer = _workspace_buffer(chunk, bank_2d)
     # The chunk's weight gradient, if its formulation can write it into a buffer: reused by
     # every chunk and every call, like the mixed weights.
     grad_buffer = None
     if need_weight and plan.formulations.weight_grad in WRITES_GRAD_WEIGHTS_INTO_BUFFER:
-        grad_buffer = _mixed_weight_buffer(chunk, bank_2d, GRAD_MIXED)
+        grad_buffer = _workspace_buffer(chunk, bank_2d, GRAD_MIXED)
     whole = chunk == batch
     for start in range(0, batch, chunk):
         stop = min(batch, start + chunk)

@@ -152,23 +152,32 @@ def triton_forward_impl(
         # (compile-check). One copy of x per call; y keeps x's memory format (allocated above).
         # premix_tma takes a channels_last x as given, or refuses.
         x = x.contiguous(memory_format=torch.channels_last)
+    tma = strategy == "premix_tma"
+    if tma:
+        from dynconv.kernels.conv_fwd_tma import conv_fwd_tma, conv_fwd_tma_unsupported
+
+        reason = conv_fwd_tma_unsupported(x, weight_bank.shape, stride, groups, interpreter)
+        if reason is not None:
+            raise ValueError(f"strategy='premix_tma' cannot run this convolution: {reason}")
+    # Every strategy reads the bank packed once per call (K x |W|, small next to the B x |W|
+    # premix writes) into the mixed rows' order (pack_bank): the fused and spanning kernels'
+    # bank tiles and the mix kernel's rows are then contiguous along the output channels
+    # (16-byte loads, no index math) instead of gathered.
+    packed = pack_bank(weight_bank, groups)
 
     if strategy == "spanning":
         from dynconv.kernels.conv_fwd_spanning import conv_fwd_spanning
 
-        # One GEMM whose rows span the batch, the bank (repacked as for fused: tiles contiguous
-        # along the output channels) as the shared operand, the routing applied per expert.
-        bank, _ = mixed_views(pack_bank(weight_bank, groups), weight_bank.shape, groups, False)
+        # One GEMM whose rows span the batch, the packed bank (viewed as per-expert conv weights)
+        # as the shared operand, the routing applied per expert.
+        bank, _ = mixed_views(packed, weight_bank.shape, groups, False)
         conv_fwd_spanning(x, bank, bias_bank, routing, y, stride, padding, dilation,
                           interpreter=interpreter)
         return y
 
     if strategy == "fused":
-        # The bank repacked once per call (K x |W|, small next to the B x |W| premix would
-        # write) into the mixed rows' layout, so that the kernel's bank tiles are contiguous
-        # along the output channels; viewed as per-expert conv weights (K, G, C_out/G, C_in/G,
-        # KH, KW).
-        bank, _ = mixed_views(pack_bank(weight_bank, groups), weight_bank.shape, groups, False)
+        # The packed bank viewed as per-expert conv weights (K, G, C_out/G, C_in/G, KH, KW).
+        bank, _ = mixed_views(packed, weight_bank.shape, groups, False)
         for start in range(0, batch, MAX_SAMPLES_PER_LAUNCH):
             count = min(MAX_SAMPLES_PER_LAUNCH, batch - start)
             conv_fwd(x, bank, bias_bank, routing, y, start, count, stride, padding, dilation,
@@ -177,13 +186,6 @@ def triton_forward_impl(
 
     # premix (and premix_tma): the batch mixed chunk by chunk into one buffer, each chunk's
     # rows read by the conv kernel (through TMA descriptors for premix_tma).
-    tma = strategy == "premix_tma"
-    if tma:
-        from dynconv.kernels.conv_fwd_tma import conv_fwd_tma, conv_fwd_tma_unsupported
-
-        reason = conv_fwd_tma_unsupported(x, weight_bank.shape, stride, groups, interpreter)
-        if reason is not None:
-            raise ValueError(f"strategy='premix_tma' cannot run this convolution: {reason}")
     layout = mixed_layout(weight_bank.shape, bias_bank is not None)
     # A chunk smaller than one wave of the GPU leaves SMs idle in every launch (512 channels
     # at 7x7 in bf16: 14 samples fit 64 MiB, 56 programs of 132 at 128 x 128 tiles); one
@@ -194,10 +196,6 @@ def triton_forward_impl(
                               wave)
     chunk = min(chunk, MAX_SAMPLES_PER_LAUNCH)
     buffer = x.new_empty((chunk, layout.row_stride))
-    # The bank packed once per call into the mixed rows' order (a K x |W| read and write), so
-    # that every chunk's mix reads it with unit stride (16-byte loads, no index math) instead of
-    # gathering K x |W| elements per chunk.
-    packed = pack_bank(weight_bank, groups)
     for start in range(0, batch, chunk):
         count = min(chunk, batch - start)
         mixed = mix(routing[start : start + count], packed, bias_bank, groups, out=buffer,
