@@ -164,9 +164,10 @@ def install_mode() -> str:
 class Deadline:
     """The run's one deadline: seconds left, and whether a step of ``seconds`` still fits."""
 
-    def __init__(self, seconds: float, clock=time.monotonic):
+    def __init__(self, seconds: float, clock=time.monotonic, already: float = 0.0):
+        """``already``: seconds that count as spent before now (the install)."""
         self.clock = clock
-        self.start = clock()
+        self.start = clock() - already
         self.end = self.start + seconds
 
     def left(self) -> float:
@@ -241,8 +242,9 @@ class Step:
     started: float = 0.0
 
 
-def run_step(step: Step, log: Log) -> None:
-    """Run one step's process, streaming its output to the log, killing it at its timeout."""
+def run_step(step: Step, log: Log, children: set | None = None) -> None:
+    """Run one step's process, streaming its output to the log, killing it at its timeout;
+    ``children``: the run's set of live processes, which the watchdog ends."""
     log(f"\n=== {step.name}: {' '.join(shlex.quote(a) for a in step.argv)}"
         f"  (limit {step.timeout_s:.0f} s)")
     if step.skip_reason:
@@ -260,6 +262,8 @@ def run_step(step: Step, log: Log) -> None:
         log(step.status)
         return
     assert process.stdout is not None
+    if children is not None:
+        children.add(process)
 
     def pump():  # a thread, so that a silent process can still be timed out
         for line in process.stdout:
@@ -279,6 +283,8 @@ def run_step(step: Step, log: Log) -> None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     reader.join(10)
+    if children is not None:
+        children.discard(process)
     step.seconds = time.monotonic() - start
     if timed_out:
         step.status = f"timed out after {step.timeout_s:.0f} s"
@@ -641,6 +647,7 @@ class Run:
         self.plan: Plan | None = None
         self.summary_lock = threading.Lock()
         self.finished = False
+        self.children: set = set()  # live child processes (each its own process group)
 
     def sink(self, name: str, columns: list[str]) -> CsvSink:
         if name not in self.sinks:
@@ -671,32 +678,6 @@ class Run:
     def skip(self, name: str, reason: str) -> None:
         self.steps[name].status = f"skipped: {reason}"
         self.log(f"\n=== {name}: skipped: {reason}")
-
-
-def _listen_to_compiles(run: Run):
-    """Count Triton compiles in this process (disk-cache hits are the precompiled kernels;
-    a miss is a cold compile that the plan did not foresee). Returns a function that puts
-    the previous listener back."""
-    try:
-        from triton import knobs
-    except ImportError:
-        return lambda: None
-    if not hasattr(knobs, "compilation") or not hasattr(knobs.compilation, "listener"):
-        return lambda: None
-    previous = knobs.compilation.listener
-
-    def listener(*, src=None, cache_hit=False, **_):
-        if cache_hit:
-            run.compiles["hits"] += 1
-        else:
-            run.compiles["misses"].append(f"{run.current}: {getattr(src, 'name', src)}")
-
-    knobs.compilation.listener = listener
-
-    def restore():
-        knobs.compilation.listener = previous
-
-    return restore
 
 
 def step_precompile(run: Run, plan: Plan) -> Precompiler | None:
@@ -753,87 +734,105 @@ def _wait_for(run: Run, precompiler, jobs) -> str | None:
     return f"kernel failed to compile: {failed[0]}" if failed else None
 
 
-def step_correctness(run: Run, plan: Plan, precompiler) -> None:
-    from . import gpu_steps
+# A case's own time limit in its child process (a hang, not a slow case: the layer cases take
+# seconds, a cold compile tens of seconds); the deadline bounds it too.
+CASE_LIMIT_S = {"correctness": 150.0, "timings": 240.0}
+CHILD_START_S = 120.0  # importing torch and Triton and initialising CUDA in a fresh child
+CHILD_STARTS = 8  # children a step may start (each case that breaks CUDA costs one)
 
-    step = run.begin("correctness")
-    counts = {"ok": 0, "FAIL": 0, "error": 0, "skipped": 0}
-    for index, case in enumerate(plan.checks):
-        if not run.deadline.allows(RESERVE_S + 2):
-            run.end(step, "cut by the deadline", f"{index} of {len(plan.checks)} cases run")
-            return
-        why = _wait_for(run, precompiler, plan.jobs[index] if plan.jobs else None)
-        if why == "deadline":
-            run.end(step, "cut by the deadline", f"{index} of {len(plan.checks)} cases run")
-            return
-        if why:
-            rows = [{"case": case.label, "tensor": "all", "status": "skipped", "note": why}]
+
+def _run_cases(run: Run, plan: Plan, precompiler, name: str) -> None:
+    """Run the cases of step ``name`` (correctness or timings) one at a time in a child process
+    (:mod:`.gpu_child`): a case that kills its process, breaks its CUDA context or hangs is
+    recorded as an error row and the next case runs in a fresh child."""
+    from . import gpu_steps
+    from .gpu_child import CaseProcess
+
+    step = run.begin(name)
+    cases = plan.checks if name == "correctness" else plan.timings
+    offset = 0 if name == "correctness" else len(plan.checks)
+    columns = {"correctness": gpu_steps.CHECK_COLUMNS, "timings": _timing_columns(),
+               "kernels": gpu_steps.KERNEL_COLUMNS}
+
+    def on_compile(hit: bool, kernel: str) -> None:
+        if hit:
+            run.compiles["hits"] += 1
         else:
-            rows = gpu_steps.run_check(case, run.device)
-        run.record("correctness", gpu_steps.CHECK_COLUMNS, rows)
-        status = ("skipped" if why else "error" if any(r["status"] == "error" for r in rows)
-                  else "FAIL" if any(r["status"] == "FAIL" for r in rows) else "ok")
-        counts[status] += 1
-        worst = max((float(r.get("worst_error_over_bound") or 0) for r in rows), default=0)
-        run.log(f"  {status:7s} {case.label}  (worst error / bound {worst:.3g})"
-                + (f": {rows[0]['note']}" if status in ("error", "skipped") else ""))
-    verdict = "ok" if counts["ok"] == len(plan.checks) else "FAIL"
-    run.end(step, verdict, ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+            run.compiles["misses"].append(f"{name}: {kernel}")
+
+    tail = ["--device", run.device, "--rep-ms", str(run.args.rep_ms),
+            "--rounds", str(run.args.rounds), "--device-slug", os.path.basename(run.folder)]
+    child = CaseProcess(name, tail + (["--tiny"] if run.args.tiny else []), run.log,
+                        lambda sink, rows: run.record(sink, columns[sink], rows), on_compile,
+                        run.children)
+    counts = {"ok": 0, "FAIL": 0, "error": 0, "skipped": 0}
+    deaths: list[str] = []
+    try:
+        for index, case in enumerate(cases):
+            label = getattr(case, "label", None) or f"{case.group} {case.shape.label()}"
+            if not run.deadline.allows(RESERVE_S + 2):
+                run.end(step, "cut by the deadline", f"{index} of {len(cases)} cases run")
+                return
+            why = _wait_for(run, precompiler,
+                            plan.jobs[offset + index] if plan.jobs else None)
+            if why == "deadline":
+                run.end(step, "cut by the deadline", f"{index} of {len(cases)} cases run")
+                return
+            if why and name == "correctness":
+                run.record(name, columns[name], [{"case": label, "tensor": "all",
+                                                  "status": "skipped", "note": why}])
+                counts["skipped"] += 1
+                run.log(f"  skipped {label}: {why}")
+                continue
+            if child.process is None and child.starts >= CHILD_STARTS:
+                run.end(step, "error", f"{child.starts} case processes started, the last "
+                        f"died: {deaths[-1] if deaths else '?'}; {index} of {len(cases)} run")
+                return
+            limit = min(CASE_LIMIT_S[name], run.deadline.left() - RESERVE_S)
+            start_limit = min(CHILD_START_S, run.deadline.left() - RESERVE_S)
+            result = child.run(index, why, limit, start_limit)
+            if isinstance(result, dict):
+                counts[result["status"] if result["status"] in counts else "error"] += 1
+                run.log(result["line"])
+                continue
+            counts["error"] += 1
+            deaths.append(f"{label}: {result}")
+            run.log(f"  error   {label}: {result}")
+            note = f"the case's process: {result}"[:300]
+            if name == "correctness":
+                run.record(name, columns[name], [{"case": label, "tensor": "all",
+                                                  "status": "error", "note": note}])
+            else:
+                run.record(name, columns[name], [{**_case_columns(case), "provider": "all",
+                                                  "status": "error", "note": note}])
+    finally:
+        child.close()
+    detail = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+    if deaths:
+        detail += f"; {len(deaths)} lost their process (first: {deaths[0]})"
+    verdict = ("ok" if counts["ok"] == len(cases)
+               else "FAIL" if name == "correctness" else "errors")
+    run.end(step, verdict, detail)
+
+
+def _timing_columns() -> list[str]:
+    from . import bench
+
+    return bench.COLUMNS
+
+
+def _case_columns(case) -> dict:
+    from . import bench
+
+    return bench.case_columns(case)
+
+
+def step_correctness(run: Run, plan: Plan, precompiler) -> None:
+    _run_cases(run, plan, precompiler, "correctness")
 
 
 def step_timings(run: Run, plan: Plan, precompiler) -> None:
-    import torch
-
-    from . import gpu_steps
-    from .measure import Timer, device_name, versions
-
-    run.begin("timings")
-    device = run.device
-    timer = Timer(device, rep_ms=run.args.rep_ms, min_sample_ms=2.0, max_calls=5)
-    meta = {"run_id": time.strftime("%Y%m%dT%H%M%S"), "timestamp": time.strftime(
-        "%Y-%m-%dT%H:%M:%S%z"), "preset": "gpu-check", "device": device,
-        "device_name": device_name(device), "device_slug": os.path.basename(run.folder),
-        **versions(), "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-        "rounds": run.args.rounds}
-    offset = len(plan.checks)
-    with gpu_steps.tf32_dots(True):  # PyTorch's default, as the capture assumed
-        _time_cases(run, plan, precompiler, timer, meta, offset)
-
-
-def _time_cases(run: Run, plan: Plan, precompiler, timer, meta: dict, offset: int) -> None:
-    from . import bench, gpu_steps
-
-    step, device = run.steps["timings"], run.device
-    for index, case in enumerate(plan.timings):
-        if not run.deadline.allows(RESERVE_S + 3):
-            run.end(step, "cut by the deadline", f"{index} of {len(plan.timings)} cases run")
-            return
-        why = _wait_for(run, precompiler, plan.jobs[offset + index] if plan.jobs else None)
-        if why == "deadline":
-            run.end(step, "cut by the deadline", f"{index} of {len(plan.timings)} cases run")
-            return
-        providers = gpu_steps.providers_for(
-            case, [p for p in gpu_steps.TIMING_PROVIDERS if not (why and p.startswith("triton"))],
-            device)
-        rows = gpu_steps.run_timing(case, device, timer, run.args.rounds,
-                                    memory=device == "cuda", providers=providers)
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        full = [{**meta, "load_avg_1min": load, **bench.case_columns(case), **row,
-                 **bench.derived_columns(row, case, device)} for row in rows]
-        run.record("timings", bench.COLUMNS, full)
-        sources = gpu_steps.config_sources(reset=True)
-        ratios = {(r["provider"], r["mode"]): r["ratio_to_static"] for r in rows}
-        run.log(f"  {case.group:12s} {case.shape.label():24s} B{case.batch} "
-                + " ".join(f"{p}={ratios.get((p, 'fwd+bwd'), float('nan')):.2f}"
-                           for p in gpu_steps.TIMING_PROVIDERS[1:])
-                + f" (fwd+bwd / static; configs from {sources or '-'})"
-                + (f"; triton skipped: {why}" if why else ""))
-        for provider in gpu_steps.providers_for(case, gpu_steps.PROFILED_PROVIDERS, device):
-            if why and provider.startswith("triton"):
-                continue
-            run.record("kernels", gpu_steps.KERNEL_COLUMNS,
-                       gpu_steps.profile_kernels(case, provider, device))
-    run.end(step, "ok", f"{len(plan.timings)} cases")
+    _run_cases(run, plan, precompiler, "timings")
 
 
 def sweep_argv(folder: str, budget_s: float) -> list[str]:
@@ -875,7 +874,7 @@ def step_sweep(run: Run, precompiler) -> None:
         left -= time.monotonic() - started
     sub = Step("sweep", sweep_argv(run.folder, left - 45), left,
                env={"DYNCONV_TUNED_DIR": None})
-    run_step(sub, run.log)
+    run_step(sub, run.log, run.children)
     run.end(step, sub.status, "table " + os.path.join(run.folder, f"{os.path.basename(run.folder)}"
                                                       ".json"))
 
@@ -893,7 +892,7 @@ def step_tests(run: Run) -> None:
     sub = Step("tests", [sys.executable, "-m", "pytest", "-v", "--tb=short", "-p",
                          "no:cacheprovider", "--maxfail=10", "-k", TEST_SELECTION, *files],
                left, env={"DYNCONV_TUNED_DIR": None})
-    run_step(sub, run.log)
+    run_step(sub, run.log, run.children)
     run.end(step, sub.status)
 
 
@@ -972,7 +971,7 @@ def summary_markdown(run: Run) -> str:
         lines.append(f"| {step.name} | {step.status} | {step.seconds:.0f}{est} | "
                      f"{step.detail} |")
     misses = run.compiles["misses"]
-    lines += ["", f"Triton compiles in this process: {run.compiles['hits']} from the cache "
+    lines += ["", f"Triton compiles in the case processes: {run.compiles['hits']} from the cache "
                   f"(precompiled), {len(misses)} cold" + (": " + "; ".join(misses[:10])
                                                           if misses else ".")]
     checks = run.rows["correctness"]
@@ -1034,6 +1033,11 @@ def _watchdog(run: Run) -> threading.Timer:
                 "writing the summary and exiting")
         if run.current in run.steps:
             run.steps[run.current].status = "killed at the hard deadline"
+        for child in list(run.children):  # each in its own session: end their groups
+            try:
+                os.killpg(child.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         write_summary(run, "The run was stopped by its watchdog.")
         run.finished = True
         for sink in run.sinks.values():
@@ -1059,6 +1063,10 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--out", default="perf_reports", help="output root (default %(default)s)")
     parser.add_argument("--deadline-s", type=float, default=420.0, metavar="S",
                         help="the whole run's deadline in seconds (default %(default)s)")
+    parser.add_argument("--started-at", type=float, default=None, metavar="EPOCH",
+                        help="when the deadline starts counting (seconds since the epoch; "
+                             "`make gpu-check` passes its own start, so the install counts); "
+                             "default: now")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="cpu: the same steps on miniatures under Triton's interpreter "
                              "(for tests; implies --tiny)")
@@ -1145,8 +1153,19 @@ def _pin(run: Run, plan: Plan) -> None:
     from . import gpu_steps
 
     try:
+        import contextlib
+
+        from dynconv.kernels.configs import pruning_for_capability
+
         device = "meta" if run.device == "cuda" else "cpu"  # the interpreter's keys differ
-        entries = gpu_steps.pinned_entries(plan.launches, device)
+        pruning = contextlib.nullcontext()
+        if run.device == "cuda":  # meta tensors pruned as this GPU's launches (as the capture)
+            import torch
+
+            major, minor = torch.cuda.get_device_capability()
+            pruning = pruning_for_capability(major * 10 + minor)
+        with pruning:
+            entries = gpu_steps.pinned_entries(plan.launches, device)
         folder = tempfile.mkdtemp(prefix="dynconv-pinned-")
         path = gpu_steps.write_pinned_table(entries, run.device, folder)
     except Exception as exc:
@@ -1162,7 +1181,8 @@ def _pin(run: Run, plan: Plan) -> None:
 
 
 def run_gpu_check(args) -> int:
-    deadline = Deadline(args.deadline_s)
+    already = 0.0 if args.started_at is None else max(0.0, time.time() - args.started_at)
+    deadline = Deadline(args.deadline_s, already=already)
     facts, device, reason = _prepare_device(args)
     slug = "no_gpu"
     if device == "cuda":
@@ -1175,7 +1195,6 @@ def run_gpu_check(args) -> int:
     run = Run(args, folder, deadline, facts, device)
     watchdog = _watchdog(run)
     precompiler = None
-    restore_listener = lambda: None  # noqa: E731
     try:
         try:
             import torch
@@ -1206,7 +1225,6 @@ def run_gpu_check(args) -> int:
         else:
             run.skip("precompile", "--skip" if device == "cuda"
                      else "the interpreter compiles nothing")
-        restore_listener = _listen_to_compiles(run)
         for name, function in (("correctness", step_correctness), ("timings", step_timings)):
             if name in args.skip:
                 run.skip(name, "--skip")
@@ -1224,7 +1242,6 @@ def run_gpu_check(args) -> int:
             else:
                 _guarded(run, name, step_tests, run)
     finally:
-        restore_listener()
         if precompiler is not None:
             precompiler.close()
         watchdog.cancel()

@@ -36,7 +36,9 @@ from .shapes import ConvShape, find_layer, tiny
 from .tolerance import reduction_lengths, relative_tolerance
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-TRITON_KERNELS = ("mix", "conv_fwd", "conv_bwd_dx", "conv_bwd_dw")
+# Every tuned Triton kernel that the backend launches (each pinned by pinned_configs).
+TRITON_KERNELS = ("mix", "conv_fwd", "conv_fwd_spanning", "conv_fwd_tma", "conv_bwd_dx",
+                  "conv_bwd_dw")
 
 # --- the cases ---------------------------------------------------------------------------------
 
@@ -199,6 +201,11 @@ SMALL_TILE = (64, 64, 32, 4, 3)
 # preference, the first that compiles without spills for the launch's K_BLOCK and dtype.
 MIX_TILE = (32, 128, 4)
 DW_PREFERENCE = ((64, 8, 3), (32, 8, 3), (32, 4, 3))
+# conv_fwd_spanning: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); conv_fwd_tma: (BLOCK_H,
+# BLOCK_W, BLOCK_N, BLOCK_K, num_warps, num_stages). None is an sm_90-only config, so the choice
+# is the same whichever capability the launch is pruned for.
+SPANNING_PREFERENCE = ((128, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 4, 3))
+TMA_PREFERENCE = ((8, 16, 128, 64, 8, 3), (8, 8, 128, 64, 4, 4), (8, 8, 64, 64, 4, 4))
 
 
 def _tile_of(config) -> tuple:
@@ -207,7 +214,28 @@ def _tile_of(config) -> tuple:
         return (kw["BLOCK_P"], config.num_warps, config.num_stages)
     if "BLOCK_B" in kw:
         return (kw["BLOCK_B"], kw["BLOCK_N"], config.num_warps)
+    if "BLOCK_H" in kw:
+        return (kw["BLOCK_H"], kw["BLOCK_W"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps,
+                config.num_stages)
     return (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages)
+
+
+class PrunedChoice:
+    """A pinned config that depends on the launch (a callable for ``tuned_table.forcing``): the
+    first preferred tile among the candidates that the kernel's own ``early_config_prune``
+    keeps for that launch, else the first it keeps. For the kernels whose valid configs depend
+    on more than the shape and dtype (fp32 ieee dots, int64 offsets, the layout, TMA boxes)."""
+
+    def __init__(self, candidates, prune, preferences):
+        self.candidates, self.prune, self.preferences = list(candidates), prune, preferences
+
+    def __call__(self, named: dict, kwargs: dict):
+        kept = self.prune(self.candidates, named, **kwargs) or self.candidates
+        return _pick(kept, self.preferences)
+
+    def __str__(self) -> str:
+        return "pruned per launch, preferring " + " | ".join(
+            "x".join(map(str, tile)) for tile in self.preferences)
 
 
 def _pick(candidates, preferences, fits=lambda c: True):
@@ -240,10 +268,18 @@ def pinned_configs(shape: ConvShape, experts: int, dtype: str) -> dict:
         "conv_bwd_dw": _pick(kc.conv_bwd_dw_configs(interpreter=False), DW_PREFERENCE,
                              lambda c: kc.conv_bwd_dw_config_fits(c, k_block, element_size,
                                                                   dw_tile)),
+        # the interpreter's own candidates there (tiny boxes for the tests' few channels)
+        "conv_fwd_spanning": PrunedChoice(kc.conv_fwd_spanning_configs(),
+                                          kc.prune_conv_fwd_spanning_configs,
+                                          SPANNING_PREFERENCE),
+        "conv_fwd_tma": PrunedChoice(kc.conv_fwd_tma_configs(), kc.prune_conv_fwd_tma_configs,
+                                     TMA_PREFERENCE),
     }
 
 
 def config_text(config) -> str:
+    if isinstance(config, PrunedChoice):
+        return str(config)
     blocks = " ".join(f"{k.removeprefix('BLOCK_')}{v}" for k, v in config.kwargs.items())
     return f"{blocks} w{config.num_warps} s{config.num_stages}"
 
@@ -293,17 +329,57 @@ def forced_strategy(strategy: str):
         forward.choose_strategy = saved
 
 
-@contextlib.contextmanager
-def _launching_nothing():
-    """Tuned-kernel launches return without running (a forced launch still logs its key)."""
+class RealLaunchError(RuntimeError):
+    """A kernel would have run while gpu-check only meant to record launch keys."""
+
+
+def _tuned_kernel_classes() -> list[type]:
     from dynconv.kernels.tuned_table import TunedKernel
 
-    saved = TunedKernel._run
-    TunedKernel._run = lambda self, config, grid, args, kwargs: None
+    found, todo = [], [TunedKernel]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    return found
+
+
+@contextlib.contextmanager
+def _launching_nothing():
+    """Within the block no Triton kernel runs: tuned-kernel launches with a config (forced or
+    from the table) return at once, after a forced one has logged its key, in every
+    ``TunedKernel`` class (the TMA forward's has its own ``_run``); any other way into a kernel
+    (the autotuner, which would benchmark every candidate, or a bare ``JITFunction`` /
+    interpreted launch) raises :class:`RealLaunchError` instead of launching. On meta tensors a
+    real launch would run on null pointers: an illegal address on a GPU, and a CUDA context
+    broken for the rest of the process."""
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    def refuse(self, *args, **kwargs):
+        name = getattr(getattr(self, "fn", self), "__name__", None) or repr(self)
+        raise RealLaunchError(f"gpu-check pinning would launch {name} for real (not pinned): "
+                              "every Triton kernel the backend launches must have a pinned "
+                              "config (gpu_steps.pinned_configs)")
+
+    patched: list[tuple[type, str, object]] = [(Autotuner, "run", refuse),
+                                               (JITFunction, "run", refuse)]
     try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        patched.append((InterpretedFunction, "run", refuse))
+    except ImportError:
+        pass
+    patched += [(cls, "_run", lambda self, config, grid, args, kwargs: None)
+                for cls in _tuned_kernel_classes() if "_run" in vars(cls)]
+    saved = [(cls, name, vars(cls)[name]) for cls, name, _ in patched]
+    try:
+        for cls, name, stub in patched:
+            setattr(cls, name, stub)
         yield
     finally:
-        TunedKernel._run = saved
+        for cls, name, original in saved:
+            setattr(cls, name, original)
 
 
 def _pairs(shape: ConvShape) -> tuple:
@@ -396,8 +472,11 @@ def pinned_entries(launches: list[Launches], device) -> dict:
                     tf32_dots(launch.tf32):
                 _drive(launch, device)
             for name, log in logs.items():
-                for key, _named, _kwargs in log:
-                    entries[name][key] = {"config": tuned_table.config_to_dict(configs[name]),
+                for key, named, kwargs in log:
+                    config = configs[name]
+                    if callable(config):  # a PrunedChoice: the config this launch took
+                        config = config(named, kwargs)
+                    entries[name][key] = {"config": tuned_table.config_to_dict(config),
                                           "pinned": "gpu-check first pass"}
     return dict(entries)
 

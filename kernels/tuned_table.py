@@ -179,9 +179,11 @@ def config_label(data: dict) -> str:
 
 @contextmanager
 def forcing(kernel_name: str, config) -> Iterator[list]:
-    """Within the block, launches of ``kernel_name`` use ``config`` (a ``triton.Config``) and
-    bypass both the table and the autotuner. Yields a list that collects, for each launch,
-    ``(key, named positional arguments, keyword arguments)``.
+    """Within the block, launches of ``kernel_name`` use ``config`` and bypass both the table
+    and the autotuner. ``config`` is a ``triton.Config``, or a function of the launch
+    ``(named positional arguments, keyword arguments) -> triton.Config`` (a choice that depends
+    on the launch, e.g. the first of the kernel's own pruned candidates). Yields a list that
+    collects, for each launch, ``(key, named positional arguments, keyword arguments)``.
 
     The sweep uses it to time candidates through the real launchers.
     """
@@ -236,6 +238,8 @@ class TunedKernel:
                 config, launches = forced
                 named = dict(zip(self.arg_names, args, strict=False))
                 launches.append((key, named, dict(kwargs)))
+                if callable(config):
+                    config = config(named, dict(kwargs))
                 self.last_source, self.last_config = "forced", config_to_dict(config)
                 return self._run(config, grid, args, kwargs)
             data = lookup(self.name, key, self._device(args))
