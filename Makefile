@@ -38,10 +38,13 @@ $(VENV_GPU_TRITON)/.installed: $(VENV)/.installed-dev
 	$(VENV_GPU_TRITON)/bin/python -c "import triton, torch, dynconv.kernels; assert triton.__version__ == '$(GPU_TRITON)', triton.__version__"
 	touch $@
 
-# Every launched kernel specialisation, sm_80 and sm_90, under CI's Triton and the GPU machine's.
+# Every launched kernel specialisation, sm_80 and sm_90, under CI's Triton and the GPU machine's;
+# then gpu-check's plan under the GPU machine's Triton: its pinning pass (every launch of every
+# case driven on meta tensors, nothing launched) and its time estimate within the deadline.
 compile-check: $(VENV)/.installed-dev $(VENV_GPU_TRITON)/.installed
 	$(PY) -m dynconv.autotune compile-check
 	$(VENV_GPU_TRITON)/bin/python -m dynconv.autotune compile-check
+	$(VENV_GPU_TRITON)/bin/python -m dynconv.autotune gpu-check --dry-run
 
 # The same, writing the codegen report (CSV + summary per Triton version) to perf_reports/codegen
 # (both versions report even when one fails).

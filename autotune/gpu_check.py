@@ -2,12 +2,17 @@
 under 7 minutes (``make gpu-check OUT=dir``; run by path, ``python autotune/gpu_check.py``, it
 needs no install).
 
-One global deadline (``--deadline-s``, 420 s) that every step checks; results are written as
-they come (CSV rows appended and flushed: a killed run keeps what it measured). In order:
+One global deadline (``--deadline-s``, 420 s, counted from ``--started-at``: make's start, so
+that the install counts) that every step checks; past it (and a grace), a watchdog writes the
+summary, ends every child process group and exits. Results are written as they come (CSV rows
+appended and flushed: a killed run keeps what it measured). The correctness and timing cases
+run one at a time in a child process (:mod:`.gpu_child`): a case that kills it, hangs or breaks
+its CUDA context loses only itself, and the next case runs in a fresh child. In order:
 
-1. **plan**: the correctness cases and the timed cases; one or two configs per kernel are
-   pinned (:func:`.gpu_steps.pinned_configs`, written as a tuned table that every launch, in
-   every thread, looks up), so nothing is autotuned;
+1. **plan**: the correctness cases and the timed cases; one config per kernel and launch is
+   pinned (:func:`.gpu_steps.pinned_configs`, found by driving every launch on meta tensors with
+   every way into a kernel refused, and written as a tuned table that every launch, in every
+   thread and process, looks up), so nothing is autotuned;
 2. **precompile**: what those cases launch is captured (:mod:`.launch_capture`: the launchers on
    meta tensors, specialised by Triton's binder) and compiled for this GPU in a pool of worker
    processes (up to 16), with each kernel's C launcher where Triton builds one per signature;
@@ -60,7 +65,9 @@ TEST_SELECTION = ("opcheck or fake or only_requested or deterministic or strided
 
 # The estimate (--dry-run; summary.md compares it with what happened). Guesses until the first
 # run's summary replaces them.
-STARTUP_S = 20.0  # python, torch and Triton imports, CUDA init, the pinned table
+# python, torch and Triton imports, CUDA init and the pinned table, then each step's case
+# process (measured on the H200: 157 s in all, the child ready in 4.7 s)
+STARTUP_S = 30.0
 POOL_START_S = 15.0  # spawning the compile workers (each imports torch and Triton)
 CHECK_CASE_S = 0.8  # one small correctness case: triton fwd+bwd, float64 reference and scale
 CHECK_LAYER_CASE_S = 3.0  # one at a ResNet layer's size, batch 32
@@ -1109,6 +1116,9 @@ def dry_run(args) -> int:
             major, minor = torch.cuda.get_device_capability()
             arch = major * 10 + minor
         plan.capture(arch or 90)
+        entries = pinning_pass(plan, plan.arch)
+        print("pinning pass: " + ", ".join(f"{k} {len(v)}" for k, v in entries.items())
+              + f" launch keys for sm_{plan.arch}; no kernel launched")
     est = print_plan(plan, args, facts)
     print(f"would write to {os.path.join(args.out, '<device>')}/ (gpu_check.log, summary.md, "
           "precompile.csv, correctness.csv, timings.csv, kernels.csv, <device>.json)")
@@ -1144,6 +1154,21 @@ def _guarded(run: Run, name: str, function, *args):
         return None
 
 
+def pinning_pass(plan: Plan, arch: int | None) -> dict:
+    """{kernel: {launch key: pinned config}} of every launch of the plan, found by driving the
+    launchers without running a kernel (:func:`.gpu_steps.pinned_entries`: a real launch would
+    raise): on meta tensors pruned as for a GPU of compute capability ``arch`` (as the capture
+    prunes), or on CPU tensors under the interpreter (``arch`` None), whose keys differ."""
+    from dynconv.kernels.configs import pruning_for_capability
+
+    from . import gpu_steps
+
+    if arch is None:
+        return gpu_steps.pinned_entries(plan.launches, "cpu")
+    with pruning_for_capability(arch):
+        return gpu_steps.pinned_entries(plan.launches, "meta")
+
+
 def _pin(run: Run, plan: Plan) -> None:
     """Write the pinned table of the plan's launches and point the kernels at it. Without it
     every launch autotunes (cold compiles of every candidate): slow, but the steps still run,
@@ -1153,19 +1178,13 @@ def _pin(run: Run, plan: Plan) -> None:
     from . import gpu_steps
 
     try:
-        import contextlib
-
-        from dynconv.kernels.configs import pruning_for_capability
-
-        device = "meta" if run.device == "cuda" else "cpu"  # the interpreter's keys differ
-        pruning = contextlib.nullcontext()
-        if run.device == "cuda":  # meta tensors pruned as this GPU's launches (as the capture)
+        arch = None
+        if run.device == "cuda":
             import torch
 
             major, minor = torch.cuda.get_device_capability()
-            pruning = pruning_for_capability(major * 10 + minor)
-        with pruning:
-            entries = gpu_steps.pinned_entries(plan.launches, device)
+            arch = major * 10 + minor
+        entries = pinning_pass(plan, arch)
         folder = tempfile.mkdtemp(prefix="dynconv-pinned-")
         path = gpu_steps.write_pinned_table(entries, run.device, folder)
     except Exception as exc:

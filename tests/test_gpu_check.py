@@ -151,36 +151,115 @@ def test_pinned_configs_follow_the_problem():
 # --- running without an install ------------------------------------------------------------------
 
 
-def test_path_shim_imports_the_tree_without_an_install(tmp_path):
+def test_the_tree_runs_without_an_install(tmp_path):
     """With the editable install hidden (the base interpreter, the venv's site-packages on
-    PYTHONPATH: no .pth runs, so no install finder), dynconv.kernels does not import; through
-    the shim it does, from the tree, even from the tree's root (where ``dynconv/`` itself is on
-    sys.path), and ``python autotune/gpu_check.py`` re-runs itself under it."""
+    PYTHONPATH: no .pth runs, so no install finder): from the tree's root, ``python -m
+    dynconv.autotune gpu-check`` imports dynconv.kernels and dynconv.autotune from the tree (the
+    package maps them itself); from elsewhere, the path shim does, and ``python
+    autotune/gpu_check.py`` re-runs itself under it."""
     base = getattr(sys, "_base_executable", sys.executable)
     site = sysconfig.get_paths()["purelib"]
     env = {"PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/tmp"),
            "PYTHONNOUSERSITE": "1", "PYTHONPATH": site}
-    probe = ("import dynconv.kernels.conv_fwd, dynconv.autotune.bench; "
-             "print(dynconv.kernels.conv_fwd.__file__); print(dynconv.autotune.bench.__file__)")
-    hidden = subprocess.run([base, "-c", probe], capture_output=True, text=True, env=env,
-                            cwd=ROOT, timeout=120, check=False)
-    if hidden.returncode == 0:
-        pytest.skip("the base interpreter imports dynconv.kernels by itself")
-    assert "dynconv.kernels" in hidden.stderr or "No module named" in hidden.stderr
+    probe = ("import sys, dynconv.kernels.conv_fwd, dynconv.autotune.bench; "
+             "print(dynconv.kernels.conv_fwd.__file__); print(dynconv.autotune.bench.__file__); "
+             "print(any('editable' in repr(f).lower() for f in sys.meta_path))")
+    want = [os.path.join(ROOT, "kernels", "conv_fwd.py"),
+            os.path.join(ROOT, "autotune", "bench.py"), "False"]
+    at_root = subprocess.run([base, "-c", probe], capture_output=True, text=True, env=env,
+                             cwd=ROOT, timeout=120, check=False)
+    assert at_root.returncode == 0, at_root.stderr[-2000:]
+    assert at_root.stdout.split() == want
+    command = subprocess.run([base, "-m", "dynconv.autotune", "gpu-check", "--help"],
+                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+                             check=False)
+    assert command.returncode == 0, command.stderr[-2000:]
+    assert "usage: python -m dynconv.autotune gpu-check" in command.stdout
+
+    elsewhere = subprocess.run([base, "-c", probe], capture_output=True, text=True, env=env,
+                               cwd=tmp_path, timeout=120, check=False)
+    assert "No module named 'dynconv'" in elsewhere.stderr
     shim = tmp_path / "shim"
     gpu_check.write_path_shim(str(shim))
     shimmed = {**env, "PYTHONPATH": f"{shim}{os.pathsep}{site}"}
     found = subprocess.run([base, "-c", probe], capture_output=True, text=True, env=shimmed,
-                           cwd=ROOT, timeout=120, check=False)
+                           cwd=tmp_path, timeout=120, check=False)
     assert found.returncode == 0, found.stderr[-2000:]
-    assert found.stdout.split() == [os.path.join(ROOT, "kernels", "conv_fwd.py"),
-                                    os.path.join(ROOT, "autotune", "bench.py")]
+    assert found.stdout.split() == want
     script = subprocess.run([base, os.path.join(ROOT, "autotune", "gpu_check.py"), "--help"],
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
                             check=False)
     assert script.returncode == 0, script.stderr[-2000:]
     assert "through the path shim" in script.stdout
     assert "usage: python -m dynconv.autotune gpu-check" in script.stdout
+
+
+# --- pinning: nothing launches on a meta tensor ------------------------------------------------
+
+PINNING_SCRIPT = textwrap.dedent("""
+    import json
+
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    from dynconv.autotune import gpu_check, gpu_steps
+
+    launched = []
+
+    def record(kind):
+        def launch(self, *args, **kwargs):
+            name = getattr(getattr(self, "fn", self), "__name__", repr(self))
+            launched.append(f"{kind} {name}")
+        return launch
+
+    # a launch recorder in place of every way into a kernel: a GPU would run each on the
+    # meta tensors' null pointers
+    JITFunction.run, Autotuner.run = record("jit"), record("autotune")
+    plan = gpu_check.Plan.build(False)
+    strategies = {s for launch in plan.launches for s in launch.strategies}
+    error = None
+    try:
+        entries = gpu_check.pinning_pass(plan, 90)
+    except Exception as exc:
+        entries, error = {}, f"{type(exc).__name__}: {exc}"
+    print(json.dumps({"launched": launched, "error": error, "strategies": sorted(strategies),
+                      "backward": all(launch.backward for launch in plan.launches),
+                      "launches": len(plan.launches), "checks": len(plan.checks),
+                      "timings": len(plan.timings),
+                      "entries": {k: len(v) for k, v in entries.items()}}))
+""")
+
+
+def test_pinning_launches_nothing_and_pins_every_kernel(tmp_path):
+    """The pinning pass drives every strategy's forward and the backward of every checked and
+    timed case on meta tensors (as on a GPU: Triton's compiler, not its interpreter, in a
+    subprocess) with a recorder in place of every launch: nothing may launch, and every Triton
+    kernel of the backend gets a pinned config (so nothing autotunes at run time either)."""
+    script = tmp_path / "pinning.py"
+    script.write_text(PINNING_SCRIPT)
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         env=env_without_interpreter(), cwd=ROOT, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["error"] is None, result["error"]
+    assert result["launched"] == []
+    assert result["strategies"] == sorted(gpu_steps.FORWARD_STRATEGIES)
+    assert result["backward"] and result["launches"] == result["checks"] + result["timings"]
+    assert set(result["entries"]) == set(gpu_steps.TRITON_KERNELS)
+    assert all(n > 0 for n in result["entries"].values()), result["entries"]
+
+
+def test_pinning_refuses_a_kernel_without_a_pinned_config(monkeypatch):
+    """A kernel left unpinned would go to its autotuner (which benchmarks on the inputs): the
+    pinning pass raises instead of launching it (here under the interpreter, on CPU tensors)."""
+    launches = [gpu_steps.Launches(tiny(ConvShape("t", 8, 8, 6, 6, 3, 3, 1, 1), 6, 6), 2, 4,
+                                   "bf16", True, True, ("spanning",), backward=False)]
+    assert gpu_steps.pinned_entries(launches, "cpu")["conv_fwd_spanning"]
+    pins = gpu_steps.pinned_configs
+    monkeypatch.setattr(gpu_steps, "pinned_configs", lambda *a: {
+        k: v for k, v in pins(*a).items() if k != "conv_fwd_spanning"})
+    with pytest.raises(gpu_steps.RealLaunchError, match="conv_fwd_spanning_kernel"):
+        gpu_steps.pinned_entries(launches, "cpu")
 
 
 # --- precompiling -------------------------------------------------------------------------------
@@ -387,3 +466,131 @@ def test_a_killed_run_keeps_its_csv(tmp_path):
     rows = list(csv.DictReader(open(path)))
     assert len(rows) >= 10
     assert all(None not in r and r["status"] in ("ok", "FAIL", "error") for r in rows)
+
+
+# --- cases in child processes: a dying, hanging or CUDA-breaking case loses only itself -------
+
+FAKE_CHILD = textwrap.dedent("""
+    import json, os, sys, time
+
+    from dynconv.autotune.gpu_child import EXIT_CUDA_BROKEN, PREFIX
+
+    def send(message):
+        print(PREFIX + json.dumps(message), flush=True)
+
+    # what each case does, by index: 1 dies, 2 hangs, 3 breaks CUDA; the rest are fine
+    send({"type": "ready"})
+    for line in sys.stdin:
+        command = json.loads(line)
+        if command.get("end"):
+            break
+        index = command["run"]
+        if index == 1:
+            os._exit(9)
+        if index == 2:
+            time.sleep(600)
+        send({"type": "compile", "hit": True, "name": "k"})
+        send({"type": "rows", "sink": "correctness",
+              "rows": [{"case": f"case {index}", "tensor": "y", "status": "ok"}]})
+        send({"type": "done", "index": index, "status": "ok", "line": f"  ok case {index}",
+              "cuda_ok": index != 3})
+        if index == 3:
+            sys.exit(EXIT_CUDA_BROKEN)
+""")
+
+
+def test_case_process_outlives_deaths_hangs_and_broken_cuda(tmp_path):
+    from dynconv.autotune.gpu_child import CaseProcess
+
+    script = tmp_path / "child.py"
+    script.write_text(FAKE_CHILD)
+    rows, compiles, children, log = [], [], set(), []
+    child = CaseProcess("correctness", [], log.append, lambda sink, r: rows.extend(r),
+                        lambda hit, name: compiles.append(hit), children)
+    child._argv = lambda: [sys.executable, str(script)]
+    results = [child.run(index, None, timeout=5, start_timeout=60) for index in range(6)]
+    child.close()
+    assert [r["status"] if isinstance(r, dict) else r.split(" (")[0] for r in results] == [
+        "ok", "its process died", "no result within 5 s: its process was killed", "ok", "ok",
+        "ok"]
+    assert "exit code 9" in results[1]
+    assert child.starts == 4  # the first, after the death, after the hang, after broken CUDA
+    assert any("CUDA context broken" in line and "exit code 75" in line for line in log)
+    assert [r["case"] for r in rows] == ["case 0", "case 3", "case 4", "case 5"]
+    assert compiles == [True] * 4
+    assert children == set()
+
+
+def test_a_run_goes_on_after_a_case_loses_its_process(tmp_path, monkeypatch):
+    """The whole correctness step with the fake child: the lost cases are error rows naming
+    why, the others ran, and the summary says so."""
+    from dynconv.autotune import gpu_child
+
+    script = tmp_path / "child.py"
+    script.write_text(FAKE_CHILD)
+    monkeypatch.setattr(gpu_child.CaseProcess, "_argv",
+                        lambda self: [sys.executable, str(script)])
+    monkeypatch.setitem(gpu_check.CASE_LIMIT_S, "correctness", 5.0)
+    monkeypatch.setenv("DYNCONV_TUNED_DIR", str(tmp_path / "restored-after"))
+    code = gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--skip", "timings"])
+    assert code == 1
+    folder = tmp_path / "cpu_interpreter"
+    rows = list(csv.DictReader(open(folder / "correctness.csv")))
+    cases = gpu_steps.check_cases(tiny_shapes=True)
+    assert len(rows) == len(cases)
+    assert [r["status"] for r in rows[:4]] == ["ok", "error", "error", "ok"]
+    assert "its process died (exit code 9)" in rows[1]["note"]
+    assert "no result within 5 s" in rows[2]["note"]
+    summary = (folder / "summary.md").read_text()
+    assert "| correctness | FAIL |" in summary and "2 lost their process" in summary
+
+
+WATCHDOG_SCRIPT = textwrap.dedent("""
+    import subprocess, sys, time
+    from dynconv.autotune import gpu_check
+
+    gpu_check.GRACE_S = 0.5
+    args = gpu_check.parse_args(["--device", "cpu", "--out", sys.argv[1], "--deadline-s", "1"])
+    run = gpu_check.Run(args, sys.argv[1] + "/cpu_interpreter", gpu_check.Deadline(1.0), {},
+                        "cpu")
+    # a step's process that ignores the deadline, in a session of its own, with a grandchild
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import subprocess, sys, time; subprocess.Popen([sys.executable, "
+                              "'-c', 'import time; time.sleep(600)']); time.sleep(600)"],
+                             start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    run.children.add(child)
+    print(child.pid, flush=True)
+    gpu_check._watchdog(run)
+    time.sleep(60)
+    print("the watchdog did not fire", flush=True)
+""")
+
+
+def test_the_watchdog_ends_every_child_process_group(tmp_path):
+    script = tmp_path / "watchdog.py"
+    script.write_text(WATCHDOG_SCRIPT)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                         text=True, env=env_without_interpreter(TRITON_INTERPRET="1"), cwd=ROOT,
+                         timeout=120, check=False)
+    assert run.returncode == 3, run.stdout + run.stderr[-2000:]
+    pgid = int(run.stdout.split()[0])
+    time.sleep(0.5)
+    # alive: in the group and not a zombie (killed, waiting for init to reap it)
+    listing = subprocess.run(["ps", "-o", "pid=,stat=", "-g", str(pgid)], capture_output=True,
+                             text=True).stdout.split("\n")
+    alive = [line for line in listing if line.split() and not line.split()[1].startswith("Z")]
+    assert alive == [], f"still running in group {pgid}: {alive}"
+    assert "stopped by its watchdog" in (tmp_path / "cpu_interpreter" / "summary.md").read_text()
+
+
+def test_the_deadline_counts_from_started_at(tmp_path, monkeypatch):
+    """make gpu-check passes the time it started (before the install): a run that starts with
+    its deadline already spent runs no step."""
+    monkeypatch.setenv("DYNCONV_TUNED_DIR", str(tmp_path / "restored-after"))
+    code = gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--deadline-s", "400",
+                           "--started-at", str(time.time() - 399)])
+    assert code == 1
+    summary = (tmp_path / "cpu_interpreter" / "summary.md").read_text()
+    assert "| correctness | cut by the deadline" in summary
+    assert "Deadline 400 s; ran 399 s." in summary or "Deadline 400 s; ran 400 s." in summary
