@@ -72,6 +72,7 @@ POOL_START_S = 15.0  # spawning the compile workers (each imports torch and Trit
 CHECK_CASE_S = 0.8  # one small correctness case: triton fwd+bwd, float64 reference and scale
 CHECK_LAYER_CASE_S = 3.0  # one at a ResNet layer's size, batch 32
 PROFILE_S = 1.0  # one profiled forward+backward (5 steps) of one provider
+STRATEGIES_S = 2.0  # each strategy of one case timed as benchmark mode times it
 MEMORY_S = 0.05  # one peak-memory probe
 SAMPLE_OVERHEAD_MS = 10.0  # per do_bench sample beyond rep_ms and its warm-up (rep_ms / 4)
 SWEEP_MIN_S = 60.0  # the sweep starts only with this much time left
@@ -392,7 +393,7 @@ def estimate(plan: Plan, args) -> dict:
     samples = 2 + 2 * args.rounds
     per_provider_mode = (samples * (1.25 * args.rep_ms + SAMPLE_OVERHEAD_MS) / 1e3 + MEMORY_S)
     per_case = (len(gpu_steps.TIMING_PROVIDERS) * 3 * per_provider_mode
-                + len(gpu_steps.PROFILED_PROVIDERS) * PROFILE_S)
+                + len(gpu_steps.PROFILED_PROVIDERS) * PROFILE_S + STRATEGIES_S)
     timing_s = len(plan.timings) * per_case
     return {"startup": STARTUP_S + plan.capture_s, "precompile": compile_s,
             "correctness": check_s, "timings": timing_s, "compiles": compiles,
@@ -646,7 +647,7 @@ class Run:
         self.log = Log(os.path.join(folder, "gpu_check.log"))
         self.steps = {name: Step(name, [], 0.0) for name in STEPS}
         self.rows: dict[str, list] = {"correctness": [], "timings": [], "kernels": [],
-                                      "precompile": []}
+                                      "precompile": [], "strategies": []}
         self.sinks: dict[str, CsvSink] = {}
         self.compiles = {"hits": 0, "misses": []}  # Triton compiles in this process, per step
         self.current: str | None = None
@@ -759,7 +760,7 @@ def _run_cases(run: Run, plan: Plan, precompiler, name: str) -> None:
     cases = plan.checks if name == "correctness" else plan.timings
     offset = 0 if name == "correctness" else len(plan.checks)
     columns = {"correctness": gpu_steps.CHECK_COLUMNS, "timings": _timing_columns(),
-               "kernels": gpu_steps.KERNEL_COLUMNS}
+               "kernels": gpu_steps.KERNEL_COLUMNS, "strategies": gpu_steps.STRATEGY_COLUMNS}
 
     def on_compile(hit: bool, kernel: str) -> None:
         if hit:
@@ -840,6 +841,28 @@ def step_correctness(run: Run, plan: Plan, precompiler) -> None:
 
 def step_timings(run: Run, plan: Plan, precompiler) -> None:
     _run_cases(run, plan, precompiler, "timings")
+
+
+def write_strategy_table(run: Run) -> None:
+    """The timings' strategy choices into the run's tuned table (``<folder>/<device>.json``,
+    which the sweep then extends): the ``strategies`` section ``auto`` reads first."""
+    from dynconv.kernels import tuned_table
+
+    from . import gpu_steps
+    from .sweep import open_table, write_table
+
+    entries = gpu_steps.strategy_table_entries(run.rows["strategies"])
+    if not entries or run.device != "cuda":
+        return
+    import torch
+
+    slug, name = tuned_table.device_id(torch.device("cuda"))
+    path = tuned_table.table_path(slug, run.folder)
+    table = open_table(path, name, slug)
+    for kind, by_key in entries.items():
+        table.setdefault("strategies", {}).setdefault(kind, {}).update(by_key)
+    write_table(table, path)
+    run.log(f"strategies: {sum(map(len, entries.values()))} measured choices written to {path}")
 
 
 def sweep_argv(folder: str, budget_s: float) -> list[str]:
@@ -947,6 +970,33 @@ def _timing_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _strategy_lines(rows: list[dict]) -> list[str]:
+    """Per case: each forward and backward strategy's ms as benchmark mode times it, fastest
+    in bold (strategies.csv; the table's ``strategies`` section)."""
+    cases: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r.get("group"), r.get("shape"), r.get("batch"), r.get("dtype"), r.get("layout"))
+        cases.setdefault(key, {}).setdefault(r.get("kind"), []).append(r)
+    lines = ["Each strategy of `triton` timed as benchmark mode times it (median ms of 5 calls "
+             "after a warm-up; backward: all four gradients); **fastest**.", "",
+             "| case | forward | backward |", "|---|---|---|"]
+
+    def cell(items):
+        parts = []
+        for r in items or []:
+            if r.get("status") != "ok":
+                parts.append(f"{r.get('strategy')} -")
+                continue
+            text = f"{r['strategy']} {float(r['ms']):.3f}"
+            parts.append(f"**{text}**" if r.get("fastest") in (True, "True") else text)
+        return ", ".join(parts) or "-"
+
+    for (group, shape, batch, dtype, layout), kinds in cases.items():
+        lines.append(f"| {group} {shape} B{batch} {dtype} {layout} | {cell(kinds.get('forward'))}"
+                     f" | {cell(kinds.get('backward'))} |")
+    return lines
+
+
 def _kernel_lines(rows: list[dict]) -> list[str]:
     groups: dict[tuple, list] = {}
     for r in rows:
@@ -1003,6 +1053,8 @@ def summary_markdown(run: Run) -> str:
                   for r in bad[:30]]
     if run.rows["timings"]:
         lines += ["", "## Timings", ""] + _timing_lines(run.rows["timings"])
+    if run.rows["strategies"]:
+        lines += ["", "## Strategies", ""] + _strategy_lines(run.rows["strategies"])
     if run.rows["kernels"]:
         lines += ["", "## Kernels", ""] + _kernel_lines(run.rows["kernels"])
     compiled = [r for r in run.rows["precompile"] if r.get("for") != "sweep"]
@@ -1251,6 +1303,7 @@ def run_gpu_check(args) -> int:
                 _guarded(run, name, function, run, plan, precompiler)
             if name == "correctness":
                 _guarded(run, "precompile", _finish_precompile, run, precompiler, plan)
+        _guarded(run, "timings", write_strategy_table, run)
         for name in TIME_LEFT_STEPS:
             if name in args.skip:
                 run.skip(name, "--skip")

@@ -101,6 +101,11 @@ def _timing_case(case, device: str, why: str | None, timer, meta: dict, rounds: 
             continue
         _send({"type": "rows", "sink": "kernels",
                "rows": gpu_steps.profile_kernels(case, provider, device)})
+    if not why:
+        strategies = gpu_steps.strategy_rows(case, device)
+        _send({"type": "rows", "sink": "strategies", "rows": strategies})
+        fastest = {r["kind"]: r["strategy"] for r in strategies if r.get("fastest") is True}
+        line += "; fastest " + ", ".join(f"{k} {v}" for k, v in fastest.items())
     errors = [r for r in rows if r.get("status") not in ("ok", "skipped")]
     return ("error" if errors else "ok"), line
 

@@ -52,14 +52,17 @@ class CheckCase:
     experts: int
     dtype: str
     layout: str  # "channels_last" or "nchw"
-    strategy: str  # "premix", "fused" or "spanning"
+    strategy: str  # the forward's: one of FORWARD_STRATEGIES
     bias: bool = True
     tf32: bool = False  # fp32 only: torch.backends.cudnn.allow_tf32 during the triton run
+    backward: str = "per_sample"  # the backward's: one of BACKWARD_STRATEGIES
 
     @property
     def label(self) -> str:
         layout = "cl" if self.layout == "channels_last" else "nchw"
         extra = ("" if self.bias else " nobias") + (" tf32" if self.tf32 else "")
+        if self.backward != "per_sample":
+            extra += f" bwd={self.backward}"
         return (f"{self.shape.label()} B{self.batch} K{self.experts} {self.dtype} {layout} "
                 f"{self.strategy}{extra}")
 
@@ -102,6 +105,12 @@ def check_cases(tiny_shapes: bool = False) -> list[CheckCase]:
             dtype = ("bf16", "fp16", "fp32")[g % 3]
             layout = "channels_last" if g % 2 == 0 else "nchw"
             cases.append(CheckCase(shape, batch, experts, dtype, layout, "spanning", bias))
+    for g, (shape, experts, bias) in enumerate(geometries):
+        if not tiny_shapes:  # the batch-spanning form on PyTorch's convolutions, both ways
+            dtype = ("fp16", "fp32", "bf16")[g % 3]
+            layout = "nchw" if g % 2 == 0 else "channels_last"
+            cases.append(CheckCase(shape, batch, experts, dtype, layout, "spanning_torch", bias,
+                                   backward="spanning_torch"))
     if not tiny_shapes:
         # premix on TMA descriptors (sm_90+; stride 1, groups 1, 2-byte channels_last, channels
         # multiples of 8): partial channel chunks and boxes, padding 2 with dilation 2, K = 17.
@@ -118,6 +127,12 @@ def check_cases(tiny_shapes: bool = False) -> list[CheckCase]:
                   tf32=True),
         CheckCase(_resnet("layer2.0.downsample"), 32, 4, "bf16", "channels_last", "spanning"),
         CheckCase(_resnet("layer4.0.conv2"), 32, 4, "bf16", "channels_last", "premix_tma"),
+        CheckCase(_resnet("layer4.0.conv2"), 32, 4, "bf16", "channels_last", "premix",
+                  backward="spanning_torch"),
+        CheckCase(_resnet("layer1.0.conv1"), 32, 4, "bf16", "channels_last", "spanning_torch",
+                  backward="spanning_torch"),
+        CheckCase(_resnet("layer3.0.conv2"), 32, 4, "fp32", "channels_last", "fused",
+                  tf32=True, backward="spanning_torch"),
     ]
     if tiny_shapes:
         # one case per geometry (dtype, strategy and layout rotating), one miniature layer
@@ -133,12 +148,23 @@ def check_cases(tiny_shapes: bool = False) -> list[CheckCase]:
 TIMED_LAYERS = ("layer4.0.conv2", "layer3.0.conv2", "layer2.0.conv2", "layer1.0.conv1",
                 "layer3.0.conv1", "layer3.0.downsample")
 TIMING_PROVIDERS = ("static", "grouped", "triton", "triton-premix", "triton-fused",
-                    "triton-spanning", "triton-premix_tma", "spanning-torch")
+                    "triton-spanning", "triton-premix_tma", "triton-spanning_torch",
+                    "triton-bwd_spanning", "spanning-torch")
 # providers whose kernels are profiled one by one
 PROFILED_PROVIDERS = ("static", "triton-premix", "triton-fused", "triton-spanning",
-                      "triton-premix_tma")
-# The Triton backend's forward strategies (dynconv.backends.triton.forward.STRATEGIES less auto).
-FORWARD_STRATEGIES = ("premix", "fused", "spanning", "premix_tma")
+                      "triton-premix_tma", "triton-bwd_spanning")
+# The Triton backend's forward strategies (dynconv.backends.triton.strategy.FORWARD_STRATEGIES).
+FORWARD_STRATEGIES = ("premix", "fused", "spanning", "premix_tma", "spanning_torch")
+# What each ``triton-...`` provider forces: (forward strategy, backward strategy); None: auto.
+# ``triton`` is auto both ways (the rule, as a user without a tuned table gets it);
+# ``triton-bwd_spanning``: auto forward with the batch-spanning backward on PyTorch's
+# convolutions.
+TRITON_PROVIDERS = {
+    "triton": (None, None),
+    **{f"triton-{s}": (s, "spanning_torch" if s == "spanning_torch" else None)
+       for s in FORWARD_STRATEGIES},
+    "triton-bwd_spanning": (None, "spanning_torch"),
+}
 # The strategy that runs only where TMA can address the convolution (tma_eligible).
 TMA_STRATEGY = "premix_tma"
 
@@ -259,16 +285,20 @@ def pinned_configs(shape: ConvShape, experts: int, dtype: str) -> dict:
     element_size = DTYPES[dtype].itemsize
     dw_tile = kc.conv_bwd_dw_tile_shape(experts, c_out_g, c_in_g * shape.kh * shape.kw,
                                         element_size=element_size)
+    # Each kernel's own candidates (the interpreter's one under the interpreter), pruned per
+    # launch by the kernel's own hook: a pin is a config the autotuner itself could pick (fp32
+    # tiles that spill, int64-offset and pre-sm_90 limits, TMA boxes are all pruned there).
+    dw_fits = [c for c in kc.conv_bwd_dw_configs(interpreter=False)
+               if kc.conv_bwd_dw_config_fits(c, k_block, element_size, dw_tile)]
+    dw_preference = [t for t in DW_PREFERENCE if t in {_tile_of(c) for c in dw_fits}]
     return {
-        "mix": _pick(kc.mix_configs(interpreter=False), [MIX_TILE]),
-        "conv_fwd": _pick(kc.conv_fwd_configs(interpreter=False),
-                          [BIG_TILE if fwd_big else SMALL_TILE, SMALL_TILE]),
-        "conv_bwd_dx": _pick(kc.conv_bwd_dx_configs(interpreter=False),
-                             [BIG_TILE if dx_big else SMALL_TILE, SMALL_TILE]),
-        "conv_bwd_dw": _pick(kc.conv_bwd_dw_configs(interpreter=False), DW_PREFERENCE,
-                             lambda c: kc.conv_bwd_dw_config_fits(c, k_block, element_size,
-                                                                  dw_tile)),
-        # the interpreter's own candidates there (tiny boxes for the tests' few channels)
+        "mix": PrunedChoice(kc.mix_configs(), kc.prune_mix_configs, [MIX_TILE]),
+        "conv_fwd": PrunedChoice(kc.conv_fwd_configs(), kc.prune_conv_fwd_configs,
+                                 [BIG_TILE if fwd_big else SMALL_TILE, SMALL_TILE]),
+        "conv_bwd_dx": PrunedChoice(kc.conv_bwd_dx_configs(), kc.prune_conv_bwd_dx_configs,
+                                    [BIG_TILE if dx_big else SMALL_TILE, SMALL_TILE]),
+        "conv_bwd_dw": PrunedChoice(kc.conv_bwd_dw_configs(), kc.prune_conv_bwd_dw_configs,
+                                    dw_preference or DW_PREFERENCE),
         "conv_fwd_spanning": PrunedChoice(kc.conv_fwd_spanning_configs(),
                                           kc.prune_conv_fwd_spanning_configs,
                                           SPANNING_PREFERENCE),
@@ -315,18 +345,14 @@ def config_sources(reset: bool = False) -> str:
 
 
 @contextlib.contextmanager
-def forced_strategy(strategy: str):
-    """The Triton backend's forward uses ``strategy`` (one of FORWARD_STRATEGIES) within the block:
-    its heuristic (``choose_strategy``) is replaced, so calls still go through the dispatcher
-    and the custom op as a user's do."""
-    from dynconv.backends.triton import forward
+def forced_strategy(strategy: str | None, backward: str | None = None):
+    """The Triton backend's forward uses ``strategy`` (one of FORWARD_STRATEGIES), and its
+    backward ``backward``, where given, within the block (:func:`dynconv.use_strategy`), so calls
+    still go through the dispatcher and the custom op as a user's do."""
+    from dynconv.backends.triton.strategy import use_strategy
 
-    saved = forward.choose_strategy
-    forward.choose_strategy = lambda *args: strategy
-    try:
+    with use_strategy(forward=strategy, backward=backward):
         yield
-    finally:
-        forward.choose_strategy = saved
 
 
 class RealLaunchError(RuntimeError):
@@ -654,10 +680,9 @@ def run_check(case: CheckCase, device) -> list[dict]:
         *tensors, grad_out = check_inputs(case, device)
         leaves = [t.requires_grad_(True) for t in tensors if t is not None]
         config_sources(reset=True)
-        with tf32_dots(case.tf32):
-            with forced_strategy(case.strategy):
-                y = dynamic_conv2d(*tensors, s.stride, s.padding, s.dilation, s.groups,
-                                   backend="triton")
+        with tf32_dots(case.tf32), forced_strategy(case.strategy, case.backward):
+            y = dynamic_conv2d(*tensors, s.stride, s.padding, s.dilation, s.groups,
+                               backend="triton")
             got = [y.detach(), *torch.autograd.grad(y, leaves, grad_out)]
         base["config_sources"] = config_sources()
         want_y, want_grads = _native_float64(tensors, grad_out, s, lambda t: t)
@@ -698,9 +723,11 @@ def provider_forward(provider: str, case: bench.Case, t: dict):
     (the Triton backend through the dispatcher with its strategy forced) and ``spanning-torch``
     (the same batch-spanning formulation in PyTorch: one static conv of the routing-scaled
     input over K x Cin channels, plain autograd)."""
-    if provider in ("triton-premix", "triton-fused", "triton-spanning", "triton-premix_tma"):
+    if provider in TRITON_PROVIDERS and provider != "triton":
         forward, leaves = bench.forward_fn("triton", case, t)
-        strategy = provider.split("-", 1)[1]
+        strategy = TRITON_PROVIDERS[provider][0]
+        if strategy is None:
+            return forward, leaves
 
         def forced():
             with forced_strategy(strategy):
@@ -721,9 +748,74 @@ def provider_forward(provider: str, case: bench.Case, t: dict):
 def run_timing(case: bench.Case, device: str, timer, rounds: int, memory: bool,
                providers=TIMING_PROVIDERS) -> list[dict]:
     """bench's rows (provider x mode: time, static time in the same rounds, ratio, peak
-    memory) of one case, with gpu-check's providers."""
-    return bench.measure_case(case, providers, device, rounds, timer, memory,
+    memory) of one case, with gpu-check's providers. A provider that forces the backward's
+    strategy is measured on its own with that strategy forced for the whole measurement (the
+    backward runs outside the forward's call; the static conv it is interleaved with does not
+    read it)."""
+    plain = [p for p in providers if TRITON_PROVIDERS.get(p, (None, None))[1] is None]
+    rows = bench.measure_case(case, plain, device, rounds, timer, memory,
                               forward=provider_forward)
+    for provider in providers:
+        if provider in plain:
+            continue
+        with forced_strategy(None, TRITON_PROVIDERS[provider][1]):
+            rows += bench.measure_case(case, [provider], device, rounds, timer, memory,
+                                       forward=provider_forward)
+    order = {p: i for i, p in enumerate(providers)}
+    return sorted(rows, key=lambda r: order.get(r["provider"], len(order)))
+
+
+STRATEGY_COLUMNS = ["group", "layer", "shape", "batch", "experts", "dtype", "layout", "kind",
+                    "key", "strategy", "ms", "status", "fastest"]
+
+
+def strategy_rows(case: bench.Case, device: str) -> list[dict]:
+    """One row per (forward / backward) strategy of the ``triton`` backend on the case: its
+    median ms as benchmark mode times it, and which was fastest (:mod:`.strategy_timing`)."""
+    from .strategy_timing import time_call_strategies
+
+    base = {k: v for k, v in bench.case_columns(case).items() if k in STRATEGY_COLUMNS}
+    s = case.shape
+    try:
+        t = bench.make_inputs(case, device)
+        with torch.no_grad():
+            leaves = {k: t[k].detach() for k in ("x", "bank", "routing", "bias_bank")}
+            grad_out = torch.randn(case.batch, s.cout, s.ho, s.wo, device=device,
+                                   dtype=leaves["x"].dtype)
+            if case.layout == "channels_last":
+                grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+            found = time_call_strategies(leaves["x"], leaves["bank"], leaves["routing"],
+                                         leaves["bias_bank"], grad_out, (s.stride,) * 2,
+                                         (s.padding,) * 2, (s.dilation,) * 2, s.groups)
+    except Exception as exc:
+        return [{**base, "kind": "all", "status": "error",
+                 "strategy": f"{type(exc).__name__}: {exc}"[:300]}]
+    rows = []
+    for kind, (key, entry) in found.items():
+        for name, ms in entry["ms"].items():
+            ok = isinstance(ms, float)
+            rows.append({**base, "kind": kind, "key": key, "strategy": name,
+                         "ms": ms if ok else "", "status": "ok" if ok else str(ms)[:300],
+                         "fastest": entry["strategy"] == name})
+    return rows
+
+
+def strategy_table_entries(rows: list[dict]) -> dict:
+    """{"forward": {key: entry}, "backward": {key: entry}} of :func:`strategy_rows`' rows:
+    the tuned table's ``strategies`` section (entries name the fastest and every time)."""
+    entries: dict = {}
+    for row in rows:
+        if row.get("status") != "ok" or not row.get("key"):
+            continue
+        entry = entries.setdefault(row["kind"], {}).setdefault(row["key"], {
+            "ms": {}, "layer": f"{row['layer']}: {row['shape']}", "batch": row["batch"],
+            "experts": row["experts"], "dtype": row["dtype"], "layout": row["layout"],
+            "source": "gpu-check"})
+        entry["ms"][row["strategy"]] = float(row["ms"])
+    for by_key in entries.values():
+        for entry in by_key.values():
+            entry["strategy"] = min(entry["ms"], key=entry["ms"].get)
+    return entries
 
 
 KERNEL_COLUMNS = ["layer", "shape", "batch", "experts", "dtype", "layout", "provider", "kernel",
@@ -745,6 +837,15 @@ def profile_kernels(case: bench.Case, provider: str, device: str, iterations: in
             "experts": case.experts, "dtype": case.dtype, "layout": case.layout,
             "provider": provider}
     cuda = device == "cuda"
+    backward = TRITON_PROVIDERS.get(provider, (None, None))[1]
+    try:
+        with forced_strategy(None, backward) if backward else contextlib.nullcontext():
+            return _profile(case, provider, device, iterations, top, base, cuda)
+    except Exception as exc:
+        return [{**base, "status": "error", "note": f"{type(exc).__name__}: {exc}"[:300]}]
+
+
+def _profile(case, provider, device, iterations, top, base, cuda) -> list[dict]:
     try:
         tensors = bench.make_inputs(case, device)
         forward, leaves = provider_forward(provider, case, tensors)

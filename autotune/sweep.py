@@ -4,13 +4,17 @@ For every layer of a named shape set (or ``--shape``) x batch size x dtype x lay
 Triton kernel, each candidate config is run *through the real launcher* (forced with
 :func:`dynconv.kernels.tuned_table.forcing`), checked against the ``native`` backend and
 timed; the fastest correct one is stored under the exact autotune key the launcher produced, in
-``<table-dir>/<device>.json`` (default: the package's ``kernels/tuned/``), together with the
-Triton / torch versions and every candidate's time.
+``<out>/<device>.json`` (default: the user's cache folder, ``~/.cache/dynconv/tuned``, which the
+kernels read before the package's tables), together with the Triton / torch versions and every
+candidate's time. Then, with the tuned configs, every forward and backward strategy of the
+``triton`` backend is timed on the layer (:mod:`dynconv.backends.triton.strategy`, as benchmark
+mode times them) and the fastest is stored in the table's ``strategies`` section, which ``auto``
+reads first.
 
-On a GPU, candidates are timed with ``triton.testing.do_bench`` (median). Without CUDA the
-sweep runs under Triton's interpreter (``TRITON_INTERPRET=1``, switched on here if triton was
-not imported yet) on miniature shapes with a CPU timer: the numbers mean nothing, but the whole
-write-then-load cycle runs.
+On a GPU, candidates are timed with ``triton.testing.do_bench`` (median). Without CUDA the sweep
+refuses (exit status 2), unless ``--interpreter`` asks for the miniature run under Triton's
+interpreter (``TRITON_INTERPRET=1``) with a CPU timer: the numbers mean nothing, but the whole
+write-then-load cycle runs (the tool's own test).
 """
 
 from __future__ import annotations
@@ -247,6 +251,34 @@ def tune_one(kernel_name: str, kernel, item: Item, device: str, interpreter: boo
     return entries
 
 
+def tune_strategies(item: Item, t: dict, device: str, folder: str) -> dict[str, dict]:
+    """{"forward": {key: entry}, "backward": {key: entry}}: every strategy of the ``triton``
+    backend timed on the item (all four gradients asked for) with the configs tuned so far
+    (the table in ``folder``), as benchmark mode times them; an entry names the fastest."""
+    from dynconv.kernels import tuned_table
+
+    from .strategy_timing import time_call_strategies
+
+    saved = os.environ.get(tuned_table.ENV_DIR)
+    os.environ[tuned_table.ENV_DIR] = folder
+    tuned_table.clear_cache()
+    try:
+        s = item.shape
+        found = time_call_strategies(t["x"], t["bank"], t["routing"], t["bias"], t["grad_out"],
+                                     (s.stride,) * 2, (s.padding,) * 2, (s.dilation,) * 2,
+                                     s.groups)
+    finally:
+        if saved is None:
+            os.environ.pop(tuned_table.ENV_DIR, None)
+        else:
+            os.environ[tuned_table.ENV_DIR] = saved
+        tuned_table.clear_cache()
+    described = {"layer": f"{item.shape.name}: {item.shape.label()}", "batch": item.batch,
+                 "experts": item.experts, "dtype": item.dtype, "layout": item.layout}
+    return {kind: {key: {**entry, **described}} for kind, (key, entry) in found.items()
+            if entry.get("strategy")}
+
+
 def new_table(device_name: str, device_slug: str) -> dict:
     import torch
     import triton
@@ -337,9 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "channels_last)")
     parser.add_argument("--kernels", type=csv_list(KERNELS, "kernel"), default=list(KERNELS),
                         help=f"subset of {','.join(KERNELS)}")
-    parser.add_argument("--table-dir", default=None,
-                        help="folder of the table (default: $DYNCONV_TUNED_DIR or the "
-                             "package's kernels/tuned/)")
+    parser.add_argument("--out", "--table-dir", dest="table_dir", default=None,
+                        help="folder of the table (default: $DYNCONV_TUNED_DIR or the user's "
+                             "~/.cache/dynconv/tuned, read before the package's tables)")
+    parser.add_argument("--interpreter", action="store_true",
+                        help="without a GPU: tune miniature shapes under Triton's interpreter "
+                             "(a test of the tool: its timings mean nothing)")
+    parser.add_argument("--no-strategies", dest="strategies", action="store_false",
+                        help="tune the kernels' configs only, not the strategy choices")
     parser.add_argument("--time-budget", type=float, default=0.0,
                         help="start no new kernel x shape after this many seconds (0: no "
                              "limit)")
@@ -359,12 +396,20 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
+    if not cuda and not args.interpreter:
+        print("sweep: no CUDA GPU found (torch.cuda.is_available() is False): the sweep tunes "
+              "the kernels on a GPU. To try the tool on miniature shapes under Triton's "
+              "interpreter instead, pass --interpreter.", file=sys.stderr)
+        return 2
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
         if "triton" in sys.modules:
             parser.error("no CUDA GPU, and triton was imported before TRITON_INTERPRET=1 could "
                          "be set: run with TRITON_INTERPRET=1 in the environment")
         os.environ["TRITON_INTERPRET"] = "1"
     interpreter = not cuda
+    if interpreter:
+        print("sweep: --interpreter: tuning miniature shapes under Triton's interpreter (CPU "
+              "timer): the table tests the tool, its timings mean nothing", file=sys.stderr)
     device = "cuda" if cuda else "cpu"
 
     from dynconv.kernels import tuned_table
@@ -431,6 +476,12 @@ def main(argv: list[str] | None = None) -> int:
                 tuned += len(entries)
                 bar.update(1)
                 write_table(table, path)  # after each kernel: a killed sweep keeps its work
+            if args.strategies and not over_budget():
+                chosen = tune_strategies(item, t, device, folder)
+                for kind, entries in chosen.items():
+                    table.setdefault("strategies", {}).setdefault(kind, {}).update(entries)
+                    tuned += len(entries)
+                write_table(table, path)
     finally:
         bar.close()
     if over_budget():

@@ -1,6 +1,7 @@
 """dynconv: dynamic convolution (CondConv / DyConv style) for PyTorch."""
 
 from . import _source_tree  # noqa: F401  (first: a source tree without an install)
+from .backends.triton.strategy import set_benchmark, use_strategy
 from .convert import convert_conv2d, fuse_conv_bn_eval
 from .functional import dynamic_conv2d
 from .modules import DynamicBlock, DynamicCNN, DynamicConv2d
@@ -18,6 +19,8 @@ __all__ = [
     "dynamic_conv2d",
     "fuse_conv_bn_eval",
     "param_groups",
+    "set_benchmark",
     "set_temperature",
+    "use_strategy",
 ]
 __version__ = "0.1.0"

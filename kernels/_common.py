@@ -20,6 +20,29 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def interpreter_mismatch() -> str | None:
+    """Why Triton cannot honour ``TRITON_INTERPRET`` as the environment says now, or None.
+
+    Triton reads the variable when it is imported: its own library functions are then either
+    compiled-kernel or interpreted functions for the rest of the process. Set (or unset) later,
+    kernels fail deep inside Triton (``Cannot call @triton.jit'd outside of the scope of a
+    kernel``, or ``0 active drivers``)."""
+    import sys
+
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:
+        return None
+    interpreted = type(getattr(standard, "cdiv", None)).__name__ == "InterpretedFunction"
+    if interpreted == interpreter_enabled():
+        return None
+    if interpreter_enabled():
+        return ("TRITON_INTERPRET=1 was set after Triton was imported, and Triton reads it only "
+                "when it is imported: set it in the environment before Python starts (or before "
+                "anything imports triton or torch._inductor)")
+    return ("TRITON_INTERPRET was unset after Triton was imported in interpreter mode, and "
+            "Triton reads it only when it is imported: start a new process without it")
+
+
 def dot_settings(dtype: torch.dtype, interpreter: bool) -> tuple[bool, str]:
     """(DOT_FP32, INPUT_PRECISION) for operands of ``dtype``.
 

@@ -1,12 +1,16 @@
 """Persisted autotune results: a JSON table per GPU model, consulted before ``triton.autotune``.
 
-The sweep CLI (``python -m dynconv.autotune sweep``) writes ``tuned/<device>.json`` next to this
-file (shipped as package data). At run time a kernel wrapped with :func:`with_tuned_table`
-looks its launch up by the exact autotune key; on a hit it launches the tuned config directly
-(no benchmarking), otherwise the wrapped ``triton.autotune`` runs as usual.
+Tables are looked for in the user's cache folder (``$XDG_CACHE_HOME/dynconv/tuned`` or
+``~/.cache/dynconv/tuned``: where the sweep CLI, ``python -m dynconv.autotune sweep``, writes by
+default), then in ``tuned/`` next to this file (shipped as package data): the first table found
+for the device is used. At run time a kernel wrapped with :func:`with_tuned_table` looks its
+launch up by the exact autotune key; on a hit it launches the tuned config directly (no
+benchmarking), otherwise the wrapped ``triton.autotune`` runs as usual. A table's
+``strategies`` section holds measured strategy choices per call key (:func:`lookup_strategy`,
+read by ``dynconv.backends.triton.strategy``).
 
-- ``DYNCONV_TUNED=0`` turns the table off. ``DYNCONV_TUNED_DIR`` reads (and, for the sweep,
-  writes) tables in another folder.
+- ``DYNCONV_TUNED=0`` turns the table off. ``DYNCONV_TUNED_DIR`` reads tables in that folder
+  only.
 - A table written by another Triton version (major.minor) or for another device is ignored with
   a warning: configs are only trusted where they were measured.
 - ``<device>`` is the GPU name in lower case with runs of other characters as ``_`` (e.g.
@@ -40,9 +44,28 @@ _LOCK = threading.Lock()
 _FORCED = threading.local()
 
 
+def package_dir() -> str:
+    """The tables shipped with the package (``tuned/`` beside this file)."""
+    return os.path.join(os.path.dirname(__file__), "tuned")
+
+
+def user_dir() -> str:
+    """The user's own tables: ``$XDG_CACHE_HOME/dynconv/tuned`` or ``~/.cache/dynconv/tuned``."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "dynconv", "tuned")
+
+
+def search_dirs() -> list[str]:
+    """Where tables are looked for, in order: ``$DYNCONV_TUNED_DIR`` alone, else the user's
+    folder then the package's."""
+    if os.environ.get(ENV_DIR):
+        return [os.environ[ENV_DIR]]
+    return [user_dir(), package_dir()]
+
+
 def default_dir() -> str:
-    """Folder of the tables: ``$DYNCONV_TUNED_DIR`` or the package's ``tuned/``."""
-    return os.environ.get(ENV_DIR) or os.path.join(os.path.dirname(__file__), "tuned")
+    """Where a new table is written: ``$DYNCONV_TUNED_DIR`` or the user's folder."""
+    return os.environ.get(ENV_DIR) or user_dir()
 
 
 def enabled() -> bool:
@@ -89,6 +112,9 @@ def check_table(table: Any, device_name: str, path: str) -> str | None:
         return f"{path} is not a format-{FORMAT_VERSION} tuned table"
     if not isinstance(table.get("kernels"), dict):
         return f"{path} has no 'kernels' mapping"
+    if not isinstance(table.get("strategies", {}), dict) or not all(
+            isinstance(v, dict) for v in table.get("strategies", {}).values()):
+        return f"{path}: 'strategies' must map 'forward' / 'backward' to {{key: entry}}"
     if _major_minor(str(table.get("triton", ""))) != _major_minor(triton_version()):
         return (f"{path} was tuned with Triton {table.get('triton')!r}, this is Triton "
                 f"{triton_version()}")
@@ -123,10 +149,12 @@ def table_for(tensor_device) -> dict | None:
     if not enabled():
         return None
     device_slug, name = device_id(tensor_device)
-    cache_key = f"{default_dir()}|{device_slug}"
+    folders = search_dirs()
+    cache_key = f"{'|'.join(folders)}|{device_slug}"
     with _LOCK:
         if cache_key not in _TABLES:
-            _TABLES[cache_key] = load_table(device_slug, name)
+            _TABLES[cache_key] = next(
+                (t for t in (load_table(device_slug, name, f) for f in folders) if t), None)
         return _TABLES[cache_key]
 
 
@@ -157,6 +185,15 @@ def lookup(kernel_name: str, key: str, tensor_device=None) -> dict | None:
         return None
     entry = table["kernels"].get(kernel_name, {}).get(key)
     return None if entry is None else entry.get("config")
+
+
+def lookup_strategy(kind: str, key: str, tensor_device=None) -> str | None:
+    """The measured strategy of ``kind`` ("forward" or "backward") for a call key, or None."""
+    table = table_for(tensor_device)
+    if table is None:
+        return None
+    entry = table.get("strategies", {}).get(kind, {}).get(key)
+    return None if entry is None else entry.get("strategy")
 
 
 def config_to_dict(config) -> dict:

@@ -279,14 +279,19 @@ bank = torch.randn(4, 8, 8, 3, 3) * 0.1
 bias = torch.randn(4, 8) * 0.1
 routing = torch.softmax(torch.randn(2, 4), dim=1)
 
+from dynconv.backends.triton import strategy
+
 def launch():
-    with torch.no_grad():
+    # the kernel's config source, with the premix forward (conv_fwd's) asked for by name
+    with torch.no_grad(), dynconv.use_strategy(forward="premix"):
         y = dynconv.dynamic_conv2d(x, bank, routing, bias, padding=1, backend="triton")
     ref = dynconv.dynamic_conv2d(x, bank, routing, bias, padding=1, backend="native")
     return {"source": kernel.last_source, "key": kernel.last_key, "config": kernel.last_config,
             "max_error": float((y - ref).abs().max())}
 
-result = {"tuned": launch()}
+with torch.no_grad():
+    dynconv.dynamic_conv2d(x, bank, routing, bias, padding=1, backend="triton")
+result = {"auto": strategy.last_choice["forward"], "tuned": launch()}
 os.environ["DYNCONV_TUNED"] = "0"
 tuned_table.clear_cache()
 result["disabled"] = launch()
@@ -310,11 +315,31 @@ def _env(**extra) -> dict:
 
 def test_sweep_dry_run_lists_kernels_and_shapes(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "sweep", "--set", "mobilenetv2", "--batch", "8", "--dtype",
-                           "fp16", "--dry-run", "--table-dir", str(tmp_path))
+                           "fp16", "--dry-run", "--table-dir", str(tmp_path), "--interpreter")
     assert code == 0
     assert "conv_fwd" in out and "candidate configs" in out
     assert "features.2.depthwise" in out
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_sweep_without_a_gpu_refuses_and_writes_nothing(capsys, tmp_path, monkeypatch):
+    """Without a GPU the sweep says so and how to try the interpreter on purpose (exit 2); with
+    --interpreter its default output is the user's cache folder, never the package tree."""
+    from dynconv.kernels import tuned_table
+
+    monkeypatch.delenv("DYNCONV_TUNED_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    package = sorted(os.listdir(tuned_table.package_dir()))
+    code, out, err = run_cli(capsys, "sweep", "--shape", TINY_LAYER, "--batch", "2")
+    assert code == 2
+    assert "no CUDA GPU found" in err and "--interpreter" in err
+    code, out, err = run_cli(capsys, "sweep", "--shape", TINY_LAYER, "--batch", "2",
+                             "--dry-run", "--interpreter")
+    assert code == 0
+    assert f"would write {tmp_path / 'cache' / 'dynconv' / 'tuned' / 'interpreter.json'}" in out
+    assert sorted(os.listdir(tuned_table.package_dir())) == package
+    assert not (tmp_path / "cache").exists()
 
 
 def test_interpreter_sweep_writes_a_table_the_next_launch_uses(tmp_path):
@@ -324,12 +349,22 @@ def test_interpreter_sweep_writes_a_table_the_next_launch_uses(tmp_path):
     sweep = subprocess.run(
         [sys.executable, "-m", "dynconv.autotune", "sweep", "--shape", TINY_LAYER, "--batch",
          "2", "--dtype", "fp32", "--layout", "nchw", "--kernels", "conv_fwd", "--reps", "1",
-         "--no-progress", "--table-dir", str(table_dir)],
+         "--no-progress", "--out", str(table_dir), "--interpreter"],
         capture_output=True, text=True, timeout=300, env=_env())
     assert sweep.returncode == 0, sweep.stderr
+    assert "tuning miniature shapes under Triton's interpreter" in sweep.stderr
     path = table_dir / "interpreter.json"
     table = json.loads(path.read_text())
     assert table["device"] == "Triton interpreter (CPU)" and table["triton"] and table["torch"]
+    # the strategy choices beside the configs: every strategy timed, the fastest named
+    from dynconv.backends.triton.strategy import BACKWARD_STRATEGIES, FORWARD_STRATEGIES
+
+    for kind, names in (("forward", FORWARD_STRATEGIES), ("backward", BACKWARD_STRATEGIES)):
+        (key, entry), = table["strategies"][kind].items()
+        assert key.startswith("B2 C8x5x5 O8 k3x3 s1x1 p1x1 d1x1 g1 K4 fp32 nchw bias")
+        assert set(entry["ms"]) == set(names) - {"premix_tma"}  # no TMA on NCHW fp32
+        measured = {n: ms for n, ms in entry["ms"].items() if isinstance(ms, float)}
+        assert entry["strategy"] == min(measured, key=measured.get)
     entries = table["kernels"]["conv_fwd"]
     assert {e["variant"] for e in entries.values()} == {"premix", "fused"}
     for entry in entries.values():
@@ -347,6 +382,9 @@ def test_interpreter_sweep_writes_a_table_the_next_launch_uses(tmp_path):
                           env=_env(DYNCONV_TUNED_DIR=str(table_dir)))
     assert load.returncode == 0, load.stderr
     result = json.loads(load.stdout.strip().splitlines()[-1])
+    # auto takes the table's measured strategy for the key
+    (key, entry), = table["strategies"]["forward"].items()
+    assert result["auto"] == [key, entry["strategy"], "table"]
     tuned = result["tuned"]
     assert tuned["source"] == "table"
     assert tuned["config"] == entries[tuned["key"]]["config"]

@@ -54,11 +54,12 @@ def test_dry_run_plan_fits_seven_minutes(tmp_path):
     assert total == pytest.approx(float(budget["compile_s"]) + float(budget["run_s"]), abs=0.2)
     assert float(budget["deadline_s"]) == 420 and total <= 420 and budget["fits"] == "yes"
     assert "launches captured for sm_90" in out
-    for needle in ("[1] precompile:", "[2] correctness: 57 cases", "[3] timings: 11 cases",
+    for needle in ("[1] precompile:", "[2] correctness: 67 cases", "[3] timings: 11 cases",
                    "[4] sweep", "[5] tests", "512->512 k3 s1 @7", "64->64 k3 s1 @56",
                    "128->256 k3 s2 @28", "128->256 k1 s2 @28", "K17", "K1 ", "dw ", "3->16 k7 s2",
                    "nchw", "fp16", "fused", "premix", "spanning", "premix_tma",
-                   "M128 N128 K32 w8 s3"):
+                   "bwd=spanning_torch", "triton-bwd_spanning", "pinning pass:",
+                   "pruned per launch, preferring 128x128x32x8x3"):
         assert needle in out, needle
     assert list(tmp_path.iterdir()) == []
 
@@ -73,10 +74,18 @@ def test_dry_run_under_the_interpreter_lists_the_steps(capsys, tmp_path):
 
 def test_cases_cover_the_issue():
     checks = gpu_steps.check_cases()
-    assert 45 <= len(checks) <= 60
+    assert 60 <= len(checks) <= 70
     assert {c.dtype for c in checks} == {"bf16", "fp16", "fp32"}
     assert {c.layout for c in checks} == {"channels_last", "nchw"}
-    assert {c.strategy for c in checks} == {"premix", "fused", "spanning", "premix_tma"}
+    assert {c.strategy for c in checks} == set(gpu_steps.FORWARD_STRATEGIES)
+    assert {c.backward for c in checks} == {"per_sample", "spanning_torch"}
+    # the batch-spanning backward on every geometry, each dtype and layout, and at scale
+    by_torch = [c for c in checks if c.backward == "spanning_torch"]
+    assert {c.dtype for c in by_torch} == {"bf16", "fp16", "fp32"}
+    assert {c.layout for c in by_torch} == {"channels_last", "nchw"}
+    assert {c.shape.name for c in checks if c.batch < 16 and c.strategy != "premix_tma"} <= {
+        c.shape.name for c in by_torch}
+    assert any(c.batch == 32 and c.strategy != "spanning_torch" for c in by_torch)
     tma = [c for c in checks if c.strategy == "premix_tma"]
     # every TMA case is one the strategy can run (on a GPU of capability 9.0)
     assert {c.dtype for c in tma} == {"bf16", "fp16"} and {c.layout for c in tma} == {
@@ -122,30 +131,40 @@ def test_tma_provider_only_where_tma_can_run(monkeypatch):
         assert kept == [p for p in providers if p != tma], case
 
 
-def test_pinned_configs_follow_the_problem():
+def test_pinned_configs_are_the_kernels_own_pruned_choices():
+    """Every kernel is pinned by a choice made per launch: the first preferred tile among the
+    candidates that the kernel's own prune keeps for that launch (so no pin is a config the
+    autotuner would have pruned: a spilling fp32 tile, a TMA box past the image), else the
+    prune's first; the preferences follow the problem's size and name real candidates."""
     from dynconv.kernels import configs
 
     wide = ConvShape("w", 128, 256, 28, 28, 3, 3, 1, 1)
     narrow = ConvShape("n", 64, 64, 7, 7, 3, 3, 1, 1)
-    for shape, tile in ((wide, "M128 N128 K32 w8 s3"), (narrow, "M64 N64 K32 w4 s3")):
+    for shape, tile in ((wide, gpu_steps.BIG_TILE), (narrow, gpu_steps.SMALL_TILE)):
         pins = gpu_steps.pinned_configs(shape, 4, "bf16")
-        assert gpu_steps.config_text(pins["conv_fwd"]) == tile
-        assert gpu_steps.config_text(pins["conv_bwd_dx"]) == tile
-    for experts in (1, 4, 17):
-        for dtype in ("bf16", "fp32"):
-            dw = gpu_steps.pinned_configs(narrow, experts, dtype)["conv_bwd_dw"]
-            candidates = configs.conv_bwd_dw_configs(interpreter=False)
-            assert dw in candidates
-            size = torch.empty(0, dtype=gpu_steps.DTYPES[dtype]).element_size()
-            tile = configs.conv_bwd_dw_tile_shape(experts, 64, 64 * 9, element_size=size)
-            fits = [c for c in candidates if configs.conv_bwd_dw_config_fits(
-                c, configs.conv_bwd_dw_expert_block(experts), size, tile)]
-            assert dw in fits or not fits  # what the kernel's own prune would keep
+        assert set(pins) == set(gpu_steps.TRITON_KERNELS)
+        assert all(isinstance(p, gpu_steps.PrunedChoice) for p in pins.values())
+        assert pins["conv_fwd"].preferences[0] == tile
+        assert pins["conv_bwd_dx"].preferences[0] == tile
+        assert "pruned per launch" in gpu_steps.config_text(pins["conv_fwd"])
+    full = configs.conv_fwd_configs(interpreter=False)
+    by_tile = {gpu_steps._tile_of(c): c for c in full}
+    small, big = by_tile[gpu_steps.SMALL_TILE], by_tile[gpu_steps.BIG_TILE]
+    keep = {"both": [small, big], "small": [small], "neither": [c for c in full
+                                                               if c not in (small, big)]}
+    for kept, want in (("both", big), ("small", small), ("neither", keep["neither"][0])):
+        choice = gpu_steps.PrunedChoice(full, lambda cs, named, _kept=kept, **kw: keep[_kept],
+                                        [gpu_steps.BIG_TILE, gpu_steps.SMALL_TILE])
+        assert choice({}, {}) is want
     # Every preferred tile is one of the kernels' candidates (not a stale name).
-    dw_tiles = {gpu_steps._tile_of(c) for c in configs.conv_bwd_dw_configs(interpreter=False)}
-    assert set(gpu_steps.DW_PREFERENCE) <= dw_tiles
-    fwd_tiles = {gpu_steps._tile_of(c) for c in configs.conv_fwd_configs(interpreter=False)}
-    assert {gpu_steps.BIG_TILE, gpu_steps.SMALL_TILE} <= fwd_tiles
+    for preferences, candidates in (
+            (gpu_steps.DW_PREFERENCE, configs.conv_bwd_dw_configs(interpreter=False)),
+            ((gpu_steps.BIG_TILE, gpu_steps.SMALL_TILE), full),
+            ((gpu_steps.MIX_TILE,), configs.mix_configs(interpreter=False)),
+            (gpu_steps.SPANNING_PREFERENCE,
+             configs.conv_fwd_spanning_configs(interpreter=False)),
+            (gpu_steps.TMA_PREFERENCE, configs.conv_fwd_tma_configs(interpreter=False))):
+        assert set(preferences) <= {gpu_steps._tile_of(c) for c in candidates}
 
 
 # --- running without an install ------------------------------------------------------------------

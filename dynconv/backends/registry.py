@@ -13,12 +13,13 @@ call.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from dynconv.kernels._common import interpreter_enabled
+from dynconv.kernels._common import interpreter_enabled, interpreter_mismatch
 
 from .native.op import native_dynamic_conv2d
 from .reference import grouped_dynamic_conv2d, loop_dynamic_conv2d, spanning_dynamic_conv2d
@@ -47,10 +48,29 @@ def _triton_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
     if dtype not in TRITON_DTYPES:
         return (f"backend='triton' supports dtypes {TRITON_DTYPES}, got {dtype}; use "
                 f"backend='native' (or 'auto', which picks it) for {dtype}")
-    if device.type == "cuda" or (device.type == "cpu" and interpreter_enabled()):
+    if device.type == "cpu" and interpreter_enabled():
+        mismatch = interpreter_mismatch()
+        if mismatch is not None:
+            return f"backend='triton' on CPU tensors cannot run: {mismatch}"
+        _warn_interpreter_once()
+        return None
+    if device.type == "cuda":
         return None
     return (f"backend='triton' needs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1 set "
             f"before triton is imported), got tensors on {device}")
+
+
+_interpreter_warned = False
+
+
+def _warn_interpreter_once() -> None:
+    global _interpreter_warned
+    if not _interpreter_warned:
+        _interpreter_warned = True
+        warnings.warn("dynconv: backend='triton' on CPU tensors runs Triton's interpreter, a "
+                      "correctness tool about 1000x slower than the kernels on a GPU; "
+                      "backend='native' (what 'auto' picks on the CPU) is the fast CPU path",
+                      RuntimeWarning, stacklevel=4)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """The ``triton`` backend's forward: strategy choice, batch chunking and kernel launches.
 
 Pure tensor functions, no autograd: ``triton_forward_impl`` is what the custom ops build on.
-Kernels live in ``dynconv.kernels`` (mix, conv_fwd, conv_fwd_spanning).
+Kernels live in ``dynconv.kernels`` (mix, conv_fwd, conv_fwd_spanning, conv_fwd_tma); the
+``spanning_torch`` strategy runs on PyTorch's convolution (:mod:`.spanning_torch`). Which
+strategy runs a call: :mod:`.strategy` (forced, measured, benchmarked, else the rule,
+:func:`choose_strategy`).
 """
 
 from __future__ import annotations
@@ -13,15 +16,17 @@ import torch
 from dynconv.geometry import output_hw, output_memory_format
 from dynconv.kernels._common import MIN_DOT_BLOCK, interpreter_enabled
 
+from . import strategy as strategies
 from .roofline_model import best_strategy, strategy_bounds
 
 # The most experts the fused kernels mix in one pass (dynconv.kernels.configs; repeated here so
 # that importing the backend does not import Triton).
 MAX_EXPERT_CHUNK = 8
 
-# "premix_tma" (premix on Hopper's TMA descriptors, kernels/conv_fwd_tma.py) is only ever asked
-# for by name: it has not been timed on a GPU, so "auto" never picks it.
-STRATEGIES = ("auto", "premix", "fused", "spanning", "premix_tma")
+# "premix_tma" (premix on Hopper's TMA descriptors, kernels/conv_fwd_tma.py) and
+# "spanning_torch" are never picked by the rule: only forced, or where measured (the tuned
+# table, benchmark mode).
+STRATEGIES = ("auto", *strategies.FORWARD_STRATEGIES)
 
 # Bytes of mixed weights (plus bias) that premix keeps in memory at once; the batch is processed
 # in chunks of as many samples as fit.
@@ -62,6 +67,42 @@ def choose_strategy(x_shape, weight_bank_shape, out_hw, groups: int = 1,
     model_dtype = _MODEL_DTYPES.get(dtype, "bf16")
     return _modelled_best(max(1, batch), num_experts, in_channels, out_channels, height, width,
                           out_hw[0], out_hw[1], kh, kw, groups, model_dtype, candidates)
+
+
+def eligible_strategies(x: torch.Tensor, weight_bank_shape, stride, groups: int,
+                        interpreter: bool) -> tuple[str, ...]:
+    """The forward strategies that can run this call (premix_tma only where TMA can)."""
+    from dynconv.kernels.conv_fwd_tma import conv_fwd_tma_supported
+
+    return tuple(s for s in strategies.FORWARD_STRATEGIES
+                 if s != "premix_tma" or conv_fwd_tma_supported(x, weight_bank_shape, stride,
+                                                                 groups, interpreter))
+
+
+def strategy_runs(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups
+                  ) -> tuple[str, tuple[str, ...], dict]:
+    """(the call's key, its eligible strategies, {strategy: a zero-argument run of the
+    forward with it}): what benchmark mode and the sweep time."""
+    interpreter = interpreter_enabled() and x.device.type == "cpu"
+    eligible = eligible_strategies(x, weight_bank.shape, stride, groups, interpreter)
+    key = strategies.call_key(x.shape, weight_bank.shape, stride, padding, dilation, groups,
+                              x.dtype, output_memory_format(x) == torch.channels_last,
+                              bias_bank is not None)
+    runs = {name: functools.partial(triton_forward_impl, x, weight_bank, routing, bias_bank,
+                                    stride, padding, dilation, groups, strategy=name)
+            for name in eligible}
+    return key, eligible, runs
+
+
+def _auto_strategy(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
+                   out_hw) -> str:
+    """The strategy of an ``"auto"`` call (:func:`.strategy.choose`)."""
+    key, eligible, runs = strategy_runs(x, weight_bank, routing, bias_bank, stride, padding,
+                                        dilation, groups)
+    # Positional arguments: tools and tests replace the rule by ``lambda *args: name``.
+    return strategies.choose(
+        "forward", key, x.device, eligible, lambda: runs,
+        lambda: choose_strategy(x.shape, weight_bank.shape, out_hw, groups, x.dtype))
 
 
 def premix_chunk_size(batch: int, row_elements: int, element_size: int,
@@ -115,8 +156,10 @@ def triton_forward_impl(
         bias_bank: (K, C_out) or None. All in x's dtype and on x's device (already validated).
         stride, padding, dilation: (h, w) ints; padding symmetric.
         strategy: ``"premix"``, ``"fused"``, ``"spanning"``, ``"premix_tma"`` (premix with
-            TMA descriptors: sm_90+, stride 1, groups 1, 2-byte channels_last; never chosen by
-            ``"auto"``, ValueError where it cannot run) or ``"auto"`` (:func:`choose_strategy`).
+            TMA descriptors: sm_90+, stride 1, groups 1, 2-byte channels_last; ValueError where
+            it cannot run), ``"spanning_torch"`` (the batch-spanning form on PyTorch's
+            convolution) or ``"auto"`` (:mod:`.strategy`: forced, measured, else
+            :func:`choose_strategy`).
         premix_buffer_bytes: bound on premix's mixed-weight buffer (default
             ``PREMIX_BUFFER_BYTES``); the batch is processed in chunks that fit it.
 
@@ -140,11 +183,15 @@ def triton_forward_impl(
                     device=x.device, memory_format=output_memory_format(x))
     if batch == 0 or y.numel() == 0:
         return y
-    if strategy == "auto":
-        # Positional arguments: tools and tests replace the rule by ``lambda *args: name``.
-        strategy = choose_strategy(x.shape, weight_bank.shape, (height_out, width_out), groups,
-                                   x.dtype)
     interpreter = interpreter_enabled() and x.device.type == "cpu"
+    if strategy == "auto":
+        strategy = _auto_strategy(x, weight_bank, routing, bias_bank, stride, padding, dilation,
+                                  groups, (height_out, width_out))
+    if strategy == "spanning_torch":
+        from .spanning_torch import spanning_torch_forward
+
+        return spanning_torch_forward(x, weight_bank, routing, bias_bank, stride, padding,
+                                      dilation, groups, out=y)
     if strategy != "premix_tma" and in_per_group >= MIN_DOT_BLOCK and x.stride(1) != 1:
         # Tap-major tiles are contiguous along the channels only in channels_last: every x tile
         # is then a 16-byte cp.async row instead of per-element gathers (2-byte ones for bf16,

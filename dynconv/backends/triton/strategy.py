@@ -1,0 +1,228 @@
+"""Which strategy the ``triton`` backend runs for one call: forced, measured, or modelled.
+
+Forward strategies: ``premix``, ``fused``, ``spanning``, ``premix_tma`` (the Triton kernels) and
+``spanning_torch`` (the batch-spanning form on PyTorch's convolution: cuDNN on a GPU,
+:mod:`.spanning_torch`). Backward strategies: ``per_sample`` (the Triton dgrad / wgrad kernels)
+and ``spanning_torch``.
+
+For each call, in order:
+
+1. a strategy forced by :func:`use_strategy` (process-wide, for experiments and tests);
+2. the measured choice of the per-GPU tuned table (``strategies`` section, written by the sweep
+   and gpu-check) for the call's exact key;
+3. with benchmark mode on (:func:`set_benchmark`, or ``DYNCONV_BENCHMARK=1``), the in-process
+   cache, filled on the first call of each key by timing every strategy that can run it (as
+   ``torch.backends.cudnn.benchmark`` times cuDNN's algorithms): forward on the forward's first
+   call, backward on the backward's;
+4. the rule: the H200 roofline model for the forward (:mod:`.roofline_model`), ``per_sample``
+   for the backward.
+
+A model never overrides a measurement. The key (:func:`call_key`) holds the shapes, the
+geometry, the dtype, x's memory format, whether there is a bias and, for the backward, which
+gradients are asked for; the cache also the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+FORWARD_STRATEGIES = ("premix", "fused", "spanning", "premix_tma", "spanning_torch")
+BACKWARD_STRATEGIES = ("per_sample", "spanning_torch")
+# Strategies the forward's rule may pick (premix_tma and spanning_torch only when measured).
+MODELLED_FORWARD = ("premix", "fused", "spanning")
+DEFAULT_BACKWARD = "per_sample"
+ENV_BENCHMARK = "DYNCONV_BENCHMARK"
+
+# Timed calls per strategy after one warm-up call (which compiles and autotunes): the median.
+BENCHMARK_REPEATS = 5
+
+log = logging.getLogger("dynconv.benchmark")
+
+_lock = threading.Lock()
+_benchmark: bool | None = None  # None: follow the environment variable
+_forced: dict[str, str | None] = {"forward": None, "backward": None}
+_cache: dict[tuple, str] = {}
+# The latest choice of each kind: (key, strategy, where it came from: "forced", "table",
+# "benchmark" or "rule"), for tools and tests.
+last_choice: dict[str, tuple[str, str, str]] = {}
+
+
+# --- the switches ------------------------------------------------------------------------------
+
+
+def set_benchmark(enabled: bool) -> None:
+    """Time the strategies on the first call of each key and use the fastest from then on (off
+    by default, as ``torch.backends.cudnn.benchmark``). Process-wide; ``DYNCONV_BENCHMARK=1``
+    turns it on for a process from the start."""
+    global _benchmark
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _benchmark = enabled
+
+
+def benchmark_enabled() -> bool:
+    if _benchmark is not None:
+        return _benchmark
+    return os.environ.get(ENV_BENCHMARK, "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def clear_benchmark_cache() -> None:
+    """Forget every timed choice (they are timed again on their next call)."""
+    with _lock:
+        _cache.clear()
+
+
+@contextlib.contextmanager
+def use_strategy(forward: str | None = None, backward: str | None = None):
+    """Within the block, the ``triton`` backend runs these strategies (``None``: as outside
+    the block: chosen as usual, or what an enclosing block forces). Process-wide, not per
+    thread: autograd runs a backward on a thread of its own, and the backward reads the setting
+    when it runs, so put the ``backward()`` call inside the block too. A strategy that cannot
+    run a call raises ValueError there (premix_tma off sm_90)."""
+    if forward is not None and forward not in FORWARD_STRATEGIES:
+        raise ValueError(f"forward must be one of {FORWARD_STRATEGIES} or None, got {forward!r}")
+    if backward is not None and backward not in BACKWARD_STRATEGIES:
+        raise ValueError(f"backward must be one of {BACKWARD_STRATEGIES} or None, got "
+                         f"{backward!r}")
+    with _lock:
+        saved = dict(_forced)
+        _forced.update({kind: name for kind, name in (("forward", forward),
+                                                       ("backward", backward)) if name})
+    try:
+        yield
+    finally:
+        with _lock:
+            _forced.update(saved)
+
+
+def forced(kind: str) -> str | None:
+    return _forced[kind]
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+def call_key(x_shape, weight_bank_shape, stride, padding, dilation, groups: int,
+             dtype: torch.dtype, channels_last: bool, has_bias: bool,
+             output_mask=None) -> str:
+    """The text key of one call, as the tuned table stores it, e.g.
+    ``B32 C512x7x7 O512 k3x3 s1x1 p1x1 d1x1 g1 K4 bf16 cl bias`` (+ `` grads1111``)."""
+    batch, channels, height, width = x_shape
+    num_experts, out_channels = weight_bank_shape[:2]
+    kh, kw = weight_bank_shape[3:]
+    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16",
+                  torch.float32: "fp32"}.get(dtype, str(dtype).replace("torch.", ""))
+    key = (f"B{batch} C{channels}x{height}x{width} O{out_channels} k{kh}x{kw} "
+           f"s{stride[0]}x{stride[1]} p{padding[0]}x{padding[1]} d{dilation[0]}x{dilation[1]} "
+           f"g{groups} K{num_experts} {dtype_name} {'cl' if channels_last else 'nchw'} "
+           f"{'bias' if has_bias else 'nobias'}")
+    if output_mask is not None:
+        key += " grads" + "".join("1" if m else "0" for m in output_mask)
+    return key
+
+
+def _device_key(device: torch.device) -> str:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index}"
+    return device.type
+
+
+# --- timing ------------------------------------------------------------------------------------
+
+
+def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median ms of ``fn`` over ``repeats`` calls after one warm-up call: CUDA events on a
+    GPU, the wall clock elsewhere (the interpreter)."""
+    fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+# The timer of benchmark mode: (fn, device, repeats) -> ms. Tests put a fake one here.
+TIMER: Callable[[Callable[[], object], torch.device, int], float] = _time_ms
+
+
+def time_strategies(runs: dict[str, Callable[[], object]], device: torch.device,
+                    repeats: int = BENCHMARK_REPEATS) -> dict[str, float | str]:
+    """{strategy: median ms, or why it could not run} of each zero-argument run."""
+    times: dict[str, float | str] = {}
+    for name, run in runs.items():
+        try:
+            times[name] = TIMER(run, device, repeats)
+        except Exception as exc:  # a strategy that cannot run this call here
+            times[name] = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
+    return times
+
+
+def fastest(times: dict[str, float | str]) -> str | None:
+    measured = {name: ms for name, ms in times.items() if isinstance(ms, float)}
+    return min(measured, key=measured.get) if measured else None
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+# --- the choices -------------------------------------------------------------------------------
+
+
+def _table_choice(kind: str, key: str, device: torch.device, eligible) -> str | None:
+    from dynconv.kernels import tuned_table
+
+    choice = tuned_table.lookup_strategy(kind, key, device)
+    return choice if choice in eligible else None
+
+
+def choose(kind: str, key: str, device: torch.device, eligible: tuple[str, ...],
+           runs: Callable[[], dict[str, Callable[[], object]]], rule: Callable[[], str]) -> str:
+    """The strategy of one call (``kind`` "forward" or "backward"): forced, table, benchmark
+    cache (timing ``runs()`` on a miss), rule. ``eligible``: the strategies that can run it."""
+    name, source = _choose(kind, key, device, eligible, runs, rule)
+    last_choice[kind] = (key, name, source)
+    return name
+
+
+def _choose(kind, key, device, eligible, runs, rule) -> tuple[str, str]:
+    name = _forced[kind]
+    if name is not None:
+        return name, "forced"
+    name = _table_choice(kind, key, device, eligible)
+    if name is not None:
+        return name, "table"
+    if benchmark_enabled() and len(eligible) > 1 and not _capturing(device):
+        cache_key = (kind, key, _device_key(device))
+        with _lock:
+            name = _cache.get(cache_key)
+        if name is None:
+            candidates = {n: run for n, run in runs().items() if n in eligible}
+            times = time_strategies(candidates, device)
+            name = fastest(times) or rule()
+            with _lock:
+                _cache[cache_key] = name
+            log.debug("dynconv benchmark: %s %s -> %s (%s)", kind, key, name,
+                      ", ".join(f"{n} {t:.4g} ms" if isinstance(t, float) else f"{n} {t}"
+                                for n, t in times.items()))
+        return name, "benchmark"
+    return rule(), "rule"
