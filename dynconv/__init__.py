@@ -1,7 +1,8 @@
 """dynconv: dynamic convolution (CondConv / DyConv style) for PyTorch."""
 
 from . import _source_tree  # noqa: F401  (first: a source tree without an install)
-from .backends.triton.strategy import set_benchmark, use_strategy
+from .backends.benchmark import set_benchmark
+from .backends.triton.strategy import use_strategy
 from .convert import convert_conv2d, fuse_conv_bn_eval
 from .functional import dynamic_conv2d
 from .modules import DynamicBlock, DynamicCNN, DynamicConv2d

@@ -16,6 +16,7 @@ from helpers import env_without_interpreter
 
 import dynconv
 from dynconv import dynamic_conv2d
+from dynconv.backends import benchmark
 from dynconv.backends.triton import strategy
 from dynconv.kernels import tuned_table
 
@@ -26,10 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def clean_state(monkeypatch, tmp_path):
     """No table but the test's own, benchmark mode off and its cache empty, before and after."""
     monkeypatch.setenv(tuned_table.ENV_DIR, str(tmp_path / "tables"))
-    monkeypatch.delenv(strategy.ENV_BENCHMARK, raising=False)
+    monkeypatch.delenv(benchmark.ENV_BENCHMARK, raising=False)
     tuned_table.clear_cache()
     strategy.clear_benchmark_cache()
-    monkeypatch.setattr(strategy, "_benchmark", None)
+    monkeypatch.setattr(benchmark, "_benchmark", None)
     yield
     strategy.clear_benchmark_cache()
     tuned_table.clear_cache()
@@ -100,20 +101,20 @@ def test_use_strategy_nests_and_checks_its_arguments():
 
 
 def test_benchmark_mode_is_off_by_default_and_follows_its_switches(monkeypatch):
-    assert not strategy.benchmark_enabled()
-    monkeypatch.setenv(strategy.ENV_BENCHMARK, "1")
-    assert strategy.benchmark_enabled()
+    assert not benchmark.benchmark_enabled()
+    monkeypatch.setenv(benchmark.ENV_BENCHMARK, "1")
+    assert benchmark.benchmark_enabled()
     dynconv.set_benchmark(False)  # the call wins over the environment
-    assert not strategy.benchmark_enabled()
+    assert not benchmark.benchmark_enabled()
     dynconv.set_benchmark(True)
-    assert strategy.benchmark_enabled()
+    assert benchmark.benchmark_enabled()
 
 
 def test_benchmark_mode_times_each_key_once_and_keeps_the_fastest(monkeypatch):
     calls: list = []
     times = {"premix": 3.0, "fused": 1.0, "spanning": 2.0, "premix_tma": 0.5,
              "spanning_torch": 4.0, "per_sample": 2.0}
-    monkeypatch.setattr(strategy, "TIMER", _fake_timer(times, calls))
+    monkeypatch.setattr(benchmark, "TIMER", _fake_timer(times, calls))
     dynconv.set_benchmark(True)
     leaves = _inputs()
     y = dynamic_conv2d(*leaves, padding=1, backend="triton")
@@ -142,7 +143,7 @@ def test_benchmark_mode_times_each_key_once_and_keeps_the_fastest(monkeypatch):
             raise RuntimeError("no such kernel here")
         return times[run.keywords["strategy"]]
 
-    monkeypatch.setattr(strategy, "TIMER", broken)
+    monkeypatch.setattr(benchmark, "TIMER", broken)
     dynamic_conv2d(*_inputs(size=7), padding=1, backend="triton")
     assert strategy.last_choice["forward"][1:] == ("premix", "benchmark")
 
@@ -163,7 +164,7 @@ def test_the_tuned_tables_choice_comes_first(tmp_path, monkeypatch):
                             "backward": {key + " grads1111": {"strategy": "spanning_torch"}}}}
     (folder / f"{slug}.json").write_text(json.dumps(table))
     calls: list = []
-    monkeypatch.setattr(strategy, "TIMER", _fake_timer({}, calls))
+    monkeypatch.setattr(benchmark, "TIMER", _fake_timer({}, calls))
     dynconv.set_benchmark(True)
     y = dynamic_conv2d(*leaves, padding=1, backend="triton")
     y.sum().backward()
@@ -181,7 +182,7 @@ def test_benchmark_mode_under_torch_compile(monkeypatch):
     calls: list = []
     times = {"premix": 3.0, "fused": 2.0, "spanning": 1.0, "spanning_torch": 4.0,
              "per_sample": 1.0}
-    monkeypatch.setattr(strategy, "TIMER", _fake_timer(times, calls))
+    monkeypatch.setattr(benchmark, "TIMER", _fake_timer(times, calls))
     dynconv.set_benchmark(True)
     leaves = _inputs()
 
@@ -224,3 +225,44 @@ def test_the_interpreter_warns_once_that_it_is_a_correctness_tool(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         dynamic_conv2d(*leaves, padding=1, backend="triton")
+
+
+def test_native_benchmark_mode_times_the_close_formulations_once(monkeypatch):
+    """On the CPU the same switch times the native formulations where the measured rule is
+    within 10 % of a threshold (here the weight gradient's im2col reduction, Cin * 9 = 2304:
+    exactly at it), keeps the fastest per call signature, and leaves the rule alone elsewhere."""
+    from dynconv.backends.native import op, rule
+
+    op.clear_plan_cache()
+    calls: list = []
+
+    def timer(run, device, repeats):  # the grouped plan "wins"; nothing runs
+        calls.append(run)
+        return 1.0 if len(calls) == 2 else 2.0
+
+    monkeypatch.setattr(benchmark, "TIMER", timer)
+    args = (2, 256, 256, (5, 5), (3, 3), (5, 5), 1, torch.float32, False,
+            torch.get_num_threads(), (1, 1))
+    plans = rule.close_plans(*args)
+    assert len(plans) == 2 and plans[0] == rule.choose_formulations(*args)
+    assert rule.close_plans(2, 16, 16, (9, 9), (3, 3), (9, 9), 1, torch.float32, False, 1,
+                            (1, 1)) == [rule.choose_formulations(2, 16, 16, (9, 9), (3, 3),
+                                                                 (9, 9), 1, torch.float32,
+                                                                 False, 1, (1, 1))]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 256, 5, 5, generator=generator, dtype=torch.float64)
+    bank = torch.randn(2, 256, 256, 3, 3, generator=generator, dtype=torch.float64) * 0.02
+    routing = torch.softmax(torch.randn(2, 2, generator=generator, dtype=torch.float64), dim=1)
+    dynconv.set_benchmark(True)
+    y = dynamic_conv2d(x, bank, routing, padding=1, backend="native")
+    assert len(calls) == 2
+    chosen = [p for k, p in op._plan_cache.items() if k[-1]]
+    assert [p.formulations for p in chosen] == [plans[1]] and chosen[0].benchmarked
+    dynamic_conv2d(x, bank, routing, padding=1, backend="native")
+    assert len(calls) == 2  # cached
+    # float64 through other formulations: the same result to rounding
+    torch.testing.assert_close(y, dynamic_conv2d(x, bank, routing, padding=1, backend="loop"))
+    # far from every threshold: nothing to time
+    dynamic_conv2d(*[t.detach() for t in _inputs()[:3]], padding=1, backend="native")
+    assert len(calls) == 2
+    op.clear_plan_cache()

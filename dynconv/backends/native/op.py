@@ -37,6 +37,8 @@ import torch
 
 from dynconv.geometry import ConvGeometry, output_hw, output_memory_format
 
+from .. import benchmark
+from ..benchmark import benchmark_enabled
 from ..custom_op import (
     backward_through,
     call_forward,
@@ -50,7 +52,7 @@ from .formulations import (
     conv_backward,
     conv_forward,
 )
-from .rule import FormulationPlan, choose_formulations
+from .rule import FormulationPlan, choose_formulations, close_plans
 
 # Bytes that each per-chunk temporary (the mixed weights, their gradient, the im2col patches
 # and their gradient) may take.
@@ -141,6 +143,7 @@ class CallPlan(NamedTuple):
     weight_numel: int  # |W|
     y_strides: tuple  # strides of a dense y (B, Cout, Ho, Wo) in x's memory format
     save_mixed: bool  # B x |W| fits SAVE_MIXED_MAX_FRACTION of x: the backward may keep them
+    benchmarked: bool = False  # the formulations were timed (benchmark mode), not the rule's
 
 
 _plan_cache: dict = {}
@@ -155,16 +158,58 @@ def _plan(x, weight_bank, stride, padding, dilation, groups) -> CallPlan:
     """
     if type(x) is not torch.Tensor:
         return _make_plan(x, weight_bank, stride, padding, dilation, groups)
+    timed = benchmark_enabled() and _forced[0] is None
     key = (x.shape, x.stride(), x.dtype, weight_bank.shape, tuple(stride), tuple(padding),
            tuple(dilation), groups, torch.get_num_threads(), _forced, MIXED_WEIGHT_BUDGET_BYTES,
-           LARGE_TEMPORARY_BYTES, SAVE_MIXED_MAX_FRACTION)
+           LARGE_TEMPORARY_BYTES, SAVE_MIXED_MAX_FRACTION, timed)
     plan = _plan_cache.get(key)
     if plan is None:
-        plan = _make_plan(x, weight_bank, stride, padding, dilation, groups)
+        formulations = None
+        if timed:
+            formulations = _benchmark_formulations(x, weight_bank, stride, padding, dilation,
+                                                   groups)
+        with force_formulation(formulations) if formulations else contextlib.nullcontext():
+            plan = _make_plan(x, weight_bank, stride, padding, dilation, groups)
+        plan = plan._replace(benchmarked=formulations is not None)
         if len(_plan_cache) >= PLAN_CACHE_SIZE:
             _plan_cache.clear()
         _plan_cache[key] = plan
     return plan
+
+
+def _benchmark_formulations(x, weight_bank, stride, padding, dilation, groups):
+    """Benchmark mode: where the rule is close to a threshold for this call
+    (:func:`.rule.close_plans`), time a forward+backward of each close plan on x and the bank
+    (routing weights drawn here: the time does not depend on their values) and return the
+    fastest plan; None where there is nothing to choose."""
+    batch, in_channels, height, width = x.shape
+    out_channels, kernel = weight_bank.shape[1], tuple(weight_bank.shape[3:])
+    out_hw = output_hw((height, width), kernel, stride, padding, dilation)
+    if batch == 0:
+        return None
+    plans = close_plans(batch, in_channels, out_channels, (height, width), kernel, out_hw,
+                        groups, x.dtype, output_memory_format(x) == torch.channels_last,
+                        torch.get_num_threads(), tuple(stride))
+    if len(plans) < 2:
+        return None
+    x, weight_bank = x.detach(), weight_bank.detach()
+    routing = torch.softmax(torch.randn(batch, weight_bank.shape[0], device=x.device), dim=1)
+    routing = routing.to(x.dtype)
+
+    def run(plan):
+        def forward_backward():
+            with force_formulation(plan):
+                y = forward_impl(x, weight_bank, routing, None, stride, padding, dilation,
+                                 groups)
+                backward_impl(torch.ones_like(y), x, weight_bank, routing, None, stride,
+                              padding, dilation, groups, [True, True, True, False])
+        return forward_backward
+
+    times = benchmark.time_alternatives({plan: run(plan) for plan in plans}, x.device)
+    chosen = benchmark.fastest(times)
+    benchmark.log.debug("dynconv benchmark: native %s -> %s (%s)", tuple(x.shape), chosen,
+                        benchmark.describe(times))
+    return chosen
 
 
 def clear_plan_cache() -> None:

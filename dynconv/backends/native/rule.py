@@ -22,7 +22,10 @@ so each gets its own formulation. The rule, in order (the constants below name t
   thread, but the whole forward+backward lost to the grouped trick with 1 and 2 threads, as it
   splits the one ``convolution_backward`` call that computes both gradients into two).
 
-The thresholds come from ``python -m dynconv.autotune.cpu_formulations --parts`` (each part of
+With benchmark mode on (``dynconv.set_benchmark``), a call whose shape is within CLOSE_FRACTION
+of a threshold times the plans on both sides on its first occurrence (:func:`close_plans`) and
+keeps the fastest, so that the user's CPU decides there instead of the one the rule was measured
+on. The thresholds come from ``python -m dynconv.autotune.cpu_formulations --parts`` (each part of
 each formulation timed against the same part of the static ``F.conv2d``, 1 and 2 threads). The
 figures behind each branch, and what is extrapolated, are in ``perf_reports/cpu_native/README.md``
 ("The rule, branch by branch").
@@ -57,10 +60,42 @@ IM2COL_MIN_REDUCTION = 256 * 9
 IM2COL_FORWARD_MAX_PIXELS = 64
 
 
+class Thresholds(NamedTuple):
+    """The rule's thresholds (the module constants by default)."""
+
+    per_sample_min_macs_per_2_threads: float = PER_SAMPLE_MIN_MACS_PER_2_THREADS
+    per_sample_min_channels: float = PER_SAMPLE_MIN_CHANNELS
+    per_sample_min_batch: float = PER_SAMPLE_MIN_BATCH
+    per_sample_any_batch_channels: float = PER_SAMPLE_ANY_BATCH_CHANNELS
+    im2col_min_reduction: float = IM2COL_MIN_REDUCTION
+    im2col_forward_max_pixels: float = IM2COL_FORWARD_MAX_PIXELS
+
+
+# How near a threshold counts as close: within this fraction of it, a machine other than the
+# one the rule was measured on may well decide the other way (benchmark mode times both).
+CLOSE_FRACTION = 0.10
+
+
+def close_plans(*args) -> list[FormulationPlan]:
+    """The rule's plan for a call (``choose_formulations``' arguments), then every other plan
+    the rule gives when one of its thresholds moves by CLOSE_FRACTION either way: the
+    alternatives benchmark mode times on the call's first occurrence. One plan: not close."""
+    plans = [choose_formulations(*args)]
+    defaults = Thresholds()
+    for index, value in enumerate(defaults):
+        for factor in (1 - CLOSE_FRACTION, 1 + CLOSE_FRACTION):
+            moved = defaults._replace(**{defaults._fields[index]: value * factor})
+            plan = choose_formulations(*args, thresholds=moved)
+            if plan not in plans:
+                plans.append(plan)
+    return plans
+
+
 def choose_formulations(
     batch: int, in_channels: int, out_channels: int, in_hw: tuple[int, int],
     kernel: tuple[int, int], out_hw: tuple[int, int], groups: int, dtype: torch.dtype,
     channels_last: bool, threads: int, stride: tuple[int, int],
+    thresholds: Thresholds | None = None,
 ) -> FormulationPlan:
     """The formulation of each part for x (batch, in_channels, *in_hw) -> (batch, out_channels,
     *out_hw).
@@ -70,6 +105,7 @@ def choose_formulations(
     follow the fp32 NCHW branches); they are in the signature so that a rule for them needs no
     change of callers. At batch 1 the grouped and the per-sample formulations make the same call.
     """
+    t = thresholds or Thresholds()
     if groups == 1 and tuple(kernel) == (1, 1):
         return FormulationPlan("im2col", "im2col", "im2col")
     if groups != 1:
@@ -78,12 +114,13 @@ def choose_formulations(
     pixels = out_hw[0] * out_hw[1]
     reduction = in_channels * kernel[0] * kernel[1]
     macs = out_channels * reduction * pixels
-    if (min(in_channels, out_channels) >= PER_SAMPLE_MIN_CHANNELS
-            and macs >= PER_SAMPLE_MIN_MACS_PER_2_THREADS * max(2, threads) / 2
-            and (batch >= PER_SAMPLE_MIN_BATCH or in_channels >= PER_SAMPLE_ANY_BATCH_CHANNELS)):
+    if (min(in_channels, out_channels) >= t.per_sample_min_channels
+            and macs >= t.per_sample_min_macs_per_2_threads * max(2, threads) / 2
+            and (batch >= t.per_sample_min_batch
+                 or in_channels >= t.per_sample_any_batch_channels)):
         forward = input_grad = "per_sample"
-    if reduction >= IM2COL_MIN_REDUCTION:
+    if reduction >= t.im2col_min_reduction:
         weight_grad = "im2col"
-        if pixels <= IM2COL_FORWARD_MAX_PIXELS:
+        if pixels <= t.im2col_forward_max_pixels:
             forward = "im2col"
     return FormulationPlan(forward, input_grad, weight_grad)

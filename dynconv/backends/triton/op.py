@@ -19,16 +19,30 @@ and dtype.
 
 from __future__ import annotations
 
+import torch
+
 from dynconv.geometry import ConvGeometry
 
-from ..custom_op import call_forward, define_custom_ops
+from ..custom_op import call_forward, define_custom_ops, eager_autograd_function
 from .backward import triton_backward_impl
 from .forward import triton_forward_impl
 
 triton_forward, triton_backward = define_custom_ops("triton", triton_forward_impl,
                                                     triton_backward_impl)
+# The eager-mode twin: the same implementations and saved tensors without the custom op's
+# dispatch and autograd wrapper, a fixed host cost per call (measured on this project's CPU
+# VM: ~190 us per forward, ~170 us per forward+backward, against a small layer's ~40 us static
+# forward on an H200).
+_EagerTritonConv = eager_autograd_function("_EagerTritonConv", triton_forward_impl,
+                                           triton_backward_impl)
 
 
 def triton_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
-    """Dispatch entry point: x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
-    return call_forward(triton_forward, x, weight_bank, routing, bias_bank, geometry)
+    """Dispatch entry point: x (B, Cin, H, W) -> (B, Cout, Ho, Wo). The custom op under
+    torch.compile and for tensors that only describe data (fake or meta tensors: its fake gives
+    the result's metadata), the eager twin otherwise."""
+    if (torch.compiler.is_compiling() or type(x) is not torch.Tensor
+            or x.device.type == "meta"):
+        return call_forward(triton_forward, x, weight_bank, routing, bias_bank, geometry)
+    return _EagerTritonConv.apply(x, weight_bank, routing, bias_bank, geometry.stride,
+                                  geometry.padding, geometry.dilation, geometry.groups)

@@ -10,7 +10,7 @@ For each call, in order:
 1. a strategy forced by :func:`use_strategy` (process-wide, for experiments and tests);
 2. the measured choice of the per-GPU tuned table (``strategies`` section, written by the sweep
    and gpu-check) for the call's exact key;
-3. with benchmark mode on (:func:`set_benchmark`, or ``DYNCONV_BENCHMARK=1``), the in-process
+3. with benchmark mode on (:mod:`dynconv.backends.benchmark`), the in-process
    cache, filled on the first call of each key by timing every strategy that can run it (as
    ``torch.backends.cudnn.benchmark`` times cuDNN's algorithms): forward on the forward's first
    call, backward on the backward's;
@@ -25,28 +25,21 @@ gradients are asked for; the cache also the device.
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import threading
-import time
 from collections.abc import Callable
 
 import torch
+
+from .. import benchmark
+from ..benchmark import benchmark_enabled, fastest, set_benchmark  # noqa: F401  (the API)
 
 FORWARD_STRATEGIES = ("premix", "fused", "spanning", "premix_tma", "spanning_torch")
 BACKWARD_STRATEGIES = ("per_sample", "spanning_torch")
 # Strategies the forward's rule may pick (premix_tma and spanning_torch only when measured).
 MODELLED_FORWARD = ("premix", "fused", "spanning")
 DEFAULT_BACKWARD = "per_sample"
-ENV_BENCHMARK = "DYNCONV_BENCHMARK"
-
-# Timed calls per strategy after one warm-up call (which compiles and autotunes): the median.
-BENCHMARK_REPEATS = 5
-
-log = logging.getLogger("dynconv.benchmark")
 
 _lock = threading.Lock()
-_benchmark: bool | None = None  # None: follow the environment variable
 _forced: dict[str, str | None] = {"forward": None, "backward": None}
 _cache: dict[tuple, str] = {}
 # The latest choice of each kind: (key, strategy, where it came from: "forced", "table",
@@ -55,22 +48,6 @@ last_choice: dict[str, tuple[str, str, str]] = {}
 
 
 # --- the switches ------------------------------------------------------------------------------
-
-
-def set_benchmark(enabled: bool) -> None:
-    """Time the strategies on the first call of each key and use the fastest from then on (off
-    by default, as ``torch.backends.cudnn.benchmark``). Process-wide; ``DYNCONV_BENCHMARK=1``
-    turns it on for a process from the start."""
-    global _benchmark
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
-    _benchmark = enabled
-
-
-def benchmark_enabled() -> bool:
-    if _benchmark is not None:
-        return _benchmark
-    return os.environ.get(ENV_BENCHMARK, "0").strip().lower() in ("1", "true", "on", "yes")
 
 
 def clear_benchmark_cache() -> None:
@@ -135,50 +112,14 @@ def _device_key(device: torch.device) -> str:
     return device.type
 
 
-# --- timing ------------------------------------------------------------------------------------
-
-
-def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median ms of ``fn`` over ``repeats`` calls after one warm-up call: CUDA events on a
-    GPU, the wall clock elsewhere (the interpreter)."""
-    fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(repeats):
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-# The timer of benchmark mode: (fn, device, repeats) -> ms. Tests put a fake one here.
-TIMER: Callable[[Callable[[], object], torch.device, int], float] = _time_ms
+# --- timing ---------------------------------------------------------------------------------
 
 
 def time_strategies(runs: dict[str, Callable[[], object]], device: torch.device,
-                    repeats: int = BENCHMARK_REPEATS) -> dict[str, float | str]:
-    """{strategy: median ms, or why it could not run} of each zero-argument run."""
-    times: dict[str, float | str] = {}
-    for name, run in runs.items():
-        try:
-            times[name] = TIMER(run, device, repeats)
-        except Exception as exc:  # a strategy that cannot run this call here
-            times[name] = f"failed: {type(exc).__name__}: {str(exc)[:160]}"
-    return times
-
-
-def fastest(times: dict[str, float | str]) -> str | None:
-    measured = {name: ms for name, ms in times.items() if isinstance(ms, float)}
-    return min(measured, key=measured.get) if measured else None
+                    repeats: int = benchmark.BENCHMARK_REPEATS) -> dict[str, float | str]:
+    """{strategy: median ms, or why it could not run} of each zero-argument run
+    (:data:`dynconv.backends.benchmark.TIMER`)."""
+    return benchmark.time_alternatives(runs, device, repeats)
 
 
 def _capturing(device: torch.device) -> bool:
@@ -221,8 +162,7 @@ def _choose(kind, key, device, eligible, runs, rule) -> tuple[str, str]:
             name = fastest(times) or rule()
             with _lock:
                 _cache[cache_key] = name
-            log.debug("dynconv benchmark: %s %s -> %s (%s)", kind, key, name,
-                      ", ".join(f"{n} {t:.4g} ms" if isinstance(t, float) else f"{n} {t}"
-                                for n, t in times.items()))
+            benchmark.log.debug("dynconv benchmark: triton %s %s -> %s (%s)", kind, key, name,
+                                benchmark.describe(times))
         return name, "benchmark"
     return rule(), "rule"
