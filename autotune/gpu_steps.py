@@ -211,8 +211,13 @@ def timing_cases(tiny_shapes: bool = False) -> list[bench.Case]:
 
 
 def sweep_shapes() -> list[ConvShape]:
-    """The sweep's layers (time left only), late layers first."""
-    return [_resnet(n) for n in TIMED_LAYERS[:4]]
+    """The sweep's layers (time left only): the timed ResNet-18 layers (late ones first), then
+    the rest of ResNet-18's distinct layers but its 3-channel stem, as far as the time goes."""
+    from .shapes import get_shape_set
+
+    timed = [_resnet(n) for n in TIMED_LAYERS]
+    rest = [s for s in get_shape_set("resnet18") if s.cin > 3 and s.name not in TIMED_LAYERS]
+    return timed + rest[::-1]
 
 
 # --- pinned configs ----------------------------------------------------------------------------
