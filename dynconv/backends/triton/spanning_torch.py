@@ -41,15 +41,16 @@ def chunk_size(x: torch.Tensor, num_experts: int, budget_bytes: int | None = Non
 
 
 def stacked_input(x: torch.Tensor, routing: torch.Tensor, groups: int) -> torch.Tensor:
-    """x_s (B, G * K * Cin/G, H, W), channels_last: ``x_s[b, (g, k, c)] = a[b, k] x[b, (g, c)]``.
-
-    Built channels-innermost whatever x's layout (cuDNN's fast layout for 2-byte types on sm_80+)
-    from a view of x (B, H, W, G, 1, Cin/G) times the routing (B, 1, 1, 1, K, 1)."""
-    batch, channels = x.shape[:2]
+    """x_s (B, G * K * Cin/G, H, W): ``x_s[b, (g, k, c)] = a[b, k] x[b, (g, c)]``, as the
+    reference form builds it (:func:`dynconv.backends.reference.spanning_dynamic_conv2d`: one
+    broadcast product of x (B, G, 1, Cin/G, H, W) and the routing (B, 1, K, 1, 1, 1)), whose
+    forward and backward through autograd measured 2.3-3.7x the static conv against 4.0-7.4x
+    for an einsum formulation of the backward (H200, ResNet-18 layers at batch 32, bf16)."""
+    batch, channels, height, width = x.shape
     num_experts = routing.shape[1]
-    pixels_last = x.permute(0, 2, 3, 1).unflatten(3, (groups, 1, channels // groups))
-    scaled = pixels_last * routing.view(batch, 1, 1, 1, num_experts, 1).to(x.dtype)
-    return scaled.flatten(3).permute(0, 3, 1, 2)
+    scaled = routing.view(batch, 1, num_experts, 1, 1, 1) * x.reshape(
+        batch, groups, 1, channels // groups, height, width)
+    return scaled.reshape(batch, groups * num_experts * (channels // groups), height, width)
 
 
 def stacked_weight(weight_bank: torch.Tensor, groups: int) -> torch.Tensor:
@@ -119,17 +120,19 @@ def spanning_torch_backward(grad_out, x, weight_bank, routing, bias_bank, stride
             grad_weight += grad_w
         if not need_stacked_x:
             continue
-        # (B, H, W, G, K, Cin/G) views of gx_s, and x as (B, H, W, G, Cin/G)
-        stacked_grad = grad_stacked.permute(0, 2, 3, 1).unflatten(
-            3, (groups, num_experts, in_per_group))
+        # gx_s as (B, G, K, Cin/G, H, W): the broadcast product's two gradients, as autograd
+        # takes them (a product and a sum over the broadcast dimension each)
+        height, width = x.shape[2:]
+        count = stop - start
+        stacked_grad = grad_stacked.reshape(count, groups, num_experts, in_per_group, height,
+                                            width)
         if need_x:
-            grad_x[start:stop] = torch.einsum(
-                "bhwgkc,bk->bhwgc", stacked_grad, routing_chunk.to(x.dtype)
-            ).flatten(3).permute(0, 3, 1, 2)
+            grad_x[start:stop] = (stacked_grad * routing_chunk.view(
+                count, 1, num_experts, 1, 1, 1)).sum(2).reshape(x_chunk.shape)
         if need_routing:
-            pixels_last = x_chunk.permute(0, 2, 3, 1).unflatten(3, (groups, in_per_group))
-            # a batched matmul (fp32 accumulation) over each sample's pixels and channels
-            grad_a[start:stop] = torch.einsum("bhwgkc,bhwgc->bk", stacked_grad, pixels_last)
+            grad_a[start:stop] = (stacked_grad * x_chunk.reshape(
+                count, groups, 1, in_per_group, height, width)).sum(
+                (1, 3, 4, 5), dtype=accumulate)
     grad_bank = None
     if need_bank:
         grad_bank = bank_gradient(grad_weight, weight_bank.shape, groups).to(weight_bank.dtype)
