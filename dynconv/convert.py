@@ -4,6 +4,7 @@ BatchNorm into a dynamic conv's bank for inference."""
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 
 import torch
@@ -82,18 +83,27 @@ def fuse_conv_bn_eval(conv: DynamicConv2d, bn: nn.BatchNorm2d) -> DynamicConv2d:
             f"conv has gate={conv.gate!r}: folding BatchNorm into the experts is exact only "
             f"when each sample's routing weights sum to 1 (gate='softmax')"
         )
+    if bn.running_var.device != conv.weight.device:
+        raise ValueError(f"bn is on {bn.running_var.device} but conv is on {conv.weight.device}; "
+                         f"move them to one device")
+    # Fold in the widest dtype involved, at least float32: a float64 model keeps float64's
+    # precision, a half-precision one is folded in float32 and rounded once at the end.
+    dtype = functools.reduce(torch.promote_types,
+                             [t.dtype for t in (conv.weight, bn.running_var, bn.running_mean,
+                                                bn.weight, bn.bias) if t is not None],
+                             torch.float32)
     fused = copy.deepcopy(conv)
     with torch.no_grad():
-        scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+        scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)  # (Cout,)
         if bn.weight is not None:
-            scale = scale * bn.weight.float()
-        shift = -bn.running_mean.float() * scale
+            scale = scale * bn.weight.to(dtype)
+        shift = -bn.running_mean.to(dtype) * scale  # (Cout,)
         if bn.bias is not None:
-            shift = shift + bn.bias.float()
-        bank = conv.weight.float() * scale.view(1, -1, 1, 1, 1)
-        fused.weight.copy_(bank.to(conv.weight.dtype))
-        bias = shift.expand(conv.num_experts, -1)
+            shift = shift + bn.bias.to(dtype)
+        bank = conv.weight.to(dtype) * scale.view(1, -1, 1, 1, 1)  # (K, Cout, Cin/g, kh, kw)
+        fused.weight.copy_(bank)
+        bias = shift.expand(conv.num_experts, -1)  # (K, Cout)
         if conv.bias is not None:
-            bias = conv.bias.float() * scale + shift
+            bias = conv.bias.to(dtype) * scale + shift
         fused.bias = nn.Parameter(bias.to(conv.weight.dtype).clone())
     return fused

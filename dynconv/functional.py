@@ -27,8 +27,11 @@ def dynamic_conv2d(
         weight_bank: the kernel bank, (K, Cout, Cin // groups, kh, kw).
         routing: mixing weights, (B, K) (rows of a softmax, or sigmoid gates).
         bias_bank: optional bias bank, (K, Cout), mixed with the same weights.
-        stride, padding, dilation, groups: as in ``F.conv2d``; ``padding`` also takes
-            ``"same"`` and ``"valid"``.
+        stride, padding, dilation, groups: as in ``F.conv2d``; ``padding`` is an int, a pair,
+            ``"same"`` or ``"valid"`` (as in ``F.conv2d``), or ``"same_tf"``: TensorFlow's
+            "SAME" (timm's ``Conv2dSame``, ONNX's ``SAME_UPPER``), any stride, the padding
+            computed per call from H and W so that ``Ho = ceil(H / stride)``, the extra row /
+            column of an odd total at the bottom / right.
         backend: ``"auto"`` (Triton on CUDA, ``"native"`` elsewhere), ``"loop"``,
             ``"grouped"``, ``"native"`` or ``"triton"``.
 
@@ -40,7 +43,8 @@ def dynamic_conv2d(
         x, weight_bank, routing, bias_bank, stride, padding, dilation, groups
     )
     if geometry.extra_padding != (0, 0):
-        # padding="same" with an even dilated kernel: pad the extra row/column at the bottom/right
-        # as F.conv2d does, then every backend sees symmetric padding.
+        # An odd total padding ("same" with an even dilated kernel, "same_tf"): pad the extra
+        # row/column at the bottom/right as F.conv2d and TensorFlow do, then every backend sees
+        # symmetric padding.
         x = F.pad(x, (0, geometry.extra_padding[1], 0, geometry.extra_padding[0]))
     return resolve(backend, x).function(x, weight_bank, routing, bias_bank, geometry)

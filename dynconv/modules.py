@@ -10,7 +10,13 @@ from torch import nn
 from .backends.registry import check_backend_name
 from .functional import dynamic_conv2d
 from .routing import RoutingMLP, autocast_enabled
-from .validation import check_gate, check_positive_int, pair, resolve_padding
+from .validation import (
+    check_gate,
+    check_module_device,
+    check_padding,
+    check_positive_int,
+    pair,
+)
 
 
 class DynamicConv2d(nn.Module):
@@ -26,6 +32,10 @@ class DynamicConv2d(nn.Module):
             None when built with ``router=False``; ``router_init`` is its initialisation (see
             :class:`RoutingMLP`): ``"dyconv"`` by default, the one of the routing ablations in
             ``perf_reports/training/ablation`` that made the routing depend on the input.
+
+    ``padding`` is an int, a pair, ``"same"``, ``"valid"`` (as in ``nn.Conv2d``) or
+    ``"same_tf"``: TensorFlow's "SAME" at any stride, computed per call from the input size
+    (timm's ``Conv2dSame``; see :func:`dynconv.dynamic_conv2d`).
 
     Shapes: x (B, Cin, H, W) -> y (B, Cout, Ho, Wo); with ``return_routing=True`` also a (B, K).
     """
@@ -66,8 +76,7 @@ class DynamicConv2d(nn.Module):
         self.kernel_size = pair(kernel_size, "kernel_size", 1)
         self.stride = pair(stride, "stride", 1)
         self.dilation = pair(dilation, "dilation", 1)
-        resolve_padding(padding, self.kernel_size, self.stride, self.dilation)  # validates
-        self.padding = padding if isinstance(padding, str) else pair(padding, "padding", 0)
+        self.padding = check_padding(padding, self.stride)
         self.num_experts = check_positive_int(num_experts, "num_experts")
         self.backend = check_backend_name(backend)
         self.weight = nn.Parameter(
@@ -121,7 +130,10 @@ class DynamicConv2d(nn.Module):
                     generator: torch.Generator | None = None, **kwargs) -> DynamicConv2d:
         """A DynamicConv2d whose K experts all start as ``conv``'s weight (and bias).
 
-        Stride, padding, dilation, groups, bias, device and dtype are ``conv``'s; ``kwargs``
+        Stride, padding, dilation, groups, bias, device and dtype are ``conv``'s (timm's
+        ``Conv2dSame``, which pads TensorFlow-style in its forward, gives
+        ``padding="same_tf"``; any other subclass with a forward of its own is refused, since
+        a DynamicConv2d would not compute what it does); ``kwargs``
         are the other arguments of the constructor (temperature, gate, reduction, backend,
         router, router_init). With softmax gates (rows summing to 1) the result computes the
         same function as ``conv`` (to rounding). The router starts with ``router_init="small"``
@@ -133,6 +145,7 @@ class DynamicConv2d(nn.Module):
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+        padding = _padding_of(conv)
         if conv.padding_mode != "zeros":
             raise ValueError(
                 f"conv.padding_mode must be 'zeros' (dynamic convolution pads with zeros), got "
@@ -148,7 +161,7 @@ class DynamicConv2d(nn.Module):
         weight = conv.weight.detach()
         kwargs.setdefault("router_init", "small")
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                  conv.padding, conv.dilation, conv.groups, bias=conv.bias is not None,
+                  padding, conv.dilation, conv.groups, bias=conv.bias is not None,
                   num_experts=num_experts, device=weight.device, dtype=weight.dtype, **kwargs)
         with torch.no_grad():
             new.weight.copy_(weight.unsqueeze(0).expand_as(new.weight))
@@ -167,6 +180,9 @@ class DynamicConv2d(nn.Module):
         """y (B, Cout, Ho, Wo) from x (B, Cin, H, W); ``routing`` (B, K), if given, is used
         instead of this module's router (and is required when it was built with
         ``router=False``)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        check_module_device(x, self.weight, type(self).__name__)
         if routing is None:
             if self.router is None:
                 raise ValueError(
@@ -209,11 +225,41 @@ class DynamicConv2d(nn.Module):
         return text + f", backend={self.backend!r}"
 
 
+def _padding_of(conv: nn.Conv2d):
+    """The ``padding`` argument of a DynamicConv2d that convolves as ``conv`` does."""
+    forward_of = type(conv).forward, type(conv)._conv_forward
+    if forward_of == (nn.Conv2d.forward, nn.Conv2d._conv_forward):
+        return conv.padding
+    kind = type(conv)
+    if kind.__name__ == "Conv2dSame" and kind.__module__.split(".")[0] == "timm":
+        # timm's Conv2dSame: padding 0 in the module, TF "same" padding of x in forward.
+        return "same_tf"
+    raise TypeError(
+        f"conv is a {kind.__module__}.{kind.__qualname__}, an nn.Conv2d subclass with a forward "
+        f"of its own that a DynamicConv2d would not reproduce; convert plain nn.Conv2d layers "
+        f"(convert_conv2d's filter can leave this one out)"
+    )
+
+
 class DynamicBlock(nn.Module):
     """DynamicConv2d (no bias, "same"-style padding) -> BatchNorm2d -> ReLU.
 
-    Shapes: x (B, Cin, H, W) -> (B, Cout, ceil(H / stride), ceil(W / stride)); ``routing``
-    (B, K) given to ``forward`` replaces the conv's router (``router=False`` builds none).
+    By default (``padding=None``) the output is ceil(H / stride) x ceil(W / stride) for every
+    kernel and stride:
+
+    - a kernel whose dilated extent is odd (``d * (k - 1)`` even, e.g. 3x3) is padded
+      ``d * (k - 1) / 2`` on every side, as ResNets do;
+    - otherwise (e.g. 4x4) the total ``d * (k - 1)`` is odd and its extra pixel goes to the
+      bottom / right: ``padding="same"`` at stride 1 (as ``nn.Conv2d``), ``"same_tf"`` at a
+      larger stride (TensorFlow's "SAME": the same rule at stride 1, computed per call from H
+      and W).
+
+    Any ``padding`` that DynamicConv2d takes may be given instead; the output size is then that
+    convolution's.
+
+    Shapes: x (B, Cin, H, W) -> (B, Cout, ceil(H / stride), ceil(W / stride)) by default;
+    ``routing`` (B, K) given to ``forward`` replaces the conv's router (``router=False`` builds
+    none).
     """
 
     def __init__(
@@ -233,12 +279,14 @@ class DynamicBlock(nn.Module):
         dtype=None,
         router=True,
         router_init="dyconv",
+        padding=None,
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         k = pair(kernel_size, "kernel_size", 1)
         d = pair(dilation, "dilation", 1)
-        padding = tuple(di * (ki - 1) // 2 for ki, di in zip(k, d))
+        if padding is None:
+            padding = _ceil_padding(k, pair(stride, "stride", 1), d)
         self.conv = DynamicConv2d(
             in_channels,
             out_channels,
@@ -265,6 +313,14 @@ class DynamicBlock(nn.Module):
         y, routing = self.conv(x, routing, return_routing=True)
         y = self.act(self.bn(y))
         return (y, routing) if return_routing else y
+
+
+def _ceil_padding(kernel_size, stride, dilation):
+    """DynamicBlock's default padding (see its docstring): output ceil(H / stride)."""
+    totals = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+    if all(total % 2 == 0 for total in totals):
+        return tuple(total // 2 for total in totals)
+    return "same" if stride == (1, 1) else "same_tf"
 
 
 class DynamicCNN(nn.Module):
@@ -321,6 +377,9 @@ class DynamicCNN(nn.Module):
         self.head = nn.Linear(widths[-1], num_classes, **factory)
 
     def forward(self, x: torch.Tensor, return_routing: bool = False):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        check_module_device(x, self.head.weight, type(self).__name__)
         x = self.stem(x)
         routings = []
         for stage in self.stages:

@@ -8,7 +8,13 @@ import warnings
 import torch
 from torch import nn
 
-from .validation import check_gate, check_image, check_positive_int, check_temperature
+from .validation import (
+    check_gate,
+    check_image,
+    check_module_device,
+    check_positive_int,
+    check_temperature,
+)
 
 
 class RoutingMLP(nn.Module):
@@ -100,6 +106,15 @@ class RoutingMLP(nn.Module):
                               unexpected_keys, error_msgs):
         key = prefix + "temperature_tensor"
         had_temperature = key in state_dict
+        value = state_dict.get(key)
+        if isinstance(value, torch.Tensor) and not value.is_meta and value.numel() == 1:
+            # Refused before anything of this router is loaded, as the setter would refuse it:
+            # T = 0 gives NaN routing, T < 0 silently reverses it. (Another shape is left to
+            # PyTorch's size-mismatch error.)
+            try:
+                check_temperature(value)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"cannot load {key!r} from the state_dict: {error}") from None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if not had_temperature and key in missing_keys:
@@ -110,6 +125,7 @@ class RoutingMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        check_module_device(x, self.fc1.weight, type(self).__name__)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"

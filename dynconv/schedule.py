@@ -27,8 +27,8 @@ class TemperatureSchedule:
     """
 
     def __init__(self, start: float = 30.0, end: float = 1.0, steps: int = 1):
-        self.start = check_temperature(start)
-        self.end = check_temperature(end)
+        self.start = check_temperature(start, "start")
+        self.end = check_temperature(end, "end")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
         self.steps = steps

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .geometry import ConvGeometry
+from .geometry import ConvGeometry, same_tf_padding_total
 
 GATES = ("softmax", "sigmoid")
 
@@ -61,18 +61,20 @@ def check_image(x: torch.Tensor, name: str = "x") -> None:
         )
 
 
-def check_temperature(value) -> float:
+def check_temperature(value, name: str = "temperature") -> float:
+    """``value`` (an int, a float or a one-element tensor) as a finite float > 0; ``name`` is
+    the argument the errors name."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(
-                f"temperature must be a scalar, got a tensor of shape {tuple(value.shape)}"
+                f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}"
             )
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
     value = float(value)
     if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"temperature must be finite and > 0, got {value}")
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
     return value
 
 
@@ -82,20 +84,64 @@ def check_gate(gate) -> str:
     return gate
 
 
-def resolve_padding(padding, kernel_size, stride, dilation):
-    """Return ((pad_h, pad_w), (extra_bottom, extra_right)) for int / pair / "same" / "valid"."""
+PADDING_MODES = ("same", "same_tf", "valid")
+
+
+def check_padding(padding, stride: tuple[int, int]):
+    """``padding`` normalised: one of ``PADDING_MODES`` as given, else a pair of ints >= 0.
+
+    ``"same"`` is ``nn.Conv2d``'s (stride 1 only); ``"same_tf"`` is TensorFlow's "SAME" (any
+    stride; the padding depends on the input size, see
+    :func:`dynconv.geometry.same_tf_padding_total`).
+    """
     if isinstance(padding, str):
-        if padding == "valid":
-            return (0, 0), (0, 0)
-        if padding == "same":
-            if stride != (1, 1):
-                raise ValueError(
-                    f"padding='same' needs stride 1 (as in nn.Conv2d), got stride={stride}"
-                )
-            totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
-            return (totals[0] // 2, totals[1] // 2), (totals[0] % 2, totals[1] % 2)
-        raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
-    return pair(padding, "padding", 0), (0, 0)
+        if padding not in PADDING_MODES:
+            raise ValueError(
+                f"padding must be an int, a pair, 'same', 'same_tf' or 'valid', got {padding!r}"
+            )
+        if padding == "same" and stride != (1, 1):
+            raise ValueError(
+                f"padding='same' needs stride 1 (as in nn.Conv2d), got stride={stride}; "
+                f"padding='same_tf' pads TensorFlow-style at any stride (output "
+                f"ceil(H / stride))"
+            )
+        return padding
+    return pair(padding, "padding", 0)
+
+
+def resolve_padding(padding, kernel_size, stride, dilation, in_hw):
+    """((pad_h, pad_w), (extra_bottom, extra_right)) of a call on an (H, W) = ``in_hw`` input.
+
+    The first pair is symmetric padding; the second is the one more row / column that an odd
+    total (``"same"`` with an even dilated kernel, ``"same_tf"``) needs at the bottom / right.
+    """
+    padding = check_padding(padding, stride)
+    if padding == "valid":
+        return (0, 0), (0, 0)
+    if padding == "same":
+        totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+    elif padding == "same_tf":
+        totals = [same_tf_padding_total(*args)
+                  for args in zip(in_hw, kernel_size, stride, dilation)]
+    else:
+        return padding, (0, 0)
+    return (totals[0] // 2, totals[1] // 2), (totals[0] % 2, totals[1] % 2)
+
+
+def check_module_device(x: torch.Tensor, parameter: torch.Tensor, module: str) -> None:
+    """x must be on the device of the module's parameters (named, rather than PyTorch's
+    "Tensor on device meta is not on the expected device cpu!" from deep inside)."""
+    if x.device == parameter.device:
+        return
+    if parameter.is_meta:
+        remedy = (f"a module on the meta device has no values: give it a meta x to size it, or "
+                  f"module.to_empty(device={str(x.device)!r}) and initialise it")
+    else:
+        remedy = (f"move one of them (module.to({str(x.device)!r}) or "
+                  f"x.to({str(parameter.device)!r}))")
+    raise ValueError(
+        f"x is on {x.device} but the {module}'s parameters are on {parameter.device}; {remedy}"
+    )
 
 
 def _describe(t: torch.Tensor) -> str:
@@ -235,7 +281,7 @@ def _check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dila
         )
     stride = pair(stride, "stride", 1)
     dilation = pair(dilation, "dilation", 1)
-    pad, extra = resolve_padding(padding, kernel_size, stride, dilation)
+    pad, extra = resolve_padding(padding, kernel_size, stride, dilation, x.shape[2:])
     for axis, size in enumerate(x.shape[2:]):
         reach = dilation[axis] * (kernel_size[axis] - 1) + 1
         if size + 2 * pad[axis] + extra[axis] < reach:

@@ -11,6 +11,7 @@ The reference mixes each sample's kernel by an explicit sum over the bank, then 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import torch
@@ -41,8 +42,8 @@ class Case:
     The fields are in the order of the old case tuples, so a case reads
     ``Case(batch, cin, cout, h, w, (kh, kw), stride, padding, dilation, groups, experts, bias)``.
     stride / padding / dilation take what ``dynamic_conv2d`` takes (an int, a pair, and for
-    padding ``"same"`` / ``"valid"``); the Triton launchers and the custom ops need pairs, which
-    the defaults are. ``layout`` is x's memory layout: ``"nchw"`` (contiguous),
+    padding ``"same"`` / ``"same_tf"`` / ``"valid"``); the Triton launchers and the custom ops
+    need pairs, which the defaults are. ``layout`` is x's memory layout: ``"nchw"`` (contiguous),
     ``"channels_last"`` or ``"strided"`` (every other column of a wider tensor with the channel
     axis permuted: contiguous in no format).
     """
@@ -144,10 +145,26 @@ def op_args(case: Case, dtype=torch.float32, device="cpu", requires_grad: bool =
 # --- the float64 reference --------------------------------------------------------------------
 
 
+def timm_pad_same(x, kernel, stride, dilation):
+    """x (B, C, H, W) zero-padded as timm's ``pad_same`` (``Conv2dSame``; TensorFlow's "SAME"),
+    written from the rule and not from dynconv: per axis of size i, with kernel k, stride s and
+    dilation d, total = max((ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0); total // 2 before,
+    the rest after (the odd pixel at the bottom / right)."""
+    pads = []
+    for i, k, s, d in zip(x.shape[2:], kernel, _pair(stride), _pair(dilation)):
+        total = max((math.ceil(i / s) - 1) * s + (k - 1) * d + 1 - i, 0)
+        pads.append((total // 2, total - total // 2))
+    (top, bottom), (left, right) = pads
+    return F.pad(x, (left, right, top, bottom))
+
+
 def reference_dynamic_conv2d(x, bank, routing, bias_bank, stride, padding, dilation, groups):
     """x (B, Cin, H, W), bank (K, Cout, Cin/g, kh, kw), routing (B, K), bias_bank (K, Cout):
     one explicitly mixed kernel and one ``F.conv2d`` per sample, in the inputs' dtype (tests
-    pass float64)."""
+    pass float64). ``padding="same_tf"`` pads x with :func:`timm_pad_same` first, as timm's
+    ``Conv2dSame`` does."""
+    if padding == "same_tf":
+        x, padding = timm_pad_same(x, bank.shape[3:], stride, dilation), 0
     outputs = []
     for b in range(x.shape[0]):
         weight = sum(routing[b, k] * bank[k] for k in range(bank.shape[0]))
@@ -203,7 +220,11 @@ def output_hw(case: Case) -> tuple[int, int]:
     """(Ho, Wo) of ``case`` (PyTorch's own shape rule, run on meta tensors)."""
     x = torch.empty(1, case.cin, case.h, case.w, device="meta")
     weight = torch.empty(case.cout, case.cin // case.groups, *case.kernel, device="meta")
-    return tuple(F.conv2d(x, weight, None, **case.geometry).shape[2:])
+    geometry = case.geometry
+    if case.padding == "same_tf":
+        x = timm_pad_same(x, case.kernel, case.stride, case.dilation)
+        geometry = {**geometry, "padding": 0}
+    return tuple(F.conv2d(x, weight, None, **geometry).shape[2:])
 
 
 def _reduction_lengths(case: Case) -> tuple[int, int]:

@@ -185,6 +185,9 @@ def _resnet18_converted():
     ("cnn", lambda: DynamicCNN(), (2, 3, 32, 32)),
     ("resnet18", _resnet18_converted, (2, 3, 64, 64)),
     ("conv-triton", lambda: DynamicConv2d(8, 16, 3, padding=1, backend="triton"), (2, 8, 9, 9)),
+    # TF "same": the odd pixel of padding at the bottom / right (an ONNX Pad before the Conv).
+    ("conv-same_tf", lambda: DynamicConv2d(8, 16, 4, stride=2, padding="same_tf"),
+     (2, 8, 11, 12)),
 ])
 def test_onnx_export_with_a_dynamic_batch(name, build, shape, tmp_path):
     torch.manual_seed(0)

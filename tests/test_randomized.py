@@ -3,8 +3,10 @@ the float64 per-sample loop (tests/helpers.py) within the derived rounding bound
 
 A seeded generator (``random.Random``, no extra dependency) draws each case:
 
-- kernel 1-7 per axis (square or not), stride 1-3, dilation 1-3 (ints or pairs), padding an int
-  or a pair 0-4, ``"same"`` (then stride 1, as ``nn.Conv2d`` requires) or ``"valid"``;
+- kernel 1-7 per axis (square or not, odd or even), stride 1-3, dilation 1-3 (ints or pairs),
+  padding an int or a pair 0-4, ``"same"`` (then stride 1, as ``nn.Conv2d`` requires),
+  ``"same_tf"`` (TensorFlow's "SAME": any stride, the padding depends on H and W and its odd
+  pixel goes to the bottom / right; the reference pads as timm's ``Conv2dSame``) or ``"valid"``;
 - groups: dense, depthwise with a channel multiplier (Cout = m * Cin) or 2-4 groups with
   several channels each (Cout = m * groups); spatial sizes 1-13 (odd ones included), batch 0-5,
   experts K 1-17, with or without a bias bank;
@@ -156,7 +158,7 @@ def _as_pair(value) -> tuple[int, int]:
 
 def is_convolution(case: Case) -> bool:
     """Whether the padded input covers the dilated kernel on both axes (else it is no conv)."""
-    if case.padding == "same":
+    if case.padding in ("same", "same_tf"):
         return True
     padding = (0, 0) if case.padding == "valid" else _as_pair(case.padding)
     dilation = _as_pair(case.dilation)
@@ -188,7 +190,11 @@ def _draw_case(rng: random.Random, max_channels: int, largest: int, max_batch: i
         padding = (rng.randint(0, 4), rng.randint(0, 4))
     else:
         padding = padding_kind
-        if padding == "same":
+        # Half of the "same" draws are TF-style, at the drawn stride. (The extra draw is made
+        # only here, so that every other seed draws what it drew before "same_tf" existed.)
+        if padding == "same" and rng.random() < 0.5:
+            padding = "same_tf"
+        elif padding == "same":
             stride = 1
     batch = 0 if rng.random() < 0.08 else rng.randint(1, max_batch)
     experts = rng.randint(1, 4) if rng.random() < 0.5 else rng.randint(1, 17)

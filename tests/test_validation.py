@@ -59,8 +59,13 @@ def test_good_call_works():
         (dict(stride=0), ValueError, r"stride must be >= 1"),
         (dict(stride=(1, 2, 3)), TypeError, r"stride must be an int or a pair"),
         (dict(padding=-1), ValueError, r"padding must be >= 0"),
-        (dict(padding="full"), ValueError, r"padding must be an int, a pair, 'same' or 'valid'"),
-        (dict(padding="same", stride=2), ValueError, r"padding='same' needs stride 1"),
+        (
+            dict(padding="full"),
+            ValueError,
+            r"padding must be an int, a pair, 'same', 'same_tf' or 'valid', got 'full'",
+        ),
+        (dict(padding="SAME"), ValueError, r"padding must be .* got 'SAME'"),
+        (dict(padding="same", stride=2), ValueError, r"padding='same' needs stride 1.*same_tf"),
         (dict(dilation=(1, 0)), ValueError, r"dilation must be >= 1"),
         (dict(x=torch.randn(2, 4, 2, 6)), ValueError, r"smaller than the dilated kernel"),
         (dict(backend="cuda"), ValueError, r"backend must be one of .* got 'cuda'"),
@@ -88,6 +93,8 @@ def test_triton_on_cpu_without_interpreter(monkeypatch):
         (dict(backend="fast"), ValueError, r"backend must be one of"),
         (dict(temperature=0.0), ValueError, r"temperature must be finite and > 0"),
         (dict(padding="same", stride=2), ValueError, r"padding='same' needs stride 1"),
+        (dict(padding="tf_same"), ValueError, r"padding must be .* 'same_tf' .* got 'tf_same'"),
+        (dict(padding=(1, 2, 3)), TypeError, r"padding must be an int or a pair"),
     ],
 )
 def test_bad_module_arguments(kwargs, error, pattern):
