@@ -3,9 +3,9 @@
 from . import _source_tree  # noqa: F401  (first: a source tree without an install)
 from .backends.benchmark import set_benchmark
 from .backends.triton.strategy import use_strategy
-from .convert import convert_conv2d, fuse_conv_bn_eval
-from .functional import dynamic_conv2d
-from .modules import DynamicBlock, DynamicCNN, DynamicConv2d
+from .convert import convert_conv1d, convert_conv2d, convert_conv3d, fuse_conv_bn_eval
+from .functional import dynamic_conv1d, dynamic_conv2d, dynamic_conv3d
+from .modules import DynamicBlock, DynamicCNN, DynamicConv1d, DynamicConv2d, DynamicConv3d
 from .optim import param_groups
 from .routing import RoutingMLP
 from .schedule import TemperatureSchedule, set_temperature
@@ -13,11 +13,17 @@ from .schedule import TemperatureSchedule, set_temperature
 __all__ = [
     "DynamicBlock",
     "DynamicCNN",
+    "DynamicConv1d",
     "DynamicConv2d",
+    "DynamicConv3d",
     "RoutingMLP",
     "TemperatureSchedule",
+    "convert_conv1d",
     "convert_conv2d",
+    "convert_conv3d",
+    "dynamic_conv1d",
     "dynamic_conv2d",
+    "dynamic_conv3d",
     "fuse_conv_bn_eval",
     "param_groups",
     "set_benchmark",

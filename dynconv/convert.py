@@ -1,5 +1,5 @@
-"""Bring your own model: turn its ``nn.Conv2d`` layers into DynamicConv2d, and fold an eval-mode
-BatchNorm into a dynamic conv's bank for inference."""
+"""Bring your own model: turn its ``nn.Conv2d`` (``nn.Conv1d``, ``nn.Conv3d``) layers into dynamic
+convs, and fold an eval-mode BatchNorm into a dynamic conv's bank for inference."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .modules import DynamicConv2d
+from .modules import DynamicConv1d, DynamicConv2d, DynamicConv3d, DynamicConvNd
 
 
 def convert_conv2d(
@@ -36,28 +36,52 @@ def convert_conv2d(
         kwargs: passed to :meth:`DynamicConv2d.from_conv2d` (temperature, gate, reduction,
             backend, router, perturb, generator).
     """
+    return _convert(model, nn.Conv2d, DynamicConv2d.from_conv2d, num_experts, filter, kwargs)
+
+
+def convert_conv1d(model: nn.Module, num_experts: int = 4,
+                   filter: Callable[[str, nn.Conv1d], bool] | None = None,  # noqa: A002
+                   **kwargs) -> nn.Module:
+    """Replace ``nn.Conv1d`` layers of ``model`` by :meth:`DynamicConv1d.from_conv1d` copies:
+    as :func:`convert_conv2d`."""
+    return _convert(model, nn.Conv1d, DynamicConv1d.from_conv1d, num_experts, filter, kwargs)
+
+
+def convert_conv3d(model: nn.Module, num_experts: int = 4,
+                   filter: Callable[[str, nn.Conv3d], bool] | None = None,  # noqa: A002
+                   **kwargs) -> nn.Module:
+    """Replace ``nn.Conv3d`` layers of ``model`` by :meth:`DynamicConv3d.from_conv3d` copies:
+    as :func:`convert_conv2d`."""
+    return _convert(model, nn.Conv3d, DynamicConv3d.from_conv3d, num_experts, filter, kwargs)
+
+
+def _convert(model, conv_type, convert_one, num_experts, filter, kwargs):  # noqa: A002
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if filter is not None and not callable(filter):
         raise TypeError(f"filter must be a callable (name, conv) -> bool, got {filter!r}")
 
     def chosen(name: str, module: nn.Module) -> bool:
-        return isinstance(module, nn.Conv2d) and (filter is None or bool(filter(name, module)))
+        return isinstance(module, conv_type) and (filter is None or bool(filter(name, module)))
 
     if chosen("", model):
-        return DynamicConv2d.from_conv2d(model, num_experts, **kwargs)
+        return convert_one(model, num_experts, **kwargs)
     # Collect first, then replace: the module tree must not change while it is walked.
     targets = [(name, module) for name, module in model.named_modules()
                if name and chosen(name, module)]
     for name, module in targets:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, DynamicConv2d.from_conv2d(module, num_experts, **kwargs))
+        setattr(parent, child_name, convert_one(module, num_experts, **kwargs))
     return model
 
 
-def fuse_conv_bn_eval(conv: DynamicConv2d, bn: nn.BatchNorm2d) -> DynamicConv2d:
-    """A copy of ``conv`` with the eval-mode ``bn`` that follows it folded into every expert.
+_BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+
+
+def fuse_conv_bn_eval(conv: DynamicConvNd, bn: nn.modules.batchnorm._BatchNorm) -> DynamicConvNd:
+    """A copy of ``conv`` (a DynamicConv2d, or 1d / 3d with a BatchNorm1d / 3d) with the
+    eval-mode ``bn`` that follows it folded into every expert.
 
     Each expert k becomes ``W_k * s`` with bias ``(b_k - mean) * s + beta``, where
     ``s = gamma / sqrt(running_var + eps)`` per output channel. Mixing is linear, so
@@ -65,10 +89,12 @@ def fuse_conv_bn_eval(conv: DynamicConv2d, bn: nn.BatchNorm2d) -> DynamicConv2d:
     sum to 1: always for softmax gates (the default), for ``router=False`` when the routing
     given to ``forward`` does. Sigmoid gates do not sum to 1, so they are refused.
     """
-    if not isinstance(conv, DynamicConv2d):
-        raise TypeError(f"conv must be a DynamicConv2d, got {type(conv).__name__}")
-    if not isinstance(bn, nn.BatchNorm2d):
-        raise TypeError(f"bn must be an nn.BatchNorm2d, got {type(bn).__name__}")
+    if not isinstance(conv, DynamicConvNd):
+        raise TypeError(f"conv must be a DynamicConv2d (or 1d / 3d), got {type(conv).__name__}")
+    norm = _BATCH_NORMS[conv.spatial_dims]
+    if not isinstance(bn, norm):
+        raise TypeError(f"bn must be an nn.{norm.__name__} (after a {type(conv).__name__}), got "
+                        f"{type(bn).__name__}")
     if bn.training:
         raise ValueError("bn must be in eval mode (bn.eval()): training-mode BatchNorm uses the "
                          "batch's statistics, which cannot be folded into weights")
@@ -100,7 +126,8 @@ def fuse_conv_bn_eval(conv: DynamicConv2d, bn: nn.BatchNorm2d) -> DynamicConv2d:
         shift = -bn.running_mean.to(dtype) * scale  # (Cout,)
         if bn.bias is not None:
             shift = shift + bn.bias.to(dtype)
-        bank = conv.weight.to(dtype) * scale.view(1, -1, 1, 1, 1)  # (K, Cout, Cin/g, kh, kw)
+        # (K, Cout, Cin/g, *kernel), scaled per output channel
+        bank = conv.weight.to(dtype) * scale.view(1, -1, *([1] * (conv.weight.dim() - 2)))
         fused.weight.copy_(bank)
         bias = shift.expand(conv.num_experts, -1)  # (K, Cout)
         if conv.bias is not None:

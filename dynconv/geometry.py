@@ -13,7 +13,9 @@ import torch
 
 @dataclass(frozen=True)
 class ConvGeometry:
-    """The normalised geometry of one dynamic convolution call.
+    """The normalised geometry of one dynamic convolution call: one int per spatial axis
+    ((H, W) for the 2-D convolution the backends run; (L,) and (D, H, W) for the 1-D and 3-D
+    front ends, which map themselves onto it).
 
     ``padding`` is symmetric (top = bottom, left = right). ``extra_padding`` is the additional
     (bottom, right) padding that ``padding="same"`` or ``"same_tf"`` needs when the total
@@ -21,11 +23,11 @@ class ConvGeometry:
     ``F.conv2d`` does for ``"same"``.
     """
 
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    dilation: tuple[int, int]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
     groups: int
-    extra_padding: tuple[int, int] = (0, 0)
+    extra_padding: tuple[int, ...] = (0, 0)
 
 
 def output_hw(in_hw, kernel, stride, padding, dilation) -> tuple[int, int]:

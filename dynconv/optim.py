@@ -6,7 +6,7 @@ import math
 
 from torch import nn
 
-from .modules import DynamicConv2d
+from .modules import DynamicConvNd
 from .routing import RoutingMLP
 
 
@@ -17,7 +17,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.05,
     ``param_groups_weight_decay``.
 
     Not decayed: every 1-D parameter (biases, normalisation scales and shifts), the bias banks
-    of :class:`DynamicConv2d` layers ((K, Cout): biases, though 2-D), and, unless
+    of the dynamic conv layers (DynamicConv1d / 2d / 3d: (K, Cout), biases, though 2-D), and, unless
     ``decay_routers``, every parameter of a :class:`RoutingMLP` (weight decay pulls the router's
     logits towards zero, that is towards a uniform, input-independent mix). Everything else
     (kernels, kernel banks, linear weights) is decayed. Parameters that do not require
@@ -32,7 +32,7 @@ def param_groups(model: nn.Module, weight_decay: float = 0.05,
     for module in model.modules():
         if isinstance(module, RoutingMLP) and not decay_routers:
             no_decay_ids.update(id(p) for p in module.parameters())
-        if isinstance(module, DynamicConv2d) and module.bias is not None:
+        if isinstance(module, DynamicConvNd) and module.bias is not None:
             no_decay_ids.add(id(module.bias))
     decay, no_decay, seen = [], [], set()
     for parameter in model.parameters():

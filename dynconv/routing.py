@@ -21,7 +21,7 @@ class RoutingMLP(nn.Module):
     """GAP -> Linear -> ReLU -> Linear -> softmax(logits / T) (or sigmoid gates).
 
     Args:
-        in_channels: C of the input (B, C, H, W).
+        in_channels: C of the input (B, C, H, W), or (B, C, L) / (B, C, D, H, W).
         num_experts: K, the number of kernels mixed.
         reduction: hidden width is ``max(in_channels // reduction, 4)``.
         temperature: T > 0; low -> near one-hot choice, high -> near-uniform mix.
@@ -39,7 +39,7 @@ class RoutingMLP(nn.Module):
               routing ablations (``perf_reports/training/ablation``) found it the one
               initialisation after which the routing does not stay uniform.
 
-    Shapes: x (B, C, H, W) -> routing (B, K).
+    Shapes: x (B, C, H, W) (or (B, C, L), (B, C, D, H, W)) -> routing (B, K).
     """
 
     INIT_SCHEMES = ("small", "linear", "dyconv")
@@ -126,9 +126,10 @@ class RoutingMLP(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         check_module_device(x, self.fc1.weight, type(self).__name__)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
+        if x.dim() not in (3, 4, 5) or x.shape[1] != self.in_channels:
+            spatial = {3: "L", 5: "D, H, W"}.get(x.dim(), "H, W")  # 1-D, 3-D, else 2-D
             raise ValueError(
-                f"x must have shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}"
+                f"x must have shape (B, {self.in_channels}, {spatial}), got {tuple(x.shape)}"
             )
         check_image(x)
         weight_dtype = self.fc1.weight.dtype
@@ -137,7 +138,7 @@ class RoutingMLP(nn.Module):
                 f"x has dtype {x.dtype} but the module's parameters are {weight_dtype}; convert "
                 f"one of them (e.g. module.to({x.dtype}) or x.to({weight_dtype}))"
             )
-        pooled = x.mean(dim=(2, 3))
+        pooled = x.mean(dim=tuple(range(2, x.dim())))  # global average over every spatial axis
         logits = self.fc2(torch.relu(self.fc1(pooled)))
         scaled = logits / self.temperature_tensor.to(logits.dtype)
         if self.gate == "softmax":

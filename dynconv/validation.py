@@ -25,20 +25,30 @@ def _as_int(value):
     return int(value)
 
 
+_TUPLE_NAMES = {1: "a 1-tuple", 2: "a pair", 3: "a triple"}
+
+
+def ntuple(value, name: str, minimum: int, n: int) -> tuple[int, ...]:
+    """An int or ``n`` ints (NumPy integers too, as ``nn.Conv{n}d`` takes), each >= ``minimum``,
+    as an n-tuple of Python ints: one per spatial axis."""
+    what = f"an int or {_TUPLE_NAMES[n]} of ints"
+    if _as_int(value) is not None:
+        values = (_as_int(value),) * n
+    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == n:
+        values = tuple(_as_int(v) for v in value)
+        if None in values:
+            raise TypeError(f"{name} must be {what}, got {value!r}")
+    else:
+        raise TypeError(f"{name} must be {what}, got {value!r}")
+    if min(values) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return values
+
+
 def pair(value, name: str, minimum: int) -> tuple[int, int]:
     """An int or a pair of ints (NumPy integers too, as ``nn.Conv2d`` takes), each >=
     ``minimum``, as a 2-tuple of Python ints."""
-    if _as_int(value) is not None:
-        values = (_as_int(value),) * 2
-    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == 2:
-        values = tuple(_as_int(v) for v in value)
-        if None in values:
-            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    else:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(values) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return values  # type: ignore[return-value]
+    return ntuple(value, name, minimum, 2)  # type: ignore[return-value]
 
 
 def check_positive_int(value, name: str) -> int:
@@ -51,13 +61,18 @@ def check_positive_int(value, name: str) -> int:
     return as_int
 
 
+_SPATIAL = {1: "L", 2: "H, W", 3: "D, H, W"}
+
+
 def check_image(x: torch.Tensor, name: str = "x") -> None:
-    """A non-empty batch needs a non-empty image, as ``F.conv2d`` requires (and a router's
-    average over no pixels would be NaN)."""
-    if x.shape[0] > 0 and x.shape[2] * x.shape[3] == 0:
+    """A non-empty batch needs a non-empty image (signal, volume), as ``F.conv2d`` requires
+    (and a router's average over no pixels would be NaN)."""
+    spatial = x.shape[2:]
+    if x.shape[0] > 0 and math.prod(spatial) == 0:
+        axes = _SPATIAL.get(len(spatial), "the spatial sizes")
         raise ValueError(
-            f"{name} must have H > 0 and W > 0 when B > 0 (as nn.Conv2d requires), got shape "
-            f"{tuple(x.shape)}"
+            f"{name} must have {' > 0 and '.join(axes.split(', '))} > 0 when B > 0 (as "
+            f"nn.Conv{len(spatial)}d requires), got shape {tuple(x.shape)}"
         )
 
 
@@ -87,45 +102,50 @@ def check_gate(gate) -> str:
 PADDING_MODES = ("same", "same_tf", "valid")
 
 
-def check_padding(padding, stride: tuple[int, int]):
-    """``padding`` normalised: one of ``PADDING_MODES`` as given, else a pair of ints >= 0.
+def check_padding(padding, stride: tuple[int, ...]):
+    """``padding`` normalised: one of ``PADDING_MODES`` as given, else one int >= 0 per spatial
+    axis (as many as ``stride`` has).
 
     ``"same"`` is ``nn.Conv2d``'s (stride 1 only); ``"same_tf"`` is TensorFlow's "SAME" (any
     stride; the padding depends on the input size, see
     :func:`dynconv.geometry.same_tf_padding_total`).
     """
+    n = len(stride)
     if isinstance(padding, str):
         if padding not in PADDING_MODES:
             raise ValueError(
-                f"padding must be an int, a pair, 'same', 'same_tf' or 'valid', got {padding!r}"
+                f"padding must be an int, {_TUPLE_NAMES[n]}, 'same', 'same_tf' or 'valid', got "
+                f"{padding!r}"
             )
-        if padding == "same" and stride != (1, 1):
+        if padding == "same" and stride != (1,) * n:
             raise ValueError(
-                f"padding='same' needs stride 1 (as in nn.Conv2d), got stride={stride}; "
+                f"padding='same' needs stride 1 (as in nn.Conv{n}d), got stride={stride}; "
                 f"padding='same_tf' pads TensorFlow-style at any stride (output "
-                f"ceil(H / stride))"
+                f"ceil(size / stride))"
             )
         return padding
-    return pair(padding, "padding", 0)
+    return ntuple(padding, "padding", 0, n)
 
 
-def resolve_padding(padding, kernel_size, stride, dilation, in_hw):
-    """((pad_h, pad_w), (extra_bottom, extra_right)) of a call on an (H, W) = ``in_hw`` input.
+def resolve_padding(padding, kernel_size, stride, dilation, in_size):
+    """(symmetric padding, extra padding) of a call on an input of spatial size ``in_size``,
+    one int per spatial axis each, e.g. ((pad_h, pad_w), (extra_bottom, extra_right)).
 
-    The first pair is symmetric padding; the second is the one more row / column that an odd
-    total (``"same"`` with an even dilated kernel, ``"same_tf"``) needs at the bottom / right.
+    The second is the one more row / column (/ plane) that an odd total (``"same"`` with an
+    even dilated kernel, ``"same_tf"``) needs at the end of the axis (bottom / right / back).
     """
     padding = check_padding(padding, stride)
+    n = len(stride)
     if padding == "valid":
-        return (0, 0), (0, 0)
+        return (0,) * n, (0,) * n
     if padding == "same":
         totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
     elif padding == "same_tf":
         totals = [same_tf_padding_total(*args)
-                  for args in zip(in_hw, kernel_size, stride, dilation)]
+                  for args in zip(in_size, kernel_size, stride, dilation)]
     else:
-        return padding, (0, 0)
-    return (totals[0] // 2, totals[1] // 2), (totals[0] % 2, totals[1] % 2)
+        return padding, (0,) * n
+    return tuple(t // 2 for t in totals), tuple(t % 2 for t in totals)
 
 
 def check_module_device(x: torch.Tensor, parameter: torch.Tensor, module: str) -> None:
@@ -163,21 +183,22 @@ _checked: dict = {}
 
 def _plain(value):
     """A hashable stand-in for a stride / padding / dilation argument of exactly int, str or a
-    2-tuple / 2-list of exactly ints (so that no bool, NumPy integer or float is ever mistaken
-    for an int it equals), else None: such an argument is checked every time."""
+    tuple / list of 1 to 3 exactly ints (so that no bool, NumPy integer or float is ever
+    mistaken for an int it equals), else None: such an argument is checked every time."""
     kind = type(value)
     if kind is int or kind is str:
         return value
-    if ((kind is tuple or kind is list) and len(value) == 2 and type(value[0]) is int
-            and type(value[1]) is int):
-        return (value[0], value[1])
+    if ((kind is tuple or kind is list) and 1 <= len(value) <= 3
+            and all(type(v) is int for v in value)):
+        return tuple(value)
     return None
 
 
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
-def _cache_key(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
+def _cache_key(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
+               spatial_dims=2):
     """Everything check_conv_inputs reads, as a hashable key; None if it cannot be cached
     (under torch.compile, which traces the checks into guards; tensor subclasses such as fake
     tensors; arguments that are not plain)."""
@@ -191,27 +212,33 @@ def _cache_key(x, weight_bank, routing, bias_bank, stride, padding, dilation, gr
         return None
     bias_key = None if bias_bank is None else (bias_bank.shape, bias_bank.dtype, bias_bank.device)
     return (x.shape, x.dtype, x.device, weight_bank.shape, weight_bank.dtype, weight_bank.device,
-            routing.shape, routing.dtype, routing.device, bias_key, geometry, groups)
+            routing.shape, routing.dtype, routing.device, bias_key, geometry, groups,
+            spatial_dims)
 
 
-def check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
-    """Validate the arguments of :func:`dynconv.dynamic_conv2d` and return a ConvGeometry.
+def check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
+                      spatial_dims: int = 2):
+    """Validate the arguments of :func:`dynconv.dynamic_conv2d` (``spatial_dims`` 2; 1 for
+    ``dynamic_conv1d``, 3 for ``dynamic_conv3d``) and return a ConvGeometry (one int per
+    spatial axis).
 
-    Shapes: x (B, Cin, H, W); weight_bank (K, Cout, Cin // groups, kh, kw);
-    routing (B, K); bias_bank (K, Cout) or None.
+    Shapes: x (B, Cin, *spatial); weight_bank (K, Cout, Cin // groups, *kernel);
+    routing (B, K); bias_bank (K, Cout) or None; e.g. x (B, Cin, H, W) and weight_bank
+    (K, Cout, Cin // groups, kh, kw) in 2-D.
 
     The checks read only the tensors' types, shapes, dtypes and devices and the other
     arguments, so the geometry of arguments that passed them is remembered (plain tensors and
     plain int / str / pair arguments only): a repeated call skips them. Any argument that fails
     a check is never remembered, and raises every time.
     """
-    key = _cache_key(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups)
+    key = _cache_key(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
+                     spatial_dims)
     if key is not None:
         geometry = _checked.get(key)
         if geometry is not None:
             return geometry
     geometry = _check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilation,
-                                  groups)
+                                  groups, spatial_dims)
     if key is not None:
         if len(_checked) >= CHECKED_CACHE_SIZE:
             _checked.clear()
@@ -219,16 +246,22 @@ def check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilat
     return geometry
 
 
-def _check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
+_KERNEL = {1: "k", 2: "kh, kw", 3: "kd, kh, kw"}
+
+
+def _check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
+                       spatial_dims):
+    n = spatial_dims
     check_tensor(x, "x")
     check_tensor(weight_bank, "weight_bank")
     check_tensor(routing, "routing")
-    if x.dim() != 4:
-        raise ValueError(f"x must be 4-D (B, C, H, W), got {x.dim()}-D with {_describe(x)}")
+    if x.dim() != n + 2:
+        raise ValueError(f"x must be {n + 2}-D (B, C, {_SPATIAL[n]}), got {x.dim()}-D with "
+                         f"{_describe(x)}")
     check_image(x)
-    if weight_bank.dim() != 5:
+    if weight_bank.dim() != n + 3:
         raise ValueError(
-            "weight_bank must be 5-D (K, Cout, Cin // groups, kh, kw), got "
+            f"weight_bank must be {n + 3}-D (K, Cout, Cin // groups, {_KERNEL[n]}), got "
             f"{weight_bank.dim()}-D with {_describe(weight_bank)}"
         )
     if routing.dim() != 2:
@@ -252,7 +285,7 @@ def _check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dila
     groups = check_positive_int(groups, "groups")
     batch, in_channels = x.shape[0], x.shape[1]
     num_experts, out_channels, in_per_group = weight_bank.shape[:3]
-    kernel_size = (weight_bank.shape[3], weight_bank.shape[4])
+    kernel_size = tuple(weight_bank.shape[3:])
     if num_experts < 1 or out_channels < 1 or in_per_group < 1 or min(kernel_size) < 1:
         raise ValueError(f"weight_bank must have no empty dimension, got {_describe(weight_bank)}")
     if in_channels % groups != 0:
@@ -279,8 +312,8 @@ def _check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dila
             f"bias_bank must have shape (K, Cout) = ({num_experts}, {out_channels}), "
             f"got {tuple(bias_bank.shape)}"
         )
-    stride = pair(stride, "stride", 1)
-    dilation = pair(dilation, "dilation", 1)
+    stride = ntuple(stride, "stride", 1, n)
+    dilation = ntuple(dilation, "dilation", 1, n)
     pad, extra = resolve_padding(padding, kernel_size, stride, dilation, x.shape[2:])
     for axis, size in enumerate(x.shape[2:]):
         reach = dilation[axis] * (kernel_size[axis] - 1) + 1
