@@ -138,6 +138,11 @@ def preset_cases(preset: str, device: str) -> list[Case]:
                   for s in (7, 14, 28)]
         cases += [Case("dtype", base, 16, dtype=d, layout=lay, memory=False)
                   for d in ("fp32", "bf16") for lay in LAYOUTS]
+        # one 1-D (speech-like) and one 3-D (video-like) layer, CPU-sized
+        cases += [Case("1d-3d", ConvShape("speech-1d", 128, 128, 1, 500, 1, 5, 1, 2,
+                                          spatial_dims=1), 4, memory=False),
+                  Case("1d-3d", ConvShape("video-3d", 32, 32, 28, 28, 3, 3, 1, 1,
+                                          spatial_dims=3, d=4, kd=3), 2, memory=False)]
         return cases
     if preset == "gpu":
         # most telling first: a cut-short run (gpu-check's time budget) keeps those
@@ -151,6 +156,12 @@ def preset_cases(preset: str, device: str) -> list[Case]:
                   for b in (32, 128) for s in layers]
         cases += [Case("experts", base, 128, experts=k, dtype="bf16", layout="channels_last")
                   for k in (2, 4, 8, 16)]
+        cases += [Case("1d-3d", ConvShape("speech-1d", 256, 256, 1, 1000, 1, 5, 1, 2,
+                                          spatial_dims=1), 32, dtype="bf16",
+                       layout="channels_last"),
+                  Case("1d-3d", ConvShape("video-3d", 64, 64, 56, 56, 3, 3, 1, 1,
+                                          spatial_dims=3, d=8, kd=3), 8, dtype="bf16",
+                       layout="channels_last")]
         return cases
     raise ValueError(f"unknown preset {preset!r}; expected one of {PRESETS}")
 
@@ -187,6 +198,19 @@ def triton_unavailable_reason(device: str, dtype: str = "fp32") -> str | None:
 # the operations being timed
 
 
+def channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with its channels innermost: channels_last (2-D), channels_last_3d (3-D), or a
+    (B, C, L) view of a (B, L, C) tensor (1-D)."""
+    if t.dim() == 5:
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    if t.dim() == 3:
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+_STATIC = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
 def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
     """Leaf tensors of a case: x, the static weight/bias, the bank, bias bank and routing."""
     generator = torch.Generator().manual_seed(seed)
@@ -197,18 +221,18 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
         t = torch.randn(*size, generator=generator) * scale
         return t.to(device=device, dtype=dtype).requires_grad_(True)
 
-    fan_in = (s.cin // s.groups) * s.kh * s.kw
-    x = torch.randn(case.batch, s.cin, s.h, s.w, generator=generator)
+    fan_in = (s.cin // s.groups) * s.kh * s.kw * s.kd
+    x = torch.randn(case.batch, s.cin, *s.spatial, generator=generator)
     x = x.to(device=device, dtype=dtype)
     if case.layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = channels_last(x)
     x.requires_grad_(True)
     routing = torch.softmax(torch.randn(case.batch, case.experts, generator=generator), dim=1)
     return {
         "x": x,
-        "weight": leaf(s.cout, s.cin // s.groups, s.kh, s.kw, scale=fan_in ** -0.5),
+        "weight": leaf(s.cout, s.cin // s.groups, *s.kernel, scale=fan_in ** -0.5),
         "bias": leaf(s.cout, scale=0.1),
-        "bank": leaf(case.experts, s.cout, s.cin // s.groups, s.kh, s.kw, scale=fan_in ** -0.5),
+        "bank": leaf(case.experts, s.cout, s.cin // s.groups, *s.kernel, scale=fan_in ** -0.5),
         "bias_bank": leaf(case.experts, s.cout, scale=0.1),
         "routing": routing.to(device=device, dtype=dtype).requires_grad_(True),
     }
@@ -218,14 +242,17 @@ def forward_fn(provider: str, case: Case, t: dict) -> tuple[Callable[[], torch.T
     """(a zero-argument forward, the leaves its backward differentiates) for ``provider``."""
     s = case.shape
     if provider == "static":
-        return (lambda: F.conv2d(t["x"], t["weight"], t["bias"], s.stride, s.padding, s.dilation,
-                                 s.groups),
+        static = _STATIC[s.spatial_dims]
+        return (lambda: static(t["x"], t["weight"], t["bias"], s.stride, s.padding, s.dilation,
+                               s.groups),
                 [t["x"], t["weight"], t["bias"]])
-    from dynconv import dynamic_conv2d
+    import dynconv
 
+    dynamic = {1: dynconv.dynamic_conv1d, 2: dynconv.dynamic_conv2d,
+               3: dynconv.dynamic_conv3d}[s.spatial_dims]
     backend = BACKEND_OF[provider]
-    return (lambda: dynamic_conv2d(t["x"], t["bank"], t["routing"], t["bias_bank"], s.stride,
-                                   s.padding, s.dilation, s.groups, backend=backend),
+    return (lambda: dynamic(t["x"], t["bank"], t["routing"], t["bias_bank"], s.stride,
+                            s.padding, s.dilation, s.groups, backend=backend),
             [t["x"], t["bank"], t["routing"], t["bias_bank"]])
 
 
@@ -361,7 +388,8 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
 def case_columns(case: Case) -> dict:
     s = case.shape
     return {"group": case.group, "layer": s.name, "shape": s.label(), "cin": s.cin,
-            "cout": s.cout, "h": s.h, "w": s.w, "kh": s.kh, "kw": s.kw, "stride": s.stride,
+            "cout": s.cout, "spatial_dims": s.spatial_dims, "d": s.d, "h": s.h, "w": s.w,
+            "kd": s.kd, "kh": s.kh, "kw": s.kw, "stride": s.stride,
             "padding": s.padding, "dilation": s.dilation, "groups": s.groups, "batch": case.batch,
             "experts": case.experts, "dtype": case.dtype, "layout": case.layout}
 
@@ -383,7 +411,8 @@ def derived_columns(row: dict, case: Case, device: str) -> dict:
 COLUMNS = [
     "run_id", "timestamp", "preset", "device", "device_name", "device_slug", "torch", "triton",
     "python", "commit", "threads", "cpus", "load_avg_1min", "rounds", "group", "layer", "shape",
-    "cin", "cout", "h", "w", "kh", "kw", "stride", "padding", "dilation", "groups", "batch",
+    "cin", "cout", "spatial_dims", "d", "h", "w", "kd", "kh", "kw", "stride", "padding",
+    "dilation", "groups", "batch",
     "experts", "dtype", "layout", "provider", "mode", "status", "note", "time_ms",
     "static_time_ms", "ratio_to_static", "samples_per_s", "gflop", "tflops", "device_peak_tflops",
     "peak_fraction", "peak_mem_bytes", "mem_extra_bytes", "mem_method",

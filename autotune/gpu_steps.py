@@ -32,7 +32,8 @@ from dataclasses import dataclass
 import torch
 
 from . import bench
-from .shapes import ConvShape, find_layer, tiny
+from .launch_capture import speech_1d, video_3d
+from .shapes import ConvShape, find_layer, planar, tiny
 from .tolerance import reduction_lengths, relative_tolerance
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -133,6 +134,9 @@ def check_cases(tiny_shapes: bool = False) -> list[CheckCase]:
                   backward="spanning_torch"),
         CheckCase(_resnet("layer3.0.conv2"), 32, 4, "fp32", "channels_last", "fused",
                   tf32=True, backward="spanning_torch"),
+        # the 1-D and 3-D front ends (dynamic_conv1d / dynamic_conv3d over the 2-D kernels)
+        CheckCase(speech_1d(), 32, 4, "bf16", "channels_last", "premix"),
+        CheckCase(video_3d(), 8, 4, "bf16", "channels_last", "fused"),
     ]
     if tiny_shapes:
         # one case per geometry (dtype, strategy and layout rotating), one miniature layer
@@ -176,27 +180,33 @@ def tma_eligible(shape: ConvShape, dtype: str, channels_last: bool, device) -> b
     from dynconv.kernels._common import interpreter_enabled
     from dynconv.kernels.conv_fwd_tma import conv_fwd_tma_supported
 
-    x = torch.empty(1, shape.cin, shape.h, shape.w, dtype=DTYPES[dtype], device=device)
+    plan = planar(shape, 1)
+    x = torch.empty(*plan["x"], dtype=DTYPES[dtype], device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    bank_shape = (1, shape.cout, shape.cin // shape.groups, shape.kh, shape.kw)
+    bank_shape = (1, shape.cout, shape.cin // shape.groups, *plan["kernel"])
     interpreter = interpreter_enabled() and x.device.type == "cpu"
-    return conv_fwd_tma_supported(x, bank_shape, (shape.stride,) * 2, shape.groups, interpreter)
+    return conv_fwd_tma_supported(x, bank_shape, plan["stride"], shape.groups, interpreter)
 
 
 def providers_for(case: bench.Case, providers, device) -> list[str]:
-    """``providers`` less ``triton-premix_tma`` where the case is not TMA-eligible."""
+    """``providers`` less ``triton-premix_tma`` where the case is not TMA-eligible, and less
+    ``spanning-torch`` (a 2-D formulation) for a 1-D or 3-D case."""
     tma = f"triton-{TMA_STRATEGY}"
-    if tma in providers and not tma_eligible(case.shape, case.dtype,
-                                             case.layout == "channels_last", device):
-        return [p for p in providers if p != tma]
-    return list(providers)
+    kept = list(providers)
+    if tma in kept and not tma_eligible(case.shape, case.dtype,
+                                        case.layout == "channels_last", device):
+        kept.remove(tma)
+    if case.shape.spatial_dims != 2 and "spanning-torch" in kept:
+        kept.remove("spanning-torch")
+    return kept
 
 
 def timing_cases(tiny_shapes: bool = False) -> list[bench.Case]:
     """The decisive timings: 512@7, 256@14, 128@28, 64@56, the 3x3 stride-2 and the 1x1 stride-2
     downsample (128 -> 256 at 28x28) at batch 32, bf16, channels_last; then 64@56 and 256@14 in
-    NCHW, 256@14 in fp32, 512@7 and 64@56 at batch 128."""
+    NCHW, 256@14 in fp32, 512@7 and 64@56 at batch 128; then a speech-like 1-D layer (batch 32)
+    and a video-like 3-D one (batch 8) against cuDNN's F.conv1d / F.conv3d."""
     b32 = [bench.Case("b32-bf16-cl", _resnet(n), 32, 4, "bf16", "channels_last")
            for n in TIMED_LAYERS]
     more = [bench.Case("nchw", _resnet(n), 32, 4, "bf16", "nchw")
@@ -204,6 +214,8 @@ def timing_cases(tiny_shapes: bool = False) -> list[bench.Case]:
     more += [bench.Case("fp32", _resnet("layer3.0.conv2"), 32, 4, "fp32", "channels_last")]
     more += [bench.Case("b128", _resnet(n), 128, 4, "bf16", "channels_last")
              for n in ("layer4.0.conv2", "layer1.0.conv1")]
+    more += [bench.Case("1d-3d", speech_1d(), 32, 4, "bf16", "channels_last"),
+             bench.Case("1d-3d", video_3d(), 8, 4, "bf16", "channels_last")]
     if tiny_shapes:
         return [bench.Case(c.group, tiny(c.shape, 8, 6), 2, c.experts, c.dtype, c.layout,
                            memory=False) for c in (b32[0], more[0])]
@@ -414,22 +426,28 @@ def _launching_nothing():
 
 
 def _pairs(shape: ConvShape) -> tuple:
-    return ((shape.stride,) * 2, (shape.padding,) * 2, (shape.dilation,) * 2, shape.groups)
+    """The (stride, padding, dilation, groups) of the 2-D launches a shape makes (a 1-D shape's
+    H = 1 view, a 3-D shape's depth planes: :func:`.shapes.planar`)."""
+    plan = planar(shape, 1)
+    return (plan["stride"], plan["padding"], plan["dilation"], shape.groups)
 
 
 def launch_inputs(shape: ConvShape, batch: int, experts: int, dtype: str, channels_last: bool,
                   bias: bool, device) -> tuple:
-    """Empty (x, bank, routing, bias bank, grad_out) laid out as the real runs lay theirs out
-    (and as :mod:`.launch_capture` does on meta tensors): contiguous bank (K, C_out, C_in/G,
+    """Empty (x, bank, routing, bias bank, grad_out) of the 2-D launches of ``shape`` at
+    ``batch`` (:func:`.launch_capture.planar_geometry`), laid out as the real runs lay theirs
+    out (and as :mod:`.launch_capture` does on meta tensors): contiguous bank (K, C_out, C_in/G,
     kh, kw), routing (B, K) and bias bank (K, C_out); x and grad_out channels_last or NCHW."""
+    from .launch_capture import planar_geometry
+
+    x_shape, kernel, *_, grad_shape = planar_geometry(shape, batch)
     options = {"device": device, "dtype": DTYPES[dtype]}
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.empty(batch, shape.cin, shape.h, shape.w, **options)
-    grad_out = torch.empty(batch, shape.cout, shape.ho, shape.wo, **options)
+    x = torch.empty(*x_shape, **options)
+    grad_out = torch.empty(*grad_shape, **options)
     return (x.contiguous(memory_format=memory_format),
-            torch.empty(experts, shape.cout, shape.cin // shape.groups, shape.kh, shape.kw,
-                        **options),
-            torch.empty(batch, experts, **options),
+            torch.empty(experts, shape.cout, shape.cin // shape.groups, *kernel, **options),
+            torch.empty(x_shape[0], experts, **options),
             torch.empty(experts, shape.cout, **options) if bias else None,
             grad_out.contiguous(memory_format=memory_format))
 
@@ -621,10 +639,11 @@ GRADIENTS = ("grad_x", "grad_bank", "grad_routing", "grad_bias")
 
 
 def case_reduction_lengths(case: CheckCase) -> tuple[int, int]:
-    """(forward, backward) reduction lengths of a correctness case (:mod:`.tolerance`)."""
+    """(forward, backward) reduction lengths of a correctness case (:mod:`.tolerance`; a 3-D
+    kernel's depth taps count as more rows of taps)."""
     s = case.shape
-    return reduction_lengths(case.batch, s.cin, s.cout, (s.kh, s.kw), s.groups, case.experts,
-                             s.ho * s.wo)
+    return reduction_lengths(case.batch, s.cin, s.cout, (s.kd * s.kh, s.kw), s.groups,
+                             case.experts, s.do * s.ho * s.wo)
 
 
 def _draw(shape, generator, scale=1.0):
@@ -636,28 +655,33 @@ def check_inputs(case: CheckCase, device) -> tuple:
     rounded to the case's dtype, on ``device``, x and grad_out in the case's layout."""
     s = case.shape
     generator = torch.Generator().manual_seed(0)
-    fan_in = s.cin // s.groups * s.kh * s.kw
-    x = _draw((case.batch, s.cin, s.h, s.w), generator)
-    bank = _draw((case.experts, s.cout, s.cin // s.groups, s.kh, s.kw), generator, fan_in**-0.5)
+    fan_in = s.cin // s.groups * s.kd * s.kh * s.kw
+    x = _draw((case.batch, s.cin, *s.spatial), generator)
+    bank = _draw((case.experts, s.cout, s.cin // s.groups, *s.kernel), generator,
+                 fan_in**-0.5)
     routing = torch.softmax(_draw((case.batch, case.experts), generator), dim=1)
     bias = _draw((case.experts, s.cout), generator) if case.bias else None
-    grad_out = _draw((case.batch, s.cout, s.ho, s.wo), generator)
+    grad_out = _draw((case.batch, s.cout, *s.out_spatial), generator)
     dtype = DTYPES[case.dtype]
     move = lambda t: None if t is None else t.to(device, dtype)  # noqa: E731
-    memory_format = (torch.channels_last if case.layout == "channels_last"
-                     else torch.contiguous_format)
-    return (move(x).contiguous(memory_format=memory_format), move(bank), move(routing),
-            move(bias), move(grad_out).contiguous(memory_format=memory_format))
+    layout = bench.channels_last if case.layout == "channels_last" else torch.Tensor.contiguous
+    return (layout(move(x)), move(bank), move(routing), move(bias), layout(move(grad_out)))
+
+
+def dynamic_conv_of(shape: ConvShape):
+    """``dynconv.dynamic_conv{1,2,3}d`` for the shape's number of spatial axes."""
+    import dynconv
+
+    return {1: dynconv.dynamic_conv1d, 2: dynconv.dynamic_conv2d,
+            3: dynconv.dynamic_conv3d}[shape.spatial_dims]
 
 
 def _native_float64(tensors, grad_out, shape: ConvShape, transform):
     """y and the gradients of the native backend in float64 on ``transform``-ed copies."""
-    from dynconv import dynamic_conv2d
-
     leaves = [None if t is None else transform(t.detach().double()).requires_grad_(True)
               for t in tensors]
-    y = dynamic_conv2d(*leaves, shape.stride, shape.padding, shape.dilation, shape.groups,
-                       backend="native")
+    y = dynamic_conv_of(shape)(*leaves, shape.stride, shape.padding, shape.dilation,
+                               shape.groups, backend="native")
     wanted = [t for t in leaves if t is not None]
     grads = torch.autograd.grad(y, wanted, transform(grad_out.detach().double()))
     return y.detach(), list(grads)
@@ -672,8 +696,6 @@ CHECK_COLUMNS = ["case", "layer", "shape", "batch", "experts", "dtype", "layout"
 def run_check(case: CheckCase, device) -> list[dict]:
     """Rows (y and each gradient) of one case: triton against native in float64, each element
     within the bound; an exception gives one row with status ``error``."""
-    from dynconv import dynamic_conv2d
-
     s = case.shape
     base = {"case": case.label, "layer": s.name, "shape": s.label(), "batch": case.batch,
             "experts": case.experts, "dtype": case.dtype, "layout": case.layout,
@@ -686,8 +708,8 @@ def run_check(case: CheckCase, device) -> list[dict]:
         leaves = [t.requires_grad_(True) for t in tensors if t is not None]
         config_sources(reset=True)
         with tf32_dots(case.tf32), forced_strategy(case.strategy, case.backward):
-            y = dynamic_conv2d(*tensors, s.stride, s.padding, s.dilation, s.groups,
-                               backend="triton")
+            y = dynamic_conv_of(s)(*tensors, s.stride, s.padding, s.dilation, s.groups,
+                                   backend="triton")
             got = [y.detach(), *torch.autograd.grad(y, leaves, grad_out)]
         base["config_sources"] = config_sources()
         want_y, want_grads = _native_float64(tensors, grad_out, s, lambda t: t)
@@ -781,6 +803,9 @@ def strategy_rows(case: bench.Case, device: str) -> list[dict]:
 
     base = {k: v for k, v in bench.case_columns(case).items() if k in STRATEGY_COLUMNS}
     s = case.shape
+    if s.spatial_dims != 2:
+        return [{**base, "kind": "all", "status": "skipped: a 1-D / 3-D layer runs its 2-D "
+                                                  "launches' strategies (their keys)"}]
     try:
         t = bench.make_inputs(case, device)
         with torch.no_grad():

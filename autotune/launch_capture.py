@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .shapes import ConvShape, get_shape_set
+from .shapes import ConvShape, get_shape_set, planar
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -67,6 +67,16 @@ def _test_shapes() -> list[ConvShape]:
     ]
 
 
+def speech_1d() -> ConvShape:
+    """A speech-like 1-D layer: 256 channels, length 1000, kernel 5."""
+    return ConvShape("speech-1d", 256, 256, 1, 1000, 1, 5, 1, 2, spatial_dims=1)
+
+
+def video_3d() -> ConvShape:
+    """A video-like 3-D layer: 64 channels, 8 x 56 x 56 frames, kernel 3."""
+    return ConvShape("video-3d", 64, 64, 56, 56, 3, 3, 1, 1, spatial_dims=3, d=8, kd=3)
+
+
 def driven_cases() -> list[DrivenCase]:
     """The convolutions whose launches the compile-check compiles.
 
@@ -75,6 +85,9 @@ def driven_cases() -> list[DrivenCase]:
     one in bf16 NCHW, and one with K = 17 (fused in several expert passes); the test shapes in
     fp32 NCHW (and two in bf16) with K = 1, 4 and 17 (a K
     past 16 takes the mix kernel's tl.dot path and two expert blocks in the weight gradient).
+
+    Then a speech-like 1-D layer (batch 32, bf16 channels-innermost) and a video-like 3-D one
+    (batch 8, bf16 channels_last_3d), as the 2-D launches they make.
 
     fp32 is driven with tf32 dots (PyTorch's default ``allow_tf32``) and again with them off
     (labels ending in ``ieee``: "ieee" fp32 dots, other specialisations than tf32's): the two
@@ -90,6 +103,12 @@ def driven_cases() -> list[DrivenCase]:
               DrivenCase(resnet["layer2.0.conv2"], 32, 4, "fp16", True),
               DrivenCase(resnet["layer2.0.conv1"], 32, 4, "bf16", False, bias=False),
               DrivenCase(resnet["layer3.0.conv2"], 32, 17, "bf16", True)]
+    # a 1-D speech-like layer (the 2-D kernels on an H = 1 view) and a 3-D video-like one
+    # (one 2-D launch per depth tap over the folded batch x depth planes)
+    # (44 specialisations of their own per target for the 1-D one, none for the 3-D one: its
+    # planes are ResNet's 64-channel 56x56 layer's)
+    cases += [DrivenCase(speech_1d(), 32, 4, "bf16", True),
+              DrivenCase(video_3d(), 8, 4, "bf16", True)]
     for index, shape in enumerate(_test_shapes()):
         experts = (1, 4, 17)[index % 3]
         cases.append(DrivenCase(shape, 3, experts, "fp32", False))
@@ -155,17 +174,30 @@ def _recording(launches: list, label_of):
             os.environ["DYNCONV_TUNED"] = saved[2]
 
 
+def planar_geometry(shape: ConvShape, batch: int) -> tuple:
+    """(x shape, bank kernel, stride, padding, dilation, groups, grad_out shape) of the 2-D
+    launches ``shape`` makes at ``batch`` (:func:`.shapes.planar`: a 1-D shape's H = 1 view, a
+    3-D shape's folded depth planes)."""
+    from dynconv.geometry import output_hw
+
+    plan = planar(shape, batch)
+    out = output_hw(plan["x"][2:], plan["kernel"], plan["stride"], plan["padding"],
+                    plan["dilation"])
+    return (plan["x"], plan["kernel"], plan["stride"], plan["padding"], plan["dilation"],
+            shape.groups, (plan["x"][0], shape.cout, *out))
+
+
 def _meta_inputs(case: DrivenCase):
     shape, dtype = case.shape, DTYPES[case.dtype]
     meta = {"device": "meta", "dtype": dtype}
-    x = torch.empty(case.batch, shape.cin, shape.h, shape.w, **meta)
+    x_shape, kernel, *_, grad_shape = planar_geometry(shape, case.batch)
+    x = torch.empty(*x_shape, **meta)
     if case.channels_last:
         x = x.to(memory_format=torch.channels_last)
-    bank = torch.empty(case.num_experts, shape.cout, shape.cin // shape.groups, shape.kh,
-                       shape.kw, **meta)
-    routing = torch.empty(case.batch, case.num_experts, **meta)
+    bank = torch.empty(case.num_experts, shape.cout, shape.cin // shape.groups, *kernel, **meta)
+    routing = torch.empty(x_shape[0], case.num_experts, **meta)
     bias = torch.empty(case.num_experts, shape.cout, **meta) if case.bias else None
-    grad_out = torch.empty(case.batch, shape.cout, shape.ho, shape.wo, **meta)
+    grad_out = torch.empty(*grad_shape, **meta)
     if case.channels_last:
         grad_out = grad_out.to(memory_format=torch.channels_last)
     return x, bank, routing, bias, grad_out
@@ -185,11 +217,11 @@ def capture(cases: list[DrivenCase], capability: int) -> list[Launch]:
     with _recording(launches, lambda: current["label"]), pruning_for_capability(capability):
         for case in cases:
             x, bank, routing, bias, grad_out = _meta_inputs(case)
-            s = case.shape
-            geometry = ((s.stride, s.stride), (s.padding, s.padding),
-                        (s.dilation, s.dilation), s.groups)
+            _x, _kernel, stride, padding, dilation, groups, _out = planar_geometry(
+                case.shape, case.batch)
+            geometry = (stride, padding, dilation, groups)
             strategies = ["premix", "fused", "spanning"]
-            if conv_fwd_tma_supported(x, bank.shape, geometry[0], s.groups):
+            if conv_fwd_tma_supported(x, bank.shape, geometry[0], groups):
                 strategies.append("premix_tma")  # sm_90+, stride 1, 2-byte channels_last only
             with _tf32_dots(case.tf32):
                 for strategy in strategies:

@@ -330,6 +330,24 @@ def summary_section(frame: pd.DataFrame, images: list[str]) -> list[str]:
                            if not dyn.empty else "-")
             rows.append(row)
         lines += _table(header, rows) + [""]
+    nd = ok[ok["group"] == "1d-3d"]
+    if not nd.empty:
+        lines += ["### 1-D and 3-D layers (time / static `F.conv1d` / `F.conv3d` time)", ""]
+        rows = []
+        for shape in list(dict.fromkeys(nd["shape"])):
+            sub = nd[nd["shape"] == shape]
+            static = sub[(sub["provider"] == "static") & (sub["mode"] == "fwd+bwd")]
+            row = [str(shape), str(sub["batch"].iloc[0]),
+                   _fmt(static["time_ms"].iloc[0] if not static.empty else None, 3)]
+            for provider in providers:
+                for mode in ("fwd", "fwd+bwd"):
+                    value = sub[(sub["provider"] == provider) & (sub["mode"] == mode)][
+                        "ratio_to_static"]
+                    row.append(_fmt(value.iloc[0] if not value.empty else None))
+            rows.append(row)
+        header = ["layer", "batch", "static fwd+bwd ms"] + [
+            f"{p} {m}" for p in providers for m in ("fwd", "fwd+bwd")]
+        lines += _table(header, rows) + [""]
     batch = ok[(ok["group"] == "batch") & (ok["mode"] == "fwd+bwd")]
     if not batch.empty:
         lines += [f"### Batch sweep ({batch.iloc[0]['shape']}, forward+backward)", ""]

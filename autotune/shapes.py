@@ -13,7 +13,12 @@ from dataclasses import asdict, dataclass, replace
 
 @dataclass(frozen=True)
 class ConvShape:
-    """Geometry of one convolution layer: (cin, h, w) -> (cout, ho, wo), square stride etc."""
+    """Geometry of one convolution layer: (cin, h, w) -> (cout, ho, wo), square stride etc.
+
+    ``spatial_dims`` 2 by default. 1: a 1-D convolution along W (length ``w``, kernel ``kw``;
+    ``h`` = ``kh`` = 1, and stride, padding and dilation act on W alone). 3: a 3-D one with a
+    depth ``d`` and kernel depth ``kd`` too (stride, padding and dilation on all three axes).
+    """
 
     name: str
     cin: int
@@ -27,10 +32,21 @@ class ConvShape:
     dilation: int = 1
     groups: int = 1
     count: int = 1
+    spatial_dims: int = 2
+    d: int = 1
+    kd: int = 1
 
     def __post_init__(self):
+        if self.spatial_dims not in (1, 2, 3):
+            raise ValueError(f"ConvShape {self.name!r}: spatial_dims must be 1, 2 or 3, got "
+                             f"{self.spatial_dims!r}")
+        if self.spatial_dims == 1 and (self.h, self.kh) != (1, 1):
+            raise ValueError(f"ConvShape {self.name!r}: a 1-D shape runs along W: h and kh "
+                             f"must be 1, got h={self.h}, kh={self.kh}")
+        if self.spatial_dims != 3 and (self.d, self.kd) != (1, 1):
+            raise ValueError(f"ConvShape {self.name!r}: d and kd are for 3-D shapes")
         for field in ("cin", "cout", "h", "w", "kh", "kw", "stride", "dilation", "groups",
-                      "count"):
+                      "count", "d", "kd"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"ConvShape {self.name!r}: {field} must be an int >= 1, "
@@ -45,25 +61,58 @@ class ConvShape:
             raise ValueError(f"ConvShape {self.name!r}: the output would be empty "
                              f"({self.ho}x{self.wo})")
 
+    def _out(self, size: int, kernel: int) -> int:
+        return (size + 2 * self.padding - self.dilation * (kernel - 1) - 1) // self.stride + 1
+
     @property
     def ho(self) -> int:
-        return (self.h + 2 * self.padding - self.dilation * (self.kh - 1) - 1) // self.stride + 1
+        return 1 if self.spatial_dims == 1 else self._out(self.h, self.kh)
 
     @property
     def wo(self) -> int:
-        return (self.w + 2 * self.padding - self.dilation * (self.kw - 1) - 1) // self.stride + 1
+        return self._out(self.w, self.kw)
+
+    @property
+    def do(self) -> int:
+        """Output depth (1 unless 3-D)."""
+        return self._out(self.d, self.kd) if self.spatial_dims == 3 else 1
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        """The input's spatial sizes: (L,), (H, W) or (D, H, W)."""
+        return {1: (self.w,), 2: (self.h, self.w), 3: (self.d, self.h, self.w)}[
+            self.spatial_dims]
+
+    @property
+    def kernel(self) -> tuple[int, ...]:
+        """The kernel's spatial sizes: (k,), (kh, kw) or (kd, kh, kw)."""
+        return {1: (self.kw,), 2: (self.kh, self.kw), 3: (self.kd, self.kh, self.kw)}[
+            self.spatial_dims]
+
+    @property
+    def out_spatial(self) -> tuple[int, ...]:
+        return {1: (self.wo,), 2: (self.ho, self.wo), 3: (self.do, self.ho, self.wo)}[
+            self.spatial_dims]
 
     def flops(self, batch: int) -> int:
         """Multiply-adds x 2 of one forward pass of a plain (static) conv of this shape."""
-        per_output = (self.cin // self.groups) * self.kh * self.kw
-        return 2 * batch * self.cout * self.ho * self.wo * per_output
+        per_output = (self.cin // self.groups) * self.kh * self.kw * self.kd
+        return 2 * batch * self.cout * self.ho * self.wo * self.do * per_output
 
     def label(self) -> str:
-        """Short human label, e.g. ``64->128 k3 s2 @56`` (``dw`` for depthwise)."""
+        """Short human label, e.g. ``64->128 k3 s2 @56`` (``dw`` for depthwise; ``@L1000`` in
+        1-D, ``@8x56x56`` in 3-D)."""
         kind = "dw " if self.groups == self.cin == self.cout and self.groups > 1 else ""
         grp = f" g{self.groups}" if self.groups > 1 and not kind else ""
-        size = f"{self.h}" if self.h == self.w else f"{self.h}x{self.w}"
-        kernel = f"{self.kh}" if self.kh == self.kw else f"{self.kh}x{self.kw}"
+        if self.spatial_dims == 1:
+            size, kernel = f"L{self.w}", f"{self.kw}"
+        elif self.spatial_dims == 3:
+            size = f"{self.d}x{self.h}x{self.w}"
+            kernel = (f"{self.kh}" if self.kd == self.kh == self.kw
+                      else f"{self.kd}x{self.kh}x{self.kw}")
+        else:
+            size = f"{self.h}" if self.h == self.w else f"{self.h}x{self.w}"
+            kernel = f"{self.kh}" if self.kh == self.kw else f"{self.kh}x{self.kw}"
         return f"{kind}{self.cin}->{self.cout} k{kernel} s{self.stride}{grp} @{size}"
 
     def as_dict(self) -> dict:
@@ -89,8 +138,28 @@ def _dedupe(layers: list[ConvShape]) -> tuple[ConvShape, ...]:
 
 def geometry_key(shape: ConvShape) -> tuple:
     """Everything but the name and count: two shapes with equal keys are the same conv."""
-    return (shape.cin, shape.cout, shape.h, shape.w, shape.kh, shape.kw, shape.stride,
-            shape.padding, shape.dilation, shape.groups)
+    key = (shape.cin, shape.cout, shape.h, shape.w, shape.kh, shape.kw, shape.stride,
+           shape.padding, shape.dilation, shape.groups)
+    if shape.spatial_dims != 2:
+        key += (shape.spatial_dims, shape.d, shape.kd)
+    return key
+
+
+def planar(shape: ConvShape, batch: int) -> dict:
+    """What the 2-D backends run for ``shape`` at ``batch`` (``dynconv.dynamic_conv1d`` /
+    ``dynamic_conv3d`` map themselves onto them): the x shape (B, Cin, H, W), the bank's kernel
+    (kh, kw), the (h, w) stride, padding and dilation, and how many such calls (3-D: one per
+    depth tap, over the folded B x Do planes; the depth padding applied before)."""
+    s = shape
+    if s.spatial_dims == 1:
+        return {"x": (batch, s.cin, 1, s.w), "kernel": (1, s.kw), "stride": (1, s.stride),
+                "padding": (0, s.padding), "dilation": (1, s.dilation), "calls": 1}
+    if s.spatial_dims == 3:
+        return {"x": (batch * s.do, s.cin, s.h, s.w), "kernel": (s.kh, s.kw),
+                "stride": (s.stride,) * 2, "padding": (s.padding,) * 2,
+                "dilation": (s.dilation,) * 2, "calls": s.kd}
+    return {"x": (batch, s.cin, s.h, s.w), "kernel": (s.kh, s.kw), "stride": (s.stride,) * 2,
+            "padding": (s.padding,) * 2, "dilation": (s.dilation,) * 2, "calls": 1}
 
 
 def _resnet18() -> tuple[ConvShape, ...]:
@@ -234,6 +303,9 @@ def tiny(shape: ConvShape, channels: int = 8, size: int = 6) -> ConvShape:
         groups = 1
     reach_h = shape.dilation * (shape.kh - 1) + 1
     reach_w = shape.dilation * (shape.kw - 1) + 1
-    h = max(min(shape.h, size), reach_h)
+    h = 1 if shape.spatial_dims == 1 else max(min(shape.h, size), reach_h)
     w = max(min(shape.w, size), reach_w)
-    return replace(shape, cin=cin, cout=cout, h=h, w=w, groups=groups)
+    d = shape.d
+    if shape.spatial_dims == 3:
+        d = max(min(shape.d, size), shape.dilation * (shape.kd - 1) + 1)
+    return replace(shape, cin=cin, cout=cout, h=h, w=w, d=d, groups=groups)

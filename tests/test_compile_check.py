@@ -248,3 +248,35 @@ def test_capture_drives_ieee_launches_with_their_configs():
             assert (block_p, warps, stages) in _CONV_BWD_DW_IEEE
     for _name, block_k, block_p, warps, stages in out["True blocks"]:
         assert block_k != 16 and (block_p, warps, stages) not in _CONV_BWD_DW_IEEE
+
+
+ND_CAPTURE_SCRIPT = textwrap.dedent("""
+    import json
+    from dynconv.autotune.launch_capture import DrivenCase, capture, speech_1d, video_3d
+    out = {}
+    for name, case in (("1d", DrivenCase(speech_1d(), 2, 4, "bf16", True)),
+                       ("3d", DrivenCase(video_3d(), 2, 4, "bf16", True))):
+        seen = set()
+        for launch in capture([case], 90):
+            named = dict(zip(launch.kernel.arg_names, launch.args))
+            if launch.kernel.fn.__name__ == "conv_fwd_kernel":
+                seen.add((named["H"], named["W"], named["KH"], named["KW"],
+                          named["x_ptr"].shape[0]))
+        out[name] = sorted(seen)
+    print(json.dumps(out))
+""")
+
+
+def test_compile_check_drives_the_1d_and_3d_layers_as_their_2d_launches():
+    """The compile-check covers the 1-D and 3-D front ends through the 2-D launches they make:
+    the speech-like 1-D layer as an H = 1, kh = 1 convolution of the whole batch, the video-like
+    3-D one as 3x3 planes of the folded batch x output depth (2 x 8)."""
+    from dynconv.autotune.launch_capture import driven_cases
+
+    assert {c.shape.spatial_dims for c in driven_cases()} == {1, 2, 3}
+    run = subprocess.run([sys.executable, "-c", ND_CAPTURE_SCRIPT], capture_output=True,
+                         text=True, env=env_without_interpreter(), timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["1d"] == [[1, 1000, 1, 5, 2]]
+    assert out["3d"] == [[56, 56, 3, 3, 16]]

@@ -54,7 +54,7 @@ def test_dry_run_plan_fits_seven_minutes(tmp_path):
     assert total == pytest.approx(float(budget["compile_s"]) + float(budget["run_s"]), abs=0.2)
     assert float(budget["deadline_s"]) == 420 and total <= 420 and budget["fits"] == "yes"
     assert "launches captured for sm_90" in out
-    for needle in ("[1] precompile:", "[2] correctness: 67 cases", "[3] timings: 11 cases",
+    for needle in ("[1] precompile:", "[2] correctness: 69 cases", "[3] timings: 13 cases",
                    "[4] sweep", "[5] tests", "512->512 k3 s1 @7", "64->64 k3 s1 @56",
                    "128->256 k3 s2 @28", "128->256 k1 s2 @28", "K17", "K1 ", "dw ", "3->16 k7 s2",
                    "nchw", "fp16", "fused", "premix", "spanning", "premix_tma",
@@ -83,7 +83,8 @@ def test_cases_cover_the_issue():
     by_torch = [c for c in checks if c.backward == "spanning_torch"]
     assert {c.dtype for c in by_torch} == {"bf16", "fp16", "fp32"}
     assert {c.layout for c in by_torch} == {"channels_last", "nchw"}
-    assert {c.shape.name for c in checks if c.batch < 16 and c.strategy != "premix_tma"} <= {
+    assert {c.shape.name for c in checks if c.batch < 16 and c.strategy != "premix_tma"
+            and c.shape.spatial_dims == 2} <= {
         c.shape.name for c in by_torch}
     assert any(c.batch == 32 and c.strategy != "spanning_torch" for c in by_torch)
     tma = [c for c in checks if c.strategy == "premix_tma"]
@@ -106,7 +107,10 @@ def test_cases_cover_the_issue():
     assert [c.shape.label() for c in first[:4]] == [
         "512->512 k3 s1 @7", "256->256 k3 s1 @14", "128->128 k3 s1 @28", "64->64 k3 s1 @56"]
     assert {(c.batch, c.dtype, c.layout) for c in first} == {(32, "bf16", "channels_last")}
-    assert {c.group for c in timed} == {"b32-bf16-cl", "nchw", "fp32", "b128"}
+    assert {c.group for c in timed} == {"b32-bf16-cl", "nchw", "fp32", "b128", "1d-3d"}
+    # the 1-D and 3-D front ends, checked and timed (against F.conv1d / F.conv3d)
+    assert {c.shape.spatial_dims for c in checks} == {1, 2, 3}
+    assert {c.shape.spatial_dims for c in timed} == {1, 2, 3}
 
 
 def test_tma_provider_only_where_tma_can_run(monkeypatch):
