@@ -14,6 +14,7 @@ COMMANDS = {
     "gpu-check": "dynconv.autotune.gpu_check",
     "cpu-formulations": "dynconv.autotune.cpu_formulations",
     "roofline": "dynconv.autotune.roofline",
+    "onnx": "dynconv.autotune.onnx_bench",
 }
 SUMMARIES = {
     "compile-check": "compile every launched Triton kernel specialisation for sm_80 / sm_90 "
@@ -24,6 +25,7 @@ SUMMARIES = {
     "gpu-check": "on a GPU machine, within 7 minutes: precompile, correctness, decisive timings",
     "cpu-formulations": "time the native backend's CPU formulations (its rule's evidence)",
     "roofline": "H200 roofline model: each strategy's bound per layer vs the static conv (no GPU)",
+    "onnx": "time the ONNX export forms in onnxruntime CPU vs the static model's export",
 }
 
 

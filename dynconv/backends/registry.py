@@ -12,6 +12,7 @@ call.
 
 from __future__ import annotations
 
+import contextvars
 import importlib.util
 import warnings
 from collections.abc import Callable
@@ -22,7 +23,14 @@ import torch
 from dynconv.kernels._common import interpreter_enabled, interpreter_mismatch
 
 from .native.op import native_dynamic_conv2d
-from .reference import grouped_dynamic_conv2d, loop_dynamic_conv2d, spanning_dynamic_conv2d
+from .reference import (
+    auto_onnx_form,
+    grouped_dynamic_conv2d,
+    loop_dynamic_conv2d,
+    matmul_dynamic_conv2d,
+    scan_dynamic_conv2d,
+    spanning_dynamic_conv2d,
+)
 from .triton.op import triton_dynamic_conv2d
 
 AUTO = "auto"
@@ -112,12 +120,48 @@ _BACKENDS = {
 # Every name ``backend=`` accepts.
 BACKEND_NAMES = (AUTO, *_BACKENDS)
 
-# What the library's own paths record under ONNX export: standard ops only, with the batch as a
-# dynamic dimension (the custom ops have no ONNX form, and the grouped trick bakes the batch into
-# ``groups``). Not a choice users make: ``torch.onnx.export`` gets it by itself.
-ONNX_EXPORT = Backend("spanning", spanning_dynamic_conv2d,
-                      "one static conv over K x Cin routing-scaled channels (ONNX export)")
-_EXPORTED_AS_SPANNING = (AUTO, "native", "triton")
+# The forms the library's own paths can be recorded in under ONNX export: standard ops only, the
+# batch a dynamic dimension (the custom ops have no ONNX form, and the grouped trick bakes the
+# batch into ``groups``). ``python -m dynconv.autotune onnx`` times them in onnxruntime.
+ONNX_FORMS = {
+    form.name: form
+    for form in (
+        Backend("auto", auto_onnx_form,
+                "per layer: scan, or spanning for an ungrouped conv with a one-pixel output"),
+        Backend("scan", scan_dynamic_conv2d,
+                "each sample's kernel mixed, then one Conv per sample in an ONNX Scan"),
+        Backend("spanning", spanning_dynamic_conv2d,
+                "one static conv over K x Cin routing-scaled channels (K x the FLOPs)"),
+        Backend("matmul", matmul_dynamic_conv2d,
+                "patches by a one-hot conv, then a batched MatMul with the mixed kernels"),
+    )
+}
+# What ``torch.onnx.export`` records when no form is chosen: the fastest measured in onnxruntime
+# on ImageNet-sized inputs at batch 1 and 8 (perf_reports/onnx/README.md).
+ONNX_EXPORT = ONNX_FORMS["auto"]
+_RECORDED_IN_ONNX_FORM = (AUTO, "native", "triton")
+# The form chosen for the exports in this context (set by ``dynconv.onnx_export_form``); None:
+# ONNX_EXPORT.
+CHOSEN_ONNX_FORM: contextvars.ContextVar[Backend | None] = contextvars.ContextVar(
+    "dynconv_onnx_form", default=None)
+# Forms that record a Scan: TorchScript's exporter (``dynamo=False``) traces by running the code,
+# which would unroll the scan to the example's batch size, so there they give way to spanning.
+_SCAN_FORMS = ("auto", "scan")
+
+
+def onnx_form(name) -> Backend:
+    """The ONNX export form called ``name`` (one of :data:`ONNX_FORMS`), else a ValueError."""
+    if not isinstance(name, str) or name not in ONNX_FORMS:
+        raise ValueError(f"form must be one of {tuple(ONNX_FORMS)}, got {name!r}")
+    return ONNX_FORMS[name]
+
+
+def current_onnx_form() -> Backend:
+    """The form the library's own paths record in the ONNX export in progress."""
+    form = CHOSEN_ONNX_FORM.get() or ONNX_EXPORT
+    if form.name in _SCAN_FORMS and torch.jit.is_tracing():
+        return ONNX_FORMS["spanning"]
+    return form
 
 
 def check_backend_name(name) -> str:
@@ -147,11 +191,12 @@ def resolve(name: str, x: torch.Tensor) -> Backend:
     """The backend that ``backend=name`` runs for input ``x``, checked to be able to run.
 
     Under ``torch.onnx.export`` the library's own paths (``auto``, ``native``, ``triton``) run
-    :data:`ONNX_EXPORT` instead; ``loop`` and ``grouped`` are recorded as they are.
+    an ONNX form instead (:func:`current_onnx_form`: :data:`ONNX_EXPORT` unless one is chosen);
+    ``loop`` and ``grouped`` are recorded as they are.
     """
     check_backend_name(name)
-    if name in _EXPORTED_AS_SPANNING and torch.onnx.is_in_onnx_export():
-        return ONNX_EXPORT
+    if name in _RECORDED_IN_ONNX_FORM and torch.onnx.is_in_onnx_export():
+        return current_onnx_form()
     if name == AUTO:
         name = auto_backend_name(x.device, x.dtype)
     backend = _BACKENDS[name]
