@@ -27,11 +27,15 @@ its CUDA context loses only itself, and the next case runs in a fresh child. In 
    premix_tma where TMA can address the layer) and
    the batch-spanning form in PyTorch, forward / backward / forward+backward interleaved with
    the static conv, peak memory (``timings.csv``, bench's columns), and per-kernel device times
-   from the profiler (``kernels.csv``); no compile pool runs meanwhile;
-5. with the time left only: the **sweep** of the late layers (its candidates precompiled in the
-   pool first; table ``<device>.json``), then a trimmed **tests** run (pytest, Triton tests).
+   from the profiler (``kernels.csv``), each strategy as benchmark mode times it
+   (``strategies.csv``, and the fastest into the table ``<device>.json``); no compile pool runs
+   meanwhile;
+5. with the time left only: the **sweep** of ResNet-18's layers, the timed ones first (its
+   candidates precompiled in the pool first; into ``<device>.json``), then a trimmed **tests**
+   run (pytest, Triton tests).
 
-Everything goes to ``OUT/<device>/`` (at most 7 files, 1 folder down): ``gpu_check.log``,
+Everything goes to ``OUT/<device>/`` (at most 8 files, 1 folder down, what the GPU tool brings
+back): ``gpu_check.log``,
 ``summary.md`` (what ran, the verdicts, estimated against actual seconds) and the CSVs.
 ``--dry-run`` prints the plan with each step's compile count (captured for ``--arch``, 90 by
 default without a GPU) and the estimated time at ``--compile-s`` per compile over 16 compilers.
