@@ -1177,7 +1177,8 @@ def dry_run(args) -> int:
               + f" launch keys for sm_{plan.arch}; no kernel launched")
     est = print_plan(plan, args, facts)
     print(f"would write to {os.path.join(args.out, '<device>')}/ (gpu_check.log, summary.md, "
-          "precompile.csv, correctness.csv, timings.csv, kernels.csv, <device>.json)")
+          "precompile.csv, correctness.csv, timings.csv, kernels.csv, strategies.csv, "
+          "<device>.json)")
     return 1 if est and est["compile_s"] + est["run_s"] > args.deadline_s else 0
 
 
