@@ -211,6 +211,14 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
 _STATIC = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
+def dynamic_conv_of(shape: ConvShape):
+    """``dynconv.dynamic_conv{1,2,3}d`` for the shape's number of spatial axes."""
+    import dynconv
+
+    return {1: dynconv.dynamic_conv1d, 2: dynconv.dynamic_conv2d,
+            3: dynconv.dynamic_conv3d}[shape.spatial_dims]
+
+
 def make_inputs(case: Case, device: str, seed: int = 0) -> dict:
     """Leaf tensors of a case: x, the static weight/bias, the bank, bias bank and routing."""
     generator = torch.Generator().manual_seed(seed)
@@ -246,10 +254,7 @@ def forward_fn(provider: str, case: Case, t: dict) -> tuple[Callable[[], torch.T
         return (lambda: static(t["x"], t["weight"], t["bias"], s.stride, s.padding, s.dilation,
                                s.groups),
                 [t["x"], t["weight"], t["bias"]])
-    import dynconv
-
-    dynamic = {1: dynconv.dynamic_conv1d, 2: dynconv.dynamic_conv2d,
-               3: dynconv.dynamic_conv3d}[s.spatial_dims]
+    dynamic = dynamic_conv_of(s)
     backend = BACKEND_OF[provider]
     return (lambda: dynamic(t["x"], t["bank"], t["routing"], t["bias_bank"], s.stride,
                             s.padding, s.dilation, s.groups, backend=backend),

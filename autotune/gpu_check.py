@@ -653,7 +653,7 @@ class Run:
         self.rows: dict[str, list] = {"correctness": [], "timings": [], "kernels": [],
                                       "precompile": [], "strategies": []}
         self.sinks: dict[str, CsvSink] = {}
-        self.compiles = {"hits": 0, "misses": []}  # Triton compiles in this process, per step
+        self.compiles = {"hits": 0, "misses": []}  # Triton compiles in the case processes
         self.current: str | None = None
         self.estimate: dict = {}
         self.plan: Plan | None = None
@@ -757,13 +757,13 @@ def _run_cases(run: Run, plan: Plan, precompiler, name: str) -> None:
     """Run the cases of step ``name`` (correctness or timings) one at a time in a child process
     (:mod:`.gpu_child`): a case that kills its process, breaks its CUDA context or hangs is
     recorded as an error row and the next case runs in a fresh child."""
-    from . import gpu_steps
+    from . import bench, gpu_steps
     from .gpu_child import CaseProcess
 
     step = run.begin(name)
     cases = plan.checks if name == "correctness" else plan.timings
     offset = 0 if name == "correctness" else len(plan.checks)
-    columns = {"correctness": gpu_steps.CHECK_COLUMNS, "timings": _timing_columns(),
+    columns = {"correctness": gpu_steps.CHECK_COLUMNS, "timings": bench.COLUMNS,
                "kernels": gpu_steps.KERNEL_COLUMNS, "strategies": gpu_steps.STRATEGY_COLUMNS}
 
     def on_compile(hit: bool, kernel: str) -> None:
@@ -815,7 +815,7 @@ def _run_cases(run: Run, plan: Plan, precompiler, name: str) -> None:
                 run.record(name, columns[name], [{"case": label, "tensor": "all",
                                                   "status": "error", "note": note}])
             else:
-                run.record(name, columns[name], [{**_case_columns(case), "provider": "all",
+                run.record(name, columns[name], [{**bench.case_columns(case), "provider": "all",
                                                   "status": "error", "note": note}])
     finally:
         child.close()
@@ -825,18 +825,6 @@ def _run_cases(run: Run, plan: Plan, precompiler, name: str) -> None:
     verdict = ("ok" if counts["ok"] == len(cases)
                else "FAIL" if name == "correctness" else "errors")
     run.end(step, verdict, detail)
-
-
-def _timing_columns() -> list[str]:
-    from . import bench
-
-    return bench.COLUMNS
-
-
-def _case_columns(case) -> dict:
-    from . import bench
-
-    return bench.case_columns(case)
 
 
 def step_correctness(run: Run, plan: Plan, precompiler) -> None:

@@ -668,19 +668,11 @@ def check_inputs(case: CheckCase, device) -> tuple:
     return (layout(move(x)), move(bank), move(routing), move(bias), layout(move(grad_out)))
 
 
-def dynamic_conv_of(shape: ConvShape):
-    """``dynconv.dynamic_conv{1,2,3}d`` for the shape's number of spatial axes."""
-    import dynconv
-
-    return {1: dynconv.dynamic_conv1d, 2: dynconv.dynamic_conv2d,
-            3: dynconv.dynamic_conv3d}[shape.spatial_dims]
-
-
 def _native_float64(tensors, grad_out, shape: ConvShape, transform):
     """y and the gradients of the native backend in float64 on ``transform``-ed copies."""
     leaves = [None if t is None else transform(t.detach().double()).requires_grad_(True)
               for t in tensors]
-    y = dynamic_conv_of(shape)(*leaves, shape.stride, shape.padding, shape.dilation,
+    y = bench.dynamic_conv_of(shape)(*leaves, shape.stride, shape.padding, shape.dilation,
                                shape.groups, backend="native")
     wanted = [t for t in leaves if t is not None]
     grads = torch.autograd.grad(y, wanted, transform(grad_out.detach().double()))
@@ -708,7 +700,7 @@ def run_check(case: CheckCase, device) -> list[dict]:
         leaves = [t.requires_grad_(True) for t in tensors if t is not None]
         config_sources(reset=True)
         with tf32_dots(case.tf32), forced_strategy(case.strategy, case.backward):
-            y = dynamic_conv_of(s)(*tensors, s.stride, s.padding, s.dilation, s.groups,
+            y = bench.dynamic_conv_of(s)(*tensors, s.stride, s.padding, s.dilation, s.groups,
                                    backend="triton")
             got = [y.detach(), *torch.autograd.grad(y, leaves, grad_out)]
         base["config_sources"] = config_sources()

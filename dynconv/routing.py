@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .validation import (
+    SPATIAL_AXES,
     check_gate,
     check_image,
     check_module_device,
@@ -127,7 +128,7 @@ class RoutingMLP(nn.Module):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         check_module_device(x, self.fc1.weight, type(self).__name__)
         if x.dim() not in (3, 4, 5) or x.shape[1] != self.in_channels:
-            spatial = {3: "L", 5: "D, H, W"}.get(x.dim(), "H, W")  # 1-D, 3-D, else 2-D
+            spatial = SPATIAL_AXES.get(x.dim() - 2, SPATIAL_AXES[2])
             raise ValueError(
                 f"x must have shape (B, {self.in_channels}, {spatial}), got {tuple(x.shape)}"
             )

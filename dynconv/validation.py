@@ -61,7 +61,8 @@ def check_positive_int(value, name: str) -> int:
     return as_int
 
 
-_SPATIAL = {1: "L", 2: "H, W", 3: "D, H, W"}
+# The spatial axes of an input of 1, 2 or 3 spatial dimensions, as the errors name them.
+SPATIAL_AXES = {1: "L", 2: "H, W", 3: "D, H, W"}
 
 
 def check_image(x: torch.Tensor, name: str = "x") -> None:
@@ -69,7 +70,7 @@ def check_image(x: torch.Tensor, name: str = "x") -> None:
     (and a router's average over no pixels would be NaN)."""
     spatial = x.shape[2:]
     if x.shape[0] > 0 and math.prod(spatial) == 0:
-        axes = _SPATIAL.get(len(spatial), "the spatial sizes")
+        axes = SPATIAL_AXES.get(len(spatial), "the spatial sizes")
         raise ValueError(
             f"{name} must have {' > 0 and '.join(axes.split(', '))} > 0 when B > 0 (as "
             f"nn.Conv{len(spatial)}d requires), got shape {tuple(x.shape)}"
@@ -256,8 +257,8 @@ def _check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dila
     check_tensor(weight_bank, "weight_bank")
     check_tensor(routing, "routing")
     if x.dim() != n + 2:
-        raise ValueError(f"x must be {n + 2}-D (B, C, {_SPATIAL[n]}), got {x.dim()}-D with "
-                         f"{_describe(x)}")
+        raise ValueError(f"x must be {n + 2}-D (B, C, {SPATIAL_AXES[n]}), got {x.dim()}-D "
+                         f"with {_describe(x)}")
     check_image(x)
     if weight_bank.dim() != n + 3:
         raise ValueError(

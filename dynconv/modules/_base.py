@@ -121,10 +121,19 @@ class DynamicConvNd(nn.Module):
         return self.router
 
     @classmethod
-    def _from_conv(cls, conv, num_experts: int, perturb: float, generator, padding, kwargs,
-                   method: str):
-        """The body of ``from_conv{n}d`` (its docstring says what it does); ``padding`` is the
-        new module's, ``method`` the public name (for error messages)."""
+    def _padding_of(cls, conv) -> tuple | str:
+        """The ``padding`` argument of a module of this class that convolves as ``conv`` does
+        (a subclass with a forward of its own is refused: see :func:`plain_conv_padding`)."""
+        return plain_conv_padding(conv, cls.conv_type)
+
+    @classmethod
+    def _from_conv(cls, conv, num_experts: int, perturb: float, generator, kwargs, method: str):
+        """The body of ``from_conv{n}d`` (its docstring says what it does); ``method`` is the
+        public name (for error messages)."""
+        kind = cls.conv_type
+        if not isinstance(conv, kind):
+            raise TypeError(f"conv must be an nn.{kind.__name__}, got {type(conv).__name__}")
+        padding = cls._padding_of(conv)
         if conv.padding_mode != "zeros":
             raise ValueError(
                 f"conv.padding_mode must be 'zeros' (dynamic convolution pads with zeros), got "
@@ -197,7 +206,7 @@ class DynamicConvNd(nn.Module):
         return text + f", backend={self.backend!r}"
 
 
-def plain_conv_padding(conv: nn.Module, conv_type: type[nn.Module], method: str):
+def plain_conv_padding(conv: nn.Module, conv_type: type[nn.Module]):
     """``conv.padding`` if ``conv`` convolves as ``conv_type`` does; a subclass with a forward
     of its own is refused (a dynamic conv would not compute what it does)."""
     kind = type(conv)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..functional import dynamic_conv1d, dynamic_conv2d, dynamic_conv3d
-from ._base import DynamicConvNd, plain_conv_padding
+from ._base import DynamicConvNd
 
 _SHARED_DOC = """
     Parameters:
@@ -56,19 +56,15 @@ class DynamicConv2d(DynamicConvNd):
         that a uniform mix still gives ``conv``'s weight exactly (and a near-uniform one, as
         the router starts, nearly): the experts can then drift apart from the first step.
         """
-        if not isinstance(conv, nn.Conv2d):
-            raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
-        return cls._from_conv(conv, num_experts, perturb, generator, _padding_of(conv), kwargs,
-                              "from_conv2d")
+        return cls._from_conv(conv, num_experts, perturb, generator, kwargs, "from_conv2d")
 
-
-def _padding_of(conv: nn.Conv2d):
-    """The ``padding`` argument of a DynamicConv2d that convolves as ``conv`` does."""
-    kind = type(conv)
-    if kind.__name__ == "Conv2dSame" and kind.__module__.split(".")[0] == "timm":
-        # timm's Conv2dSame: padding 0 in the module, TF "same" padding of x in forward.
-        return "same_tf"
-    return plain_conv_padding(conv, nn.Conv2d, "from_conv2d")
+    @classmethod
+    def _padding_of(cls, conv: nn.Conv2d):
+        kind = type(conv)
+        if kind.__name__ == "Conv2dSame" and kind.__module__.split(".")[0] == "timm":
+            # timm's Conv2dSame: padding 0 in the module, TF "same" padding of x in forward.
+            return "same_tf"
+        return super()._padding_of(conv)
 
 
 class DynamicConv1d(DynamicConvNd):
@@ -88,11 +84,7 @@ class DynamicConv1d(DynamicConvNd):
                     generator: torch.Generator | None = None, **kwargs) -> DynamicConv1d:
         """A DynamicConv1d whose K experts all start as ``conv``'s weight (and bias): as
         :meth:`DynamicConv2d.from_conv2d`."""
-        if not isinstance(conv, nn.Conv1d):
-            raise TypeError(f"conv must be an nn.Conv1d, got {type(conv).__name__}")
-        padding = plain_conv_padding(conv, nn.Conv1d, "from_conv1d")
-        return cls._from_conv(conv, num_experts, perturb, generator, padding, kwargs,
-                              "from_conv1d")
+        return cls._from_conv(conv, num_experts, perturb, generator, kwargs, "from_conv1d")
 
 
 class DynamicConv3d(DynamicConvNd):
@@ -113,8 +105,4 @@ class DynamicConv3d(DynamicConvNd):
                     generator: torch.Generator | None = None, **kwargs) -> DynamicConv3d:
         """A DynamicConv3d whose K experts all start as ``conv``'s weight (and bias): as
         :meth:`DynamicConv2d.from_conv2d`."""
-        if not isinstance(conv, nn.Conv3d):
-            raise TypeError(f"conv must be an nn.Conv3d, got {type(conv).__name__}")
-        padding = plain_conv_padding(conv, nn.Conv3d, "from_conv3d")
-        return cls._from_conv(conv, num_experts, perturb, generator, padding, kwargs,
-                              "from_conv3d")
+        return cls._from_conv(conv, num_experts, perturb, generator, kwargs, "from_conv3d")

@@ -97,5 +97,5 @@ def _auto_strategy(grad_out, x, weight_bank, routing, bias_bank, stride, padding
     """The strategy of an ``"auto"`` backward (:func:`.strategy.choose`; the rule: per_sample)."""
     key, eligible, runs = strategy_runs(grad_out, x, weight_bank, routing, bias_bank, stride,
                                         padding, dilation, groups, output_mask)
-    return strategies.choose("backward", key, x.device, eligible, lambda: runs,
+    return strategies.choose("backward", key, x.device, lambda: (eligible, runs),
                              lambda: strategies.DEFAULT_BACKWARD)

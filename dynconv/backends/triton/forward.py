@@ -79,29 +79,41 @@ def eligible_strategies(x: torch.Tensor, weight_bank_shape, stride, groups: int,
                                                                  groups, interpreter))
 
 
+def _call_key(x, weight_bank, bias_bank, stride, padding, dilation, groups) -> str:
+    return strategies.call_key(x.shape, weight_bank.shape, stride, padding, dilation, groups,
+                               x.dtype, output_memory_format(x) == torch.channels_last,
+                               bias_bank is not None)
+
+
+def _candidates(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups
+                ) -> tuple[tuple[str, ...], dict]:
+    """(the strategies that can run this call, {strategy: a zero-argument run of the forward
+    with it})."""
+    interpreter = interpreter_enabled() and x.device.type == "cpu"
+    eligible = eligible_strategies(x, weight_bank.shape, stride, groups, interpreter)
+    runs = {name: functools.partial(triton_forward_impl, x, weight_bank, routing, bias_bank,
+                                    stride, padding, dilation, groups, strategy=name)
+            for name in eligible}
+    return eligible, runs
+
+
 def strategy_runs(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups
                   ) -> tuple[str, tuple[str, ...], dict]:
     """(the call's key, its eligible strategies, {strategy: a zero-argument run of the
     forward with it}): what benchmark mode and the sweep time."""
-    interpreter = interpreter_enabled() and x.device.type == "cpu"
-    eligible = eligible_strategies(x, weight_bank.shape, stride, groups, interpreter)
-    key = strategies.call_key(x.shape, weight_bank.shape, stride, padding, dilation, groups,
-                              x.dtype, output_memory_format(x) == torch.channels_last,
-                              bias_bank is not None)
-    runs = {name: functools.partial(triton_forward_impl, x, weight_bank, routing, bias_bank,
-                                    stride, padding, dilation, groups, strategy=name)
-            for name in eligible}
-    return key, eligible, runs
+    args = (x, weight_bank, routing, bias_bank, stride, padding, dilation, groups)
+    return (_call_key(x, weight_bank, bias_bank, stride, padding, dilation, groups),
+            *_candidates(*args))
 
 
 def _auto_strategy(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
                    out_hw) -> str:
     """The strategy of an ``"auto"`` call (:func:`.strategy.choose`)."""
-    key, eligible, runs = strategy_runs(x, weight_bank, routing, bias_bank, stride, padding,
-                                        dilation, groups)
+    args = (x, weight_bank, routing, bias_bank, stride, padding, dilation, groups)
     # Positional arguments: tools and tests replace the rule by ``lambda *args: name``.
     return strategies.choose(
-        "forward", key, x.device, eligible, lambda: runs,
+        "forward", _call_key(x, weight_bank, bias_bank, stride, padding, dilation, groups),
+        x.device, lambda: _candidates(*args),
         lambda: choose_strategy(x.shape, weight_bank.shape, out_hw, groups, x.dtype))
 
 

@@ -25,13 +25,14 @@ gradients are asked for; the cache also the device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable
 
 import torch
 
 from .. import benchmark
-from ..benchmark import benchmark_enabled, fastest, set_benchmark  # noqa: F401  (the API)
+from ..benchmark import benchmark_enabled
 
 FORWARD_STRATEGIES = ("premix", "fused", "spanning", "premix_tma", "spanning_torch")
 BACKWARD_STRATEGIES = ("per_sample", "spanning_torch")
@@ -112,16 +113,6 @@ def _device_key(device: torch.device) -> str:
     return device.type
 
 
-# --- timing ---------------------------------------------------------------------------------
-
-
-def time_strategies(runs: dict[str, Callable[[], object]], device: torch.device,
-                    repeats: int = benchmark.BENCHMARK_REPEATS) -> dict[str, float | str]:
-    """{strategy: median ms, or why it could not run} of each zero-argument run
-    (:data:`dynconv.backends.benchmark.TIMER`)."""
-    return benchmark.time_alternatives(runs, device, repeats)
-
-
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -129,37 +120,34 @@ def _capturing(device: torch.device) -> bool:
 # --- the choices -------------------------------------------------------------------------------
 
 
-def _table_choice(kind: str, key: str, device: torch.device, eligible) -> str | None:
-    from dynconv.kernels import tuned_table
-
-    choice = tuned_table.lookup_strategy(kind, key, device)
-    return choice if choice in eligible else None
-
-
-def choose(kind: str, key: str, device: torch.device, eligible: tuple[str, ...],
-           runs: Callable[[], dict[str, Callable[[], object]]], rule: Callable[[], str]) -> str:
+def choose(kind: str, key: str, device: torch.device,
+           candidates: Callable[[], tuple[tuple[str, ...], dict[str, Callable[[], object]]]],
+           rule: Callable[[], str]) -> str:
     """The strategy of one call (``kind`` "forward" or "backward"): forced, table, benchmark
-    cache (timing ``runs()`` on a miss), rule. ``eligible``: the strategies that can run it."""
-    name, source = _choose(kind, key, device, eligible, runs, rule)
+    cache (timing the runs on a miss), rule. ``candidates()`` gives (the strategies that can run
+    the call, {strategy: a zero-argument run of the call with it}); it is called only where a
+    table or benchmark mode needs it, so that the rule's path pays for neither."""
+    name, source = _choose(kind, key, device, functools.cache(candidates), rule)
     last_choice[kind] = (key, name, source)
     return name
 
 
-def _choose(kind, key, device, eligible, runs, rule) -> tuple[str, str]:
+def _choose(kind, key, device, candidates, rule) -> tuple[str, str]:
+    from dynconv.kernels import tuned_table
+
     name = _forced[kind]
     if name is not None:
         return name, "forced"
-    name = _table_choice(kind, key, device, eligible)
-    if name is not None:
+    name = tuned_table.lookup_strategy(kind, key, device)
+    if name is not None and name in candidates()[0]:
         return name, "table"
-    if benchmark_enabled() and len(eligible) > 1 and not _capturing(device):
+    if benchmark_enabled() and not _capturing(device) and len(candidates()[0]) > 1:
         cache_key = (kind, key, _device_key(device))
         with _lock:
             name = _cache.get(cache_key)
         if name is None:
-            candidates = {n: run for n, run in runs().items() if n in eligible}
-            times = time_strategies(candidates, device)
-            name = fastest(times) or rule()
+            times = benchmark.time_alternatives(candidates()[1], device)
+            name = benchmark.fastest(times) or rule()
             with _lock:
                 _cache[cache_key] = name
             benchmark.log.debug("dynconv benchmark: triton %s %s -> %s (%s)", kind, key, name,
