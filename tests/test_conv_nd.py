@@ -220,14 +220,18 @@ def draw(seed: int):
 
 @pytest.mark.parametrize("seed", range(RANDOM_SEED, RANDOM_SEED + RANDOM_CASES))
 def test_random_nd_draw(seed):
+    """Every backend on the draw: the PyTorch ones in float64, triton (under the interpreter
+    without a GPU; it takes no float64) in float32."""
     n, batch, cin, cout, size, k, s, p, d, g, experts, bias, layout = draw(seed)
-    for backend in PYTORCH_BACKENDS:
-        args = inputs(n, batch, cin, cout, size, k, g, experts, bias, layout=layout, seed=seed)
+    for backend in (*PYTORCH_BACKENDS, "triton"):
+        dtype, tolerance = (torch.float32, F32) if backend == "triton" else (torch.float64, F64)
+        args = inputs(n, batch, cin, cout, size, k, g, experts, bias, dtype=dtype,
+                      layout=layout, seed=seed)
         if batch == 0:
             y = FUNCTIONAL[n](*args, s, p, d, g, backend=backend)
             assert y.shape[0] == 0
             continue
-        check(n, backend, args, (s, p, d, g))
+        check(n, backend, args, (s, p, d, g), tolerance=tolerance)
 
 
 # --- edges ---------------------------------------------------------------------------------------
