@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -22,7 +23,8 @@ def convert_conv2d(
     """Replace ``nn.Conv2d`` layers of ``model`` by :meth:`DynamicConv2d.from_conv2d` copies.
 
     Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: the layers are replaced in place and the
-    model is returned (a bare ``nn.Conv2d`` given as ``model`` is returned converted). Each new
+    model is returned (a bare ``nn.Conv2d`` given as ``model`` is returned converted; a model
+    in which nothing is converted is returned unchanged, with a ``UserWarning``). Each new
     layer's experts start from the old weight, so with softmax gates the converted model
     computes the same function (to rounding) until it trains.
 
@@ -36,7 +38,8 @@ def convert_conv2d(
         kwargs: passed to :meth:`DynamicConv2d.from_conv2d` (temperature, gate, reduction,
             backend, router, perturb, generator).
     """
-    return _convert(model, nn.Conv2d, DynamicConv2d.from_conv2d, num_experts, filter, kwargs)
+    return _convert(model, nn.Conv2d, DynamicConv2d.from_conv2d, num_experts, filter, kwargs,
+                    "convert_conv2d")
 
 
 def convert_conv1d(model: nn.Module, num_experts: int = 4,
@@ -44,7 +47,8 @@ def convert_conv1d(model: nn.Module, num_experts: int = 4,
                    **kwargs) -> nn.Module:
     """Replace ``nn.Conv1d`` layers of ``model`` by :meth:`DynamicConv1d.from_conv1d` copies:
     as :func:`convert_conv2d`."""
-    return _convert(model, nn.Conv1d, DynamicConv1d.from_conv1d, num_experts, filter, kwargs)
+    return _convert(model, nn.Conv1d, DynamicConv1d.from_conv1d, num_experts, filter, kwargs,
+                    "convert_conv1d")
 
 
 def convert_conv3d(model: nn.Module, num_experts: int = 4,
@@ -52,27 +56,54 @@ def convert_conv3d(model: nn.Module, num_experts: int = 4,
                    **kwargs) -> nn.Module:
     """Replace ``nn.Conv3d`` layers of ``model`` by :meth:`DynamicConv3d.from_conv3d` copies:
     as :func:`convert_conv2d`."""
-    return _convert(model, nn.Conv3d, DynamicConv3d.from_conv3d, num_experts, filter, kwargs)
+    return _convert(model, nn.Conv3d, DynamicConv3d.from_conv3d, num_experts, filter, kwargs,
+                    "convert_conv3d")
 
 
-def _convert(model, conv_type, convert_one, num_experts, filter, kwargs):  # noqa: A002
+def _convert(model, conv_type, convert_one, num_experts, filter, kwargs,  # noqa: A002
+             function: str):
+    """Replace every ``conv_type`` layer of ``model`` chosen by ``filter`` by
+    ``convert_one(layer, num_experts, **kwargs)``; ``function`` is the public name (for the
+    messages)."""
+    return replace_modules(model, conv_type, lambda conv: convert_one(conv, num_experts, **kwargs),
+                           filter, function, stacklevel=4)
+
+
+def replace_modules(model: nn.Module, kind: type[nn.Module],
+                    convert_one: Callable[[nn.Module], nn.Module],
+                    filter: Callable[[str, nn.Module], bool] | None,  # noqa: A002
+                    function: str, stacklevel: int = 3) -> nn.Module:
+    """The walk behind the ``convert_*`` functions: every ``kind`` module of ``model`` for which
+    ``filter(name, module)`` holds (None: every one) replaced in place by ``convert_one(module)``;
+    ``model`` itself converted and returned if it is one. Converting nothing warns (a filter that
+    matches no layer, or a model without such layers, is almost always a mistake); ``function``
+    is the public name the errors and the warning give, ``stacklevel`` the warning's (3: the
+    caller of a public function that calls this one)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if filter is not None and not callable(filter):
         raise TypeError(f"filter must be a callable (name, conv) -> bool, got {filter!r}")
 
     def chosen(name: str, module: nn.Module) -> bool:
-        return isinstance(module, conv_type) and (filter is None or bool(filter(name, module)))
+        return isinstance(module, kind) and (filter is None or bool(filter(name, module)))
 
     if chosen("", model):
-        return convert_one(model, num_experts, **kwargs)
+        return convert_one(model)
     # Collect first, then replace: the module tree must not change while it is walked.
-    targets = [(name, module) for name, module in model.named_modules()
-               if name and chosen(name, module)]
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if isinstance(module, kind)]
+    targets = [(name, module) for name, module in candidates if name and chosen(name, module)]
     for name, module in targets:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child_name, convert_one(module, num_experts, **kwargs))
+        setattr(parent, child_name, convert_one(module))
+    if not targets:
+        kind_name = (f"nn.{kind.__qualname__}" if kind.__module__.startswith("torch.nn.")
+                     else f"{kind.__module__.split('.')[0]}'s {kind.__qualname__}")
+        why = (f"none of its {len(candidates)} {kind_name} layers passed filter" if candidates
+               else f"it has no {kind_name} layer")
+        warnings.warn(f"{function} converted nothing in the {type(model).__name__} it was given: "
+                      f"{why}; the model is returned unchanged", UserWarning, stacklevel=stacklevel)
     return model
 
 

@@ -165,6 +165,27 @@ def check_module_device(x: torch.Tensor, parameter: torch.Tensor, module: str) -
     )
 
 
+def check_input_dtype(x: torch.Tensor, parameter_dtype: torch.dtype, module: str,
+                      autocast: bool = False) -> None:
+    """x (B, C, *spatial) must be floating point and, outside autocast (``autocast`` True:
+    the module casts its operands itself), of the dtype of the module's parameters.
+
+    An integer or bool x (e.g. a uint8 image) is refused with a remedy that converts the input,
+    never the module: a module cannot compute in an integer dtype.
+    """
+    if not x.is_floating_point():
+        raise TypeError(
+            f"x must be a floating-point tensor (the {module} computes in {parameter_dtype}), "
+            f"got dtype {x.dtype}; convert the input with x.to({parameter_dtype}) (integer "
+            f"images usually want scaling too, e.g. x.to({parameter_dtype}) / 255)"
+        )
+    if x.dtype != parameter_dtype and not autocast:
+        raise TypeError(
+            f"x has dtype {x.dtype} but the {module}'s parameters are {parameter_dtype}; "
+            f"convert one of them (module.to({x.dtype}) or x.to({parameter_dtype}))"
+        )
+
+
 def _describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 

@@ -274,7 +274,7 @@ def test_two_process_gloo_run_writes_one_set_of_artifacts(tmp_path):
         (["--epochs", "3", "--anneal-epochs", "4"],
          "argument --anneal-epochs: expected at most --epochs=3, got 4"),
         (["--image-size", "4"], "argument --image-size: expected an int >= 8, got 4"),
-        (["--backend", "nope"], "argument --backend: 'nope' cannot run on cpu"),
+        (["--backend", "nope"], "argument --backend: unknown backend 'nope'; expected one of"),
         (["--backend", "loop", "loop"], "argument --backend: expected distinct backends"),
         (["--train-subset", "5000"], "argument --train-subset: train_subset must be an int in"),
     ],

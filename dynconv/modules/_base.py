@@ -14,6 +14,7 @@ from ..backends.registry import check_backend_name
 from ..routing import RoutingMLP, autocast_enabled
 from ..validation import (
     check_gate,
+    check_input_dtype,
     check_module_device,
     check_padding,
     check_positive_int,
@@ -163,6 +164,24 @@ class DynamicConvNd(nn.Module):
                 new.bias.copy_(conv.bias.detach().unsqueeze(0).expand_as(new.bias))
         return new
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A bank of another K is refused by name (PyTorch would list a size mismatch for the
+        # bank, the bias bank and the router's last layer without saying why).
+        for name in ("weight", "bias"):
+            value = state_dict.get(prefix + name)
+            own = getattr(self, name)
+            if (isinstance(value, torch.Tensor) and own is not None and value.dim() == own.dim()
+                    and value.shape[0] != self.num_experts):
+                raise ValueError(
+                    f"cannot load {prefix + name!r} into this {type(self).__name__}: "
+                    f"num_experts: expected {self.num_experts} (the module's), got "
+                    f"{value.shape[0]} (the state_dict's {name} of shape {tuple(value.shape)}); "
+                    f"build the module with num_experts={value.shape[0]} to load it"
+                )
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
     def forward(self, x: torch.Tensor, routing: torch.Tensor | None = None,
                 return_routing: bool = False):
         """y (B, Cout, *spatial_out) from x (B, Cin, *spatial); ``routing`` (B, K), if given,
@@ -171,6 +190,8 @@ class DynamicConvNd(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         check_module_device(x, self.weight, type(self).__name__)
+        check_input_dtype(x, self.weight.dtype, type(self).__name__,
+                          autocast_enabled(x.device.type))
         if routing is None:
             if self.router is None:
                 raise ValueError(

@@ -76,6 +76,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _backend(text: str) -> str:
+    if text not in BACKEND_NAMES:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend {text!r}; expected one of {', '.join(BACKEND_NAMES)}")
+    return text
+
+
 def _momentum(text: str) -> float:
     value = _non_negative_float(text)
     if value >= 1:
@@ -139,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--anneal-epochs", type=_positive_int, default=None,
                         help="epochs over which the temperature is annealed (default: a third "
                              "of --epochs, rounded up)")
-    parser.add_argument("--backend", nargs="+", default=["auto"],
+    parser.add_argument("--backend", nargs="+", default=["auto"], type=_backend,
                         help="dynamic conv backend(s); one DynamicCNN is trained per backend "
                              f"({', '.join(BACKEND_NAMES)})")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
