@@ -14,12 +14,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dynconv import DynamicCNN, DynamicConv2d
 from dynconv.train import main
-from dynconv.train.data import NUM_CLASSES, TASKS, TEST_SIZE, load_digits_split
+from dynconv.train.data import (
+    AFFINE_TEST_COPIES,
+    FACTORS,
+    MAX_ROTATION_DEGREES,
+    NUM_CLASSES,
+    TASKS,
+    TEST_SIZE,
+    dataset_definition,
+    load_digits_split,
+)
 from dynconv.train.dist import DistContext
 from dynconv.train.loop import (
     TrainConfig,
     evaluate,
     expert_cosine_distance,
+    fit,
     make_optimizer,
     recalibrate_batchnorm,
 )
@@ -62,8 +72,24 @@ def test_affine_digits_are_fixed_distorted_and_normalised():
     clean, hard = load_digits_split(16), load_digits_split(16, task="digits-affine")
     again = load_digits_split(16, task="digits-affine")
     assert torch.equal(hard.train_x, again.train_x) and torch.equal(hard.test_x, again.test_x)
-    assert torch.equal(hard.train_y, clean.train_y) and torch.equal(hard.test_y, clean.test_y)
+    assert torch.equal(hard.train_y, clean.train_y)
+    # The test set: AFFINE_TEST_COPIES differently distorted copies of every test digit.
+    assert torch.equal(hard.test_y, clean.test_y.repeat(AFFINE_TEST_COPIES))
+    assert hard.test_x.shape == (AFFINE_TEST_COPIES * TEST_SIZE, 1, 16, 16)
+    assert clean.test_factors is None and set(hard.test_factors) == set(FACTORS)
+    for values in hard.test_factors.values():
+        assert values.shape == (AFFINE_TEST_COPIES * TEST_SIZE,)
+    assert float(hard.test_factors["rotation_deg"].abs().max()) <= MAX_ROTATION_DEGREES
+    copies = hard.test_x.view(AFFINE_TEST_COPIES, TEST_SIZE, -1)
+    assert float((copies[0] - copies[1]).norm(dim=1).min()) > 0.3 * float(
+        copies[0].norm(dim=1).mean())
+    # Copy c > 0 is its own draw: a rotation list that is not copy 0's.
+    rotations = hard.test_factors["rotation_deg"].view(AFFINE_TEST_COPIES, TEST_SIZE)
+    assert not torch.allclose(rotations[0], rotations[1])
     assert hard.train_x.shape == clean.train_x.shape
+    definition = dataset_definition("digits-affine", 16)
+    assert definition["test_copies"] == AFFINE_TEST_COPIES and definition["image_size"] == 16
+    assert "test_copies" not in dataset_definition("digits")
     assert abs(float(hard.train_x.mean())) < 1e-4
     assert abs(float(hard.train_x.std()) - 1) < 1e-4
     # Every image is moved: no distorted image is close to its clean original.
@@ -119,6 +145,28 @@ def test_recalibrated_batchnorm_holds_the_training_statistics():
         batch_means = [model[0](x[i : i + 7]).mean(dim=(0, 2, 3)) for i in range(0, 50, 7)]
     torch.testing.assert_close(model[1].running_mean, torch.stack(batch_means).mean(0))
     assert model[1].momentum == 0.1 and model.training
+
+
+def test_evaluating_less_often_leaves_the_training_unchanged():
+    """fit evaluates every eval_every epochs and after the last; evaluation (BatchNorm
+    recalibration included) draws no randomness, so the final numbers do not depend on it."""
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    data = load_digits_split(16, train_subset=96)
+    finals = {}
+    for every in (1, 2):
+        config = TrainConfig(epochs=3, batch_size=32, optimizer="adamw", lr=2e-3,
+                             weight_decay=0.05, momentum=0.9, temperature_start=30,
+                             temperature_end=1, anneal_epochs=1, seed=0, eval_every=every)
+        torch.manual_seed(0)
+        model = DynamicCNN(1, 10, num_experts=2, widths=(8, 8, 8))
+        result = fit("d", "auto", model, data, config, ctx, True, lambda d: (lambda x: x),
+                     lambda text: None)
+        assert [row["epoch"] for row in result.rows] == ([0, 1, 2, 3] if every == 1
+                                                         else [0, 2, 3])
+        assert len(result.epoch_seconds) == 3
+        finals[every] = result.rows[-1]
+    for key in ("test_acc", "test_loss", "train_loss", "entropy_stage3"):
+        assert finals[1][key] == finals[2][key], key
 
 
 @pytest.mark.parametrize("decay", ["kernels", "all"])

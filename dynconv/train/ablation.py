@@ -1,23 +1,34 @@
 """Routing ablations: what makes DynamicCNN's routing depend on the input, over several seeds.
 
-    python -m dynconv.train.ablation --out perf_reports/training/ablation          # everything
+    python -m dynconv.train.ablation --out perf_reports/training/ablation   # the quoted set
     python -m dynconv.train.ablation --out DIR --variants today no-router-decay --seeds 0 1 2
+    python -m dynconv.train.ablation --check perf_reports/training/ablation  # no training
 
 Each *variant* is one full recipe (router initialisation, expert initialisation, which
-parameters get weight decay, the temperature schedule, the task); each differs from ``today``
-(the recipe before the ablation) in one thing, except the ``recommended`` ones, which combine
-the winners, and the ``uniform-mix`` controls, which hold the routing uniform. Every
-(variant, seed) pair is one run of :func:`dynconv.train.loop.fit` with the demo's budget (18
-epochs, batch 64, AdamW 2e-3, cosine), in its own worker process with one intra-op thread;
-``--jobs`` runs several at once. Each finished run appends one JSON line to ``DIR/runs.jsonl``
-(a rerun skips what is there), and the table ``DIR/ablation.md`` (+ ``.csv``) and the figure
-``DIR/ablation.png`` summarise mean +- standard deviation over the seeds:
+parameters get weight decay, the temperature schedule, the task); each differs from its base in
+one thing: ``today`` (the recipe before the ablation) for the single-change variants,
+``recommended`` (the library's and the demo's defaults) for the static twins, the
+``uniform-mix`` controls (which hold the routing uniform) and the schedule alternatives on
+digits-affine. Every (variant, seed) pair is one run of :func:`dynconv.train.loop.fit` with the
+demo's budget (18 epochs, batch 64, AdamW 2e-3, cosine), in its own worker process with one
+intra-op thread; ``--jobs`` runs several at once. Each finished run appends one JSON line to
+``DIR/runs.jsonl`` (a rerun skips the (variant, seed) pairs already there with the same recipe
+and data set), with the git commit of the code and the data set's definition. From the runs:
 
-- test accuracy;
-- per dynamic stage: the mean per-image routing entropy as a fraction of log K (1 = uniform),
-  the usage entropy (of the mean routing, also / log K), the mutual information between an
-  image's class and an expert drawn from its routing (in bits), and the mean pairwise cosine
-  distance between the stage's experts.
+- ``ablation.md`` / ``.csv``: per variant, mean ± 95 % confidence interval (Student t over the
+  seeds) and the standard deviation of the test accuracy and of every routing metric: per
+  dynamic stage the mean per-image routing entropy / log K (1 = uniform), the usage entropy (of
+  the mean routing) / log K, I(class; expert) (bits), the expert cosine distance, the share of
+  the routing's variance explained by class, by brightness and contrast and (digits-affine) by
+  the transform parameters, and the accuracy with each image's routing replaced by its batch's
+  mean (:mod:`dynconv.train.diagnostics`);
+- ``comparisons.md``: the differences the project README quotes, with Welch 95 % intervals and
+  p-values, and ``quoted.md``, the README's table;
+- ``ablation.png`` and, for seed 0 of each task's ``recommended``, the per-class routing
+  heatmap and the routing entropy over training.
+
+``--check`` recomputes every table from ``runs.jsonl`` and fails when a file differs, a run
+lacks its commit, or a run's recipe or data set is not what the code now defines (stale).
 """
 
 from __future__ import annotations
@@ -26,8 +37,9 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -37,13 +49,17 @@ from torch import nn
 from dynconv.modules import DynamicCNN, DynamicConv2d
 from dynconv.routing import RoutingMLP
 
-from .data import load_digits_split
+from .data import FACTORS, dataset_definition, load_digits_split
+from .diagnostics import routing_diagnostics
 from .dist import DistContext
 from .loop import TrainConfig, fit
 from .models import StaticCNN
 
 EXPERT_INITS = ("independent", "scaled", "shared")
 STAGES = 3
+# The per-epoch curve is evaluated every EVAL_EVERY epochs (and after the last): evaluation
+# consumes no randomness, so the final numbers are those of an every-epoch curve.
+EVAL_EVERY = 2
 
 
 @dataclass(frozen=True)
@@ -76,9 +92,11 @@ RECOMMENDED = replace(TODAY, router_init="dyconv", decay="kernels")
 # 1/K per expert to ~1e-4 whatever the input). What it gains over the static twin is the
 # parameterisation (K kernels averaged), not input-dependent routing.
 UNIFORM_MIX = replace(RECOMMENDED, temperature_start=1e4, temperature_end=1e4, anneal_epochs=1)
+# The static twin, trained as the demo trains it (decay by dynconv.param_groups, as RECOMMENDED).
+STATIC = replace(RECOMMENDED, model="static")
 
 VARIANTS: dict[str, Recipe] = {
-    "static": replace(TODAY, model="static"),
+    "static": STATIC,
     "today": TODAY,
     "router-init-linear": replace(TODAY, router_init="linear"),
     "router-init-dyconv": replace(TODAY, router_init="dyconv"),
@@ -90,11 +108,38 @@ VARIANTS: dict[str, Recipe] = {
     "experts-shared": replace(TODAY, expert_init="shared"),
     "recommended": RECOMMENDED,
     "uniform-mix": UNIFORM_MIX,
-    "affine-static": replace(TODAY, model="static", task="digits-affine"),
+    "affine-static": replace(STATIC, task="digits-affine"),
     "affine-today": replace(TODAY, task="digits-affine"),
     "affine-recommended": replace(RECOMMENDED, task="digits-affine"),
     "affine-uniform-mix": replace(UNIFORM_MIX, task="digits-affine"),
+    # The temperature schedule's alternatives, with the recommended recipe on digits-affine.
+    "affine-recommended-anneal-dyconv": replace(RECOMMENDED, task="digits-affine",
+                                                anneal_epochs=2),
+    "affine-recommended-no-anneal": replace(RECOMMENDED, task="digits-affine",
+                                            temperature_start=1.0, anneal_epochs=1),
+    "affine-recommended-end-temperature-0.3": replace(RECOMMENDED, task="digits-affine",
+                                                      temperature_end=0.3),
 }
+# What the project README quotes (and ``make training-figures`` runs), each over SEEDS.
+QUOTED = ("static", "recommended", "uniform-mix", "affine-static", "affine-recommended",
+          "affine-uniform-mix", "affine-recommended-anneal-dyconv",
+          "affine-recommended-no-anneal", "affine-recommended-end-temperature-0.3")
+SEEDS = tuple(range(8))
+# The differences the README quotes: (what, better, baseline).
+COMPARISONS = (
+    ("input-dependent routing, digits", "recommended", "uniform-mix"),
+    ("K averaged kernels, digits", "uniform-mix", "static"),
+    ("dynamic over static, digits", "recommended", "static"),
+    ("input-dependent routing, digits-affine", "affine-recommended", "affine-uniform-mix"),
+    ("K averaged kernels, digits-affine", "affine-uniform-mix", "affine-static"),
+    ("dynamic over static, digits-affine", "affine-recommended", "affine-static"),
+    ("anneal over 2 epochs instead of 6, digits-affine", "affine-recommended-anneal-dyconv",
+     "affine-recommended"),
+    ("no anneal (T = 1) instead of 30 -> 1, digits-affine", "affine-recommended-no-anneal",
+     "affine-recommended"),
+    ("end temperature 0.3 instead of 1, digits-affine",
+     "affine-recommended-end-temperature-0.3", "affine-recommended"),
+)
 
 
 def init_experts(model: nn.Module, scheme: str, generator: torch.Generator | None = None) -> None:
@@ -136,8 +181,27 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
     return model
 
 
-def run_one(variant: str, recipe: Recipe, seed: int) -> dict:
-    """Train one (variant, seed) on the CPU with one thread; returns the final metrics."""
+def provenance() -> dict:
+    """The git commit of this checkout and its modified tracked files under ``dynconv/`` (a
+    result made with uncommitted changes says so); ``commit`` is "unknown" outside git."""
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                              check=True).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "dynconv")
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": "unknown", "uncommitted": []}
+    return {"commit": commit,
+            "uncommitted": [line[3:] for line in changed.splitlines() if line.strip()]}
+
+
+def run_one(variant: str, recipe: Recipe, seed: int, source: dict | None = None) -> dict:
+    """Train one (variant, seed) on the CPU with one thread; returns the final metrics, the
+    routing diagnostics, the data set's definition and ``source`` (default: :func:`provenance`)."""
     torch.set_num_threads(1)
     started = time.perf_counter()
     data = load_digits_split(recipe.image_size, task=recipe.task)
@@ -146,6 +210,7 @@ def run_one(variant: str, recipe: Recipe, seed: int) -> dict:
         weight_decay=recipe.weight_decay, momentum=0.9,
         temperature_start=recipe.temperature_start, temperature_end=recipe.temperature_end,
         anneal_epochs=recipe.anneal_epochs, seed=seed, decay=recipe.decay,
+        eval_every=EVAL_EVERY,
     )
     torch.manual_seed(seed)
     model = build_model(recipe, data.num_classes)
@@ -155,6 +220,9 @@ def run_one(variant: str, recipe: Recipe, seed: int) -> dict:
                  lambda desc: (lambda loader: loader), lambda text: None)
     last = result.rows[-1]
     record = {"variant": variant, "seed": seed, "recipe": asdict(recipe),
+              "dataset": dataset_definition(recipe.task, recipe.image_size),
+              **(source if source is not None else provenance()),
+              "torch": str(torch.__version__), "test_images": len(data.test_y),
               "test_acc": last["test_acc"], "test_loss": last["test_loss"],
               "seconds": time.perf_counter() - started,
               "curve": [{k: v for k, v in row.items() if k not in ("model", "backend")}
@@ -168,6 +236,9 @@ def run_one(variant: str, recipe: Recipe, seed: int) -> dict:
             record[f"class_bits_stage{stage}"] = bits
             record[f"expert_distance_stage{stage}"] = last[f"expert_distance_stage{stage}"]
         record["routing_per_class"] = [m.tolist() for m in result.final.routing_per_class]
+        diagnostics = routing_diagnostics(model, data, config.eval_batch_size)
+        record.update(diagnostics)
+        record["seconds"] = time.perf_counter() - started
     return record
 
 
@@ -183,25 +254,69 @@ def mean_spread(values: list[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def t_quantile(df: float) -> float:
+    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (two-sided 95 %)."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def interval_half_width(values: list[float]) -> float:
+    """Half-width of the 95 % confidence interval of the mean of ``values`` (Student t; NaN for
+    fewer than two values)."""
+    if len(values) < 2:
+        return math.nan
+    return t_quantile(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def welch(better: list[float], baseline: list[float]) -> tuple[float, float, float]:
+    """Difference of the means, half-width of its 95 % interval and the two-sided p-value
+    (Welch's unequal-variance t test)."""
+    from scipy.stats import t
+
+    mean_a, mean_b = statistics.fmean(better), statistics.fmean(baseline)
+    var_a = statistics.variance(better) / len(better)
+    var_b = statistics.variance(baseline) / len(baseline)
+    error = math.sqrt(var_a + var_b)
+    difference = mean_a - mean_b
+    if error == 0:
+        return difference, 0.0, (1.0 if difference == 0 else 0.0)
+    df = (var_a + var_b) ** 2 / (var_a**2 / (len(better) - 1) + var_b**2 / (len(baseline) - 1))
+    p_value = 2 * float(t.sf(abs(difference) / error, df))
+    return difference, t_quantile(df) * error, p_value
+
+
+def _stage_metrics(prefix: str, label: str, scale: float = 1.0):
+    return [(f"{prefix}_stage{s}", f"{label} s{s}", scale) for s in range(1, STAGES + 1)]
+
+
+R2_VARIABLES = ("class", "brightness", "contrast", "brightness_contrast", "all_transforms",
+                *FACTORS)
 METRICS = (
-    [("test_acc", "accuracy %", 100.0)]
-    + [(f"entropy_fraction_stage{s}", f"H/logK s{s}", 1.0) for s in range(1, STAGES + 1)]
-    + [(f"usage_fraction_stage{s}", f"usage/logK s{s}", 1.0) for s in range(1, STAGES + 1)]
-    + [(f"class_bits_stage{s}", f"I(class;expert) bits s{s}", 1.0) for s in range(1, STAGES + 1)]
-    + [(f"expert_distance_stage{s}", f"expert cos dist s{s}", 1.0) for s in range(1, STAGES + 1)]
+    [("test_acc", "accuracy %", 100.0), ("mean_routing_acc", "mean-routing accuracy %", 100.0)]
+    + _stage_metrics("mean_routing_acc", "mean-routing accuracy %", 100.0)
+    + _stage_metrics("entropy_fraction", "H/logK")
+    + _stage_metrics("usage_fraction", "usage/logK")
+    + _stage_metrics("class_bits", "I(class;expert) bits")
+    + _stage_metrics("expert_distance", "expert cos dist")
+    + [m for name in R2_VARIABLES for m in _stage_metrics(f"r2_{name}", f"R2 {name}")]
 )
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """One row per variant (in VARIANTS order): seeds and mean / std of every metric."""
+    """One row per variant (in VARIANTS order): seeds, commits, and per metric (mean, sample
+    std) under the metric's key and the 95 % interval's half-width under ``interval``."""
     rows = []
     for variant in [v for v in VARIANTS if any(r["variant"] == v for r in runs)]:
         chosen = [r for r in runs if r["variant"] == variant]
-        row = {"variant": variant, "seeds": sorted(r["seed"] for r in chosen)}
+        row = {"variant": variant, "seeds": sorted(r["seed"] for r in chosen),
+               "commits": sorted({r.get("commit", "unknown") for r in chosen}),
+               "interval": {}}
         for key, _, scale in METRICS:
             values = [r[key] * scale for r in chosen if key in r]
             if values:
                 row[key] = mean_spread(values)
+                row["interval"][key] = interval_half_width(values)
         rows.append(row)
     return rows
 
@@ -213,33 +328,216 @@ def _fmt(cell, digits: int) -> str:
     return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
 
-def write_table(rows: list[dict], path_md: Path, path_csv: Path) -> str:
-    """The markdown summary (accuracy, then per-stage routing metrics) and a flat CSV."""
-    lines = ["| variant | seeds | accuracy % | H / log K (s1, s2, s3) | usage / log K (s1, s2, s3) "
-             "| I(class; expert) bits (s1, s2, s3) | expert cosine distance (s1, s2, s3) |",
-             "|---|---|---:|---|---|---|---|"]
-    def stages(row, prefix, digits):
-        cells = [row.get(f"{prefix}_stage{s}") for s in range(1, STAGES + 1)]
-        return "-" if cells[0] is None else ", ".join(_fmt(c, digits) for c in cells)
+def _ci(row: dict, key: str, digits: int) -> str:
+    """``mean ± half-width`` of the 95 % interval (``mean`` alone for one seed)."""
+    if key not in row:
+        return "-"
+    mean, half = row[key][0], row["interval"].get(key, math.nan)
+    if math.isnan(half):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {half:.{digits}f}"
 
+
+def _provenance_line(rows: list[dict]) -> str:
+    commits = sorted({c for row in rows for c in row["commits"]})
+    return ("Runs made at commit " + ", ".join(c[:12] for c in commits)
+            + " (each run's commit, data set and recipe are in runs.jsonl).")
+
+
+def render_table(rows: list[dict]) -> str:
+    """``ablation.md``: accuracy, routing statistics and variance explained, mean ± 95 %
+    interval over each variant's seeds."""
+    def stages(row, prefix, digits):
+        if f"{prefix}_stage1" not in row:
+            return "-"
+        return ", ".join(_ci(row, f"{prefix}_stage{s}", digits) for s in range(1, STAGES + 1))
+
+    lines = [_provenance_line(rows), "",
+             "Mean ± half-width of the 95 % confidence interval of the mean over the seeds "
+             "(Student t); std: the seeds' sample standard deviation.", "",
+             "| variant | seeds | accuracy % | std | accuracy % with mean routing, all stages "
+             "| ... only stage 1, 2, 3 |",
+             "|---|---:|---:|---:|---:|---|"]
     for row in rows:
-        lines.append(
-            f"| {row['variant']} | {len(row['seeds'])} | {_fmt(row.get('test_acc'), 2)} "
-            f"| {stages(row, 'entropy_fraction', 4)} | {stages(row, 'usage_fraction', 4)} "
-            f"| {stages(row, 'class_bits', 3)} | {stages(row, 'expert_distance', 3)} |")
-    text = "\n".join(lines) + "\n"
-    path_md.write_text(text)
-    header = ["variant", "seeds"] + [f"{k}_{part}" for k, _, _ in METRICS
-                                     for part in ("mean", "std")]
-    csv_lines = [",".join(header)]
+        spread = f"{row['test_acc'][1]:.2f}" if "test_acc" in row else "-"
+        lines.append(f"| {row['variant']} | {len(row['seeds'])} | {_ci(row, 'test_acc', 2)} "
+                     f"| {spread} | {_ci(row, 'mean_routing_acc', 2)} "
+                     f"| {stages(row, 'mean_routing_acc', 2)} |")
+    lines += ["", "Per dynamic stage (s1, s2, s3):", "",
+              "| variant | H / log K | usage / log K | I(class; expert) bits "
+              "| expert cosine distance |", "|---|---|---|---|---|"]
     for row in rows:
-        cells = [row["variant"], " ".join(map(str, row["seeds"]))]
+        if "entropy_fraction_stage1" not in row:
+            continue
+        lines.append(f"| {row['variant']} | {stages(row, 'entropy_fraction', 3)} "
+                     f"| {stages(row, 'usage_fraction', 3)} | {stages(row, 'class_bits', 3)} "
+                     f"| {stages(row, 'expert_distance', 3)} |")
+    lines += ["", "Share of the routing's variance (R²) explained, per stage (s1, s2, s3):", "",
+              "| variant | " + " | ".join(R2_VARIABLES) + " |",
+              "|---|" + "---|" * len(R2_VARIABLES)]
+    for row in rows:
+        if "r2_class_stage1" not in row:
+            continue
+        lines.append(f"| {row['variant']} | "
+                     + " | ".join(stages(row, f"r2_{name}", 2) for name in R2_VARIABLES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_csv(rows: list[dict]) -> str:
+    header = ["variant", "seeds", "commits"] + [f"{k}_{part}" for k, _, _ in METRICS
+                                                for part in ("mean", "std", "ci95")]
+    lines = [",".join(header)]
+    for row in rows:
+        cells = [row["variant"], " ".join(map(str, row["seeds"])),
+                 " ".join(c[:12] for c in row["commits"])]
         for key, _, _ in METRICS:
             mean, spread = row.get(key, (math.nan, math.nan))
-            cells += [f"{mean:.6g}", f"{spread:.6g}"]
-        csv_lines.append(",".join(cells))
-    path_csv.write_text("\n".join(csv_lines) + "\n")
+            cells += [f"{mean:.6g}", f"{spread:.6g}",
+                      f"{row['interval'].get(key, math.nan):.6g}"]
+        lines.append(",".join(cells))
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: list[dict], path_md: Path, path_csv: Path) -> str:
+    """Write :func:`render_table` and :func:`render_csv`; returns the markdown."""
+    text = render_table(rows)
+    path_md.write_text(text)
+    path_csv.write_text(render_csv(rows))
     return text
+
+
+def _accuracies(runs: list[dict], variant: str) -> list[float]:
+    return [100 * r["test_acc"] for r in runs if r["variant"] == variant]
+
+
+def render_comparisons(runs: list[dict]) -> str:
+    """``comparisons.md``: each of COMPARISONS with both variants run, as a difference of mean
+    test accuracy with its Welch 95 % interval and p-value."""
+    lines = [_provenance_line(summarise(runs)), "",
+             "Difference of mean test accuracy (points), Welch 95 % interval and two-sided "
+             "p-value; n = seeds per side.", "",
+             "| comparison | variant | baseline | n | difference | 95 % interval | p |",
+             "|---|---|---|---:|---:|---|---:|"]
+    for what, better, baseline in COMPARISONS:
+        a, b = _accuracies(runs, better), _accuracies(runs, baseline)
+        if len(a) < 2 or len(b) < 2:
+            continue
+        difference, half, p_value = welch(a, b)
+        lines.append(f"| {what} | {better} | {baseline} | {len(a)} / {len(b)} "
+                     f"| {difference:+.2f} | {difference - half:+.2f} to {difference + half:+.2f} "
+                     f"| {p_value:.2g} |")
+    return "\n".join(lines) + "\n"
+
+
+QUOTED_LABELS = {
+    "static": "static twin (nn.Conv2d)",
+    "recommended": "DynamicCNN, the defaults",
+    "uniform-mix": "DynamicCNN, routing held uniform (control)",
+}
+
+
+def render_quoted(runs: list[dict]) -> str:
+    """``quoted.md``: the tables the project README quotes, from QUOTED's runs."""
+    rows = {row["variant"]: row for row in summarise(runs)}
+
+    def seeds(variant):
+        return len(rows[variant]["seeds"]) if variant in rows else 0
+
+    lines = [_provenance_line(list(rows.values())), "",
+             "| model (recipe) | seeds | digits | digits-affine | digits-affine, mean routing |",
+             "|---|---:|---:|---:|---:|"]
+    for variant, label in QUOTED_LABELS.items():
+        affine = f"affine-{variant}"
+        lines.append(f"| {label} | {seeds(variant)} / {seeds(affine)} "
+                     f"| {_ci(rows.get(variant, {}), 'test_acc', 2)} "
+                     f"| {_ci(rows.get(affine, {}), 'test_acc', 2)} "
+                     f"| {_ci(rows.get(affine, {}), 'mean_routing_acc', 2)} |")
+    lines += ["", "| digits-affine, defaults but | seeds | accuracy |", "|---|---:|---:|"]
+    for variant, label in (("affine-recommended-anneal-dyconv", "T 30 -> 1 over 2 epochs"),
+                           ("affine-recommended-no-anneal", "T = 1 throughout"),
+                           ("affine-recommended-end-temperature-0.3", "T 30 -> 0.3")):
+        accuracy = _ci(rows.get(variant, {}), "test_acc", 2)
+        lines.append(f"| {label} | {seeds(variant)} | {accuracy} |")
+    lines += ["", "| routing of the defaults, per stage (s1, s2, s3) | digits | digits-affine |",
+              "|---|---|---|"]
+    for key, label, digits in (("r2_class", "R² by class", 2),
+                               ("r2_brightness_contrast", "R² by brightness and contrast", 2),
+                               ("r2_all_transforms", "R² by the six transform parameters", 2),
+                               ("class_bits", "I(class; expert), bits", 3),
+                               ("entropy_fraction", "per-image entropy / log K", 3)):
+        cells = []
+        for variant in ("recommended", "affine-recommended"):
+            row = rows.get(variant, {})
+            cells.append("-" if f"{key}_stage1" not in row else ", ".join(
+                _ci(row, f"{key}_stage{s}", digits) for s in range(1, STAGES + 1)))
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def _json_form(value):
+    return json.loads(json.dumps(value))
+
+
+def stale_runs(runs: list[dict]) -> list[str]:
+    """Why each run (if any) is not what the current code would produce: no commit, or a recipe
+    or data set that the code no longer defines under its variant's name."""
+    problems = []
+    for run in runs:
+        name = f"{run.get('variant')} seed {run.get('seed')}"
+        if run.get("commit", "unknown") == "unknown":
+            problems.append(f"{name}: no commit recorded")
+        recipe = VARIANTS.get(run.get("variant"))
+        if recipe is None or run.get("recipe") != _json_form(asdict(recipe)):
+            problems.append(f"{name}: its recipe is not the variant's current one")
+            continue
+        if run.get("dataset") != _json_form(dataset_definition(recipe.task, recipe.image_size)):
+            problems.append(f"{name}: its data set is not the current {recipe.task}")
+    return problems
+
+
+def render_all(runs: list[dict]) -> dict[str, str]:
+    """Every table file of an output folder, by name, from its runs."""
+    rows = summarise(runs)
+    return {"ablation.md": render_table(rows), "ablation.csv": render_csv(rows),
+            "comparisons.md": render_comparisons(runs), "quoted.md": render_quoted(runs)}
+
+
+def check(out: Path, variants=QUOTED, min_seeds: int = len(SEEDS)) -> list[str]:
+    """What is wrong with the committed results in ``out`` (empty: nothing): stale runs (see
+    :func:`stale_runs`), a quoted variant with fewer than ``min_seeds`` seeds, or a table file
+    that does not match what ``runs.jsonl`` gives. Trains nothing."""
+    runs = read_runs(out / "runs.jsonl")
+    problems = stale_runs(runs)
+    for variant in variants:
+        seeds = {r["seed"] for r in runs if r["variant"] == variant}
+        if len(seeds) < min_seeds:
+            problems.append(f"{variant}: {len(seeds)} seeds, fewer than {min_seeds}")
+    for name, text in render_all(runs).items():
+        path = out / name
+        if not path.exists() or path.read_text() != text:
+            problems.append(f"{path} does not match runs.jsonl: rerun the ablation (it rewrites "
+                            "the tables without training what is done)")
+    return problems
+
+
+def plot_routing_of(runs: list[dict], variant: str, seed: int, out: Path) -> None:
+    """The per-class routing heatmap and the routing entropy over training of one run, with the
+    demo's plots (``routing_per_class_<variant>_seed<seed>.png``, ``routing_entropy_...``)."""
+    from .report import plot_routing_entropy, plot_routing_per_class
+
+    chosen = [r for r in runs if r["variant"] == variant and r["seed"] == seed]
+    if not chosen or "routing_per_class" not in chosen[0]:
+        return
+    run = chosen[0]
+    recipe = VARIANTS[variant]
+    stages = [torch.tensor(matrix) for matrix in run["routing_per_class"]]
+    plot_routing_per_class(
+        out / f"routing_per_class_{variant}_seed{seed}.png", stages,
+        f"{variant} ({recipe.task}), seed {seed}: mean routing weight per class, test set, "
+        f"T={recipe.temperature_end:g}")
+    plot_routing_entropy(
+        out / f"routing_entropy_{variant}_seed{seed}.png", run["curve"], recipe.num_experts,
+        f"{variant} ({recipe.task}), seed {seed}: routing entropy on the test set")
 
 
 def plot_summary(rows: list[dict], path: Path) -> None:
@@ -280,36 +578,66 @@ def plot_summary(rows: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dynconv.train.ablation",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", type=Path, help="output folder")
+    parser.add_argument("--check", type=Path, metavar="DIR",
+                        help="train nothing: check DIR's committed results against its "
+                             "runs.jsonl and the current code (exit 1 on a problem)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(QUOTED),
+                        help="default: the ones the README quotes")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="override every recipe's epochs (and its anneal, pro rata)")
+    parser.add_argument("--rerun", action="store_true",
+                        help="train every run again, replacing runs.jsonl")
     args = parser.parse_args(argv)
+    if args.check is not None:
+        problems = check(args.check)
+        for problem in problems:
+            print(problem)
+        print(f"{len(problems)} problem(s) in {args.check}")
+        return 1 if problems else 0
+    if args.out is None:
+        parser.error("--out or --check is required")
     args.out.mkdir(parents=True, exist_ok=True)
     runs_path = args.out / "runs.jsonl"
-    done = {(r["variant"], r["seed"]) for r in read_runs(runs_path)}
-    todo = []
-    for variant in args.variants:
-        recipe = VARIANTS[variant]
-        if args.epochs is not None:
-            anneal = max(1, round(recipe.anneal_epochs * args.epochs / recipe.epochs))
-            recipe = replace(recipe, epochs=args.epochs, anneal_epochs=anneal)
-        todo += [(variant, recipe, seed) for seed in args.seeds if (variant, seed) not in done]
-    print(f"{len(todo)} runs to do, {len(done)} already in {runs_path}", flush=True)
+    if args.rerun and runs_path.exists():
+        runs_path.unlink()
+    runs = read_runs(runs_path)
+    stale = stale_runs(runs) if args.epochs is None else []
+    if stale:
+        parser.error(f"{runs_path} holds runs the current code does not define ("
+                     f"{'; '.join(stale[:3])}...): use --rerun, or move the file away")
+    done = {(r["variant"], r["seed"]) for r in runs}
+    todo = []  # seed-major: an interrupted run set leaves every variant with as many seeds
+    for seed in args.seeds:
+        for variant in args.variants:
+            recipe = VARIANTS[variant]
+            if args.epochs is not None:
+                anneal = max(1, round(recipe.anneal_epochs * args.epochs / recipe.epochs))
+                recipe = replace(recipe, epochs=args.epochs, anneal_epochs=anneal)
+            if (variant, seed) not in done:
+                todo.append((variant, recipe, seed))
+    source = provenance()
+    print(f"{len(todo)} runs to do, {len(done)} already in {runs_path}; code at "
+          f"{source['commit'][:12]}" + (f", uncommitted: {source['uncommitted']}"
+                                        if source["uncommitted"] else ""), flush=True)
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [pool.submit(run_one, *job) for job in todo]
-        for future in futures:
+        futures = [pool.submit(run_one, *job, source) for job in todo]
+        for future in as_completed(futures):
             record = future.result()
             with runs_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             print(f"{record['variant']} seed {record['seed']}: accuracy "
                   f"{100 * record['test_acc']:.2f}% in {record['seconds']:.0f} s", flush=True)
-    rows = summarise(read_runs(runs_path))
-    text = write_table(rows, args.out / "ablation.md", args.out / "ablation.csv")
-    plot_summary(rows, args.out / "ablation.png")
-    print(text)
+    runs = read_runs(runs_path)
+    for name, text in render_all(runs).items():
+        (args.out / name).write_text(text)
+    plot_summary(summarise(runs), args.out / "ablation.png")
+    for variant in ("recommended", "affine-recommended"):
+        plot_routing_of(runs, variant, 0, args.out)
+    print((args.out / "ablation.md").read_text())
+    print((args.out / "comparisons.md").read_text())
     return 0
 
 

@@ -221,6 +221,8 @@ class TrainConfig:
     # routers); "all": on every parameter.
     decay: str = "kernels"
     eval_batch_size: int = 256
+    # Evaluate before training, after every eval_every-th epoch and after the last one.
+    eval_every: int = 1
 
 
 DECAY_CHOICES = ("kernels", "all")
@@ -259,7 +261,9 @@ def fit(name: str, backend: str, model: nn.Module, data, config: TrainConfig, ct
     temperature is annealed linearly per step from ``temperature_start`` to ``temperature_end``
     over the first ``anneal_epochs`` epochs, then held. Before every evaluation the BatchNorm
     running statistics are recomputed on the training images (:func:`recalibrate_batchnorm`).
-    ``log`` receives one line per epoch.
+    The test set is evaluated before training, after every ``config.eval_every``-th epoch and
+    after the last (one metrics row each; evaluation draws no random numbers, so it does not
+    change the training). ``log`` receives one line per evaluated epoch.
     """
     model.to(ctx.device)
     trained = model
@@ -304,9 +308,11 @@ def fit(name: str, backend: str, model: nn.Module, data, config: TrainConfig, ct
         progress = progress_factory(f"{name} [{backend}] {epoch}/{config.epochs}")
         train_loss, train_acc, seconds = train_epoch(
             trained, loader, optimizer, lr_schedule, temperature, model, ctx, progress)
+        seconds_per_epoch.append(seconds)
+        if epoch % config.eval_every and epoch != config.epochs:
+            continue
         row, final = evaluate_row(epoch, train_loss, train_acc, seconds, lr)
         rows.append(row)
-        seconds_per_epoch.append(seconds)
         text = (f"{name} [{backend}] epoch {epoch}/{config.epochs}: train loss {train_loss:.4f} "
                 f"acc {train_acc:.4f} | test loss {final.loss:.4f} acc {final.accuracy:.4f} | "
                 f"{seconds:.2f} s")
