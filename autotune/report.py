@@ -72,41 +72,117 @@ def _ok(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame["status"] == "ok"]
 
 
+MODE_WORDS = {"fwd": "forward (no grad)", "bwd": "backward alone",
+              "fwd+bwd": "forward + backward"}
+LAYOUT_WORDS = {"nchw": "NCHW", "channels_last": "channels-last"}
+PROVIDER_WORDS = {"static": "static conv (the reference)", "loop": "loop (one conv per sample)",
+                  "grouped": "grouped trick (batch folded into groups)", "auto": "auto",
+                  "native": "native", "triton": "triton"}
+MEMORY_WORDS = {
+    "fresh_process_vmhwm": "peak memory of a fresh process during one call, above its memory "
+                           "just before",
+    "cuda_max_memory_allocated": "peak CUDA memory allocated during one call, above what was "
+                                 "allocated before",
+}
+# log-axis tick ladders, finest first: the finest one with at most MAX_TICKS ticks is used
+LADDERS = ((1, 1.5, 2, 3, 5, 7), (1, 2, 5), (1, 3), (1,))
+MAX_TICKS = 8
+
+
 def _figure(rows: int, cols: int, width: float = 4.6, height: float = 3.4):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False,
+                             layout="constrained")
     return plt, fig, axes
 
 
 def _save(plt, fig, path: str, title: str) -> str:
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def _plain_ticks(ax, xs=None) -> None:
-    """Plain numbers on log axes (``16``, not ``2^4``); x ticks at the measured values."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+def _figure_legend(fig, axes) -> None:
+    """One legend for the figure, under the panels: every label drawn on any panel, once."""
+    entries: dict[str, object] = {}
+    for ax in axes.ravel():
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(list(entries.values()), list(entries), loc="outside lower center",
+                   ncols=min(len(entries), 5), fontsize=8, frameon=False)
 
-    plain = FuncFormatter(lambda value, _pos: f"{value:g}")
-    if xs is not None:
-        ax.set_xticks(sorted(set(xs)))
-        ax.xaxis.set_major_formatter(plain)
-        ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.yaxis.set_major_formatter(plain)
-    # minor ticks of a log axis: label only 2x and 5x a power of ten, to stay readable
-    ax.yaxis.set_minor_formatter(FuncFormatter(
-        lambda value, _pos: f"{value:g}" if f"{value:.0e}"[0] in "25" else ""))
+
+def log_ticks(low: float, high: float) -> list[float]:
+    """Round tick values for a log axis from one at or below ``low`` to one at or above
+    ``high``: the finest ladder (1, 1.5, 2, 3, 5, 7 per decade, then coarser) that needs at most
+    MAX_TICKS ticks, so the ticks frame every value and are close enough to read them by."""
+    if not (0 < low <= high and math.isfinite(high)):
+        raise ValueError(f"log_ticks: expected 0 < low <= high, got {low}, {high}")
+    first, last = math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1
+    for ladder in LADDERS:
+        values = sorted({float(f"{m * 10.0 ** e:.6g}") for e in range(first, last + 1)
+                         for m in ladder})
+        below = max(v for v in values if v <= low * (1 + 1e-9))
+        above = min(v for v in values if v >= high * (1 - 1e-9))
+        ticks = [v for v in values if below <= v <= above]
+        if len(ticks) <= MAX_TICKS:
+            return ticks
+    step = math.ceil((last - first) / MAX_TICKS)
+    return [10.0 ** e for e in range(first, last + step, step)]
+
+
+def _log_axis(ax, values, axis: str = "y", include: tuple[float, ...] = ()) -> None:
+    """A log axis whose labelled ticks frame ``values`` (and ``include``), in plain numbers."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    finite = [float(v) for v in [*values, *include] if v == v and v > 0 and math.isfinite(v)]
+    if not finite:
+        return
+    ticks = log_ticks(min(finite), max(finite))
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    target.set_major_locator(FixedLocator(ticks))
+    target.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+    target.set_minor_locator(NullLocator())
+    margin = (ticks[-1] / ticks[0]) ** 0.03 if ticks[-1] > ticks[0] else 1.2
+    (ax.set_ylim if axis == "y" else ax.set_xlim)(ticks[0] / margin, ticks[-1] * margin)
+
+
+def _batch_axis(ax, batches) -> None:
+    """x: the measured batch sizes, on a log-2 axis."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(sorted(set(batches))))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _pos: f"{value:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _variant_words(dtype: str, layout: str) -> str:
+    return f"{dtype}, {LAYOUT_WORDS.get(layout, layout)}"
+
+
+def _layer_words(row) -> str:
+    """``128 -> 128 channels, 3x3 kernel, stride 1, on 7x7`` from a CSV row's geometry."""
+    kind = "depthwise " if row["groups"] > 1 and row["groups"] == row["cin"] else ""
+    return (f"{kind}{row['cin']} -> {row['cout']} channels, {row['kh']}x{row['kw']} kernel, "
+            f"stride {row['stride']}, on {row['h']}x{row['w']}")
 
 
 def _variants(frame: pd.DataFrame, columns: list[str]) -> list[tuple]:
     return list(frame[columns].drop_duplicates().itertuples(index=False, name=None))
+
+
+def _provider_line(ax, xs, ys, provider: str) -> None:
+    style = {"linestyle": "--", "linewidth": 2} if provider == "static" else {}
+    ax.plot(xs, ys, marker="o", label=PROVIDER_WORDS.get(provider, provider),
+            color=COLORS.get(provider), **style)
 
 
 def plot_throughput_vs_batch(frame: pd.DataFrame, path: str, title: str) -> str | None:
@@ -120,24 +196,25 @@ def plot_throughput_vs_batch(frame: pd.DataFrame, path: str, title: str) -> str 
         sub = data[(data[keys] == pd.Series(variant, index=keys)).all(axis=1)]
         for col, mode in enumerate(MODES):
             ax = axes[row][col]
-            for provider in _providers(sub):
-                line = sub[(sub["provider"] == provider) & (sub["mode"] == mode)]
-                line = line.sort_values("batch")
-                if line.empty:
-                    continue
-                style = {"linestyle": "--", "linewidth": 2} if provider == "static" else {}
-                label = "static (floor)" if provider == "static" else provider
-                ax.plot(line["batch"], line["samples_per_s"], marker="o", label=label,
-                        color=COLORS.get(provider), **style)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+            part = sub[sub["mode"] == mode]
+            for provider in _providers(part):
+                line = part[part["provider"] == provider].sort_values("batch")
+                _provider_line(ax, line["batch"], line["samples_per_s"], provider)
+            _batch_axis(ax, sub["batch"])
+            _log_axis(ax, part["samples_per_s"])
             ax.set_xlabel("batch")
-            ax.set_ylabel("samples / s")
-            ax.set_title(f"{mode}: {variant[0]}, {variant[1]} {variant[2]}, K={variant[3]}",
+            ax.set_ylabel("samples / s (higher is faster)")
+            ax.set_title(MODE_WORDS.get(mode, mode) if len(variants) == 1 else
+                         f"{MODE_WORDS.get(mode, mode)}: {variant[0]}, "
+                         f"{_variant_words(variant[1], variant[2])}, K = {variant[3]}",
                          fontsize=9)
-            ax.grid(True, which="both", alpha=0.3)
-            _plain_ticks(ax, sub["batch"])
-    axes[0][0].legend(fontsize=8)
+            ax.grid(True, alpha=0.3)
+    _figure_legend(fig, axes)
+    if len(variants) == 1:
+        variant = variants[0]
+        first = data[data["shape"] == variant[0]].iloc[0]
+        title += (f"\n{_layer_words(first)}, {_variant_words(variant[1], variant[2])}, "
+                  f"K = {variant[3]}")
     return _save(plt, fig, path, title)
 
 
@@ -150,29 +227,33 @@ def plot_ratio_by_layer(frame: pd.DataFrame, path: str, title: str) -> str | Non
     modes = [m for m in ("fwd", "fwd+bwd") if m in set(data["mode"])]
     layers = list(dict.fromkeys(data["shape"]))
     plt, fig, axes = _figure(len(variants), len(modes), width=max(5.0, 0.55 * len(layers) + 2),
-                             height=4.0)
+                             height=4.4)
     for row, variant in enumerate(variants):
         sub = data[(data[keys] == pd.Series(variant, index=keys)).all(axis=1)]
         providers = _providers(sub)
         width = 0.8 / max(1, len(providers))
         for col, mode in enumerate(modes):
             ax = axes[row][col]
+            part = sub[sub["mode"] == mode]
             for i, provider in enumerate(providers):
-                bars = sub[(sub["provider"] == provider) & (sub["mode"] == mode)]
+                bars = part[part["provider"] == provider]
                 ratios = bars.set_index("shape")["ratio_to_static"].reindex(layers)
                 xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(layers))]
-                ax.bar(xs, ratios.values, width=width, label=provider,
-                       color=COLORS.get(provider))
-            ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="static = 1")
-            ax.set_yscale("log")
+                ax.bar(xs, ratios.values, width=width, color=COLORS.get(provider),
+                       label=PROVIDER_WORDS.get(provider, provider))
+            ax.axhline(1.0, color="black", linestyle="--", linewidth=1,
+                       label="static conv = 1")
+            _log_axis(ax, part["ratio_to_static"], include=(1.0,))
             ax.set_xticks(range(len(layers)))
             ax.set_xticklabels(layers, rotation=45, ha="right", fontsize=7)
-            ax.set_ylabel("time / static conv time")
-            ax.set_title(f"{mode}: {variant[0]} {variant[1]}, batch {variant[2]}, "
-                         f"K={variant[3]}", fontsize=9)
-            ax.grid(True, axis="y", which="both", alpha=0.3)
-            _plain_ticks(ax)
-    axes[0][0].legend(fontsize=8)
+            ax.set_xlabel("layer: Cin->Cout, kernel k, stride s, @ input size (dw = depthwise)",
+                          fontsize=8)
+            ax.set_ylabel("time / static conv time (lower is faster)")
+            ax.set_title(f"{MODE_WORDS.get(mode, mode)}: "
+                         f"{_variant_words(variant[0], variant[1])}, batch {variant[2]}, "
+                         f"K = {variant[3]}", fontsize=9)
+            ax.grid(True, axis="y", alpha=0.3)
+    _figure_legend(fig, axes)
     return _save(plt, fig, path, title)
 
 
@@ -182,23 +263,20 @@ def plot_memory_vs_batch(frame: pd.DataFrame, path: str, title: str) -> str | No
     if data.empty:
         return None
     method = data["mem_method"].iloc[0] if "mem_method" in data else ""
-    plt, fig, axes = _figure(1, 1, width=6.0, height=4.2)
+    plt, fig, axes = _figure(1, 1, width=6.4, height=4.6)
     ax = axes[0][0]
     for provider in _providers(data):
         line = data[data["provider"] == provider].sort_values("batch")
-        style = {"linestyle": "--", "linewidth": 2} if provider == "static" else {}
-        ax.plot(line["batch"], line["mem_extra_bytes"] / 2**20, marker="o",
-                label="static (floor)" if provider == "static" else provider,
-                color=COLORS.get(provider), **style)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+        _provider_line(ax, line["batch"], line["mem_extra_bytes"] / 2**20, provider)
+    _batch_axis(ax, data["batch"])
+    _log_axis(ax, data["mem_extra_bytes"] / 2**20)
     ax.set_xlabel("batch")
-    ax.set_ylabel("peak memory above inputs (MiB)")
+    ax.set_ylabel("peak memory above the inputs (MiB)")
     first = data.iloc[0]
-    ax.set_title(f"forward+backward, {first['shape']}, {first['dtype']} {first['layout']}\n"
-                 f"({method})", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    _plain_ticks(ax, data["batch"])
+    ax.set_title(f"forward + backward, {_layer_words(first)}, "
+                 f"{_variant_words(first['dtype'], first['layout'])}\n"
+                 f"{MEMORY_WORDS.get(method, method)}", fontsize=9)
+    ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(plt, fig, path, title)
 
@@ -208,7 +286,7 @@ def plot_ratio_vs_axis(frame: pd.DataFrame, path: str, title: str) -> str | None
     groups = [g for g in AXIS_GROUPS if g[0] in set(data["group"])]
     if not groups:
         return None
-    plt, fig, axes = _figure(1, len(groups))
+    plt, fig, axes = _figure(1, len(groups), height=3.8)
     for col, (group, column, xlabel) in enumerate(groups):
         ax = axes[0][col]
         sub = data[data["group"] == group]
@@ -218,22 +296,28 @@ def plot_ratio_vs_axis(frame: pd.DataFrame, path: str, title: str) -> str | None
             line = sub[sub["provider"] == provider].set_index(column)["ratio_to_static"]
             line = line[~line.index.duplicated()].reindex(order)
             xs = range(len(order)) if categorical else order
-            ax.plot(list(xs), line.values, marker="o", label=provider,
-                    color=COLORS.get(provider))
+            _provider_line(ax, list(xs), line.values, provider)
         if categorical:
             ax.set_xticks(range(len(order)))
-            ax.set_xticklabels(order, rotation=20, fontsize=8)
+            ax.set_xticklabels([" ".join(LAYOUT_WORDS.get(w, w) for w in str(v).split())
+                                for v in order], rotation=20, fontsize=8)
         else:
-            ax.set_xscale("log", base=2)
-        ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
-        ax.set_yscale("log")
+            _batch_axis(ax, order)
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="static conv = 1")
+        _log_axis(ax, sub["ratio_to_static"], include=(1.0,))
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("fwd+bwd time / static conv time")
+        ax.set_ylabel("forward + backward time / static conv time")
         first = sub.iloc[0]
-        ax.set_title(f"{group} sweep (batch {first['batch']})", fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        _plain_ticks(ax, None if categorical else order)
-    axes[0][0].legend(fontsize=8)
+        fixed = [f"batch {first['batch']}"]
+        if sub["experts"].nunique() == 1:
+            fixed.append(f"K = {first['experts']}")
+        if sub["shape"].nunique() == 1:
+            fixed.append(_layer_words(first))
+        if sub["variant"].nunique() == 1:
+            fixed.append(_variant_words(first["dtype"], first["layout"]))
+        ax.set_title(f"varying {xlabel.split(' (')[0]}\n" + ", ".join(fixed), fontsize=8)
+        ax.grid(True, alpha=0.3)
+    _figure_legend(fig, axes)
     return _save(plt, fig, path, title)
 
 
@@ -279,7 +363,8 @@ def summary_section(frame: pd.DataFrame, images: list[str]) -> list[str]:
         f"## Preset `{first['preset']}` ({first['run_id']})",
         "",
         f"- device: {first['device_name']} ({first['device']}), {first.get('threads', '?')} "
-        f"threads; torch {first['torch']}, Triton {first['triton'] or '-'}, "
+        f"thread{'' if str(first.get('threads')) == '1' else 's'}; torch {first['torch']}, "
+        f"Triton {first['triton'] or '-'}, "
         f"Python {first['python']}"
         + (f"; commit {first['commit']}" if isinstance(first.get("commit"), str) else ""),
         *_load_line(frame),
@@ -418,7 +503,9 @@ def render(csv_paths: list[str], out_root: str | None = None,
                  + ", ".join(f"`{os.path.basename(p)}`" for p, _ in frames) + ".", ""]
         for _path, frame in frames:
             preset = str(frame["preset"].iloc[0])
-            title = f"{frame['device_name'].iloc[0]}: preset {preset}"
+            threads = frame["threads"].iloc[0] if "threads" in frame else "?"
+            title = (f"{frame['device_name'].iloc[0]} ({frame['device'].iloc[0]}, {threads} "
+                     f"thread{'' if str(threads) == '1' else 's'}): bench preset {preset}")
             images = []
             for name, plot in (("throughput_vs_batch", plot_throughput_vs_batch),
                                ("ratio_by_layer", plot_ratio_by_layer),
