@@ -75,5 +75,19 @@ gpu-check:
 		$(PYTHON) autotune/gpu_check.py --started-at $$started --out $(OUT) $(GPU_CHECK_ARGS); \
 	fi
 
+# Every committed training figure from the current code (CPU, hours on a 2-core machine): the
+# routing ablation that the README's training section quotes (every run again, 2 at a time;
+# then --check), and the demo's own outputs (digits, digits-affine, 2 processes; their
+# checkpoints are git-ignored).
+.PHONY: training-figures
+training-figures: $(VENV)/.installed-dev
+	$(PY) -m dynconv.train.ablation --out perf_reports/training/ablation --jobs 2 --rerun
+	$(PY) -m dynconv.train.ablation --check perf_reports/training/ablation
+	$(PY) -m dynconv.train --out perf_reports/training --threads 1 --no-progress
+	$(PY) -m dynconv.train --out perf_reports/training/affine --task digits-affine --threads 1 \
+		--no-progress
+	$(VENV)/bin/torchrun --nproc_per_node=2 -m dynconv.train --out perf_reports/training/ddp_2proc \
+		--backend native --threads 1 --seeds 1 --no-progress
+
 clean:
 	rm -rf $(VENV) $(VENV_GPU_TRITON) build *.egg-info

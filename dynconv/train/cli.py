@@ -4,7 +4,8 @@
     torchrun --nproc_per_node=2 -m dynconv.train --out runs/digits-ddp
 
 Both models get the same data, seed, optimiser and cosine learning-rate schedule; the dynamic
-model's router temperature is annealed from 30 to 1 over the first epochs, as DyConv trains it.
+model's router temperature falls linearly per step from 30 to 1 over the first third of the
+epochs (DyConv anneals over about its first tenth), then stays at 1.
 Rank 0 prints a progress bar per epoch (on a terminal), one line per epoch and a final table,
 and writes into ``--out``: ``checkpoint.pt``, ``metrics.csv``, ``routing_per_class.csv``,
 ``results.md``, ``accuracy.png`` (test accuracy over training, mean +- std over the seeds) and,
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dynconv-train",
         formatter_class=_DefaultsHelpFormatter,
         description="Train DynamicCNN and a static CNN of the same widths on scikit-learn's "
-                    "handwritten digits (upsampled), with DyConv's temperature anneal.",
+                    "handwritten digits (upsampled); the router temperature is annealed "
+                    "linearly from 30 to 1 over the first third of the epochs.",
     )
     parser.add_argument("--out", type=Path, default=Path("dynconv-train-out"),
                         help="output folder (created; rank 0 writes here)")
@@ -202,6 +204,14 @@ def _progress_factory(show: bool):
                                              dynamic_ncols=True))
 
 
+def _commit_text() -> str:
+    """The code's git commit, with "+ uncommitted changes" when dynconv/ has some."""
+    from .ablation import provenance
+
+    source = provenance()
+    return source["commit"][:12] + (" + uncommitted changes" if source["uncommitted"] else "")
+
+
 def _write_artifacts(out: Path, args, ctx: DistContext, rows, summaries, routing, models,
                      wall_seconds: float) -> str:
     out.mkdir(parents=True, exist_ok=True)
@@ -232,7 +242,7 @@ def _write_artifacts(out: Path, args, ctx: DistContext, rows, summaries, routing
                 f"{args.anneal_epochs} epochs; seeds {args.seed}..{args.seed + args.seeds - 1} "
                 f"(plots: seed {args.seed}); "
                 f"{ctx.world_size} process(es) on {ctx.device.type}; "
-                f"wall time {wall_seconds:.0f} s")
+                f"wall time {wall_seconds:.0f} s; code at {_commit_text()}")
     (out / "results.md").write_text(table + "\n" + settings + "\n")
     return table + "\n" + settings
 
