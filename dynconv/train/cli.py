@@ -220,13 +220,14 @@ def _write_artifacts(out: Path, args, ctx: DistContext, rows, summaries, routing
     for backend, stages in routing.items():
         plot_routing_per_class(
             out / f"routing_per_class_{backend}.png", stages,
-            f"DynamicCNN (K={args.num_experts}, backend {backend}): mean routing weight per "
-            f"class, test set, T={args.temperature_end:g}")
+            f"DynamicCNN (K={args.num_experts}, backend {backend}), seed {args.seed}: mean "
+            f"routing weight per class, test set, T={args.temperature_end:g}")
         backend_rows = [r for r in rows if r["model"] == "DynamicCNN" and r["backend"] == backend
                         and r["seed"] == args.seed]
         plot_routing_entropy(
             out / f"routing_entropy_{backend}.png", backend_rows, args.num_experts,
-            f"DynamicCNN (backend {backend}): routing entropy on the test set")
+            f"DynamicCNN (backend {backend}), seed {args.seed}: routing entropy on the test "
+            f"set")
     plot_accuracy(out / "accuracy.png", rows,
                   f"test accuracy over training ({args.task}), mean and std over {args.seeds} "
                   f"seed(s)")
