@@ -541,36 +541,67 @@ def plot_routing_of(runs: list[dict], variant: str, seed: int, out: Path) -> Non
 
 
 def plot_summary(rows: list[dict], path: Path) -> None:
-    """Accuracy and stage-3 routing metrics per variant, mean with std error bars."""
+    """Accuracy and stage-3 routing metrics per variant: the mean over the seeds with a bar of
+    +- one sample standard deviation (a variant with one seed: a hollow marker, no bar, since its
+    spread is unknown). Static twins grey, dynamic models blue; one legend for the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     def on_digits(row):
         return VARIANTS[row["variant"]].task == "digits"
 
     # (metric, title, which rows): the two tasks' accuracies differ by 50 points: own panels.
-    panels = [("test_acc", "test accuracy (%), digits", on_digits),
-              ("test_acc", "test accuracy (%), digits-affine", lambda row: not on_digits(row)),
-              ("entropy_fraction_stage3", "stage 3: per-image entropy / log K", None),
-              ("class_bits_stage3", "stage 3: I(class; expert), bits", None),
-              ("expert_distance_stage3", "stage 3: expert cosine distance", None)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 0.32 * len(rows) + 1.6),
-                             sharey=True)
-    labels = [row["variant"] for row in rows]
-    for ax, (key, title, keep) in zip(axes, panels, strict=True):
-        for y, row in enumerate(rows):
-            if key in row and (keep is None or keep(row)):
-                mean, spread = row[key]
-                color = "grey" if row["variant"].endswith("static") else "C0"
-                ax.errorbar(mean, y, xerr=spread, fmt="o", color=color, capsize=3)
-        ax.set_title(title, fontsize=9)
-        ax.grid(alpha=0.3)
-    axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
-    axes[0].invert_yaxis()
-    fig.suptitle("Routing ablations (mean ± std over seeds)", fontsize=10)
-    fig.tight_layout()
+    # (metric, title, which rows, the values' range): the two tasks' accuracies differ by 50
+    # points: own panels.
+    panels = [("test_acc", "test accuracy on digits (%)", on_digits, (0, 100)),
+              ("test_acc", "test accuracy on digits-affine (%)", lambda row: not on_digits(row),
+               (0, 100)),
+              ("entropy_fraction_stage3",
+               "stage 3: per-image routing entropy\n(fraction of log K; 1 = uniform mix)", None,
+               (0, 1)),
+              ("class_bits_stage3",
+               "stage 3: information the expert gives\nabout the class, I(class; expert) (bits)",
+               None, (0, None)),
+              ("expert_distance_stage3",
+               "stage 3: mean cosine distance\nbetween the experts' kernels", None, (0, 2))]
+    with plt.rc_context({"axes.autolimit_mode": "round_numbers"}):  # ticks frame the data
+        fig, axes = plt.subplots(1, len(panels), sharey=True, layout="constrained",
+                                 figsize=(3.6 * len(panels), 0.32 * len(rows) + 2.2))
+        labels = [row["variant"] for row in rows]
+        for ax, (key, title, keep, (low, high)) in zip(axes, panels, strict=True):
+            for y, row in enumerate(rows):
+                if key in row and (keep is None or keep(row)):
+                    mean, spread = row[key]
+                    color = "grey" if VARIANTS[row["variant"]].model == "static" else "C0"
+                    if len(row["seeds"]) > 1:
+                        ax.errorbar(mean, y, xerr=spread, fmt="o", color=color, capsize=3)
+                    else:
+                        ax.plot(mean, y, "o", markerfacecolor="white", color=color)
+            ax.set_title(title, fontsize=9)
+            ax.grid(alpha=0.3)
+            # round limits (ticks at both ends), but not past what the metric can take
+            left, right = ax.get_xlim()
+            pad = 0.02 * (right - left)
+            ax.set_xlim(left if low is None else max(left, low - pad),
+                        right if high is None else min(right, high + pad))
+        axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
+        axes[0].set_ylim(len(labels) - 0.5, -0.5)
+    legend = [Line2D([], [], marker="o", linestyle="", color="C0", label="dynamic model"),
+              Line2D([], [], marker="o", linestyle="", color="grey",
+                     label="static twin (nn.Conv2d)"),
+              Line2D([], [], marker="|", markersize=10, linestyle="-", color="black",
+                     label="± one standard deviation over the seeds")]
+    if any(len(row["seeds"]) == 1 for row in rows):
+        legend.append(Line2D([], [], marker="o", linestyle="", color="black",
+                             markerfacecolor="white", label="one seed: ± n/a"))
+    fig.legend(handles=legend, loc="outside lower center", ncols=len(legend), fontsize=8,
+               frameon=False)
+    seeds = sorted({len(row["seeds"]) for row in rows})
+    fig.suptitle(f"Routing ablations: mean over {'/'.join(map(str, seeds))} seeds per recipe",
+                 fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
