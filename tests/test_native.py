@@ -119,7 +119,10 @@ def test_gradcheck_float64(formulation):
 
 
 @pytest.mark.parametrize("formulation", FORMULATIONS)
-def test_saved_tensors_exclude_mixed_weights(formulation):
+def test_saved_tensors_exclude_mixed_weights(formulation, monkeypatch):
+    # Above the saving threshold (max(x / 4, SAVE_MIXED_MIN_BYTES); the floor set to 0 here so
+    # that a tiny case is above it) the B x |W| mixed weights are never saved.
+    monkeypatch.setattr(native, "SAVE_MIXED_MIN_BYTES", 0)
     batch, cin, cout, k = 6, 4, 5, 3
     case = Case(batch, cin, cout, 6, 6, (k, k), 1, 1, 1, 1, 3, True)
     x, bank, routing, bias = make_inputs(case)
@@ -321,6 +324,25 @@ def test_rule_branches():
     assert _rule(4, 64, 128, (56, 56), stride=2) == ("grouped",) * 3
 
 
+def test_rule_bf16_channels_last_without_native_bf16(monkeypatch):
+    # On a CPU without native bf16 convolutions (measured: AMD EPYC Zen 2) a bf16 channels_last
+    # layer the fp32 rule runs grouped gets per-sample forward and weight gradient; elsewhere,
+    # and for other dtypes, layouts or plans, the fp32 rule.
+    from dynconv.backends.native import rule
+
+    def plan(dtype=torch.bfloat16, channels_last=True, cin=64, hw=(14, 14)):
+        return choose_formulations(16, cin, cin, hw, (3, 3), hw, 1, dtype, channels_last, 1,
+                                   (1, 1))
+
+    monkeypatch.setattr(rule, "_native_bf16", False)
+    assert plan() == ("per_sample", "grouped", "per_sample")
+    assert plan(channels_last=False) == ("grouped",) * 3
+    assert plan(dtype=torch.float32) == ("grouped",) * 3
+    assert plan(cin=256) == ("per_sample", "per_sample", "im2col")
+    monkeypatch.setattr(rule, "_native_bf16", True)
+    assert plan() == ("grouped",) * 3
+
+
 def test_rule_follows_thread_count():
     # Per-sample convolutions parallelise within a sample: with 16 threads the 128-channel
     # 16x16 layer has too little work per thread for them and stays grouped.
@@ -433,7 +455,9 @@ def _saved_shapes(case, formulation=None, chunk=None):
     return saved
 
 
-def test_mixed_weights_saved_only_up_to_a_quarter_of_x():
+def test_mixed_weights_saved_only_up_to_a_quarter_of_x(monkeypatch):
+    # The fraction of x alone (the 16 MiB floor off: see test_save_threshold_has_a_16_mib_floor).
+    monkeypatch.setattr(native, "SAVE_MIXED_MIN_BYTES", 0)
     weight_numel = 2 * 2 * 3 * 3
     saving = _saved_shapes(SAVING_CASE)
     assert (3, weight_numel) in saving
@@ -477,6 +501,7 @@ def test_saved_mixed_weights_match_recompute_and_float64_loop(formulation, chunk
 
     saved_y, saved_grads = run()
     monkeypatch.setattr(native, "SAVE_MIXED_MAX_FRACTION", 0.0)
+    monkeypatch.setattr(native, "SAVE_MIXED_MIN_BYTES", 0)
     assert (3, 36) not in _saved_shapes(case, formulation, chunk)
     recomputed_y, recomputed_grads = run()
     # The saved weights are the very values the recompute makes: identical results.
@@ -486,11 +511,14 @@ def test_saved_mixed_weights_match_recompute_and_float64_loop(formulation, chunk
 
 
 def test_saved_mixed_weights_double_backward():
-    # create_graph=True goes through the differentiable path whatever was saved.
+    # create_graph=True goes through the differentiable path whatever was saved (the
+    # formulation forced: the native autograd.Function, not autograd's graph of the trick).
     case = SAVING_CASE.replace(batch=2)
     leaves = tuple(t.requires_grad_(True) for t in make_inputs(case))
-    assert torch.autograd.gradgradcheck(
-        lambda *t: dynamic_conv2d(*t, backend="native", **case.geometry), leaves, fast_mode=True)
+    with native.force_formulation("grouped"):
+        assert torch.autograd.gradgradcheck(
+            lambda *t: dynamic_conv2d(*t, backend="native", **case.geometry), leaves,
+            fast_mode=True)
 
 
 def test_plan_cache_follows_threads_shapes_dtype_and_forcing():
@@ -530,3 +558,111 @@ def test_plan_cache_is_bounded(monkeypatch):
     for batch in range(1, 10):
         native._plan(torch.empty(batch, 4, 6, 6), bank, [1, 1], [1, 1], [1, 1], 1)
         assert len(native._plan_cache) <= 3
+
+
+# --- issue 27: small is small in bytes too ------------------------------------------------------
+
+# The plan's verdicts on meta tensors (no memory): |W| = 128 * 128 * 4 * 4 fp32 = 1 MiB, so 16
+# samples of mixed weights are exactly SAVE_MIXED_MIN_BYTES; the rule runs this layer grouped.
+_MIB_BANK = torch.empty(2, 128, 128, 4, 4, device="meta")
+
+
+def _meta_plan(batch, hw):
+    return native._plan(torch.empty(batch, 128, hw, hw, device="meta"), _MIB_BANK, [1, 1],
+                        [1, 1], [1, 1], 1)
+
+
+def test_save_threshold_has_a_16_mib_floor():
+    # B x |W| <= max(x / 4, 16 MiB): 16 MiB saves whatever x's size, one sample more does not
+    # (x at 4x4: 139 KiB), unless x / 4 is larger (91x91: x / 4 = 17.1 MiB >= 17 MiB).
+    assert native.SAVE_MIXED_MIN_BYTES == 16 * 2**20
+    assert _meta_plan(16, 4).save_mixed and _meta_plan(16, 4).graph
+    assert not _meta_plan(17, 4).save_mixed and not _meta_plan(17, 4).graph
+    assert _meta_plan(17, 91).save_mixed
+    # Never the layer of the memory goal: B=64, C=128, 16x16 (B x |W| = 37.7 MB, x / 4 = 2 MiB).
+    big = native._plan(torch.empty(64, 128, 16, 16, device="meta"),
+                       torch.empty(4, 128, 128, 3, 3, device="meta"), [1, 1], [1, 1], [1, 1], 1)
+    assert not big.save_mixed and not big.graph
+    # recompute_mixed_weights turns both off (the lean path everywhere).
+    with native.recompute_mixed_weights():
+        assert not _meta_plan(1, 4).save_mixed and not _meta_plan(1, 4).graph
+
+
+def _case_plan(case, x, bank):
+    def pair(v):
+        return list(v) if isinstance(v, tuple) else [v, v]
+
+    return native._plan(x, bank, pair(case.stride), pair(case.padding), pair(case.dilation),
+                        case.groups)
+
+
+def _grad_fn_name(case, formulation=None, **grad):
+    leaves = [t if t is None else t.requires_grad_(grad.get(name, True))
+              for name, t in zip(("x", "bank", "routing", "bias"), make_inputs(case))]
+    with native.force_formulation(formulation):
+        y = dynamic_conv2d(*leaves, backend="native", **case.geometry)
+    return type(y.grad_fn).__name__
+
+
+def test_small_grouped_layers_take_autograds_graph():
+    # Small B x |W| and the rule's plan grouped for every part (CASES[0], the depthwise case):
+    # the grouped trick's own autograd graph (C++ backward nodes), not the Python Function.
+    for case in (CASES[0], CASES[4]):
+        assert _case_plan(case, *make_inputs(case)[:2]).graph
+        assert _grad_fn_name(case) != "_EagerNativeConvBackward"
+        # Only the bias needs a gradient: still a graph.
+        assert _grad_fn_name(case, x=False, bank=False, routing=False) is not None
+    # Another plan (a 1x1 layer: im2col), or a forced formulation: the native Function, which
+    # keeps the small mixed weights.
+    assert _grad_fn_name(CASES[1]) == "_EagerNativeConvBackward"
+    assert (2, 15) in _saved_shapes(CASES[1].replace(bias=True))
+    assert _grad_fn_name(CASES[0], "grouped") == "_EagerNativeConvBackward"
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4], CASES[5]], ids=case_id)
+def test_autograds_graph_matches_float64_loop(case, layout):
+    # No formulation forced: the rule's plan, through autograd's graph where it is grouped.
+    _check_against_reference(case, None, channels_last=layout == "channels_last")
+
+
+def test_autograds_graph_saves_at_most_the_threshold(monkeypatch):
+    case = Case(6, 4, 5, 6, 6, (3, 3), 1, 1, 1, 1, 3, True)
+    x = make_inputs(case)[0]
+    mixed_bytes = 6 * 5 * 4 * 9 * x.element_size()
+    shapes = _saved_shapes(case)
+    assert (6 * 5, 4, 3, 3) in shapes  # the trick's mixed weights: B x |W| <= 16 MiB
+    # With the floor at 0 (B x |W| > x / 4 here) neither the graph nor the Function saves them.
+    monkeypatch.setattr(native, "SAVE_MIXED_MIN_BYTES", 0)
+    assert mixed_bytes > x.numel() * x.element_size() / 4
+    for shape in _saved_shapes(case):
+        assert torch.Size(shape).numel() < 6 * 5 * 4 * 9 or tuple(shape) == tuple(x.shape)
+
+
+def test_autograds_graph_double_backward():
+    case = SAVING_CASE.replace(batch=2)
+    leaves = tuple(t.requires_grad_(True) for t in make_inputs(case))
+    assert _case_plan(case, *leaves[:2]).graph
+    assert torch.autograd.gradgradcheck(
+        lambda *t: dynamic_conv2d(*t, backend="native", **case.geometry), leaves, fast_mode=True)
+
+
+def test_forward_without_gradients_skips_the_autograd_function(monkeypatch):
+    # Inference (no_grad, inference_mode, or no input requiring grad) records no graph: the
+    # forward runs without autograd.Function.apply and its per-call cost.
+    def refuse(*args):
+        raise AssertionError("autograd.Function used for a forward without gradients")
+
+    monkeypatch.setattr(native._EagerNativeConv, "apply", refuse)
+    for case in (CASES[0], CASES[1]):
+        x, bank, routing, bias = make_inputs(case)
+        want = reference_dynamic_conv2d(x, bank, routing, bias, **case.geometry)
+        got = dynamic_conv2d(x, bank, routing, bias, backend="native", **case.geometry)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        with torch.no_grad():
+            leaves = [t if t is None else t.requires_grad_(True) for t in (x, bank, routing, bias)]
+            got = dynamic_conv2d(*leaves, backend="native", **case.geometry)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        with torch.inference_mode():
+            got = dynamic_conv2d(x, bank, routing, bias, backend="native", **case.geometry)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

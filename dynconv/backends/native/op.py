@@ -4,9 +4,14 @@ It is what ``backend="auto"`` runs where Triton does not (the CPU). Compared to 
 trick under plain autograd it
 
 - saves only x, the routing weights and the parameters for backward, and the mixed
-  per-sample weights (B x |W|) only when they are small: at most SAVE_MIXED_MAX_FRACTION (a
-  quarter) of x's bytes, in eager mode (:class:`_EagerNativeConv`); otherwise they are
-  recomputed chunk by chunk in backward;
+  per-sample weights (B x |W|) only when they are small: at most max(SAVE_MIXED_MAX_FRACTION
+  (a quarter) of x's bytes, SAVE_MIXED_MIN_BYTES (16 MiB)), in eager mode
+  (:class:`_EagerNativeConv`); otherwise they are recomputed chunk by chunk in backward;
+- where they are that small and the rule runs every part as the grouped convolution, an eager
+  call that needs gradients takes autograd's own graph of the grouped trick instead
+  (``CallPlan.graph``): the same convolutions, with a C++ backward instead of a Python one
+  (a Python ``autograd.Function`` costs ~0.15 ms a step, as much as a small layer's
+  convolution); an eager call that needs no gradient skips the ``autograd.Function``;
 - processes the batch in chunks of equal size so that the temporaries that exist at any moment
   (mixed weights, their gradient, im2col patches) are bounded: MIXED_WEIGHT_BUDGET_BYTES each,
   raised to K samples per chunk up to LARGE_TEMPORARY_BYTES (see :func:`batch_chunk_size`,
@@ -46,6 +51,7 @@ from ..custom_op import (
     fake_backward_outputs,
     forward_output,
 )
+from ..reference import grouped_dynamic_conv2d
 from .formulations import (
     FORMULATIONS,
     WRITES_GRAD_WEIGHTS_INTO_BUFFER,
@@ -62,9 +68,14 @@ MIXED_WEIGHT_BUDGET_BYTES = 8 * 2**20
 LARGE_TEMPORARY_BYTES = 24 * 2**20
 # The eager backward keeps the forward's mixed weights (instead of mixing them again) when all
 # B x |W| of them take at most this fraction of x's bytes (x is saved for backward anyway), i.e.
-# when 4 * Cout * kh * kw / groups <= H * W for a quarter: never the 37.7 MiB of the
-# 128-channel 16x16 layer at batch 64 (x: 8 MiB). 0 turns saving off (benchmarks, tests).
+# when 4 * Cout * kh * kw / groups <= H * W for a quarter, or at most SAVE_MIXED_MIN_BYTES,
+# whichever is larger: never the 37.7 MiB of the 128-channel 16x16 layer at batch 64 (x:
+# 8 MiB). Both 0 turn saving off (recompute_mixed_weights: benchmarks, tests).
 SAVE_MIXED_MAX_FRACTION = 0.25
+# "Small is small in bytes too" (issue 27): a few MiB of mixed weights are no memory problem
+# whatever x's size, and saving them (or autograd's own graph, see CallPlan.graph) removes the
+# recompute and the Python backward that made small layers lose to the grouped trick.
+SAVE_MIXED_MIN_BYTES = 16 * 2**20
 # Plans (formulations, chunk, derived shapes) kept per distinct call signature; the cache is
 # emptied when it is full (a model has far fewer distinct layer shapes than this).
 PLAN_CACHE_SIZE = 512
@@ -96,14 +107,15 @@ def force_formulation(formulation=None, chunk: int | None = None):
 @contextlib.contextmanager
 def recompute_mixed_weights():
     """Within the block, the eager backward always recomputes the mixed weights (never saves
-    them): SAVE_MIXED_MAX_FRACTION is 0. For benchmarks and tests."""
-    global SAVE_MIXED_MAX_FRACTION
-    previous = SAVE_MIXED_MAX_FRACTION
-    SAVE_MIXED_MAX_FRACTION = 0.0
+    them, never takes autograd's graph, which saves them): SAVE_MIXED_MAX_FRACTION and
+    SAVE_MIXED_MIN_BYTES are 0. For benchmarks and tests."""
+    global SAVE_MIXED_MAX_FRACTION, SAVE_MIXED_MIN_BYTES
+    previous = SAVE_MIXED_MAX_FRACTION, SAVE_MIXED_MIN_BYTES
+    SAVE_MIXED_MAX_FRACTION, SAVE_MIXED_MIN_BYTES = 0.0, 0
     try:
         yield
     finally:
-        SAVE_MIXED_MAX_FRACTION = previous
+        SAVE_MIXED_MAX_FRACTION, SAVE_MIXED_MIN_BYTES = previous
 
 
 def _as_plan(formulation) -> FormulationPlan:
@@ -142,7 +154,11 @@ class CallPlan(NamedTuple):
     chunk_weight_shape: tuple  # (chunk,) + weight_shape
     weight_numel: int  # |W|
     y_strides: tuple  # strides of a dense y (B, Cout, Ho, Wo) in x's memory format
-    save_mixed: bool  # B x |W| fits SAVE_MIXED_MAX_FRACTION of x: the backward may keep them
+    save_mixed: bool  # B x |W| fits max(SAVE_MIXED_MAX_FRACTION of x, SAVE_MIXED_MIN_BYTES)
+    # An eager call that needs gradients runs autograd's own graph of the grouped trick
+    # (save_mixed, the rule's plan is grouped for every part, nothing forced): see
+    # :func:`native_dynamic_conv2d`.
+    graph: bool = False
     benchmarked: bool = False  # the formulations were timed (benchmark mode), not the rule's
 
 
@@ -161,7 +177,7 @@ def _plan(x, weight_bank, stride, padding, dilation, groups) -> CallPlan:
     timed = benchmark_enabled() and _forced[0] is None
     key = (x.shape, x.stride(), x.dtype, weight_bank.shape, tuple(stride), tuple(padding),
            tuple(dilation), groups, torch.get_num_threads(), _forced, MIXED_WEIGHT_BUDGET_BYTES,
-           LARGE_TEMPORARY_BYTES, SAVE_MIXED_MAX_FRACTION, timed)
+           LARGE_TEMPORARY_BYTES, SAVE_MIXED_MAX_FRACTION, SAVE_MIXED_MIN_BYTES, timed)
     plan = _plan_cache.get(key)
     if plan is None:
         formulations = None
@@ -170,7 +186,9 @@ def _plan(x, weight_bank, stride, padding, dilation, groups) -> CallPlan:
                                                    groups)
         with force_formulation(formulations) if formulations else contextlib.nullcontext():
             plan = _make_plan(x, weight_bank, stride, padding, dilation, groups)
-        plan = plan._replace(benchmarked=formulations is not None)
+        if formulations is not None:  # the timed plan, taken as the rule's would be
+            plan = plan._replace(benchmarked=True, graph=plan.save_mixed and _forced == (
+                None, None) and plan.formulations == GROUPED_PLAN)
         if len(_plan_cache) >= PLAN_CACHE_SIZE:
             _plan_cache.clear()
         _plan_cache[key] = plan
@@ -260,11 +278,16 @@ def _make_plan(x, weight_bank, stride, padding, dilation, groups) -> CallPlan:
             chunk = -(-batch // -(-batch // chunk))
     chunk = max(1, min(chunk, batch))
     weight_shape = tuple(weight_bank.shape[1:])
-    save_mixed = batch > 0 and batch * weight_numel <= SAVE_MIXED_MAX_FRACTION * x.numel()
+    save_mixed = batch > 0 and batch * weight_numel * weight_bank.element_size() <= max(
+        SAVE_MIXED_MAX_FRACTION * x.numel() * x.element_size(), SAVE_MIXED_MIN_BYTES)
+    graph = save_mixed and _forced == (None, None) and plan == GROUPED_PLAN
     return CallPlan(
         plan, chunk, weight_shape, (chunk,) + weight_shape, weight_numel,
-        _dense_strides((batch, out_channels, out_h, out_w), memory_format), save_mixed,
+        _dense_strides((batch, out_channels, out_h, out_w), memory_format), save_mixed, graph,
     )
+
+
+GROUPED_PLAN = FormulationPlan("grouped", "grouped", "grouped")
 
 
 _workspace = threading.local()
@@ -523,9 +546,11 @@ class _EagerNativeConv(torch.autograd.Function):
 
     Saving is eager-only: under torch.compile the op's schema (shared with the Triton backend)
     returns y alone (a second output would change the op both backends define, and its fake
-    would need a size guard on H x W); and where saving is allowed the recompute it avoids is
-    small: a (B, K) @ (K, |W|) product, K multiply-adds per weight, against the convolution's
-    Ho x Wo (>= about 4 Cout kh kw / groups there) per weight.
+    would need a size guard on H x W). Under the fraction of x the recompute it avoids is
+    small (a (B, K) @ (K, |W|) product, K multiply-adds per weight, against the convolution's
+    Ho x Wo >= about 4 Cout kh kw / groups per weight); under the 16 MiB floor it is not always
+    (128 channels at 7x7), and there saving, or autograd's own graph, is what keeps small
+    layers level with the grouped trick.
     """
 
     @staticmethod
@@ -551,15 +576,30 @@ class _EagerNativeConv(torch.autograd.Function):
 def native_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
     """Dispatch entry point: x (B, Cin, H, W) -> (B, Cout, Ho, Wo).
 
-    Under torch.compile the custom op (one opaque node of the graph); in eager mode the same
-    implementation through a plain autograd.Function, which skips the custom op's dispatch and
-    autograd wrapper (a fixed cost per call that can be as large as a small layer's whole
-    convolution).
+    Under torch.compile the custom op (one opaque node of the graph). In eager mode:
+
+    - no gradient to record (grad mode off, or no input requires grad): the forward alone;
+    - the plan's ``graph`` (B x |W| within the saving threshold and the rule's plan grouped for
+      every part): autograd's own graph of the grouped trick, whose backward runs in autograd's
+      C++ nodes; a Python ``autograd.Function`` costs ~0.15 ms a step more, as much as a small
+      layer's convolution (issue 27 accepts that cost elsewhere, and saves at most
+      max(x / 4, 16 MiB) here, as the native Function may);
+    - otherwise the same implementation as the custom op through a plain autograd.Function,
+      which skips the custom op's dispatch and autograd wrapper (a fixed cost per call that
+      can be as large as a small layer's whole convolution).
     """
     if torch.compiler.is_compiling():
         return call_forward(native_forward, x, weight_bank, routing, bias_bank, geometry)
-    may_save = torch.is_grad_enabled() and (
-        x.requires_grad or weight_bank.requires_grad or routing.requires_grad)
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or weight_bank.requires_grad or routing.requires_grad
+        or (bias_bank is not None and bias_bank.requires_grad))
+    if not needs_grad:  # no graph to record: the forward alone, without autograd.Function
+        return forward_impl(x, weight_bank, routing, bias_bank, geometry.stride,
+                            geometry.padding, geometry.dilation, geometry.groups)
+    if _plan(x, weight_bank, geometry.stride, geometry.padding, geometry.dilation,
+             geometry.groups).graph:
+        return grouped_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry)
+    may_save = x.requires_grad or weight_bank.requires_grad or routing.requires_grad
     return _EagerNativeConv.apply(
         x, weight_bank, routing, bias_bank, geometry.stride, geometry.padding, geometry.dilation,
         geometry.groups, may_save,

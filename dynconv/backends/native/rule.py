@@ -17,6 +17,12 @@ so each gets its own formulation. The rule, in order (the constants below name t
     ``IM2COL_MIN_REDUCTION``, and then an ``im2col`` forward too when the output has at most
     ``IM2COL_FORWARD_MAX_PIXELS`` pixels.
 
+  - bf16 in channels_last on a CPU without native bf16 convolutions (oneDNN's
+    ``_is_mkldnn_bf16_supported()`` false: no AVX512-BF16 / AMX), where the rule above gives
+    ``grouped`` for every part: ``per_sample`` forward and weight gradient (the grouped
+    convolution's fallback there is 2-3x slower than per-sample ones), the input gradient
+    staying ``grouped`` (4x faster there than per-sample).
+
   A strided convolution's input gradient stays with the weight gradient's formulation (it was
   ``im2col`` for any stride until the second pass: faster alone in the parts benchmark with one
   thread, but the whole forward+backward lost to the grouped trick with 1 and 2 threads, as it
@@ -58,6 +64,21 @@ PER_SAMPLE_ANY_BATCH_CHANNELS = 512
 IM2COL_MIN_REDUCTION = 256 * 9
 # Output pixels up to which a forward with such a reduction is a batched matmul too.
 IM2COL_FORWARD_MAX_PIXELS = 64
+
+
+def native_bf16_convolutions() -> bool:
+    """Whether this CPU runs bf16 convolutions natively (oneDNN's check; True where it cannot
+    be asked, the rule then being the fp32 one). Asked once."""
+    global _native_bf16
+    if _native_bf16 is None:
+        try:
+            _native_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            _native_bf16 = True
+    return _native_bf16
+
+
+_native_bf16: bool | None = None
 
 
 class Thresholds(NamedTuple):
@@ -103,7 +124,9 @@ def choose_formulations(
     ``threads`` is ``torch.get_num_threads()`` at the call, ``stride`` the convolution's. The
     dtype and memory format do not change the choice today (wider bf16 / channels_last layers
     follow the fp32 NCHW branches); they are in the signature so that a rule for them needs no
-    change of callers. At batch 1 the grouped and the per-sample formulations make the same call.
+    change of callers, except bf16 channels_last on a CPU without native bf16 convolutions
+    (measured on one such CPU, an AMD EPYC (Zen 2) VM; on a Xeon with AMX the fp32 branches
+    held). At batch 1 the grouped and the per-sample formulations make the same call.
     """
     t = thresholds or Thresholds()
     if groups == 1 and tuple(kernel) == (1, 1):
@@ -123,4 +146,7 @@ def choose_formulations(
         weight_grad = "im2col"
         if pixels <= t.im2col_forward_max_pixels:
             forward = "im2col"
+    if ((forward, input_grad, weight_grad) == ("grouped",) * 3 and dtype == torch.bfloat16
+            and channels_last and not native_bf16_convolutions()):
+        forward = weight_grad = "per_sample"
     return FormulationPlan(forward, input_grad, weight_grad)
