@@ -583,6 +583,15 @@ def test_save_threshold_has_a_16_mib_floor():
     big = native._plan(torch.empty(64, 128, 16, 16, device="meta"),
                        torch.empty(4, 128, 128, 3, 3, device="meta"), [1, 1], [1, 1], [1, 1], 1)
     assert not big.save_mixed and not big.graph
+    # The wide layers whose rule has an im2col weight gradient (or forward) take the graph too
+    # (grouped input gradient); a 1x1 layer (im2col throughout) does not.
+    wide = native._plan(torch.empty(4, 256, 14, 14, device="meta"),
+                        torch.empty(4, 256, 256, 3, 3, device="meta"), [1, 1], [1, 1], [1, 1], 1)
+    assert wide.formulations == ("grouped", "grouped", "im2col") and wide.graph
+    one_by_one = native._plan(torch.empty(4, 64, 56, 56, device="meta"),
+                              torch.empty(4, 128, 64, 1, 1, device="meta"), [2, 2], [0, 0],
+                              [1, 1], 1)
+    assert one_by_one.save_mixed and not one_by_one.graph
     # recompute_mixed_weights turns both off (the lean path everywhere).
     with native.recompute_mixed_weights():
         assert not _meta_plan(1, 4).save_mixed and not _meta_plan(1, 4).graph

@@ -7,8 +7,9 @@ trick under plain autograd it
   per-sample weights (B x |W|) only when they are small: at most max(SAVE_MIXED_MAX_FRACTION
   (a quarter) of x's bytes, SAVE_MIXED_MIN_BYTES (16 MiB)), in eager mode
   (:class:`_EagerNativeConv`); otherwise they are recomputed chunk by chunk in backward;
-- where they are that small and the rule runs every part as the grouped convolution, an eager
-  call that needs gradients takes autograd's own graph of the grouped trick instead
+- where they are that small and the rule's input gradient is the grouped convolution (and
+  its forward not per-sample), an eager call that needs gradients takes autograd's own graph
+  of the grouped trick instead
   (``CallPlan.graph``): the same convolutions, with a C++ backward instead of a Python one
   (a Python ``autograd.Function`` costs ~0.15 ms a step, as much as a small layer's
   convolution); an eager call that needs no gradient skips the ``autograd.Function``;
@@ -156,7 +157,7 @@ class CallPlan(NamedTuple):
     y_strides: tuple  # strides of a dense y (B, Cout, Ho, Wo) in x's memory format
     save_mixed: bool  # B x |W| fits max(SAVE_MIXED_MAX_FRACTION of x, SAVE_MIXED_MIN_BYTES)
     # An eager call that needs gradients runs autograd's own graph of the grouped trick
-    # (save_mixed, the rule's plan is grouped for every part, nothing forced): see
+    # (save_mixed, the rule's plan one of :func:`_graph_plan`'s, nothing forced): see
     # :func:`native_dynamic_conv2d`.
     graph: bool = False
     benchmarked: bool = False  # the formulations were timed (benchmark mode), not the rule's
@@ -188,7 +189,7 @@ def _plan(x, weight_bank, stride, padding, dilation, groups) -> CallPlan:
             plan = _make_plan(x, weight_bank, stride, padding, dilation, groups)
         if formulations is not None:  # the timed plan, taken as the rule's would be
             plan = plan._replace(benchmarked=True, graph=plan.save_mixed and _forced == (
-                None, None) and plan.formulations == GROUPED_PLAN)
+                None, None) and _graph_plan(plan.formulations))
         if len(_plan_cache) >= PLAN_CACHE_SIZE:
             _plan_cache.clear()
         _plan_cache[key] = plan
@@ -280,14 +281,24 @@ def _make_plan(x, weight_bank, stride, padding, dilation, groups) -> CallPlan:
     weight_shape = tuple(weight_bank.shape[1:])
     save_mixed = batch > 0 and batch * weight_numel * weight_bank.element_size() <= max(
         SAVE_MIXED_MAX_FRACTION * x.numel() * x.element_size(), SAVE_MIXED_MIN_BYTES)
-    graph = save_mixed and _forced == (None, None) and plan == GROUPED_PLAN
+    graph = save_mixed and _forced == (None, None) and _graph_plan(plan)
     return CallPlan(
         plan, chunk, weight_shape, (chunk,) + weight_shape, weight_numel,
         _dense_strides((batch, out_channels, out_h, out_w), memory_format), save_mixed, graph,
     )
 
 
-GROUPED_PLAN = FormulationPlan("grouped", "grouped", "grouped")
+def _graph_plan(plan: FormulationPlan) -> bool:
+    """Whether a call within the saving threshold whose rule gives ``plan`` takes autograd's
+    graph of the grouped trick (when it needs gradients): where the rule's input gradient is
+    the grouped one and its forward not per-sample. Measured (1 thread, CPU time, forward +
+    backward, perf_reports/cpu_native "Fourth pass"): every all-grouped small layer is then
+    level with the trick instead of 3-30 % behind, and so are the grouped / grouped / im2col
+    and im2col / grouped / im2col plans of 256-384 channels at batch 1-4 (their Function was
+    8-26 % behind the trick: the im2col weight gradient's gain is smaller than splitting
+    convolution_backward in two). A 1x1 layer (im2col for every part: 0.7x the trick) and the
+    per-sample plans keep the native Function."""
+    return plan.input_grad == "grouped" and plan.forward != "per_sample"
 
 
 _workspace = threading.local()
@@ -579,11 +590,11 @@ def native_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeom
     Under torch.compile the custom op (one opaque node of the graph). In eager mode:
 
     - no gradient to record (grad mode off, or no input requires grad): the forward alone;
-    - the plan's ``graph`` (B x |W| within the saving threshold and the rule's plan grouped for
-      every part): autograd's own graph of the grouped trick, whose backward runs in autograd's
-      C++ nodes; a Python ``autograd.Function`` costs ~0.15 ms a step more, as much as a small
-      layer's convolution (issue 27 accepts that cost elsewhere, and saves at most
-      max(x / 4, 16 MiB) here, as the native Function may);
+    - the plan's ``graph`` (B x |W| within the saving threshold and the rule's input gradient
+      grouped, see ``_graph_plan``): autograd's own graph of the grouped trick, whose backward
+      runs in autograd's C++ nodes; a Python ``autograd.Function`` costs ~0.15 ms a step more,
+      as much as a small layer's convolution (issue 27 accepts that cost elsewhere); it saves
+      the B x |W| mixed weights, at most max(x / 4, 16 MiB) here, as the Function may;
     - otherwise the same implementation as the custom op through a plain autograd.Function,
       which skips the custom op's dispatch and autograd wrapper (a fixed cost per call that
       can be as large as a small layer's whole convolution).
