@@ -65,8 +65,10 @@ def test_goal_summary_counts_wins_and_losses(tmp_path):
     })
     summary = cf.goal_summary(str(path))
     assert "2 cases (ratios to static): auto at most the better baseline on 1, within 5 % of " \
-           "it on 1, at most 1.6x static on 1, at most 1.3x on 1" in summary
-    assert "B4 4->6 k3 s1 @7 K4 fp32 nchw, 1 thread(s): 1.70 against 1.40 (21% slower)" in summary
+           "it on 1, within 5 % or 0.2 ms on 1, at most 1.6x static on 1, at most 1.3x on 1" \
+           in summary
+    assert "B4 4->6 k3 s1 @7 K4 fp32 nchw, 1 thread(s): 1.70 against 1.40 (21% slower, 0.30 ms, " \
+           "outside the goal)" in summary
     assert "B2 " not in summary.split("baseline:")[1]
 
 
@@ -80,9 +82,25 @@ def test_goal_summary_of_a_direct_comparison(tmp_path):
     }, reference="grouped")
     summary = cf.goal_summary(str(path))
     assert "3 cases (ratios to the grouped provider): auto at most the better baseline on 1, " \
-           "within 5 % of it on 2;" in summary
+           "within 5 % of it on 2, within 5 % or 0.2 ms on 3;" in summary
     assert "1.6x" not in summary
-    assert "B8 4->6 k3 s1 @7 K4 fp32 nchw, 1 thread(s): 1.20 against 1.00 (20% slower)" in summary
+    assert "B8 4->6 k3 s1 @7 K4 fp32 nchw, 1 thread(s): 1.20 against 1.00 (20% slower, 0.20 ms)" \
+        in summary
+
+
+def test_goal_is_5_percent_or_0_2_ms(tmp_path):
+    # Issue 27: auto within 5 % or within 0.2 ms per call of the better baseline (the ms from
+    # the ratios and the reference's time: static_ms of the rows, 1 ms here).
+    assert cf.within_goal(1.05, 1.0, 100.0) and not cf.within_goal(1.06, 1.0, 100.0)
+    assert cf.within_goal(1.5, 1.0, 0.4) and not cf.within_goal(1.5, 1.0, 0.41)
+    path = tmp_path / "goal.csv"
+    _write_provider_rows(path, {
+        (2, "loop"): 2.0, (2, "grouped"): 1.0, (2, "auto"): 1.15,  # 15 %, but 0.15 ms
+        (4, "loop"): 2.0, (4, "grouped"): 1.0, (4, "auto"): 1.25,  # 25 %, 0.25 ms
+    })
+    summary = cf.goal_summary(str(path))
+    assert "within 5 % of it on 0, within 5 % or 0.2 ms on 1" in summary
+    assert "(15% slower, 0.15 ms)" in summary and "(25% slower, 0.25 ms, outside" in summary
 
 
 def test_measure_provider_rows():
