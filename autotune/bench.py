@@ -21,6 +21,11 @@ leaves that need gradients; the router MLP is not part of the timing):
   and ``triton`` (only on CUDA: the CPU interpreter is not something to time). By default every
   provider but ``native`` runs (on the CPU ``auto`` is ``native``); name it in ``--providers``
   to time it.
+- ``timm``: timm's own ``CondConv2d`` (the grouped-conv trick as timm writes it: the experts
+  mixed by one matmul over (K, Cout * Cin/g * kh * kw), then one grouped conv), on the bank
+  and routing weights of the other providers. 2-D only, and timed on the ``layers`` group only
+  (the real network layers; elsewhere it would repeat ``grouped``). Without timm installed (it
+  comes with the ``bench`` extra) its rows are ``skipped`` with a note.
 
 The output is one long-format CSV per run, ``<out>/<device>/bench_<preset>.csv``: one row per
 (group, case, provider, mode), with the device, the versions, the git commit and the figures; a
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import os
 import statistics
 import sys
@@ -60,7 +66,9 @@ from .shapes import SHAPE_SETS, ConvShape, find_layer, geometry_key, get_shape_s
 
 # provider -> the ``backend=`` it passes: one provider per backend name of the registry
 BACKEND_OF = {name: name for name in BACKEND_NAMES}
-PROVIDERS = ("static", *BACKEND_OF)
+PROVIDERS = ("static", *BACKEND_OF, "timm")
+# providers timed only on the cases of one group: provider -> that group
+PROVIDER_GROUPS = {"timm": "layers"}
 # on the CPU "native" is what "auto" runs; elsewhere it is an extra, asked for by name
 DEFAULT_PROVIDERS = tuple(p for p in PROVIDERS if p != "native")
 # bench CSVs written before the provider took the backend's name
@@ -194,6 +202,20 @@ def triton_unavailable_reason(device: str, dtype: str = "fp32") -> str | None:
     return None
 
 
+def timm_unavailable_reason(case: Case | None = None) -> str | None:
+    """Why the ``timm`` provider cannot be timed (on ``case``), or None if it can."""
+    if importlib.util.find_spec("timm") is None:
+        return "timm is not installed (it comes with the bench extra: pip install -e '.[bench]')"
+    if case is not None and case.shape.spatial_dims != 2:
+        return "timm's CondConv2d is 2-D only"
+    return None
+
+
+def provider_applies(provider: str, case: Case) -> bool:
+    """Whether ``provider`` is timed on ``case`` at all (see PROVIDER_GROUPS)."""
+    return PROVIDER_GROUPS.get(provider, case.group) == case.group
+
+
 # ---------------------------------------------------------------------------------------------
 # the operations being timed
 
@@ -254,11 +276,29 @@ def forward_fn(provider: str, case: Case, t: dict) -> tuple[Callable[[], torch.T
         return (lambda: static(t["x"], t["weight"], t["bias"], s.stride, s.padding, s.dilation,
                                s.groups),
                 [t["x"], t["weight"], t["bias"]])
+    if provider == "timm":
+        return timm_forward(case, t)
     dynamic = dynamic_conv_of(s)
     backend = BACKEND_OF[provider]
     return (lambda: dynamic(t["x"], t["bank"], t["routing"], t["bias_bank"], s.stride,
                             s.padding, s.dilation, s.groups, backend=backend),
             [t["x"], t["bank"], t["routing"], t["bias_bank"]])
+
+
+def timm_forward(case: Case, t: dict) -> tuple[Callable[[], torch.Tensor], list]:
+    """timm's ``CondConv2d`` holding the case's bank (K, Cout, Cin/g, kh, kw) in its layout
+    (K, Cout * Cin/g * kh * kw) and its bias bank (K, Cout), called on x and the routing weights
+    (B, K): (forward, its leaves: x, its weight, the routing weights, its bias)."""
+    from timm.layers import CondConv2d
+
+    s = case.shape
+    bank = t["bank"]
+    conv = CondConv2d(s.cin, s.cout, s.kernel, s.stride, s.padding, s.dilation, s.groups,
+                      bias=True, num_experts=case.experts, device=bank.device, dtype=bank.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(bank.flatten(1))
+        conv.bias.copy_(t["bias_bank"])
+    return (lambda: conv(t["x"], t["routing"]), [t["x"], conv.weight, t["routing"], conv.bias])
 
 
 def mode_fn(mode: str, forward: Callable, leaves: list) -> Callable[[], object]:
@@ -339,7 +379,10 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
     static_samples: dict[str, list[float]] = {m: [] for m in MODES}
     rows = []
     triton_reason = triton_unavailable_reason(device, case.dtype)
+    timm_reason = timm_unavailable_reason(case)
     for provider in providers:
+        if not provider_applies(provider, case):
+            continue
         for mode in MODES:
             row = {"provider": provider, "mode": mode, "status": "ok", "note": "",
                    "time_ms": nan, "static_time_ms": nan, "ratio_to_static": nan,
@@ -348,6 +391,9 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
             rows.append(row)
             if provider == "triton" and triton_reason:
                 row.update(status="skipped", note=triton_reason)
+                continue
+            if provider == "timm" and timm_reason:
+                row.update(status="skipped", note=timm_reason)
                 continue
             try:
                 forward, leaves = forward_of(provider, case, tensors)
@@ -370,7 +416,8 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
                     torch.cuda.empty_cache()
                 else:
                     row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
-        if memory and device == "cpu" and provider != "triton":
+        if memory and device == "cpu" and provider != "triton" and not (
+                provider == "timm" and timm_reason):
             result = fresh_process_peak_rss(memory_setup, (case, provider),
                                             torch.get_num_threads())
             row = rows[-1]  # the fwd+bwd row of this provider
@@ -449,10 +496,12 @@ def run(cases: list[Case], providers: list[str], device: str, rounds: int, out_c
             bar.set_postfix_str(f"{case.group} {case.shape.label()} b{case.batch} {case.dtype}")
             # how busy the machine was (other processes skew CPU timings; ratios less so)
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-            if case.key() not in measured:
-                measured[case.key()] = measure_case(case, providers, device, rounds, timer,
-                                                    memory and case.memory)
-            for row in measured[case.key()]:
+            # the providers a case gets depend on its group (PROVIDER_GROUPS)
+            key = (case.key(), tuple(p for p in providers if provider_applies(p, case)))
+            if key not in measured:
+                measured[key] = measure_case(case, providers, device, rounds, timer,
+                                             memory and case.memory)
+            for row in measured[key]:
                 records.append({**meta, "load_avg_1min": load, **case_columns(case), **row,
                                 **derived_columns(row, case, device)})
             pd.DataFrame.from_records(records, columns=COLUMNS).to_csv(out_csv, index=False)
@@ -552,6 +601,12 @@ def main(argv: list[str] | None = None) -> int:
         reason = triton_unavailable_reason(device)
         if "triton" in providers and reason:
             print(f"  (provider triton would be skipped: {reason})")
+        for provider, group in PROVIDER_GROUPS.items():
+            if provider in providers:
+                print(f"  (provider {provider} runs on the {group} group only)")
+        reason = timm_unavailable_reason()
+        if "timm" in providers and reason:
+            print(f"  (provider timm would be skipped: {reason})")
         print(f"would write {out_csv}")
         return 0
     run(cases, providers, device, rounds, out_csv, label, memory=not args.no_memory,

@@ -10,6 +10,7 @@ from .modules import DynamicBlock, DynamicCNN, DynamicConv1d, DynamicConv2d, Dyn
 from .optim import param_groups
 from .routing import RoutingMLP
 from .schedule import TemperatureSchedule, set_temperature
+from .timm_interop import convert_timm
 
 __all__ = [
     "DynamicBlock",
@@ -22,6 +23,7 @@ __all__ = [
     "convert_conv1d",
     "convert_conv2d",
     "convert_conv3d",
+    "convert_timm",
     "dynamic_conv1d",
     "dynamic_conv2d",
     "dynamic_conv3d",
