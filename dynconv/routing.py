@@ -12,6 +12,7 @@ from .validation import (
     SPATIAL_AXES,
     check_gate,
     check_image,
+    check_input_dtype,
     check_module_device,
     check_positive_int,
     check_temperature,
@@ -133,12 +134,8 @@ class RoutingMLP(nn.Module):
                 f"x must have shape (B, {self.in_channels}, {spatial}), got {tuple(x.shape)}"
             )
         check_image(x)
-        weight_dtype = self.fc1.weight.dtype
-        if x.dtype != weight_dtype and not autocast_enabled(x.device.type):
-            raise TypeError(
-                f"x has dtype {x.dtype} but the module's parameters are {weight_dtype}; convert "
-                f"one of them (e.g. module.to({x.dtype}) or x.to({weight_dtype}))"
-            )
+        check_input_dtype(x, self.fc1.weight.dtype, type(self).__name__,
+                          autocast_enabled(x.device.type))
         pooled = x.mean(dim=tuple(range(2, x.dim())))  # global average over every spatial axis
         logits = self.fc2(torch.relu(self.fc1(pooled)))
         scaled = logits / self.temperature_tensor.to(logits.dtype)

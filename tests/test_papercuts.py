@@ -12,6 +12,7 @@ from torch import nn
 
 import dynconv
 from dynconv import DynamicConv1d, DynamicConv2d, DynamicConv3d
+from dynconv.routing import RoutingMLP
 from dynconv.train.cli import main as train_main
 
 # --- converting nothing warns ----------------------------------------------------------------
@@ -78,6 +79,13 @@ def test_an_integer_input_of_a_1d_or_3d_module_is_told_the_same(module):
     x = torch.zeros(1, 2, *([4] * module.spatial_dims), dtype=torch.int32)
     with pytest.raises(TypeError, match=r"convert the input with x.to\(torch.float32\)"):
         module(x)
+
+
+def test_a_router_on_its_own_is_told_to_convert_an_integer_input():
+    router = RoutingMLP(3, 2)
+    with pytest.raises(TypeError, match=r"convert the input with x.to\(torch.float32\)") as error:
+        router(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+    assert "module.to(" not in str(error.value) and "RoutingMLP" in str(error.value)
 
 
 def test_a_float_input_of_another_dtype_still_offers_both_conversions():
