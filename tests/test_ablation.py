@@ -17,9 +17,11 @@ from dynconv.train.ablation import (
     TODAY,
     VARIANTS,
     check,
+    image_bits,
     init_experts,
     interval_half_width,
     mean_spread,
+    paired,
     render_all,
     run_one,
     summarise,
@@ -124,6 +126,19 @@ def test_welch_difference_matches_scipy():
     assert difference - half == pytest.approx(result.low)
     assert difference + half == pytest.approx(result.high)
     assert interval_half_width([1.0]) != interval_half_width([1.0])  # NaN
+
+
+def test_paired_difference_and_image_information():
+    from scipy.stats import ttest_rel
+
+    before, after = [44.0, 47.5, 41.2, 45.9], [30.0, 29.5, 26.2, 27.0]
+    mean, half, p_value = paired([a - b for a, b in zip(before, after, strict=True)])
+    result = ttest_rel(before, after)
+    assert p_value == pytest.approx(result.pvalue)
+    assert mean - half == pytest.approx(result.confidence_interval(0.95).low)
+    run = {"recipe": {"num_experts": 4}, "usage_fraction_stage2": 0.9,
+           "entropy_fraction_stage2": 0.6}
+    assert image_bits(run, 2) == pytest.approx(0.6)  # (0.9 - 0.6) * log2(4)
 
 
 def test_check_finds_stale_runs_missing_seeds_and_tables(tmp_path):

@@ -286,6 +286,19 @@ def welch(better: list[float], baseline: list[float]) -> tuple[float, float, flo
     return difference, t_quantile(df) * error, p_value
 
 
+def paired(values: list[float]) -> tuple[float, float, float]:
+    """Mean of paired differences, half-width of its 95 % interval and the two-sided p-value
+    (paired t test)."""
+    from scipy.stats import t
+
+    mean = statistics.fmean(values)
+    error = statistics.stdev(values) / math.sqrt(len(values))
+    if error == 0:
+        return mean, 0.0, (1.0 if mean == 0 else 0.0)
+    return mean, t_quantile(len(values) - 1) * error, 2 * float(t.sf(abs(mean) / error,
+                                                                   len(values) - 1))
+
+
 def _stage_metrics(prefix: str, label: str, scale: float = 1.0):
     return [(f"{prefix}_stage{s}", f"{label} s{s}", scale) for s in range(1, STAGES + 1)]
 
@@ -298,6 +311,7 @@ METRICS = (
     + _stage_metrics("entropy_fraction", "H/logK")
     + _stage_metrics("usage_fraction", "usage/logK")
     + _stage_metrics("class_bits", "I(class;expert) bits")
+    + _stage_metrics("image_bits", "I(image;expert) bits")
     + _stage_metrics("expert_distance", "expert cos dist")
     + [m for name in R2_VARIABLES for m in _stage_metrics(f"r2_{name}", f"R2 {name}")]
 )
@@ -314,11 +328,22 @@ def summarise(runs: list[dict]) -> list[dict]:
                "interval": {}}
         for key, _, scale in METRICS:
             values = [r[key] * scale for r in chosen if key in r]
+            if key.startswith("image_bits_stage"):
+                values = [image_bits(r, int(key[-1])) for r in chosen
+                          if f"usage_fraction_stage{key[-1]}" in r]
             if values:
                 row[key] = mean_spread(values)
                 row["interval"][key] = interval_half_width(values)
         rows.append(row)
     return rows
+
+
+def image_bits(run: dict, stage: int) -> float:
+    """I(image; expert) in bits at ``stage``: the usage entropy minus the mean per-image entropy
+    (how much an expert drawn from an image's routing tells about which image it was; 0 when
+    every image is routed alike, whatever its class)."""
+    log2_k = math.log2(run["recipe"]["num_experts"])
+    return (run[f"usage_fraction_stage{stage}"] - run[f"entropy_fraction_stage{stage}"]) * log2_k
 
 
 def _fmt(cell, digits: int) -> str:
@@ -364,19 +389,21 @@ def render_table(rows: list[dict]) -> str:
                      f"| {spread} | {_ci(row, 'mean_routing_acc', 2)} "
                      f"| {stages(row, 'mean_routing_acc', 2)} |")
     lines += ["", "Per dynamic stage (s1, s2, s3):", "",
-              "| variant | H / log K | usage / log K | I(class; expert) bits "
-              "| expert cosine distance |", "|---|---|---|---|---|"]
+              "| variant | H / log K | usage / log K | I(image; expert) bits "
+              "| I(class; expert) bits | expert cosine distance |", "|---|---|---|---|---|---|"]
     for row in rows:
         if "entropy_fraction_stage1" not in row:
             continue
         lines.append(f"| {row['variant']} | {stages(row, 'entropy_fraction', 3)} "
-                     f"| {stages(row, 'usage_fraction', 3)} | {stages(row, 'class_bits', 3)} "
-                     f"| {stages(row, 'expert_distance', 3)} |")
-    lines += ["", "Share of the routing's variance (R²) explained, per stage (s1, s2, s3):", "",
+                     f"| {stages(row, 'usage_fraction', 3)} | {stages(row, 'image_bits', 3)} "
+                     f"| {stages(row, 'class_bits', 3)} | {stages(row, 'expert_distance', 3)} |")
+    lines += ["", "Share of the routing's variance between test images (R²) explained, per stage "
+              "(s1, s2, s3); not for the uniform-mix controls, whose routing varies by less than "
+              "1e-3 (a share of that means nothing):", "",
               "| variant | " + " | ".join(R2_VARIABLES) + " |",
               "|---|" + "---|" * len(R2_VARIABLES)]
     for row in rows:
-        if "r2_class_stage1" not in row:
+        if "r2_class_stage1" not in row or "uniform-mix" in row["variant"]:
             continue
         lines.append(f"| {row['variant']} | "
                      + " | ".join(stages(row, f"r2_{name}", 2) for name in R2_VARIABLES) + " |")
@@ -426,6 +453,18 @@ def render_comparisons(runs: list[dict]) -> str:
         lines.append(f"| {what} | {better} | {baseline} | {len(a)} / {len(b)} "
                      f"| {difference:+.2f} | {difference - half:+.2f} to {difference + half:+.2f} "
                      f"| {p_value:.2g} |")
+    lines += ["", "The same trained models with each image's routing replaced by its batch's mean "
+              "(every stage): accuracy lost, paired over the seeds (paired t interval and p).", "",
+              "| variant | n | accuracy lost (points) | 95 % interval | p |",
+              "|---|---:|---:|---|---:|"]
+    for variant in ("recommended", "affine-recommended"):
+        lost = [100 * (r["test_acc"] - r["mean_routing_acc"]) for r in runs
+                if r["variant"] == variant and "mean_routing_acc" in r]
+        if len(lost) < 2:
+            continue
+        mean, half, p_value = paired(lost)
+        lines.append(f"| {variant} | {len(lost)} | {mean:+.2f} | {mean - half:+.2f} to "
+                     f"{mean + half:+.2f} | {p_value:.2g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -444,12 +483,14 @@ def render_quoted(runs: list[dict]) -> str:
         return len(rows[variant]["seeds"]) if variant in rows else 0
 
     lines = [_provenance_line(list(rows.values())), "",
-             "| model (recipe) | seeds | digits | digits-affine | digits-affine, mean routing |",
-             "|---|---:|---:|---:|---:|"]
+             "| model (recipe) | seeds | digits | digits, mean routing | digits-affine "
+             "| digits-affine, mean routing |",
+             "|---|---:|---:|---:|---:|---:|"]
     for variant, label in QUOTED_LABELS.items():
         affine = f"affine-{variant}"
         lines.append(f"| {label} | {seeds(variant)} / {seeds(affine)} "
                      f"| {_ci(rows.get(variant, {}), 'test_acc', 2)} "
+                     f"| {_ci(rows.get(variant, {}), 'mean_routing_acc', 2)} "
                      f"| {_ci(rows.get(affine, {}), 'test_acc', 2)} "
                      f"| {_ci(rows.get(affine, {}), 'mean_routing_acc', 2)} |")
     lines += ["", "| digits-affine, defaults but | seeds | accuracy |", "|---|---:|---:|"]
@@ -460,7 +501,8 @@ def render_quoted(runs: list[dict]) -> str:
         lines.append(f"| {label} | {seeds(variant)} | {accuracy} |")
     lines += ["", "| routing of the defaults, per stage (s1, s2, s3) | digits | digits-affine |",
               "|---|---|---|"]
-    for key, label, digits in (("r2_class", "R² by class", 2),
+    for key, label, digits in (("image_bits", "I(image; expert), bits", 3),
+                               ("r2_class", "R² by class", 2),
                                ("r2_brightness_contrast", "R² by brightness and contrast", 2),
                                ("r2_all_transforms", "R² by the six transform parameters", 2),
                                ("class_bits", "I(class; expert), bits", 3),
