@@ -496,6 +496,23 @@ def render_quoted(runs: list[dict]) -> str:
                      f"| {_ci(rows.get(variant, {}), 'mean_routing_acc', 2)} "
                      f"| {_ci(rows.get(affine, {}), 'test_acc', 2)} "
                      f"| {_ci(rows.get(affine, {}), 'mean_routing_acc', 2)} |")
+    lines += ["", "| difference in test accuracy (points) | seeds | mean | 95 % interval | p |",
+              "|---|---:|---:|---|---:|"]
+    for what, better, baseline in COMPARISONS:
+        a, b = _accuracies(runs, better), _accuracies(runs, baseline)
+        if better in QUOTED and baseline in QUOTED and len(a) > 1 and len(b) > 1:
+            difference, half, p_value = welch(a, b)
+            lines.append(f"| {what} | {len(a)} / {len(b)} | {difference:+.2f} "
+                         f"| {difference - half:+.2f} to {difference + half:+.2f} "
+                         f"| {p_value:.2g} |")
+    for variant, task in (("recommended", "digits"), ("affine-recommended", "digits-affine")):
+        lost = [100 * (r["mean_routing_acc"] - r["test_acc"]) for r in runs
+                if r["variant"] == variant and "mean_routing_acc" in r]
+        if len(lost) > 1:
+            mean, half, p_value = paired(lost)
+            lines.append(f"| mean routing instead of each image's, {task} (same models, paired) "
+                         f"| {len(lost)} | {mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f} "
+                         f"| {p_value:.2g} |")
     schedules = (("affine-recommended-anneal-dyconv", "T 30 -> 1 over 2 epochs"),
                  ("affine-recommended-no-anneal", "T = 1 throughout"),
                  ("affine-recommended-end-temperature-0.3", "T 30 -> 0.3"))
