@@ -560,7 +560,7 @@ def test_plan_cache_is_bounded(monkeypatch):
         assert len(native._plan_cache) <= 3
 
 
-# --- issue 27: small is small in bytes too ------------------------------------------------------
+# --- small is small in bytes too: the 16 MiB floor and the graph path --------------------------
 
 # The plan's verdicts on meta tensors (no memory): |W| = 128 * 128 * 4 * 4 fp32 = 1 MiB, so 16
 # samples of mixed weights are exactly SAVE_MIXED_MIN_BYTES; the rule runs this layer grouped.

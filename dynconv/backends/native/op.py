@@ -73,7 +73,7 @@ LARGE_TEMPORARY_BYTES = 24 * 2**20
 # whichever is larger: never the 37.7 MiB of the 128-channel 16x16 layer at batch 64 (x:
 # 8 MiB). Both 0 turn saving off (recompute_mixed_weights: benchmarks, tests).
 SAVE_MIXED_MAX_FRACTION = 0.25
-# "Small is small in bytes too" (issue 27): a few MiB of mixed weights are no memory problem
+# Small is small in bytes too: a few MiB of mixed weights are no memory problem
 # whatever x's size, and saving them (or autograd's own graph, see CallPlan.graph) removes the
 # recompute and the Python backward that made small layers lose to the grouped trick.
 SAVE_MIXED_MIN_BYTES = 16 * 2**20
@@ -593,7 +593,7 @@ def native_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeom
     - the plan's ``graph`` (B x |W| within the saving threshold and the rule's input gradient
       grouped, see ``_graph_plan``): autograd's own graph of the grouped trick, whose backward
       runs in autograd's C++ nodes; a Python ``autograd.Function`` costs ~0.15 ms a step more,
-      as much as a small layer's convolution (issue 27 accepts that cost elsewhere); it saves
+      as much as a small layer's convolution (a cost accepted elsewhere); it saves
       the B x |W| mixed weights, at most max(x / 4, 16 MiB) here, as the Function may;
     - otherwise the same implementation as the custom op through a plain autograd.Function,
       which skips the custom op's dispatch and autograd wrapper (a fixed cost per call that
