@@ -1,12 +1,20 @@
 """``python -m dynconv.autotune bench``: time and measure dynamic convolution providers.
 
-For every case (a conv shape x batch x K x dtype x layout) and every provider, the forward, the
-backward and forward+backward are timed, each *interleaved* with the static ``F.conv2d`` of the
-same shape (one static run, one provider run, repeated), so that the ratio to the static conv
-holds on a noisy machine (:class:`dynconv.autotune.measure.Timer`). Times are medians; the ratio
-is the median of the per-round ratios. Peak memory is ``torch.cuda.max_memory_allocated`` on a
-GPU, and on the CPU the peak RSS (``VmHWM``) of a fresh process
-(:func:`dynconv.autotune.measure.fresh_process_peak_rss`), minus its RSS just before the run.
+For every case (a conv shape x batch x K x dtype x layout) and every mode, the static
+``F.conv2d`` of the same shape and every provider are timed in the same *interleaved* rounds:
+each round takes one sample of each, in an order that changes from round to round
+(:func:`round_order`, a balanced Latin square: over as many rounds as there are providers, each
+one runs in every position once, and after every other one; no provider always runs right after
+the warm-ups or right after the same neighbour). A provider's ``time_ms`` is its
+minimum over the rounds (issue 27: "min of 5 interleaved rounds"), ``static_time_ms`` the static
+conv's minimum in the same rounds and ``ratio_to_static`` the ratio of the two; the medians are
+kept beside them (``time_median_ms``; ``ratio_median``, the median of the per-round ratios,
+which holds better on a busy machine). A sample is :class:`dynconv.autotune.measure.Timer`'s.
+Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, and on the CPU the peak RSS
+(``VmHWM``) of a fresh process (:func:`dynconv.autotune.measure.fresh_process_peak_rss`), minus
+its RSS just before the run. Every row records the run's ``THP_MEM_ALLOC_ENABLE``
+(``thp_mem_alloc_enable``: its value or ``unset``), the CPU allocator setting of issue 27's
+second geometric mean.
 
 Modes: ``fwd`` is inference (``torch.no_grad``), ``fwd+bwd`` a training step's forward and
 backward, ``bwd`` the backward alone on a retained graph.
@@ -77,6 +85,13 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LAYOUTS = ("nchw", "channels_last")
 PRESETS = ("quick", "gpu", "tiny")
+# issue 27: make report's figures are the minimum of at least this many interleaved rounds
+QUICK_CPU_MIN_ROUNDS = 5
+# the group of memory-only cases (Case.timing False)
+MEMORY_GROUP = "memory"
+# the environment variable of PyTorch's CPU allocator that the report's second geometric mean
+# is measured with (issue 27's documented setting)
+THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 
 # Dense tensor-core peaks (TFLOP/s) from the vendors' datasheets: (bf16/fp16, tf32, fp32).
 DEVICE_PEAK_TFLOPS = {
@@ -102,6 +117,9 @@ class Case:
     dtype: str = "fp32"
     layout: str = "nchw"
     memory: bool = True
+    # False: peak memory only (no timing; rows of fwd+bwd only): a CPU memory probe of a case
+    # too slow to time in a quick preset
+    timing: bool = True
 
     def key(self) -> tuple:
         """Identity of the measurement (the group is only a label)."""
@@ -122,7 +140,8 @@ def preset_cases(preset: str, device: str) -> list[Case]:
     ``quick``: small enough for a 2-core CPU in a few minutes: a batch sweep of a 128-channel
     3x3 conv at 7x7 (with peak memory); one axis varies per other group around a 64-channel 3x3
     conv at 14x14, batch 16, K=4, fp32 NCHW; five ResNet-18 layers and a MobileNetV2 depthwise
-    layer at batch 4. ``gpu``: ResNet-18 layers at batch 32 and 128 in bf16
+    layer at batch 4; on the CPU, the peak memory (only) of those layers at batch 32 (group
+    ``memory``). ``gpu``: ResNet-18 layers at batch 32 and 128 in bf16
     and fp32, channels_last, plus a batch sweep. ``tiny``: a toy shape, for tests.
     """
     if preset == "tiny":
@@ -151,6 +170,10 @@ def preset_cases(preset: str, device: str) -> list[Case]:
                                           spatial_dims=1), 4, memory=False),
                   Case("1d-3d", ConvShape("video-3d", 32, 32, 28, 28, 3, 3, 1, 1,
                                           spatial_dims=3, d=4, kd=3), 2, memory=False)]
+        # issue 27's memory goal: the layers' peak memory at batch 32 (not timed: a fresh
+        # process per provider, no rounds)
+        if device == "cpu":
+            cases += [Case(MEMORY_GROUP, s, 32, timing=False) for s in layers]
         return cases
     if preset == "gpu":
         # most telling first: a cut-short run (gpu-check's time budget) keeps those
@@ -362,65 +385,178 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def round_order(names: list[str], round_index: int) -> list[str]:
+    """The order of ``names`` in round ``round_index``: a balanced Latin square (Williams'
+    design): over ``len(names)`` rounds every name takes every position once and, for an even
+    count, follows every other name exactly once (an odd count needs twice as many rounds: the
+    rows are then followed by their mirror images). So no provider always runs first after the
+    warm-ups, or always right after the same neighbour (the static conv, say)."""
+    n = len(names)
+    if n == 0:
+        return []
+    first = [0] + [(k + 1) // 2 if k % 2 else n - k // 2 for k in range(1, n)]
+    row = round_index % (n if n % 2 == 0 else 2 * n)
+    order = [names[(i + row) % n] for i in first]
+    return order[::-1] if row >= n else order
+
+
+def interleaved_rounds(timer: Timer, fns: dict[str, Callable], rounds: int,
+                       ) -> tuple[dict[str, list[float]], dict[str, BaseException]]:
+    """Time every callable of ``fns`` (name -> zero-argument callable) in the same rounds.
+
+    Each callable is warmed up once (which also sizes its sample:
+    :meth:`~dynconv.autotune.measure.Timer.calls_for`); then ``rounds`` times, one sample of
+    each, in the round's order of :func:`round_order` over the names of ``fns``. A callable
+    that raises is dropped from the later rounds. Returns (name -> its samples in ms, round
+    by round; name -> the exception that stopped it)."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    errors: dict[str, BaseException] = {}
+    calls: dict[str, int] = {}
+    for name, fn in fns.items():
+        try:
+            calls[name] = timer.calls_for(fn)
+        except Exception as exc:
+            errors[name] = exc
+    for index in range(rounds):
+        for name in round_order(list(fns), index):
+            if name in errors:
+                continue
+            try:
+                samples[name].append(timer.sample(fns[name], calls[name]))
+            except Exception as exc:
+                errors[name] = exc
+    return samples, errors
+
+
+def summarize_samples(times: list[float], static_times: list[float]) -> dict:
+    """The figures of one provider's samples against the static conv's of the same rounds:
+    ``time_ms`` its minimum over the rounds, ``static_time_ms`` the static conv's minimum,
+    ``ratio_to_static`` the ratio of the two (issue 27: min of the interleaved rounds), and the
+    medians kept beside them (``time_median_ms``; ``ratio_median``: the median of the
+    per-round ratios, robust on a busy machine)."""
+    nan = float("nan")
+    time_ms = min(times) if times else nan
+    static_ms = min(static_times) if static_times else nan
+    per_round = [t / s for t, s in zip(times, static_times) if s > 0]
+    return {"time_ms": time_ms, "static_time_ms": static_ms,
+            "ratio_to_static": time_ms / static_ms if static_ms > 0 else nan,
+            "time_median_ms": _median(times), "ratio_median": _median(per_round)}
+
+
 def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int, timer: Timer,
-                 memory: bool, forward: Callable | None = None) -> list[dict]:
-    """Rows (one per provider x mode) of one case; failures become rows with a status.
+                 memory: bool, forward: Callable | None = None,
+                 modes: Iterable[str] = MODES) -> list[dict]:
+    """Rows (one per provider x mode, provider by provider) of one case; failures become rows
+    with a status.
+
+    Per mode, the static conv and every provider are timed in the same ``rounds`` rounds, one
+    sample each per round in a balanced order (:func:`interleaved_rounds`): a provider's figure
+    is its minimum over the rounds, its ratio that over the static conv's minimum in the same
+    rounds (:func:`summarize_samples`). The static conv is always timed (the reference); it
+    has rows only when ``providers`` names it.
 
     ``forward``: how a provider's forward is built (default :func:`forward_fn`; a module-level
     function of the same signature, so that the CPU memory probe can pickle it), for providers
     beyond the registry's (gpu-check's forced Triton strategies and the batch-spanning form).
     """
     nan = float("nan")
+    modes = [m for m in MODES if m in set(modes)]
     forward_of = forward or forward_fn
     memory_setup = fwd_bwd_run if forward is None else functools.partial(fwd_bwd_run,
                                                                          forward=forward)
     tensors = make_inputs(case, device)
-    static_forward, static_leaves = forward_of("static", case, tensors)
-    static_samples: dict[str, list[float]] = {m: [] for m in MODES}
-    rows = []
     triton_reason = triton_unavailable_reason(device, case.dtype)
     timm_reason = timm_unavailable_reason(case)
-    for provider in providers:
-        if not provider_applies(provider, case):
+    names = [p for p in dict.fromkeys(providers) if provider_applies(p, case)]
+    rows: dict[tuple[str, str], dict] = {}
+    for provider in names:
+        for mode in modes:
+            rows[provider, mode] = {
+                "provider": provider, "mode": mode, "status": "ok", "note": "",
+                "time_ms": nan, "static_time_ms": nan, "ratio_to_static": nan,
+                "time_median_ms": nan, "ratio_median": nan, "peak_mem_bytes": nan,
+                "mem_extra_bytes": nan, "mem_method": ""}
+
+    def fail(provider: str, mode: str, exc: BaseException) -> None:
+        row = rows[provider, mode]
+        if device == "cuda" and _is_oom(exc):
+            row.update(status="oom", note=str(exc).splitlines()[0][:200])
+            torch.cuda.empty_cache()
+        else:
+            row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
+
+    # the forwards of the providers that can run here ("static": the reference, always)
+    forwards: dict[str, tuple] = {}
+    for provider in ["static", *names]:
+        reason = (triton_reason if provider == "triton" else
+                  timm_reason if provider == "timm" else None)
+        if reason:
+            for mode in modes:
+                rows[provider, mode].update(status="skipped", note=reason)
             continue
-        for mode in MODES:
-            row = {"provider": provider, "mode": mode, "status": "ok", "note": "",
-                   "time_ms": nan, "static_time_ms": nan, "ratio_to_static": nan,
-                   "peak_mem_bytes": nan,
-                   "mem_extra_bytes": nan, "mem_method": ""}
-            rows.append(row)
-            if provider == "triton" and triton_reason:
-                row.update(status="skipped", note=triton_reason)
-                continue
-            if provider == "timm" and timm_reason:
-                row.update(status="skipped", note=timm_reason)
+        if provider in forwards:
+            continue
+        if provider == "static":  # the reference: a case without it is not measurable
+            forwards[provider] = forward_of(provider, case, tensors)
+            continue
+        try:
+            forwards[provider] = forward_of(provider, case, tensors)
+        except Exception as exc:
+            for mode in modes:
+                fail(provider, mode, exc)
+    if not case.timing:  # a memory probe: its forward+backward rows only, untimed
+        modes = [m for m in modes if m == "fwd+bwd"]
+        rows = {k: r for k, r in rows.items() if k[1] in modes}
+        for row in rows.values():
+            if row["status"] == "ok":
+                row["note"] = "memory only (not timed)"
+    for mode in modes if case.timing else ():
+        fns: dict[str, Callable] = {}
+        for provider, (fwd, leaves) in forwards.items():
+            if provider != "static" and rows[provider, mode]["status"] != "ok":
                 continue
             try:
-                forward, leaves = forward_of(provider, case, tensors)
-                static_fn = mode_fn(mode, static_forward, static_leaves)
-                fn = static_fn if provider == "static" else mode_fn(mode, forward, leaves)
-                timing = timer.interleaved(fn, static_fn, rounds)
-                static_samples[mode] += timing.static_times_ms
-                if provider == "static":
-                    static_samples[mode] += timing.times_ms
-                row.update(time_ms=timing.time_ms, static_time_ms=timing.static_ms,
-                           ratio_to_static=timing.ratio)
-                if memory and device == "cuda":
-                    peak, extra = cuda_peak_memory(mode_fn(mode, forward, leaves))
-                    row.update(peak_mem_bytes=peak, mem_extra_bytes=extra,
-                               mem_method="cuda_max_memory_allocated")
-                del fn, static_fn
+                fns[provider] = mode_fn(mode, fwd, leaves)  # bwd: runs the forward here
             except Exception as exc:
-                if device == "cuda" and _is_oom(exc):
-                    row.update(status="oom", note=str(exc).splitlines()[0][:200])
-                    torch.cuda.empty_cache()
-                else:
-                    row.update(status="error", note=f"{type(exc).__name__}: {exc}"[:300])
-        if memory and device == "cpu" and provider != "triton" and not (
-                provider == "timm" and timm_reason):
+                if provider == "static":
+                    for name in names:
+                        fail(name, mode, exc)
+                    break
+                fail(provider, mode, exc)
+        if "static" not in fns:
+            continue
+        samples, errors = interleaved_rounds(timer, fns, rounds)
+        if "static" in errors:
+            # no reference: nothing of this mode has a ratio
+            for provider in names:
+                if rows[provider, mode]["status"] == "ok":
+                    fail(provider, mode, errors["static"])
+            continue
+        for provider in fns:
+            if provider not in names:
+                continue
+            if provider in errors:
+                fail(provider, mode, errors[provider])
+                continue
+            rows[provider, mode].update(summarize_samples(samples[provider], samples["static"]))
+        if memory and device == "cuda":
+            for provider in fns:
+                if provider not in names or rows[provider, mode]["status"] != "ok":
+                    continue
+                try:
+                    peak, extra = cuda_peak_memory(fns[provider])
+                    rows[provider, mode].update(peak_mem_bytes=peak, mem_extra_bytes=extra,
+                                                mem_method="cuda_max_memory_allocated")
+                except Exception as exc:
+                    fail(provider, mode, exc)
+        del fns
+    if memory and device == "cpu" and "fwd+bwd" in modes:
+        for provider in names:
+            if provider == "triton" or rows[provider, "fwd+bwd"]["status"] == "skipped":
+                continue
             result = fresh_process_peak_rss(memory_setup, (case, provider),
                                             torch.get_num_threads())
-            row = rows[-1]  # the fwd+bwd row of this provider
+            row = rows[provider, "fwd+bwd"]
             if result.status == "ok":
                 row.update(peak_mem_bytes=result.peak_bytes,
                            mem_extra_bytes=nan if result.extra_bytes is None
@@ -428,13 +564,7 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
             if result.note:
                 row["note"] = (row["note"] + "; " if row["note"] else "") + \
                     f"memory: {result.note}"
-    for row in rows:
-        if row["provider"] == "static":
-            # the floor's own time: every static sample of this case and mode
-            row["time_ms"] = _median(static_samples[row["mode"]])
-            row["static_time_ms"] = row["time_ms"]
-            row["ratio_to_static"] = 1.0 if row["status"] == "ok" else nan
-    return rows
+    return list(rows.values())
 
 
 def case_columns(case: Case) -> dict:
@@ -462,18 +592,27 @@ def derived_columns(row: dict, case: Case, device: str) -> dict:
 
 COLUMNS = [
     "run_id", "timestamp", "preset", "device", "device_name", "device_slug", "torch", "triton",
-    "python", "commit", "threads", "cpus", "load_avg_1min", "rounds", "group", "layer", "shape",
+    "python", "commit", "threads", "cpus", "thp_mem_alloc_enable", "load_avg_1min", "rounds",
+    "group", "layer", "shape",
     "cin", "cout", "spatial_dims", "d", "h", "w", "kd", "kh", "kw", "stride", "padding",
     "dilation", "groups", "batch",
     "experts", "dtype", "layout", "provider", "mode", "status", "note", "time_ms",
-    "static_time_ms", "ratio_to_static", "samples_per_s", "gflop", "tflops", "device_peak_tflops",
-    "peak_fraction", "peak_mem_bytes", "mem_extra_bytes", "mem_method",
+    "static_time_ms", "ratio_to_static", "time_median_ms", "ratio_median", "samples_per_s",
+    "gflop", "tflops", "device_peak_tflops", "peak_fraction", "peak_mem_bytes", "mem_extra_bytes",
+    "mem_method",
 ]
+
+
+def thp_setting() -> str:
+    """This process's ``THP_MEM_ALLOC_ENABLE`` (PyTorch's CPU allocator asks for transparent
+    huge pages on large blocks when it is 1; read once, at start-up): its value, or ``unset``.
+    Every row records it, so that a report can say which allocator setting a run had."""
+    return os.environ.get(THP_VARIABLE, "unset")
 
 
 def run(cases: list[Case], providers: list[str], device: str, rounds: int, out_csv: str,
         preset: str, memory: bool = True, progress: bool = True, time_budget_s: float = 0.0,
-        rep_ms: float = 25.0) -> str:
+        rep_ms: float = 25.0, modes: Iterable[str] = MODES) -> str:
     """Measure every case; rewrite ``out_csv`` after each case (a cut-short run keeps data)."""
     import pandas as pd
 
@@ -481,7 +620,8 @@ def run(cases: list[Case], providers: list[str], device: str, rounds: int, out_c
     meta = {"run_id": time.strftime("%Y%m%dT%H%M%S"), "timestamp": time.strftime(
         "%Y-%m-%dT%H:%M:%S%z"), "preset": preset, "device": device,
         "device_name": device_name(device), "device_slug": device_slug(device), **versions(),
-        "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "rounds": rounds}
+        "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+        "thp_mem_alloc_enable": thp_setting(), "rounds": rounds}
     timer = Timer(device, rep_ms=rep_ms)
     measured: dict[tuple, list[dict]] = {}
     records: list[dict] = []
@@ -497,10 +637,14 @@ def run(cases: list[Case], providers: list[str], device: str, rounds: int, out_c
             # how busy the machine was (other processes skew CPU timings; ratios less so)
             load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             # the providers a case gets depend on its group (PROVIDER_GROUPS)
-            key = (case.key(), tuple(p for p in providers if provider_applies(p, case)))
+            key = (case.key(), case.timing,
+                   tuple(p for p in providers if provider_applies(p, case)))
+            if not case.timing and not (memory and case.memory and device == "cpu"):
+                bar.update(1)  # a memory probe, and no memory asked for (or not a CPU)
+                continue
             if key not in measured:
                 measured[key] = measure_case(case, providers, device, rounds, timer,
-                                             memory and case.memory)
+                                             memory and case.memory, modes=modes)
             for row in measured[key]:
                 records.append({**meta, "load_avg_1min": load, **case_columns(case), **row,
                                 **derived_columns(row, case, device)})
@@ -541,8 +685,16 @@ def build_parser() -> argparse.ArgumentParser:
                         default=list(DEFAULT_PROVIDERS),
                         help=f"subset of {','.join(PROVIDERS)} (default: all but native)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--groups", type=str, default=None,
+                        help="comma-separated: only the preset's cases of these groups (e.g. "
+                             "layers)")
+    parser.add_argument("--modes", type=csv_list(MODES, "mode"), default=list(MODES),
+                        help=f"subset of {','.join(MODES)} (default: all)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="interleaved repeats per measurement (default 5 CPU, 3 GPU)")
+                        help="interleaved rounds per measurement, every provider once per "
+                             "round in a balanced order; a figure is its minimum over them "
+                             f"(default 5 CPU, 3 GPU; --preset quick on the CPU: at least "
+                             f"{QUICK_CPU_MIN_ROUNDS})")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU: torch threads (default 1: on a shared or busy machine several "
                              "OpenMP threads make timings erratic; 0 keeps torch's default)")
@@ -568,7 +720,16 @@ def resolve_cases(args, device: str) -> tuple[str, list[Case]]:
                  for k in args.experts for b in args.batch for s in shapes]
         return label, cases
     preset = args.preset or ("gpu" if device == "cuda" else "quick")
-    return preset, preset_cases(preset, device)
+    cases = preset_cases(preset, device)
+    if args.groups:
+        wanted = [g for g in args.groups.split(",") if g]
+        known = list(dict.fromkeys(c.group for c in cases))
+        unknown = [g for g in wanted if g not in known]
+        if unknown:
+            raise ValueError(f"--groups: {', '.join(map(repr, unknown))} not in preset "
+                             f"{preset!r} (its groups: {', '.join(known)})")
+        cases = [c for c in cases if c.group in wanted]
+    return preset, cases
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -586,18 +747,29 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--threads must be >= 0, got {args.threads}")
     if device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    label, cases = resolve_cases(args, device)
+    try:
+        label, cases = resolve_cases(args, device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if label == "quick" and device == "cpu" and rounds < QUICK_CPU_MIN_ROUNDS:
+        print(f"bench: --preset quick on the CPU times at least {QUICK_CPU_MIN_ROUNDS} rounds "
+              f"(its figures are the minimum of {QUICK_CPU_MIN_ROUNDS} interleaved rounds); "
+              f"--rounds {rounds} raised to {QUICK_CPU_MIN_ROUNDS}", file=sys.stderr)
+        rounds = QUICK_CPU_MIN_ROUNDS
     providers = args.providers
     if "static" not in providers:
         providers = ["static", *providers]
     out_csv = os.path.join(args.out, device_slug(device), f"bench_{label}.csv")
     if args.dry_run:
         print(f"dry run: {len(cases)} cases x providers {','.join(providers)} x modes "
-              f"{','.join(MODES)} on {device} ({device_name(device)}), {rounds} rounds")
+              f"{','.join(args.modes)} on {device} ({device_name(device)}), {rounds} rounds"
+              f"; {THP_VARIABLE} {thp_setting()}")
         for case in cases:
             print(f"  {case.group:8s} {case.shape.name:22s} {case.shape.label():26s} "
                   f"batch={case.batch:<4d} K={case.experts:<3d} {case.dtype:5s} {case.layout}"
-                  f"{'  +memory' if case.memory and not args.no_memory else ''}")
+                  + ("  memory only" if not case.timing and device == "cpu"
+                     and not args.no_memory else "  (memory only: skipped)" if not case.timing
+                     else "  +memory" if case.memory and not args.no_memory else ""))
         reason = triton_unavailable_reason(device)
         if "triton" in providers and reason:
             print(f"  (provider triton would be skipped: {reason})")
@@ -610,7 +782,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"would write {out_csv}")
         return 0
     run(cases, providers, device, rounds, out_csv, label, memory=not args.no_memory,
-        progress=not args.no_progress, time_budget_s=args.time_budget, rep_ms=args.rep_ms)
+        progress=not args.no_progress, time_budget_s=args.time_budget, rep_ms=args.rep_ms,
+        modes=args.modes)
     print(f"bench: wrote {out_csv}")
     return 0
 
