@@ -52,9 +52,16 @@ codegen-report: $(VENV)/.installed-dev $(VENV_GPU_TRITON)/.installed
 	-$(PY) -m dynconv.autotune compile-check --report perf_reports/codegen
 	$(VENV_GPU_TRITON)/bin/python -m dynconv.autotune compile-check --report perf_reports/codegen
 
+# The CPU perf report (issue 27's goals open its summary.md): the quick preset as the machine
+# comes (THP_MEM_ALLOC_ENABLE unset), then its layers again in a fresh process with the
+# documented allocator setting THP_MEM_ALLOC_ENABLE=1 (REPORT_DIR/thp/cpu/, read by the report
+# for the second geometric mean). About 2 minutes on a 2-core machine.
 report: $(VENV)/.installed-bench
-	$(PY) -m dynconv.autotune bench --preset quick --device cpu --out $(REPORT_DIR)
-	$(PY) -m dynconv.autotune report $(REPORT_DIR)/cpu
+	env -u THP_MEM_ALLOC_ENABLE $(PY) -m dynconv.autotune bench --preset quick --device cpu \
+		--rounds 5 --out $(REPORT_DIR)
+	THP_MEM_ALLOC_ENABLE=1 $(PY) -m dynconv.autotune bench --preset quick --device cpu \
+		--rounds 5 --groups layers --no-memory --out $(REPORT_DIR)/thp
+	$(PY) -m dynconv.autotune report $(REPORT_DIR)/cpu --thp $(REPORT_DIR)/thp/cpu/bench_quick.csv
 
 # On a GPU machine with torch + Triton and no network: the first GPU run, within 7 minutes in
 # all, this install included (its deadline counts from here: --started-at), and every process

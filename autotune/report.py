@@ -12,6 +12,20 @@ rendered into its own folder (or ``--out/<device>/``) as:
 - ``summary.md``: the run's device and versions, and the figures behind the plots as tables.
 
 Plots whose group is absent from a CSV are not drawn.
+
+A CPU run's summary opens with issue 27's goals (:func:`goals_section`):
+
+- the speed rule on every case and mode (forward, forward+backward): ``auto`` within 5 % or
+  within 0.2 ms per call of the better of ``loop`` and ``grouped`` (the rule of
+  :func:`dynconv.autotune.cpu_formulations.within_goal`, on the times of the CSV: each
+  provider's minimum over the interleaved rounds), the rows counted and those outside listed;
+- the geometric mean of ``auto``'s forward+backward ratio to static over the ``layers`` group,
+  as the machine comes (goal <= 1.3x) and with ``THP_MEM_ALLOC_ENABLE=1`` (goal <= 1.2x), each
+  read from the CSV whose ``thp_mem_alloc_enable`` column says it had that setting: this one
+  and a second run's (``--thp``; by default ``<root>/thp/<device>/bench_<preset>.csv`` next to
+  ``<root>/<device>/``, where ``make report`` writes it); a missing run is said, not dropped;
+- the memory goal: ``auto``'s forward+backward peak excess over the static conv as a percentage
+  of the grouped trick's, on every case measured at batch 32 (goal <= 40 %).
 """
 
 from __future__ import annotations
@@ -24,7 +38,8 @@ import sys
 
 import pandas as pd
 
-from .bench import COLUMNS, MODES, PROVIDERS, RENAMED_PROVIDERS
+from .bench import COLUMNS, MEMORY_GROUP, MODES, PROVIDERS, RENAMED_PROVIDERS, THP_VARIABLE
+from .cpu_formulations import GOAL_FRACTION, GOAL_MS, within_goal
 
 REQUIRED = {"device_slug", "preset", "group", "shape", "batch", "provider", "mode", "status",
             "time_ms", "ratio_to_static"}
@@ -58,7 +73,7 @@ def load(path: str) -> pd.DataFrame:
         raise ValueError(f"{path} is not a bench CSV: columns {sorted(missing)} are missing "
                          f"(expected the columns written by bench: {COLUMNS})")
     frame["provider"] = frame["provider"].replace(RENAMED_PROVIDERS)
-    frame["note"] = frame.get("note", pd.Series(dtype=str)).fillna("")
+    frame["note"] = frame.get("note", pd.Series(dtype=object)).astype(object).fillna("")
     frame["variant"] = frame["dtype"] + " " + frame["layout"]
     return frame
 
@@ -353,8 +368,227 @@ def _load_line(frame: pd.DataFrame) -> list[str]:
             f"{load.max():.1f} on {cpus} CPUs"]
 
 
-def summary_section(frame: pd.DataFrame, images: list[str]) -> list[str]:
-    """Markdown for one bench CSV: run facts, then the figures behind each plot."""
+# ---------------------------------------------------------------------------------------------
+# issue 27's goals
+
+RULE_MODES = ("fwd", "fwd+bwd")
+RULE_PROVIDERS = ("auto", "loop", "grouped")
+# the measurement a row belongs to (a case repeated in several sweeps is measured once)
+CASE_KEYS = ["shape", "batch", "experts", "dtype", "layout"]
+# geometric mean of auto's forward+backward ratio over the layers: setting -> (words, goal)
+GEOMEAN_GOALS = {"default": ("as the machine comes", 1.3),
+                 "thp": (f"with `{THP_VARIABLE}=1`", 1.2)}
+MEMORY_BATCH = 32
+MEMORY_GOAL_PERCENT = 40.0
+
+
+def rule_ok(auto_ms: float, best_ms: float) -> bool:
+    """Issue 27's speed rule on two times of one case and mode: ``auto`` at most 5 % or at most
+    0.2 ms per call above the better baseline (:func:`~.cpu_formulations.within_goal` on the
+    times themselves, i.e. on ratios to a reference of 1 ms)."""
+    return within_goal(auto_ms, best_ms, 1.0)
+
+
+def _case_words(row) -> str:
+    return (f"B{row['batch']} {row['shape']} K{row['experts']} "
+            f"{_variant_words(row['dtype'], row['layout'])}")
+
+
+def rule_rows(frame: pd.DataFrame) -> tuple[list[dict], list[str]]:
+    """(one dict per case and mode (fwd, fwd+bwd) that has auto, loop and grouped measured:
+    the three times, the better baseline, auto's excess over it and the verdict of
+    :func:`rule_ok`; the cases a provider is missing or failed on, in words). A case repeated in
+    several sweeps is one measurement (bench times it once) and one row, naming its groups."""
+    data = frame[frame["mode"].isin(RULE_MODES) & frame["provider"].isin(RULE_PROVIDERS)
+                 & (frame["group"] != MEMORY_GROUP)]  # memory probes are not timed
+    rows, unchecked = [], []
+    for _key, sub in data.groupby(CASE_KEYS + ["mode"], sort=False):
+        first = sub.iloc[0]
+        ok = _ok(sub).drop_duplicates("provider").set_index("provider")["time_ms"]
+        missing = [p for p in RULE_PROVIDERS if p not in ok.index or not ok[p] > 0]
+        if missing:
+            unchecked.append(f"{_case_words(first)}, {first['mode']}: no time for "
+                             f"{', '.join(missing)}")
+            continue
+        best = "loop" if ok["loop"] <= ok["grouped"] else "grouped"
+        auto, best_ms = float(ok["auto"]), float(ok[best])
+        rows.append({
+            "case": _case_words(first), "groups": ", ".join(dict.fromkeys(sub["group"])),
+            "mode": first["mode"], "auto_ms": auto, "loop_ms": float(ok["loop"]),
+            "grouped_ms": float(ok["grouped"]), "best": best, "best_ms": best_ms,
+            "excess_ms": auto - best_ms, "excess_percent": 100 * (auto / best_ms - 1),
+            "ok": rule_ok(auto, best_ms)})
+    return rows, unchecked
+
+
+def thp_setting_of(frame: pd.DataFrame) -> str | None:
+    """``thp`` if the run had ``THP_MEM_ALLOC_ENABLE=1``, ``default`` if not, None when the CSV
+    does not record it (written before the column)."""
+    if "thp_mem_alloc_enable" not in frame or frame["thp_mem_alloc_enable"].isna().all():
+        return None
+    value = str(frame["thp_mem_alloc_enable"].dropna().iloc[0]).strip().lower()
+    return "thp" if value in ("1", "1.0", "true", "yes", "on") else "default"
+
+
+def layers_geomean(frame: pd.DataFrame, provider: str = "auto") -> tuple[float, int]:
+    """(geometric mean of ``provider``'s forward+backward ratio to static over the ``layers``
+    group, how many layers it covers)."""
+    ok = _ok(frame)
+    ratios = ok[(ok["group"] == "layers") & (ok["mode"] == "fwd+bwd")
+                & (ok["provider"] == provider)].drop_duplicates(CASE_KEYS)["ratio_to_static"]
+    return _geomean(list(ratios)), int(ratios.notna().sum())
+
+
+def geomean_lines(runs: list[tuple[str, pd.DataFrame | None, str]]) -> list[str]:
+    """One line per allocator setting of GEOMEAN_GOALS: the geometric mean of ``auto``'s
+    forward+backward ratio over the layers, from the first of ``runs`` ((label, frame, why
+    the frame is None: a CSV not found)) that had that setting, against the setting's goal. A
+    setting that no run had is said to be not measured, with what each run was instead."""
+    by_setting: dict[str, tuple[str, pd.DataFrame, str]] = {}
+    instead: list[str] = []
+    for label, frame, why in runs:
+        if frame is None:
+            instead.append(f"`{label}`: {why or 'not found'}")
+            continue
+        recorded = thp_setting_of(frame)
+        setting = recorded or "default"
+        assumed = "" if recorded else (f"; assumed: the CSV does not record "
+                                       f"`{THP_VARIABLE}`")
+        words = GEOMEAN_GOALS[setting][0]
+        if not layers_geomean(frame)[1]:
+            instead.append(f"`{label}` ({words}) has no layers group measured")
+        elif setting in by_setting:
+            instead.append(f"`{label}` is a second run {words}")
+        else:
+            by_setting[setting] = (label, frame, assumed)
+            instead.append(f"`{label}` ran {words}")
+    lines = []
+    for setting, (words, goal) in GEOMEAN_GOALS.items():
+        if setting not in by_setting:
+            lines.append(f"- {words} (goal <= {goal}x static): **not measured**: "
+                         + "; ".join(instead))
+            continue
+        label, frame, assumed = by_setting[setting]
+        mean, count = layers_geomean(frame)
+        trick, _ = layers_geomean(frame, "grouped")
+        verdict = "met" if mean <= goal else "not met"
+        lines.append(f"- {words}: auto **{_fmt(mean)}x** static over {count} layers (goal <= "
+                     f"{goal}x): **{verdict}** (the trick {_fmt(trick)}x; from `{label}`"
+                     f"{assumed})")
+    return lines
+
+
+def memory_rows(frame: pd.DataFrame, batch: int = MEMORY_BATCH) -> list[dict]:
+    """One dict per case measured at ``batch`` with forward+backward peak memory for static,
+    auto and grouped: the three excesses (bytes above the memory before the call), auto's
+    excess over static as a percentage of the trick's (-inf when auto has none: within any
+    goal; +inf when only auto has one) and whether it is within the goal."""
+    ok = _ok(frame)
+    data = ok[(ok["mode"] == "fwd+bwd") & (ok["batch"] == batch)]
+    if "mem_extra_bytes" not in data:
+        return []
+    data = data[data["mem_extra_bytes"].notna()]
+    rows = []
+    for _key, sub in data.groupby(CASE_KEYS, sort=False):
+        extra = sub.drop_duplicates("provider").set_index("provider")["mem_extra_bytes"]
+        if not {"static", "auto", "grouped"} <= set(extra.index):
+            continue
+        trick = extra["grouped"] - extra["static"]
+        own = extra["auto"] - extra["static"]
+        percent = (100 * own / trick if trick > 0 and own > 0 else
+                   -math.inf if own <= 0 else math.inf)
+        rows.append({"case": _case_words(sub.iloc[0]),
+                     "groups": ", ".join(dict.fromkeys(sub["group"])),
+                     "static": extra["static"], "auto": extra["auto"],
+                     "grouped": extra["grouped"], "percent": percent,
+                     "ok": percent <= MEMORY_GOAL_PERCENT})
+    return rows
+
+
+def goals_section(frame: pd.DataFrame, label: str,
+                  thp: tuple[str, pd.DataFrame | None, str] | None = None) -> list[str]:
+    """Issue 27's goals on one CPU run (``label``: its CSV's name) and, for the second
+    geometric mean, ``thp``: (label, frame, why the frame is None) of the run with the
+    documented allocator setting."""
+    rows, unchecked = rule_rows(frame)
+    lines = ["### Issue 27's goals", ""]
+    passed = sum(r["ok"] for r in rows)
+    per_mode = ", ".join(
+        f"{MODE_WORDS[m].split(' (')[0]} {sum(r['ok'] for r in rows if r['mode'] == m)} of "
+        f"{sum(r['mode'] == m for r in rows)}" for m in RULE_MODES)
+    lines += [f"**Speed rule**: `auto` within {100 * GOAL_FRACTION:.0f} % or within "
+              f"{GOAL_MS} ms per call of the better of `loop` and `grouped` (each provider's "
+              f"time: its minimum over the interleaved rounds). **{passed} of {len(rows)} rows "
+              f"ok** ({per_mode}); "
+              + ("**met** on every row." if rows and passed == len(rows) and not unchecked
+                 else "**not met**." if rows else "**not measured** (no case has auto, loop "
+                 "and grouped).")]
+    outside = [r for r in rows if not r["ok"]]
+    if outside:
+        lines += ["", "Rows outside the rule:", ""]
+        lines += [f"- {r['case']} ({r['groups']}), {r['mode']}: auto {r['auto_ms']:.3f} ms "
+                  f"against {r['best']} {r['best_ms']:.3f} ms (+{r['excess_ms']:.3f} ms, "
+                  f"+{r['excess_percent']:.1f} %)" for r in outside]
+    if unchecked:
+        lines += ["", "Rows not checked (a provider did not run):", ""]
+        lines += [f"- {line}" for line in unchecked]
+    if rows:
+        lines += [""] + _table(
+            ["case", "groups", "mode", "auto ms", "loop ms", "grouped ms", "auto - best ms",
+             "rule"],
+            [[r["case"], r["groups"], r["mode"], _fmt(r["auto_ms"], 3), _fmt(r["loop_ms"], 3),
+              _fmt(r["grouped_ms"], 3),
+              f"{r['excess_ms']:+.3f} ({r['excess_percent']:+.1f} %)",
+              "ok" if r["ok"] else "**outside**"] for r in rows])
+    lines += ["", "**Geometric mean over the layers** (forward+backward, auto's time / the "
+                  "static conv's):", ""]
+    lines += geomean_lines([(label, frame, "")] + ([thp] if thp else []))
+    memory = memory_rows(frame)
+    goal_rows = [r for r in memory if MEMORY_GROUP in r["groups"].split(", ")] or memory
+    lines += ["", f"**Memory**: auto's forward+backward peak excess over the static conv as a "
+                  f"percentage of the grouped trick's, at batch {MEMORY_BATCH} (goal <= "
+                  f"{MEMORY_GOAL_PERCENT:.0f} %"
+              + (f" on the layers, group `{MEMORY_GROUP}`" if goal_rows is not memory else "")
+              + "): "
+              + ("**not measured**: this run has no forward+backward memory figure at batch "
+                 f"{MEMORY_BATCH} for static, auto and the trick" if not memory else
+                 f"**{'met' if all(r['ok'] for r in goal_rows) else 'not met'}** "
+                 f"({sum(r['ok'] for r in goal_rows)} of {len(goal_rows)} within)"), ""]
+
+    def percent(value: float) -> str:
+        return ("auto no more than static" if value == -math.inf else
+                "the trick no more than static" if value == math.inf else f"{value:.1f} %")
+
+    for r in memory:
+        also = "" if r in goal_rows else "; not part of the goal"
+        lines.append(f"- {r['case']} ({r['groups']}): static {r['static'] / 2**20:.1f} MiB, "
+                     f"auto {r['auto'] / 2**20:.1f}, the trick {r['grouped'] / 2**20:.1f} "
+                     f"(auto - the trick {(r['auto'] - r['grouped']) / 2**20:+.1f}): "
+                     f"**{percent(r['percent'])}**, {'within' if r['ok'] else 'outside'}"
+                     f"{also}")
+    return lines + [""]
+
+
+def _timing_line(frame: pd.DataFrame, gpu: bool) -> str:
+    first = frame.iloc[0]
+    rounds = first.get("rounds", "?")
+    sample = (" (`triton.testing.do_bench` median per sample)" if gpu else
+              " (wall clock; a sample repeats sub-10 ms calls up to 20 times)")
+    if "ratio_median" not in frame:  # a CSV written before the rounds were rotated
+        return (f"- timing: median of {rounds} rounds, each round one static-conv sample then "
+                f"one provider sample of the same shape{sample}; ratio = median of the "
+                f"per-round ratios provider / static")
+    return (f"- timing: minimum of {rounds} interleaved rounds; each round takes one sample of "
+            f"the static conv and of every provider, in an order balanced over the rounds "
+            f"(each in every position, after every other){sample}; ratio = a provider's "
+            f"minimum / the static conv's minimum in the same rounds (the CSV keeps the medians "
+            f"too: `time_median_ms`, `ratio_median`)")
+
+
+def summary_section(frame: pd.DataFrame, images: list[str], goals: list[str] = ()
+                    ) -> list[str]:
+    """Markdown for one bench CSV: run facts, ``goals`` (:func:`goals_section`), then the
+    figures behind each plot."""
     first = frame.iloc[0]
     gpu = first["device"] == "cuda"
     ok = _ok(frame)
@@ -368,11 +602,7 @@ def summary_section(frame: pd.DataFrame, images: list[str]) -> list[str]:
         f"Python {first['python']}"
         + (f"; commit {first['commit']}" if isinstance(first.get("commit"), str) else ""),
         *_load_line(frame),
-        f"- timing: median of {first.get('rounds', '?')} rounds, each round one static-conv "
-        f"sample then one provider sample of the same shape"
-        + (" (`triton.testing.do_bench` median per sample)" if gpu else
-           " (wall clock; a sample repeats sub-10 ms calls up to 20 times)")
-        + "; ratio = median of the per-round ratios provider / static",
+        _timing_line(frame, gpu),
         "- modes: fwd = inference forward (no_grad), bwd = backward alone, fwd+bwd = both; "
         "the router MLP is not included (routing weights are an input)",
         f"- reproduce: `python -m dynconv.autotune bench --preset {first['preset']}"
@@ -382,7 +612,11 @@ def summary_section(frame: pd.DataFrame, images: list[str]) -> list[str]:
                         "allocated before it" if gpu else
                         "peak RSS (VmHWM) of a fresh process during one forward+backward, "
                         "minus its RSS just before it"),
+        *(["- CPU allocator: " + (f"`{THP_VARIABLE}` unset" if thp_setting_of(frame) ==
+                                   "default" else f"`{THP_VARIABLE}=1`") + " in this run"]
+          if not gpu and thp_setting_of(frame) else []),
         "",
+        *goals,
     ]
     layers = ok[ok["group"] == "layers"]
     if not layers.empty:
@@ -472,15 +706,42 @@ def summary_section(frame: pd.DataFrame, images: list[str]) -> list[str]:
     return lines
 
 
+def thp_companion(path: str) -> str:
+    """Where ``make report`` writes the run with ``THP_MEM_ALLOC_ENABLE=1`` that goes with the
+    bench CSV ``path`` (``<root>/<device>/bench_<preset>.csv``): bench's ``--out <root>/thp``,
+    i.e. ``<root>/thp/<device>/bench_<preset>.csv``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.join(os.path.dirname(folder), "thp", os.path.basename(folder),
+                        os.path.basename(path))
+
+
+def _load_companion(path: str) -> pd.DataFrame | None:
+    """The bench CSV at ``path``, or None (with a message) when there is none or it is not one."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        frame = load(path)
+    except ValueError as exc:
+        print(f"report: {exc}", file=sys.stderr)
+        return None
+    return None if frame.empty else frame
+
+
 def render(csv_paths: list[str], out_root: str | None = None,
-           explicit: tuple[str, ...] = ()) -> list[str]:
+           explicit: tuple[str, ...] = (), thp_csv: str | None = None) -> list[str]:
     """Render every CSV; return the paths written (PNGs and one summary.md per folder).
 
     A CSV in ``explicit`` (named on the command line) that is not a bench CSV is an error; one
-    found by searching a folder is skipped with a message.
+    found by searching a folder is skipped with a message. A CPU run's summary opens with issue
+    27's goals (:func:`goals_section`), its second geometric mean read from ``thp_csv`` (default:
+    :func:`thp_companion` of the CSV); a companion run found by searching a folder is read
+    there, not rendered on its own.
     """
+    companions = {os.path.abspath(thp_csv or thp_companion(p)) for p in csv_paths}
     by_folder: dict[str, list[tuple[str, pd.DataFrame]]] = {}
     for path in csv_paths:
+        if path not in explicit and os.path.abspath(path) in companions:
+            continue
         try:
             frame = load(path)
         except ValueError as exc:
@@ -501,7 +762,7 @@ def render(csv_paths: list[str], out_root: str | None = None,
         lines = [f"# dynconv performance: {first['device_name']}", "",
                  "Generated by `python -m dynconv.autotune report` from "
                  + ", ".join(f"`{os.path.basename(p)}`" for p, _ in frames) + ".", ""]
-        for _path, frame in frames:
+        for path, frame in frames:
             preset = str(frame["preset"].iloc[0])
             threads = frame["threads"].iloc[0] if "threads" in frame else "?"
             title = (f"{frame['device_name'].iloc[0]} ({frame['device'].iloc[0]}, {threads} "
@@ -515,7 +776,19 @@ def render(csv_paths: list[str], out_root: str | None = None,
                 if image:
                     images.append(image)
             written += images
-            lines += summary_section(frame, images)
+            goals = []
+            if frame["device"].iloc[0] == "cpu":
+                companion = thp_csv or thp_companion(path)
+                shown = os.path.relpath(companion, folder)
+                thp_frame = _load_companion(companion)
+                why = ("" if thp_frame is not None else
+                       ("not a bench CSV with rows" if os.path.isfile(companion)
+                        else "no such file")
+                       + f" (`make report` writes it: `{THP_VARIABLE}=1 python -m "
+                       f"dynconv.autotune bench --preset {preset} --device cpu --groups layers "
+                       f"--no-memory --out <root>/thp`)")
+                goals = goals_section(frame, os.path.basename(path), (shown, thp_frame, why))
+            lines += summary_section(frame, images, goals)
         summary = os.path.join(folder, "summary.md")
         with open(summary, "w") as f:
             f.write("\n".join(lines).rstrip() + "\n")
@@ -530,6 +803,11 @@ def main(argv: list[str] | None = None) -> int:
                     "plots and a summary.md next to each CSV (or under --out/<device>/).")
     parser.add_argument("paths", nargs="+", help="bench CSV files or folders")
     parser.add_argument("--out", default=None, help="write under OUT/<device>/ instead")
+    parser.add_argument("--thp", default=None, metavar="CSV",
+                        help=f"the bench CSV of the run with {THP_VARIABLE}=1, for issue 27's "
+                             "second geometric mean (default: <root>/thp/<device>/"
+                             "bench_<preset>.csv next to each <root>/<device>/ CSV, where make "
+                             "report writes it); a missing one is said in the summary")
     args = parser.parse_args(argv)
     try:
         csvs = find_csvs(args.paths)
@@ -538,7 +816,8 @@ def main(argv: list[str] | None = None) -> int:
     if not csvs:
         parser.error(f"no bench_*.csv found under {args.paths}")
     try:
-        written = render(csvs, args.out, tuple(p for p in args.paths if os.path.isfile(p)))
+        written = render(csvs, args.out, tuple(p for p in args.paths if os.path.isfile(p)),
+                         thp_csv=args.thp)
     except ValueError as exc:
         parser.error(str(exc))
     for path in written:
