@@ -561,9 +561,9 @@ def goals_section(frame: pd.DataFrame, label: str,
 
     for r in memory:
         also = "" if r in goal_rows else "; not part of the goal"
-        lines.append(f"- {r['case']} ({r['groups']}): static {r['static'] / 2**20:.1f} MiB, "
-                     f"auto {r['auto'] / 2**20:.1f}, the trick {r['grouped'] / 2**20:.1f} "
-                     f"(auto - the trick {(r['auto'] - r['grouped']) / 2**20:+.1f}): "
+        lines.append(f"- {r['case']} ({r['groups']}): static {r['static'] / 2**20:.1f} MiB; "
+                     f"above it: auto {(r['auto'] - r['static']) / 2**20:+.1f}, the trick "
+                     f"{(r['grouped'] - r['static']) / 2**20:+.1f}: "
                      f"**{percent(r['percent'])}**, {'within' if r['ok'] else 'outside'}"
                      f"{also}")
     return lines + [""]

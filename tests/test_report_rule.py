@@ -149,8 +149,8 @@ def test_summary_states_every_goal_with_the_thp_run(tmp_path):
             "1.2x): **met** (the trick 1.30x; from `../thp/cpu/bench_quick.csv`)") in text
     # memory: the layers at batch 32 are the goal's; the batch sweep's row is listed beside
     assert "(goal <= 40 % on the layers, group `memory`): **met** (2 of 2 within)" in text
-    assert ("- B32 64->64 k3 s1 @56 K4 fp32, NCHW (memory): static 40.0 MiB, auto 50.0, the "
-            "trick 100.0 (auto - the trick -50.0): **16.7 %**, within") in text
+    assert ("- B32 64->64 k3 s1 @56 K4 fp32, NCHW (memory): static 40.0 MiB; above it: auto "
+            "+10.0, the trick +60.0: **16.7 %**, within") in text
     assert "**auto no more than static**, within" in text
     assert "**62.1 %**, outside; not part of the goal" in text
     assert "- CPU allocator: `THP_MEM_ALLOC_ENABLE` unset in this run" in text
