@@ -52,7 +52,7 @@ codegen-report: $(VENV)/.installed-dev $(VENV_GPU_TRITON)/.installed
 	-$(PY) -m dynconv.autotune compile-check --report perf_reports/codegen
 	$(VENV_GPU_TRITON)/bin/python -m dynconv.autotune compile-check --report perf_reports/codegen
 
-# The CPU perf report (issue 27's goals open its summary.md): the quick preset as the machine
+# The CPU perf report (the CPU goals open its summary.md): the quick preset as the machine
 # comes (THP_MEM_ALLOC_ENABLE unset), then its layers again in a fresh process with the
 # documented allocator setting THP_MEM_ALLOC_ENABLE=1 (REPORT_DIR/thp/cpu/, read by the report
 # for the second geometric mean). About 2 minutes on a 2-core machine.

@@ -6,14 +6,14 @@ each round takes one sample of each, in an order that changes from round to roun
 (:func:`round_order`, a balanced Latin square: over as many rounds as there are providers, each
 one runs in every position once, and after every other one; no provider always runs right after
 the warm-ups or right after the same neighbour). A provider's ``time_ms`` is its
-minimum over the rounds (issue 27: "min of 5 interleaved rounds"), ``static_time_ms`` the static
+minimum over the rounds ("min of 5 interleaved rounds"), ``static_time_ms`` the static
 conv's minimum in the same rounds and ``ratio_to_static`` the ratio of the two; the medians are
 kept beside them (``time_median_ms``; ``ratio_median``, the median of the per-round ratios,
 which holds better on a busy machine). A sample is :class:`dynconv.autotune.measure.Timer`'s.
 Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, and on the CPU the peak RSS
 (``VmHWM``) of a fresh process (:func:`dynconv.autotune.measure.fresh_process_peak_rss`), minus
 its RSS just before the run. Every row records the run's ``THP_MEM_ALLOC_ENABLE``
-(``thp_mem_alloc_enable``: its value or ``unset``), the CPU allocator setting of issue 27's
+(``thp_mem_alloc_enable``: its value or ``unset``), the CPU allocator setting of the
 second geometric mean.
 
 Modes: ``fwd`` is inference (``torch.no_grad``), ``fwd+bwd`` a training step's forward and
@@ -85,12 +85,12 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LAYOUTS = ("nchw", "channels_last")
 PRESETS = ("quick", "gpu", "tiny")
-# issue 27: make report's figures are the minimum of at least this many interleaved rounds
+# make report's figures are the minimum of at least this many interleaved rounds
 QUICK_CPU_MIN_ROUNDS = 5
 # the group of memory-only cases (Case.timing False)
 MEMORY_GROUP = "memory"
 # the environment variable of PyTorch's CPU allocator that the report's second geometric mean
-# is measured with (issue 27's documented setting)
+# is measured with (the documented setting)
 THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
 
 # Dense tensor-core peaks (TFLOP/s) from the vendors' datasheets: (bf16/fp16, tf32, fp32).
@@ -170,7 +170,7 @@ def preset_cases(preset: str, device: str) -> list[Case]:
                                           spatial_dims=1), 4, memory=False),
                   Case("1d-3d", ConvShape("video-3d", 32, 32, 28, 28, 3, 3, 1, 1,
                                           spatial_dims=3, d=4, kd=3), 2, memory=False)]
-        # issue 27's memory goal: the layers' peak memory at batch 32 (not timed: a fresh
+        # the memory goal: the layers' peak memory at batch 32 (not timed: a fresh
         # process per provider, no rounds)
         if device == "cpu":
             cases += [Case(MEMORY_GROUP, s, 32, timing=False) for s in layers]
@@ -431,7 +431,7 @@ def interleaved_rounds(timer: Timer, fns: dict[str, Callable], rounds: int,
 def summarize_samples(times: list[float], static_times: list[float]) -> dict:
     """The figures of one provider's samples against the static conv's of the same rounds:
     ``time_ms`` its minimum over the rounds, ``static_time_ms`` the static conv's minimum,
-    ``ratio_to_static`` the ratio of the two (issue 27: min of the interleaved rounds), and the
+    ``ratio_to_static`` the ratio of the two (min of the interleaved rounds), and the
     medians kept beside them (``time_median_ms``; ``ratio_median``: the median of the
     per-round ratios, robust on a busy machine)."""
     nan = float("nan")

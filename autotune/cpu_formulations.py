@@ -323,14 +323,14 @@ def markdown_table(path: str, mode: str = "fwd+bwd") -> str:
     return "\n".join(lines)
 
 
-# Issue 27's speed goal: auto at most this fraction above the better of loop and the trick,
+# The CPU speed goal: auto at most this fraction above the better of loop and the trick,
 # or at most this many ms per call above it (the accepted cost of a Python autograd.Function).
 GOAL_FRACTION = 0.05
 GOAL_MS = 0.2
 
 
 def within_goal(auto_ratio: float, best_ratio: float, reference_ms: float) -> bool:
-    """Issue 27's rule on ratios to one reference (whose time is ``reference_ms``): auto within
+    """The CPU speed rule on ratios to one reference (whose time is ``reference_ms``): auto within
     5 % or within 0.2 ms per call of the better baseline."""
     return (auto_ratio <= (1 + GOAL_FRACTION) * best_ratio
             or (auto_ratio - best_ratio) * reference_ms <= GOAL_MS + 1e-9)
@@ -338,7 +338,7 @@ def within_goal(auto_ratio: float, best_ratio: float, reference_ms: float) -> bo
 
 def goal_summary(path: str, mode: str = "fwd+bwd") -> str:
     """The native path's speed goals on a CSV of loop, grouped and auto: how many cases have
-    auto at most the better baseline, at most 5 % above it, and within issue 27's rule (5 % or
+    auto at most the better baseline, at most 5 % above it, and within the CPU speed rule (5 % or
     0.2 ms per call: :func:`within_goal`, the ms from the ratios and the reference's median
     time); with ratios to the static conv also how many are at most 1.6x and 1.3x static. A
     CSV timed against a provider (``--reference grouped``) has that provider's ratio 1 by

@@ -13,7 +13,7 @@ rendered into its own folder (or ``--out/<device>/``) as:
 
 Plots whose group is absent from a CSV are not drawn.
 
-A CPU run's summary opens with issue 27's goals (:func:`goals_section`):
+A CPU run's summary opens with the CPU goals (:func:`goals_section`):
 
 - the speed rule on every case and mode (forward, forward+backward): ``auto`` within 5 % or
   within 0.2 ms per call of the better of ``loop`` and ``grouped`` (the rule of
@@ -369,7 +369,7 @@ def _load_line(frame: pd.DataFrame) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# issue 27's goals
+# the CPU goals
 
 RULE_MODES = ("fwd", "fwd+bwd")
 RULE_PROVIDERS = ("auto", "loop", "grouped")
@@ -383,7 +383,7 @@ MEMORY_GOAL_PERCENT = 40.0
 
 
 def rule_ok(auto_ms: float, best_ms: float) -> bool:
-    """Issue 27's speed rule on two times of one case and mode: ``auto`` at most 5 % or at most
+    """The CPU speed rule on two times of one case and mode: ``auto`` at most 5 % or at most
     0.2 ms per call above the better baseline (:func:`~.cpu_formulations.within_goal` on the
     times themselves, i.e. on ratios to a reference of 1 ms)."""
     return within_goal(auto_ms, best_ms, 1.0)
@@ -507,11 +507,11 @@ def memory_rows(frame: pd.DataFrame, batch: int = MEMORY_BATCH) -> list[dict]:
 
 def goals_section(frame: pd.DataFrame, label: str,
                   thp: tuple[str, pd.DataFrame | None, str] | None = None) -> list[str]:
-    """Issue 27's goals on one CPU run (``label``: its CSV's name) and, for the second
+    """The CPU goals on one CPU run (``label``: its CSV's name) and, for the second
     geometric mean, ``thp``: (label, frame, why the frame is None) of the run with the
     documented allocator setting."""
     rows, unchecked = rule_rows(frame)
-    lines = ["### Issue 27's goals", ""]
+    lines = ["### The CPU goals", ""]
     statistic = ("its minimum over the interleaved rounds" if "ratio_median" in frame else
                  "the median of its rounds, in a CSV written before the rounds were balanced "
                  "and the minimum kept")
@@ -807,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("paths", nargs="+", help="bench CSV files or folders")
     parser.add_argument("--out", default=None, help="write under OUT/<device>/ instead")
     parser.add_argument("--thp", default=None, metavar="CSV",
-                        help=f"the bench CSV of the run with {THP_VARIABLE}=1, for issue 27's "
+                        help=f"the bench CSV of the run with {THP_VARIABLE}=1, for the CPU goals' "
                              "second geometric mean (default: <root>/thp/<device>/"
                              "bench_<preset>.csv next to each <root>/<device>/ CSV, where make "
                              "report writes it); a missing one is said in the summary")

@@ -89,7 +89,7 @@ def test_goal_summary_of_a_direct_comparison(tmp_path):
 
 
 def test_goal_is_5_percent_or_0_2_ms(tmp_path):
-    # Issue 27: auto within 5 % or within 0.2 ms per call of the better baseline (the ms from
+    # The goal: auto within 5 % or within 0.2 ms per call of the better baseline (the ms from
     # the ratios and the reference's time: static_ms of the rows, 1 ms here).
     assert cf.within_goal(1.05, 1.0, 100.0) and not cf.within_goal(1.06, 1.0, 100.0)
     assert cf.within_goal(1.5, 1.0, 0.4) and not cf.within_goal(1.5, 1.0, 0.41)

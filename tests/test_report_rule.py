@@ -1,4 +1,4 @@
-"""Issue 27's goals in the bench report, on small synthetic bench CSVs (no timing): the speed
+"""The CPU goals in the bench report, on small synthetic bench CSVs (no timing): the speed
 rule per case and mode, the geometric mean over the layers with and without
 THP_MEM_ALLOC_ENABLE=1 (labelled from the CSVs' own column), the memory figure; and the
 bench's position-neutral rounds, with a fake timer."""
@@ -136,7 +136,7 @@ def test_summary_states_every_goal_with_the_thp_run(tmp_path):
     written = report.render([str(main)])
     text = (tmp_path / "cpu" / "summary.md").read_text()
     assert str(tmp_path / "cpu" / "summary.md") in written
-    assert "### Issue 27's goals" in text
+    assert "### The CPU goals" in text
     assert "**9 of 10 rows ok** (forward 5 of 5, forward + backward 4 of 5); **not met**" in text
     assert ("- B16 64->64 k3 s1 @14 K4 fp32, NCHW (experts, width), fwd+bwd: auto 12.000 ms "
             "against loop 10.000 ms (+2.000 ms, +20.0 %)") in text
