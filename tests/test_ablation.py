@@ -3,6 +3,7 @@
 import json
 import math
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -30,6 +31,9 @@ from dynconv.train.ablation import (
     write_table,
 )
 from dynconv.train.data import AFFINE_TEST_COPIES, TEST_SIZE, dataset_definition
+
+ROOT = Path(__file__).resolve().parents[1]
+ABLATION = ROOT / "perf_reports" / "training" / "ablation"
 
 
 def test_each_variant_changes_one_thing_of_its_base():
@@ -164,6 +168,23 @@ def test_check_finds_stale_runs_missing_seeds_and_tables(tmp_path):
     assert any("recommended seed 1: no commit" in p for p in problems)
     assert any("quoted.md does not match" in p for p in problems)
     assert any("ablation.md does not match" in p for p in problems)  # its commit line changed
+
+
+def test_committed_ablation_matches_its_runs_and_the_current_code():
+    """The committed tables are what runs.jsonl gives, every run carries its commit and was made
+    on the data set and recipe the code defines now, and every quoted comparison has all SEEDS.
+    (No training: a figure made by older code is told by its recipe, data set and commit.)"""
+    assert check(ABLATION) == []
+
+
+def test_readme_quotes_the_regenerated_tables():
+    """Every table row of quoted.md (the figures the README's training section quotes) is in
+    README.md word for word."""
+    readme = (ROOT / "README.md").read_text()
+    rows = [line for line in (ABLATION / "quoted.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("|---")]
+    missing = [row for row in rows if row not in readme]
+    assert missing == [], "README.md does not quote the current quoted.md"
 
 
 def test_one_short_run_reports_every_metric():
