@@ -25,6 +25,7 @@ from dynconv.train.ablation import (
     mean_spread,
     paired,
     render_all,
+    render_reproduction,
     run_one,
     summarise,
     welch,
@@ -168,6 +169,17 @@ def test_check_finds_stale_runs_missing_seeds_and_tables(tmp_path):
     assert any("recommended seed 1: no commit" in p for p in problems)
     assert any("quoted.md does not match" in p for p in problems)
     assert any("ablation.md does not match" in p for p in problems)  # its commit line changed
+
+
+def test_reproduction_table():
+    committed = [_fake_run("recommended", s, acc) for s, acc in enumerate((0.98, 0.99, 1.0))]
+    rerun = [_fake_run("recommended", 0, 0.98), _fake_run("recommended", 1, 0.985)]
+    rerun[0]["commit"] = "def456" * 7
+    text = render_reproduction(committed, rerun)
+    assert "rerun: commit abc123abc123, def456def456." in text
+    # 98.25 lies within 99 ± t(0.975, 2) * 1 / sqrt(3) = 99 ± 2.48; seed 0 is identical.
+    assert "| recommended | 99.00 ± 2.48 | 98.25 | 2 | yes | 0.33 |" in text
+    assert text.rstrip().endswith("| 1 of 2 |")
 
 
 def test_committed_ablation_matches_its_runs_and_the_current_code():
