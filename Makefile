@@ -82,7 +82,7 @@ gpu-check:
 		$(PYTHON) autotune/gpu_check.py --started-at $$started --out $(OUT) $(GPU_CHECK_ARGS); \
 	fi
 
-# Every committed training figure from the current code (CPU, hours on a 2-core machine): the
+# Every committed training figure from the current code (CPU; over an hour on 2 cores): the
 # routing ablation that the README's training section quotes (every run again, 2 at a time;
 # then --check), and the demo's own outputs (digits, digits-affine, 2 processes; their
 # checkpoints are git-ignored).
