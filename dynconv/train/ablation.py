@@ -636,8 +636,9 @@ def plot_routing_of(runs: list[dict], variant: str, seed: int, out: Path) -> Non
 
 def plot_summary(rows: list[dict], path: Path) -> None:
     """Accuracy and stage-3 routing metrics per variant: the mean over the seeds with a bar of
-    +- one sample standard deviation (a variant with one seed: a hollow marker, no bar, since its
-    spread is unknown). Static twins grey, dynamic models blue; one legend for the figure."""
+    its 95 % interval (Student t, the interval the tables quote; a variant with one seed: a
+    hollow marker, no bar, since its spread is unknown). Static twins grey, dynamic models
+    blue; one legend for the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -668,10 +669,11 @@ def plot_summary(rows: list[dict], path: Path) -> None:
         for ax, (key, title, keep, (low, high)) in zip(axes, panels, strict=True):
             for y, row in enumerate(rows):
                 if key in row and (keep is None or keep(row)):
-                    mean, spread = row[key]
+                    mean = row[key][0]
                     color = "grey" if VARIANTS[row["variant"]].model == "static" else "C0"
                     if len(row["seeds"]) > 1:
-                        ax.errorbar(mean, y, xerr=spread, fmt="o", color=color, capsize=3)
+                        ax.errorbar(mean, y, xerr=row["interval"][key], fmt="o", color=color,
+                                    capsize=3)
                     else:
                         ax.plot(mean, y, "o", markerfacecolor="white", color=color)
             ax.set_title(title, fontsize=9)
@@ -687,7 +689,7 @@ def plot_summary(rows: list[dict], path: Path) -> None:
               Line2D([], [], marker="o", linestyle="", color="grey",
                      label="static twin (nn.Conv2d)"),
               Line2D([], [], marker="|", markersize=10, linestyle="-", color="black",
-                     label="± one standard deviation over the seeds")]
+                     label="95 % interval of the mean over the seeds (Student t)")]
     if any(len(row["seeds"]) == 1 for row in rows):
         legend.append(Line2D([], [], marker="o", linestyle="", color="black",
                              markerfacecolor="white", label="one seed: ± n/a"))
