@@ -157,7 +157,7 @@ class CallPlan(NamedTuple):
     y_strides: tuple  # strides of a dense y (B, Cout, Ho, Wo) in x's memory format
     save_mixed: bool  # B x |W| fits max(SAVE_MIXED_MAX_FRACTION of x, SAVE_MIXED_MIN_BYTES)
     # An eager call that needs gradients runs autograd's own graph of the grouped trick
-    # (save_mixed, the rule's plan one of :func:`_graph_plan`'s, nothing forced): see
+    # (:func:`_takes_graph`: within the saving threshold, nothing forced, the rule's plan): see
     # :func:`native_dynamic_conv2d`.
     graph: bool = False
     benchmarked: bool = False  # the formulations were timed (benchmark mode), not the rule's
@@ -188,8 +188,8 @@ def _plan(x, weight_bank, stride, padding, dilation, groups) -> CallPlan:
         with force_formulation(formulations) if formulations else contextlib.nullcontext():
             plan = _make_plan(x, weight_bank, stride, padding, dilation, groups)
         if formulations is not None:  # the timed plan, taken as the rule's would be
-            plan = plan._replace(benchmarked=True, graph=plan.save_mixed and _forced == (
-                None, None) and _graph_plan(plan.formulations))
+            plan = plan._replace(benchmarked=True,
+                                 graph=_takes_graph(plan.formulations, plan.save_mixed))
         if len(_plan_cache) >= PLAN_CACHE_SIZE:
             _plan_cache.clear()
         _plan_cache[key] = plan
@@ -281,24 +281,25 @@ def _make_plan(x, weight_bank, stride, padding, dilation, groups) -> CallPlan:
     weight_shape = tuple(weight_bank.shape[1:])
     save_mixed = batch > 0 and batch * weight_numel * weight_bank.element_size() <= max(
         SAVE_MIXED_MAX_FRACTION * x.numel() * x.element_size(), SAVE_MIXED_MIN_BYTES)
-    graph = save_mixed and _forced == (None, None) and _graph_plan(plan)
+    graph = _takes_graph(plan, save_mixed)
     return CallPlan(
         plan, chunk, weight_shape, (chunk,) + weight_shape, weight_numel,
         _dense_strides((batch, out_channels, out_h, out_w), memory_format), save_mixed, graph,
     )
 
 
-def _graph_plan(plan: FormulationPlan) -> bool:
-    """Whether a call within the saving threshold whose rule gives ``plan`` takes autograd's
-    graph of the grouped trick (when it needs gradients): where the rule's input gradient is
-    the grouped one and its forward not per-sample. Measured (1 thread, CPU time, forward +
-    backward, perf_reports/cpu_native "Fourth pass"): every all-grouped small layer is then
-    level with the trick instead of 3-30 % behind, and so are the grouped / grouped / im2col
-    and im2col / grouped / im2col plans of 256-384 channels at batch 1-4 (their Function was
-    8-26 % behind the trick: the im2col weight gradient's gain is smaller than splitting
-    convolution_backward in two). A 1x1 layer (im2col for every part: 0.7x the trick) and the
-    per-sample plans keep the native Function."""
-    return plan.input_grad == "grouped" and plan.forward != "per_sample"
+def _takes_graph(plan: FormulationPlan, save_mixed: bool) -> bool:
+    """Whether a call whose rule gives ``plan`` takes autograd's graph of the grouped trick
+    (when it needs gradients): within the saving threshold (``save_mixed``), nothing forced,
+    and the rule's input gradient the grouped one and its forward not per-sample. Measured
+    (1 thread, CPU time, forward + backward, perf_reports/cpu_native "Fourth pass"): every
+    all-grouped small layer is then level with the trick instead of 3-30 % behind, and so are
+    the grouped / grouped / im2col and im2col / grouped / im2col plans of 256-384 channels at
+    batch 1-4 (their Function was 8-26 % behind the trick: the im2col weight gradient's gain is
+    smaller than splitting convolution_backward in two). A 1x1 layer (im2col for every part:
+    0.7x the trick) and the per-sample plans keep the native Function."""
+    return (save_mixed and _forced == (None, None) and plan.input_grad == "grouped"
+            and plan.forward != "per_sample")
 
 
 _workspace = threading.local()
@@ -591,7 +592,7 @@ def native_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeom
 
     - no gradient to record (grad mode off, or no input requires grad): the forward alone;
     - the plan's ``graph`` (B x |W| within the saving threshold and the rule's input gradient
-      grouped, see ``_graph_plan``): autograd's own graph of the grouped trick, whose backward
+      grouped, see ``_takes_graph``): autograd's own graph of the grouped trick, whose backward
       runs in autograd's C++ nodes; a Python ``autograd.Function`` costs ~0.15 ms a step more,
       as much as a small layer's convolution (a cost accepted elsewhere); it saves
       the B x |W| mixed weights, at most max(x / 4, 16 MiB) here, as the Function may;
