@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from .backends.registry import check_backend_name, resolve
+from .backends.scales import scaled_conv2d
 from .geometry import ConvGeometry
-from .validation import check_conv_inputs
+from .validation import check_conv_inputs, check_scales
 
 
 def dynamic_conv2d(
@@ -22,6 +23,10 @@ def dynamic_conv2d(
     dilation=1,
     groups: int = 1,
     backend: str = "auto",
+    *,
+    in_scale: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+    tap_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dynamic convolution: sample b is convolved with ``sum_k routing[b, k] * weight_bank[k]``.
 
@@ -37,6 +42,12 @@ def dynamic_conv2d(
             column of an odd total at the bottom / right.
         backend: ``"auto"`` (Triton on CUDA, ``"native"`` elsewhere), ``"loop"``,
             ``"grouped"``, ``"native"`` or ``"triton"``.
+        in_scale, out_scale, tap_scale: ODConv's per-sample scales, each optional: (B, Cin),
+            (B, Cout) and (B, kh, kw). Sample b's kernel becomes
+            ``M_b[o, i, t] = out_scale[b, o] * in_scale[b, c] * tap_scale[b, t] * W_b[o, i, t]``
+            (c the input channel that weight (o, i) reads); the bias is not scaled. The channel
+            scales act on x and y (``conv(x * in_scale, .) * out_scale``), the tap scale on the
+            mixed kernels (see :mod:`dynconv.backends.scales`).
 
     Returns:
         y, (B, Cout, Ho, Wo), in x's dtype.
@@ -45,11 +56,17 @@ def dynamic_conv2d(
     geometry = check_conv_inputs(
         x, weight_bank, routing, bias_bank, stride, padding, dilation, groups
     )
+    scaled = in_scale is not None or out_scale is not None or tap_scale is not None
+    if scaled:
+        check_scales(x, weight_bank, in_scale, out_scale, tap_scale)
     if geometry.extra_padding != (0, 0):
         # An odd total padding ("same" with an even dilated kernel, "same_tf"): pad the extra
         # row/column at the bottom/right as F.conv2d and TensorFlow do, then every backend sees
         # symmetric padding.
         x = F.pad(x, (0, geometry.extra_padding[1], 0, geometry.extra_padding[0]))
+    if scaled:
+        return scaled_conv2d(resolve(backend, x), x, weight_bank, routing, bias_bank, geometry,
+                             in_scale, out_scale, tap_scale)
     return resolve(backend, x).function(x, weight_bank, routing, bias_bank, geometry)
 
 

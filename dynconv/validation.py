@@ -345,3 +345,30 @@ def _check_conv_inputs(x, weight_bank, routing, bias_bank, stride, padding, dila
                 f"dilated kernel {tuple(d * (k - 1) + 1 for d, k in zip(dilation, kernel_size))}"
             )
     return ConvGeometry(stride, pad, dilation, groups, extra)
+
+
+def check_scales(x, weight_bank, in_scale, out_scale, tap_scale) -> None:
+    """Validate ODConv's optional per-sample scales of :func:`dynconv.dynamic_conv2d`:
+    in_scale (B, Cin), out_scale (B, Cout), tap_scale (B, kh, kw), each a floating tensor in x's
+    dtype on x's device (x and weight_bank already checked)."""
+    batch, in_channels = x.shape[:2]
+    out_channels, kernel = weight_bank.shape[1], tuple(weight_bank.shape[3:])
+    expected = {
+        "in_scale": ((batch, in_channels), "(B, Cin)"),
+        "out_scale": ((batch, out_channels), "(B, Cout)"),
+        "tap_scale": ((batch, *kernel), "(B, kh, kw)"),
+    }
+    for name, t in (("in_scale", in_scale), ("out_scale", out_scale), ("tap_scale", tap_scale)):
+        if t is None:
+            continue
+        check_tensor(t, name)
+        shape, described = expected[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {described} = {shape} to match x and "
+                             f"weight_bank, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; move them to "
+                             f"one device")
+        if t.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must "
+                            f"match")

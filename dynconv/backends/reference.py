@@ -19,32 +19,42 @@ import torch.nn.functional as F
 from dynconv.geometry import ConvGeometry, output_hw, output_memory_format
 
 
-def mix_bank(routing: torch.Tensor, weight_bank: torch.Tensor) -> torch.Tensor:
-    """Per-sample kernels ``W[b] = sum_k routing[b, k] * weight_bank[k]`` as one matmul.
+def mix_bank(routing: torch.Tensor, weight_bank: torch.Tensor,
+             tap_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample kernels ``W[b] = sum_k routing[b, k] * weight_bank[k]`` as one matmul, each
+    times ``tap_scale[b]`` (ODConv's (B, kh, kw) tap scale) when given.
 
-    routing (B, K), weight_bank (K, *kernel_shape) -> (B, *kernel_shape).
+    routing (B, K), weight_bank (K, Cout, Cin/g, kh, kw) -> (B, Cout, Cin/g, kh, kw).
     """
     num_experts = weight_bank.shape[0]
     mixed = routing @ weight_bank.reshape(num_experts, -1)
-    return mixed.reshape((routing.shape[0],) + tuple(weight_bank.shape[1:]))
+    mixed = mixed.reshape((routing.shape[0],) + tuple(weight_bank.shape[1:]))
+    if tap_scale is not None:
+        mixed = mixed * tap_scale[:, None, None]
+    return mixed
 
 
-def _empty_batch(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
+def _empty_batch(x, weight_bank, routing, bias_bank, geometry: ConvGeometry, tap_scale=None):
     """y (0, Cout, Ho, Wo) for an empty batch, still connected to every input: the gradients
     of the bank and the bias bank are zeros (a sum over no samples), as the other backends'."""
     weight = torch.einsum("bk,k...->...", routing, weight_bank)
+    if tap_scale is not None:
+        weight = weight * tap_scale.sum(0)
     bias = None if bias_bank is None else torch.einsum("bk,kc->c", routing, bias_bank)
     return F.conv2d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation,
                     geometry.groups).contiguous(memory_format=output_memory_format(x))
 
 
-def loop_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
-    """One ``F.conv2d`` per sample. x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
+def loop_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry,
+                        tap_scale=None):
+    """One ``F.conv2d`` per sample. x (B, Cin, H, W) -> (B, Cout, Ho, Wo); tap_scale
+    (B, kh, kw) or None scales each sample's mixed kernel."""
     if x.shape[0] == 0:
-        return _empty_batch(x, weight_bank, routing, bias_bank, geometry)
+        return _empty_batch(x, weight_bank, routing, bias_bank, geometry, tap_scale)
     outputs = []
     for b in range(x.shape[0]):
-        weight = mix_bank(routing[b : b + 1], weight_bank)[0]
+        weight = mix_bank(routing[b : b + 1], weight_bank,
+                          None if tap_scale is None else tap_scale[b : b + 1])[0]
         bias = None if bias_bank is None else routing[b] @ bias_bank
         outputs.append(
             F.conv2d(
@@ -60,13 +70,15 @@ def loop_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeomet
     return torch.cat(outputs, dim=0)
 
 
-def grouped_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
-    """The grouped-conv trick: the batch becomes groups. x (B, Cin, H, W) -> (B, Cout, Ho, Wo)."""
+def grouped_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry,
+                           tap_scale=None):
+    """The grouped-conv trick: the batch becomes groups. x (B, Cin, H, W) -> (B, Cout, Ho, Wo);
+    tap_scale (B, kh, kw) or None scales each sample's mixed kernel."""
     batch, in_channels, height, width = x.shape
     if batch == 0:
-        return _empty_batch(x, weight_bank, routing, bias_bank, geometry)
+        return _empty_batch(x, weight_bank, routing, bias_bank, geometry, tap_scale)
     out_channels = weight_bank.shape[1]
-    weight = mix_bank(routing, weight_bank).reshape(
+    weight = mix_bank(routing, weight_bank, tap_scale).reshape(
         (batch * out_channels,) + tuple(weight_bank.shape[2:])
     )
     bias = None if bias_bank is None else (routing @ bias_bank).reshape(-1)
@@ -133,7 +145,8 @@ def _scan():
     return scan
 
 
-def scan_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
+def scan_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry,
+                        tap_scale=None):
     """The per-sample form: every sample's kernel mixed once, then that sample's own conv.
 
     The mixing is one MatMul for the whole batch (``routing @ bank``, (B, K) x (K, |W|)); the
@@ -142,13 +155,20 @@ def scan_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeomet
     It costs the static conv's FLOPs (on the runtime's conv for non-constant weights) plus the
     mixing: the bank read once and B x |W| written. x (B, Cin, H, W) -> (B, Cout, Ho, Wo).
     A torch without ``scan`` (a private API of recent versions) records the spanning form.
+    ``tap_scale`` (B, kh, kw) or None scales each sample's mixed kernel.
     """
     if _known_true(x.shape[0] == 0):
-        return _empty_batch(x, weight_bank, routing, bias_bank, geometry)
+        return _empty_batch(x, weight_bank, routing, bias_bank, geometry, tap_scale)
     scan = _scan()
     if scan is None:  # a torch without it: the form every torch has
+        if tap_scale is not None:
+            from .scales import fold_tap_scale
+
+            y = spanning_dynamic_conv2d(x, *fold_tap_scale(weight_bank, routing, tap_scale),
+                                        None, geometry)
+            return y if bias_bank is None else y + (routing @ bias_bank)[:, :, None, None]
         return spanning_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry)
-    weights = mix_bank(routing, weight_bank)  # (B, Cout, Cin/g, kh, kw)
+    weights = mix_bank(routing, weight_bank, tap_scale)  # (B, Cout, Cin/g, kh, kw)
     samples = (x.unsqueeze(1), weights)  # x[b] as a (1, Cin, H, W) batch of one
     if bias_bank is not None:
         samples += (routing @ bias_bank,)  # (B, Cout)
@@ -165,14 +185,16 @@ def scan_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeomet
     return y.squeeze(1).contiguous(memory_format=output_memory_format(x))
 
 
-def matmul_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
+def matmul_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry,
+                          tap_scale=None):
     """The im2col form: patches, then one batched MatMul with the per-sample mixed weights.
 
     Patches come from a static depthwise Conv with one-hot kernels (channel ``c * kh * kw + t``
     of the result is input channel c shifted by tap t; a 1x1 kernel without padding takes the
     strided input itself), viewed as (B, G, Cin/G * kh * kw, Ho * Wo); the weights are mixed to
     (B, G, Cout/G, Cin/G * kh * kw). No loop and no Scan: the batch is the MatMul's batch.
-    It writes and reads kh * kw x the input as patches. x (B, Cin, H, W) -> (B, Cout, Ho, Wo).
+    It writes and reads kh * kw x the input as patches. x (B, Cin, H, W) -> (B, Cout, Ho, Wo);
+    ``tap_scale`` (B, kh, kw) or None scales each sample's mixed kernel.
     """
     batch, in_channels = x.shape[:2]
     _, out_channels, in_per_group, kh, kw = weight_bank.shape
@@ -186,7 +208,8 @@ def matmul_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeom
         patches = F.conv2d(x, one_hot.repeat(in_channels, 1, 1, 1), None, geometry.stride,
                            geometry.padding, geometry.dilation, in_channels)
     patches = patches.reshape(batch, groups, in_per_group * kh * kw, out_h * out_w)
-    weights = mix_bank(routing, weight_bank).reshape(batch, groups, out_channels // groups,
+    weights = mix_bank(routing, weight_bank, tap_scale).reshape(batch, groups,
+                                                                out_channels // groups,
                                                      in_per_group * kh * kw)
     y = (weights @ patches).reshape(batch, out_channels, out_h, out_w)
     if bias_bank is not None:
@@ -194,7 +217,7 @@ def matmul_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeom
     return y.contiguous(memory_format=output_memory_format(x))
 
 
-def auto_onnx_form(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
+def auto_onnx_form(x, weight_bank, routing, bias_bank, geometry: ConvGeometry, tap_scale=None):
     """The default export form, chosen per layer from the shapes traced at export: ``spanning``
     for an ungrouped conv whose output is a single pixel, ``scan`` everywhere else.
 
@@ -206,6 +229,6 @@ def auto_onnx_form(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
     """
     out_h, out_w = output_hw(tuple(x.shape[2:]), tuple(weight_bank.shape[3:]), geometry.stride,
                              geometry.padding, geometry.dilation)
-    if geometry.groups == 1 and _known_true(out_h * out_w == 1):
+    if geometry.groups == 1 and _known_true(out_h * out_w == 1) and tap_scale is None:
         return spanning_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry)
-    return scan_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry)
+    return scan_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry, tap_scale)

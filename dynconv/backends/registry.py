@@ -88,13 +88,16 @@ class Backend:
     name: what users pass as ``backend=``. function: the implementation,
     ``(x, weight_bank, routing, bias_bank, geometry) -> y``. unavailable:
     ``(device, dtype) -> reason or None``; None means the backend runs on every device and
-    floating dtype.
+    floating dtype. takes_tap_scale: whether ``function`` also takes ``tap_scale=``.
     """
 
     name: str
     function: Callable
     summary: str
     unavailable: Callable[[torch.device, torch.dtype], str | None] | None = None
+    # Whether ``function`` takes ODConv's ``tap_scale=`` (B, kh, kw) and scales the kernels it
+    # mixes; the others run on a folded bank (:func:`dynconv.backends.scales.fold_tap_scale`).
+    takes_tap_scale: bool = False
 
     def check_can_run(self, device: torch.device, dtype: torch.dtype) -> None:
         """Raise a ValueError saying why this backend cannot run on ``device`` / ``dtype``."""
@@ -107,9 +110,11 @@ _BACKENDS = {
     backend.name: backend
     for backend in (
         Backend("loop", loop_dynamic_conv2d,
-                "one F.conv2d per sample, plain autograd (the readable reference)"),
+                "one F.conv2d per sample, plain autograd (the readable reference)",
+                takes_tap_scale=True),
         Backend("grouped", grouped_dynamic_conv2d,
-                "the grouped-conv trick (batch folded into groups), plain autograd"),
+                "the grouped-conv trick (batch folded into groups), plain autograd",
+                takes_tap_scale=True),
         Backend("native", native_dynamic_conv2d,
                 "PyTorch's own kernels with a lean custom backward (the CPU path)"),
         Backend("triton", triton_dynamic_conv2d,
@@ -127,13 +132,16 @@ ONNX_FORMS = {
     form.name: form
     for form in (
         Backend("auto", auto_onnx_form,
-                "per layer: scan, or spanning for an ungrouped conv with a one-pixel output"),
+                "per layer: scan, or spanning for an ungrouped conv with a one-pixel output "
+                "(scan with a tap scale)", takes_tap_scale=True),
         Backend("scan", scan_dynamic_conv2d,
-                "each sample's kernel mixed, then one Conv per sample in an ONNX Scan"),
+                "each sample's kernel mixed, then one Conv per sample in an ONNX Scan",
+                takes_tap_scale=True),
         Backend("spanning", spanning_dynamic_conv2d,
                 "one static conv over K x Cin routing-scaled channels (K x the FLOPs)"),
         Backend("matmul", matmul_dynamic_conv2d,
-                "patches by a one-hot conv, then a batched MatMul with the mixed kernels"),
+                "patches by a one-hot conv, then a batched MatMul with the mixed kernels",
+                takes_tap_scale=True),
     )
 }
 # What ``torch.onnx.export`` records when no form is chosen: the fastest measured in onnxruntime
