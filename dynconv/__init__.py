@@ -6,7 +6,14 @@ from .backends.triton.strategy import use_strategy
 from .convert import convert_conv1d, convert_conv2d, convert_conv3d, fuse_conv_bn_eval
 from .export import export_onnx, fold_batchnorm, onnx_export_form
 from .functional import dynamic_conv1d, dynamic_conv2d, dynamic_conv3d
-from .modules import DynamicBlock, DynamicCNN, DynamicConv1d, DynamicConv2d, DynamicConv3d
+from .modules import (
+    DynamicBlock,
+    DynamicCNN,
+    DynamicConv1d,
+    DynamicConv2d,
+    DynamicConv3d,
+    ODConv2d,
+)
 from .optim import param_groups
 from .routing import RoutingMLP
 from .schedule import TemperatureSchedule, set_temperature
@@ -18,6 +25,7 @@ __all__ = [
     "DynamicConv1d",
     "DynamicConv2d",
     "DynamicConv3d",
+    "ODConv2d",
     "RoutingMLP",
     "TemperatureSchedule",
     "convert_conv1d",

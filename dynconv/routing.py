@@ -1,4 +1,6 @@
-"""RoutingMLP: per-sample mixing weights from a globally pooled input."""
+"""The routers: per-sample mixing weights from a globally pooled input (RoutingMLP), on a base
+that keeps the temperature as model state (Router; ODConv's router is another,
+:class:`dynconv.modules.odconv.ODConvRouter`)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,61 @@ from .validation import (
 )
 
 
-class RoutingMLP(nn.Module):
+class Router(nn.Module):
+    """The base of dynconv's routers: a temperature T > 0 that every head divides its logits by,
+    kept as model state.
+
+    T is the persistent float32 buffer ``temperature_tensor`` (a buffer, not a Python float:
+    torch.compile then treats a changing temperature, e.g. an anneal, as data instead of
+    recompiling for each value), read and set as the float :attr:`temperature`.
+    :func:`dynconv.set_temperature` and :class:`dynconv.TemperatureSchedule` set every
+    ``Router`` of a model. A state_dict without the buffer (an older checkpoint) still loads:
+    the router keeps the temperature it was built with, and a warning says so once; a
+    non-finite or non-positive one is refused.
+
+    A subclass calls :meth:`_init_temperature` in its ``__init__``.
+    """
+
+    def _init_temperature(self, temperature, device=None) -> None:
+        self.register_buffer(
+            "temperature_tensor",
+            torch.tensor(check_temperature(temperature), device=device, dtype=torch.float32),
+        )
+
+    @property
+    def temperature(self) -> float:
+        """T as a float (NaN on the meta device, where the buffer has no value)."""
+        if self.temperature_tensor.is_meta:
+            return math.nan
+        return float(self.temperature_tensor)
+
+    @temperature.setter
+    def temperature(self, value) -> None:
+        with torch.no_grad():
+            self.temperature_tensor.fill_(check_temperature(value))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "temperature_tensor"
+        had_temperature = key in state_dict
+        value = state_dict.get(key)
+        if isinstance(value, torch.Tensor) and not value.is_meta and value.numel() == 1:
+            # Refused before anything of this router is loaded, as the setter would refuse it:
+            # T = 0 gives NaN routing, T < 0 silently reverses it. (Another shape is left to
+            # PyTorch's size-mismatch error.)
+            try:
+                check_temperature(value)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"cannot load {key!r} from the state_dict: {error}") from None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if not had_temperature and key in missing_keys:
+            # A checkpoint from before the temperature was saved: keep this router's own value.
+            missing_keys.remove(key)
+            _warn_missing_temperature_once(self.temperature_tensor)
+
+
+class RoutingMLP(Router):
     """GAP -> Linear -> ReLU -> Linear -> softmax(logits / T) (or sigmoid gates).
 
     Args:
@@ -67,13 +123,7 @@ class RoutingMLP(nn.Module):
         hidden = max(in_channels // reduction, 4)
         self.fc1 = nn.Linear(in_channels, hidden, **factory)
         self.fc2 = nn.Linear(hidden, num_experts, **factory)
-        # A buffer, not a Python float: torch.compile then treats a changing temperature (annealing)
-        # as data instead of recompiling for every new value. Persistent: the temperature is model
-        # state, saved and loaded with the state_dict.
-        self.register_buffer(
-            "temperature_tensor",
-            torch.tensor(check_temperature(temperature), device=device, dtype=torch.float32),
-        )
+        self._init_temperature(temperature, device)  # a buffer: see Router
         self.reset_parameters()
 
     def reset_parameters(self, init: str | None = None) -> None:
@@ -91,38 +141,6 @@ class RoutingMLP(nn.Module):
         if self.init == "small":
             nn.init.normal_(self.fc2.weight, std=1e-2)
             nn.init.zeros_(self.fc2.bias)
-
-    @property
-    def temperature(self) -> float:
-        """T as a float (NaN on the meta device, where the buffer has no value)."""
-        if self.temperature_tensor.is_meta:
-            return math.nan
-        return float(self.temperature_tensor)
-
-    @temperature.setter
-    def temperature(self, value) -> None:
-        with torch.no_grad():
-            self.temperature_tensor.fill_(check_temperature(value))
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        key = prefix + "temperature_tensor"
-        had_temperature = key in state_dict
-        value = state_dict.get(key)
-        if isinstance(value, torch.Tensor) and not value.is_meta and value.numel() == 1:
-            # Refused before anything of this router is loaded, as the setter would refuse it:
-            # T = 0 gives NaN routing, T < 0 silently reverses it. (Another shape is left to
-            # PyTorch's size-mismatch error.)
-            try:
-                check_temperature(value)
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"cannot load {key!r} from the state_dict: {error}") from None
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        if not had_temperature and key in missing_keys:
-            # A checkpoint from before the temperature was saved: keep this router's own value.
-            missing_keys.remove(key)
-            _warn_missing_temperature_once(self.temperature_tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
