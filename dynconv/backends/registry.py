@@ -116,7 +116,8 @@ _BACKENDS = {
                 "the grouped-conv trick (batch folded into groups), plain autograd",
                 takes_tap_scale=True),
         Backend("native", native_dynamic_conv2d,
-                "PyTorch's own kernels with a lean custom backward (the CPU path)"),
+                "PyTorch's own kernels with a lean custom backward (the CPU path)",
+                takes_tap_scale=True),
         Backend("triton", triton_dynamic_conv2d,
                 "Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)", _triton_unavailable),
     )

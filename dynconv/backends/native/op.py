@@ -368,24 +368,35 @@ def _is_dense(t: torch.Tensor) -> bool:
     return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
 
 
-def forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
-    """y (B, Cout, Ho, Wo) from x (B, Cin, H, W), bank (K, Cout, Cin/g, kh, kw), routing (B, K)."""
+def forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
+                 tap_scale=None):
+    """y (B, Cout, Ho, Wo) from x (B, Cin, H, W), bank (K, Cout, Cin/g, kh, kw), routing (B, K);
+    ``tap_scale`` (B, kh, kw) or None multiplies each sample's mixed kernel tap by tap."""
     plan = _plan(x, weight_bank, stride, padding, dilation, groups)
     return _forward(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, plan,
-                    None)
+                    None, tap_scale)
+
+
+def _scale_taps(weights: torch.Tensor, tap_scale: torch.Tensor | None) -> torch.Tensor:
+    """``weights`` (n, ..., kh, kw), contiguous, times ``tap_scale`` (n, kh, kw) in place."""
+    if tap_scale is not None:
+        n, taps = weights.shape[0], tap_scale[0].numel()
+        weights.view(n, -1, taps).mul_(tap_scale.reshape(n, 1, taps))
+    return weights
 
 
 def _forward(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, plan,
-             mixed):
+             mixed, tap_scale=None):
     """forward_impl with its plan; ``mixed`` (B, |W|), if given, receives all the mixed
-    weights (to be saved for backward) instead of the workspace."""
+    (and tap-scaled) weights (to be saved for backward) instead of the workspace."""
     batch = x.shape[0]
     chunk = plan.chunk
     bank_2d = weight_bank.reshape(weight_bank.shape[0], plan.weight_numel)
     if chunk == batch:  # one chunk: no slicing (an empty batch has chunk 1)
         if mixed is None:
             mixed = _workspace_buffer(chunk, bank_2d)
-        weights = torch.mm(routing, bank_2d, out=mixed).view(plan.chunk_weight_shape)
+        weights = _scale_taps(torch.mm(routing, bank_2d, out=mixed), tap_scale).view(
+            plan.chunk_weight_shape)
         bias = None if bias_bank is None else routing @ bias_bank
         y = conv_forward(plan.formulations.forward, x, weights, bias, stride, padding,
                          dilation, groups)
@@ -401,7 +412,9 @@ def _forward(x, weight_bank, routing, bias_bank, stride, padding, dilation, grou
         stop = min(batch, start + chunk)
         a = routing[start:stop]
         out = mixed[start:stop] if buffer is None else buffer[: stop - start]
-        weights = torch.mm(a, bank_2d, out=out).view((stop - start,) + plan.weight_shape)
+        weights = _scale_taps(torch.mm(a, bank_2d, out=out),
+                              None if tap_scale is None else tap_scale[start:stop])
+        weights = weights.view((stop - start,) + plan.weight_shape)
         bias = None if bias_bank is None else a @ bias_bank
         y[start:stop] = conv_forward(
             plan.formulations.forward, x[start:stop], weights, bias, stride, padding, dilation,
@@ -425,18 +438,24 @@ def _dense_strides(shape, memory_format) -> tuple[int, ...]:
 
 def backward_impl(
     grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups, output_mask,
-    mixed=None,
+    mixed=None, *, tap_scale=None,
 ):
-    """Gradients (x, weight_bank, routing, bias_bank); an unrequested one is an empty tensor.
+    """Gradients (x, weight_bank, routing, bias_bank), and tap_scale's fifth when it is given;
+    an unrequested one is an empty tensor.
 
     For each chunk of samples the mixed weights W_b are recomputed (or read from ``mixed``,
     (B, |W|), the forward's, when it saved them), the per-sample weight
     gradient gW_b comes from the chunk's formulation, and it is contracted at once:
-    grad_bank += a^T gW, grad_routing[b, k] = <gW_b, bank[k]> (+ the bias terms).
+    grad_bank += a^T gW, grad_routing[b, k] = <gW_b, bank[k]> (+ the bias terms). With a tap
+    scale s (B, T), T = kh kw, the per-tap contraction C[b, k, t] = <gW_b[..., t], bank[k, ...,
+    t]> gives both grad_routing[b, k] = sum_t s[b, t] C[b, k, t] and grad_s[b, t] = sum_k
+    a[b, k] C[b, k, t] (K x T numbers per sample, no second pass over gW), and gW_b is scaled
+    by s_b in place before grad_bank's product.
     """
-    need_x, need_bank, need_routing, need_bias = output_mask
+    need_x, need_bank, need_routing, need_bias = output_mask[:4]
+    need_tap = tap_scale is not None and len(output_mask) > 4 and output_mask[4]
     need_bias = need_bias and bias_bank is not None
-    need_weight = need_bank or need_routing
+    need_weight = need_bank or need_routing or need_tap
     batch = x.shape[0]
     plan = _plan(x, weight_bank, stride, padding, dilation, groups)
     bank_2d = weight_bank.reshape(weight_bank.shape[0], plan.weight_numel)
@@ -445,12 +464,19 @@ def backward_impl(
     # Outputs of a custom op may not alias each other: each unrequested gradient gets its own
     # empty tensor. grad_x is allocated only if the chunks' results cannot be returned as they
     # are (see forward_impl).
-    _, grad_bank, grad_routing, grad_bias = fake_backward_outputs(
-        x, weight_bank, routing, bias_bank, [False, need_bank, need_routing, need_bias]
+    _, grad_bank, grad_routing, grad_bias, *grad_tap = fake_backward_outputs(
+        x, weight_bank, routing, bias_bank, [False, need_bank, need_routing, need_bias, need_tap],
+        tap_scale,
     )
+    tap_grads = tuple(grad_tap) if tap_scale is not None else ()
     grad_x = None if need_x and batch > 0 else (torch.empty_like(x) if need_x else x.new_empty(0))
     if batch == 0:  # no chunk runs: the bank gradients are exact zeros
-        return grad_x, grad_bank.zero_(), grad_routing, grad_bias.zero_()
+        return (grad_x, grad_bank.zero_(), grad_routing, grad_bias.zero_()) + tap_grads
+    taps = weight_bank.shape[3] * weight_bank.shape[4]
+    bank_by_tap = None
+    if tap_scale is not None and (need_routing or need_tap):
+        # (T, |W| / T, K): the bank by tap, for the per-tap contraction (a view)
+        bank_by_tap = weight_bank.reshape(weight_bank.shape[0], -1, taps).permute(2, 1, 0)
     # The bank gradients are accumulated over chunks straight in the outputs (the first chunk
     # writes, the others add), or in fp32 buffers cast once for low-precision inputs.
     low_precision = acc_dtype != x.dtype
@@ -477,11 +503,13 @@ def backward_impl(
         a = routing if whole else routing[start:stop]
         a_t = a.t().to(acc_dtype) if low_precision else a.t()
         grad_out_chunk = grad_out if whole else grad_out[start:stop]
+        s = None if tap_scale is None else (tap_scale if whole else tap_scale[start:stop])
         if need_x or need_weight:
-            if buffer is None:  # the forward's
+            if buffer is None:  # the forward's (tap-scaled there)
                 weights = mixed if whole else mixed[start:stop]
             else:
-                weights = torch.mm(a, bank_2d, out=buffer if whole else buffer[:n])
+                weights = _scale_taps(torch.mm(a, bank_2d, out=buffer if whole else buffer[:n]),
+                                      s)
             weights = weights.view(plan.chunk_weight_shape if whole else (n,) + plan.weight_shape)
             gx, gw = _chunk_backward(
                 plan.formulations, grad_out_chunk, x if whole else x[start:stop], weights, stride,
@@ -498,11 +526,15 @@ def backward_impl(
                     grad_x[start:stop] = gx
             if need_weight:
                 gw_2d = gw.reshape(n, -1)
+                if s is not None:
+                    gw_2d = _tap_contractions(gw_2d, a, s, bank_by_tap, need_bank,
+                                              grad_routing[start:stop] if need_routing else None,
+                                              grad_tap[0][start:stop] if need_tap else None)
                 if need_bank:
                     _accumulate_mm(
                         bank_acc, a_t, gw_2d.to(acc_dtype) if low_precision else gw_2d, start
                     )
-                if need_routing:
+                if need_routing and s is None:
                     torch.mm(gw_2d, bank_2d.t(), out=grad_routing[start:stop])
         if bias_bank is not None and (need_bias or need_routing):
             grad_b = grad_out_chunk.sum(dim=(2, 3))
@@ -516,7 +548,30 @@ def backward_impl(
         grad_bank.copy_(bank_acc.view(weight_bank.shape))
     if need_bias and low_precision:
         grad_bias.copy_(bias_acc)
-    return grad_x, grad_bank, grad_routing, grad_bias
+    return (grad_x, grad_bank, grad_routing, grad_bias) + tap_grads
+
+
+def _tap_contractions(gw_2d, a, tap_scale, bank_by_tap, need_bank, grad_routing, grad_tap):
+    """A chunk's routing and tap-scale gradients from its weight gradient, written into
+    ``grad_routing`` (n, K) / ``grad_tap`` (n, kh, kw) where given; returns the weight gradient
+    scaled by the tap scale (what grad_bank contracts), in place where it can be.
+
+    gw_2d (n, |W|), a (n, K), tap_scale (n, kh, kw), bank_by_tap (T, |W| / T, K) or None.
+    """
+    n, taps = gw_2d.shape[0], tap_scale[0].numel()
+    s = tap_scale.reshape(n, taps)
+    gw_3d = gw_2d.view(n, -1, taps)
+    if bank_by_tap is not None:
+        # C[t] = gW[:, :, t] @ bank[:, :, t]^T: (T, n, K), a batched product over the taps
+        per_tap = torch.bmm(gw_3d.permute(2, 0, 1), bank_by_tap)
+        if grad_routing is not None:
+            grad_routing.copy_(torch.einsum("tnk,nt->nk", per_tap, s))
+        if grad_tap is not None:
+            grad_tap.view(n, taps).copy_(torch.einsum("tnk,nk->nt", per_tap, a))
+    if need_bank:
+        gw_3d = gw_3d.mul_(s.view(n, 1, taps)) if gw_3d.is_contiguous() else gw_3d * s.view(
+            n, 1, taps)
+    return gw_3d.reshape(n, -1)
 
 
 def _chunk_backward(plan, grad_out, x, weights, stride, padding, dilation, groups, need_x, need_w,
@@ -567,26 +622,27 @@ class _EagerNativeConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
-                may_save):
+                tap_scale, may_save):
         plan = _plan(x, weight_bank, stride, padding, dilation, groups)
         mixed = None
         if may_save and plan.save_mixed:
             mixed = weight_bank.new_empty((x.shape[0], plan.weight_numel))
         y = _forward(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
-                     plan, mixed)
-        ctx.save_for_backward(x, weight_bank, routing, bias_bank, mixed)
+                     plan, mixed, tap_scale)
+        ctx.save_for_backward(x, weight_bank, routing, bias_bank, tap_scale, mixed)
         ctx.geometry = (stride, padding, dilation, groups)
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        # The saved mixed weights (or None) reach backward_impl after the mask; may_save is
-        # the one extra non-tensor input.
-        return backward_through(backward_impl, ctx, grad_out, extra_inputs=1)
+        # The saved mixed weights (or None) reach backward_impl after the mask.
+        return backward_through(backward_impl, ctx, grad_out)
 
 
-def native_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
-    """Dispatch entry point: x (B, Cin, H, W) -> (B, Cout, Ho, Wo).
+def native_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry,
+                          tap_scale=None):
+    """Dispatch entry point: x (B, Cin, H, W) -> (B, Cout, Ho, Wo); ``tap_scale`` (B, kh, kw)
+    or None: ODConv's tap scale of each sample's mixed kernel.
 
     Under torch.compile the custom op (one opaque node of the graph). In eager mode:
 
@@ -601,18 +657,21 @@ def native_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeom
       can be as large as a small layer's whole convolution).
     """
     if torch.compiler.is_compiling():
-        return call_forward(native_forward, x, weight_bank, routing, bias_bank, geometry)
+        return call_forward(native_forward, x, weight_bank, routing, bias_bank, geometry,
+                            tap_scale)
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or weight_bank.requires_grad or routing.requires_grad
-        or (bias_bank is not None and bias_bank.requires_grad))
+        or (bias_bank is not None and bias_bank.requires_grad)
+        or (tap_scale is not None and tap_scale.requires_grad))
     if not needs_grad:  # no graph to record: the forward alone, without autograd.Function
         return forward_impl(x, weight_bank, routing, bias_bank, geometry.stride,
-                            geometry.padding, geometry.dilation, geometry.groups)
+                            geometry.padding, geometry.dilation, geometry.groups, tap_scale)
     if _plan(x, weight_bank, geometry.stride, geometry.padding, geometry.dilation,
              geometry.groups).graph:
-        return grouped_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry)
-    may_save = x.requires_grad or weight_bank.requires_grad or routing.requires_grad
+        return grouped_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry, tap_scale)
+    may_save = (x.requires_grad or weight_bank.requires_grad or routing.requires_grad
+                or (tap_scale is not None and tap_scale.requires_grad))
     return _EagerNativeConv.apply(
         x, weight_bank, routing, bias_bank, geometry.stride, geometry.padding, geometry.dilation,
-        geometry.groups, may_save,
+        geometry.groups, tap_scale, may_save,
     )
