@@ -11,22 +11,29 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .modules import DynamicConv1d, DynamicConv2d, DynamicConv3d, DynamicConvNd
+from .modules import DynamicConv1d, DynamicConv2d, DynamicConv3d, DynamicConvNd, ODConv2d
+
+# convert_conv2d's kinds: the layer each converted nn.Conv2d becomes.
+CONV2D_KINDS = {"dynamic": DynamicConv2d, "odconv": ODConv2d}
 
 
 def convert_conv2d(
     model: nn.Module,
     num_experts: int = 4,
     filter: Callable[[str, nn.Conv2d], bool] | None = None,  # noqa: A002 (the documented name)
+    *,
+    kind: str = "dynamic",
     **kwargs,
 ) -> nn.Module:
-    """Replace ``nn.Conv2d`` layers of ``model`` by :meth:`DynamicConv2d.from_conv2d` copies.
+    """Replace ``nn.Conv2d`` layers of ``model`` by :meth:`DynamicConv2d.from_conv2d` copies
+    (``kind="odconv"``: :meth:`ODConv2d.from_conv2d` copies).
 
     Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: the layers are replaced in place and the
     model is returned (a bare ``nn.Conv2d`` given as ``model`` is returned converted; a model
     in which nothing is converted is returned unchanged, with a ``UserWarning``). Each new
     layer's experts start from the old weight, so with softmax gates the converted model
-    computes the same function (to rounding) until it trains.
+    computes the same function (to rounding) until it trains; an ODConv2d does not (its
+    attentions scale the kernel), so a model converted to ODConv needs fine-tuning.
 
     Args:
         model: any module.
@@ -35,11 +42,15 @@ def convert_conv2d(
             name from ``model.named_modules()``); None converts every ``nn.Conv2d``. E.g. keep
             the stem and the 1x1 layers static with
             ``lambda name, conv: conv.in_channels > 3 and conv.kernel_size != (1, 1)``.
-        kwargs: passed to :meth:`DynamicConv2d.from_conv2d` (temperature, gate, reduction,
-            backend, router, perturb, generator).
+        kind: ``"dynamic"`` (:class:`DynamicConv2d`) or ``"odconv"`` (:class:`ODConv2d`).
+        kwargs: passed to ``from_conv2d``: for DynamicConv2d temperature, gate, reduction,
+            backend, router, perturb, generator; for ODConv2d reduction, min_channels,
+            temperature, backend, perturb, generator.
     """
-    return _convert(model, nn.Conv2d, DynamicConv2d.from_conv2d, num_experts, filter, kwargs,
-                    "convert_conv2d")
+    if not isinstance(kind, str) or kind not in CONV2D_KINDS:
+        raise ValueError(f"kind must be one of {tuple(CONV2D_KINDS)}, got {kind!r}")
+    return _convert(model, nn.Conv2d, CONV2D_KINDS[kind].from_conv2d, num_experts, filter,
+                    kwargs, "convert_conv2d")
 
 
 def convert_conv1d(model: nn.Module, num_experts: int = 4,
@@ -110,19 +121,25 @@ def replace_modules(model: nn.Module, kind: type[nn.Module],
 _BATCH_NORMS = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 
 
-def fuse_conv_bn_eval(conv: DynamicConvNd, bn: nn.modules.batchnorm._BatchNorm) -> DynamicConvNd:
-    """A copy of ``conv`` (a DynamicConv2d, or 1d / 3d with a BatchNorm1d / 3d) with the
-    eval-mode ``bn`` that follows it folded into every expert.
+def fuse_conv_bn_eval(conv: DynamicConvNd | ODConv2d,
+                      bn: nn.modules.batchnorm._BatchNorm) -> DynamicConvNd | ODConv2d:
+    """A copy of ``conv`` (a DynamicConv2d, or 1d / 3d with a BatchNorm1d / 3d, or an ODConv2d)
+    with the eval-mode ``bn`` that follows it folded into every expert.
 
     Each expert k becomes ``W_k * s`` with bias ``(b_k - mean) * s + beta``, where
-    ``s = gamma / sqrt(running_var + eps)`` per output channel. Mixing is linear, so
-    ``BN(conv(x))`` equals the fused conv exactly whenever the routing weights of each sample
-    sum to 1: always for softmax gates (the default), for ``router=False`` when the routing
-    given to ``forward`` does. Sigmoid gates do not sum to 1, so they are refused.
+    ``s = gamma / sqrt(running_var + eps)`` per output channel (a conv without a bias gets a
+    bias bank). Mixing is linear, so ``BN(conv(x))`` equals the fused conv exactly whenever the
+    routing weights of each sample sum to 1: always for softmax gates (the default), for
+    ``router=False`` when the routing given to ``forward`` does. Sigmoid gates do not sum to 1,
+    so they are refused. For an ODConv2d it is exact too: its kernel attention is a softmax (or
+    the one expert's 1), ``s`` commutes with its output-channel scale, and its bias is not
+    scaled by the attentions; the router (and its own BatchNorm) is copied unchanged.
     """
-    if not isinstance(conv, DynamicConvNd):
-        raise TypeError(f"conv must be a DynamicConv2d (or 1d / 3d), got {type(conv).__name__}")
-    norm = _BATCH_NORMS[conv.spatial_dims]
+    if not isinstance(conv, (DynamicConvNd, ODConv2d)):
+        raise TypeError(f"conv must be a DynamicConv2d (or 1d / 3d) or an ODConv2d, got "
+                        f"{type(conv).__name__}")
+    spatial_dims = 2 if isinstance(conv, ODConv2d) else conv.spatial_dims
+    norm = _BATCH_NORMS[spatial_dims]
     if not isinstance(bn, norm):
         raise TypeError(f"bn must be an nn.{norm.__name__} (after a {type(conv).__name__}), got "
                         f"{type(bn).__name__}")
@@ -135,7 +152,7 @@ def fuse_conv_bn_eval(conv: DynamicConvNd, bn: nn.modules.batchnorm._BatchNorm) 
     if bn.num_features != conv.out_channels:
         raise ValueError(f"bn.num_features ({bn.num_features}) must equal conv.out_channels "
                          f"({conv.out_channels})")
-    if conv.gate != "softmax":
+    if isinstance(conv, DynamicConvNd) and conv.gate != "softmax":
         raise ValueError(
             f"conv has gate={conv.gate!r}: folding BatchNorm into the experts is exact only "
             f"when each sample's routing weights sum to 1 (gate='softmax')"

@@ -29,7 +29,7 @@ from torch import nn
 
 from .backends import registry
 from .convert import fuse_conv_bn_eval
-from .modules import DynamicConvNd
+from .modules import DynamicConvNd, ODConv2d
 
 FORMS = tuple(registry.ONNX_FORMS)
 # What torch.onnx.export records when no form is chosen.
@@ -52,9 +52,10 @@ def onnx_export_form(form: str) -> Iterator[str]:
 
 
 def fold_batchnorm(model: nn.Module, args: tuple, kwargs: dict | None = None) -> nn.Module:
-    """A copy of ``model`` in which every eval-mode BatchNorm that reads a dynamic conv's output,
-    and only it, is folded into that conv (:func:`dynconv.fuse_conv_bn_eval`) and replaced by
-    ``nn.Identity``. ``model`` itself is left as it is.
+    """A copy of ``model`` in which every eval-mode BatchNorm that reads a dynamic conv's (or an
+    ODConv2d's) output, and only it, is folded into that conv
+    (:func:`dynconv.fuse_conv_bn_eval`) and replaced by ``nn.Identity``. ``model`` itself is left
+    as it is.
 
     Which BatchNorm follows which conv is read from the graph ``torch.export`` records for
     ``model(*args, **kwargs)``: a pair is folded when the BatchNorm's input is the conv's output,
@@ -84,7 +85,8 @@ def fold_batchnorm(model: nn.Module, args: tuple, kwargs: dict | None = None) ->
             continue
         bn_path, conv_path = module_path(node), module_path(source)
         bn, conv = modules.get(bn_path), modules.get(conv_path)
-        if (isinstance(bn, nn.modules.batchnorm._BatchNorm) and isinstance(conv, DynamicConvNd)
+        if (isinstance(bn, nn.modules.batchnorm._BatchNorm)
+                and isinstance(conv, (DynamicConvNd, ODConv2d))
                 and calls[bn] == 1 and calls[conv] == 1):
             pairs.append((conv_path, bn_path))
     for conv_path, bn_path in pairs:

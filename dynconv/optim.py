@@ -6,8 +6,8 @@ import math
 
 from torch import nn
 
-from .modules import DynamicConvNd
-from .routing import RoutingMLP
+from .modules import DynamicConvNd, ODConv2d
+from .routing import Router
 
 
 def param_groups(model: nn.Module, weight_decay: float = 0.05,
@@ -17,11 +17,13 @@ def param_groups(model: nn.Module, weight_decay: float = 0.05,
     ``param_groups_weight_decay``.
 
     Not decayed: every 1-D parameter (biases, normalisation scales and shifts), the bias banks
-    of the dynamic conv layers (DynamicConv1d / 2d / 3d: (K, Cout), biases, though 2-D), and, unless
-    ``decay_routers``, every parameter of a :class:`RoutingMLP` (weight decay pulls the router's
-    logits towards zero, that is towards a uniform, input-independent mix). Everything else
-    (kernels, kernel banks, linear weights) is decayed. Parameters that do not require
-    gradients are left out; each trainable parameter is in exactly one group, once.
+    of the dynamic conv layers (DynamicConv1d / 2d / 3d, ODConv2d: (K, Cout), biases, though
+    2-D), and, unless ``decay_routers``, every parameter of a router (a :class:`RoutingMLP`, an
+    ODConv2d's :class:`dynconv.modules.ODConvRouter`: weight decay pulls the router's logits
+    towards zero, that is towards a uniform, input-independent mix, and ODConv's sigmoid
+    attentions towards 0.5). Everything else (kernels, kernel banks, linear weights) is
+    decayed. Parameters that do not require gradients are left out; each trainable parameter is
+    in exactly one group, once.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -30,9 +32,9 @@ def param_groups(model: nn.Module, weight_decay: float = 0.05,
         raise ValueError(f"weight_decay must be a finite float >= 0, got {weight_decay!r}")
     no_decay_ids = set()
     for module in model.modules():
-        if isinstance(module, RoutingMLP) and not decay_routers:
+        if isinstance(module, Router) and not decay_routers:
             no_decay_ids.update(id(p) for p in module.parameters())
-        if isinstance(module, DynamicConvNd) and module.bias is not None:
+        if isinstance(module, (DynamicConvNd, ODConv2d)) and module.bias is not None:
             no_decay_ids.add(id(module.bias))
     decay, no_decay, seen = [], [], set()
     for parameter in model.parameters():

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from .routing import RoutingMLP
+from .routing import Router
 from .validation import check_temperature
 
 
 def set_temperature(module: nn.Module, temperature: float) -> int:
-    """Set the temperature of every RoutingMLP inside ``module``; returns how many were set."""
+    """Set the temperature of every router inside ``module`` (each :class:`dynconv.RoutingMLP`
+    and each ODConv2d's :class:`dynconv.modules.ODConvRouter`: every ``dynconv.routing.Router``);
+    returns how many were set."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     value = check_temperature(temperature)
-    routers = [m for m in module.modules() if isinstance(m, RoutingMLP)]
+    routers = [m for m in module.modules() if isinstance(m, Router)]
     for router in routers:
         router.temperature = value
     return len(routers)
