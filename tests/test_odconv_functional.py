@@ -414,9 +414,6 @@ def test_native_with_all_scales_saves_no_mixed_weights():
     assert not mixed, f"saved for backward: B x |W| mixed weights {mixed}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "native runs the tap scale on a bank folded per tap (K x kh x kw experts): that bank, "
-    "K x kh x kw x |W| elements (here 18 x |W| > B x |W| = 8 x |W|), is saved for backward"))
 def test_native_with_all_scales_saves_nothing_as_large_as_mixed_weights():
     # Nothing of its own (the caller's x and bank cost nothing extra to keep) as large as the
     # B x |W| mixed weights that the saving threshold exists to avoid.
@@ -526,8 +523,9 @@ def _backends_of(sd: ScaledDraw):
 
 
 SEED = randomized.SEED
-# The interpreter runs a tap scale on a bank folded per tap (K x kh x kw experts), so the triton
-# draws keep to those with at most MAX_TRITON_FOLDED of them (the PyTorch draws take any).
+# The interpreter is slow and its cost grows with K x kh x kw (the experts of a bank folded per
+# tap, where the tap scale is folded): the triton draws keep to those with at most
+# MAX_TRITON_FOLDED (the PyTorch draws take any).
 MAX_TRITON_FOLDED = 18
 
 
