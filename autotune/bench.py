@@ -34,6 +34,14 @@ leaves that need gradients; the router MLP is not part of the timing):
   and routing weights of the other providers. 2-D only, and timed on the ``layers`` group only
   (the real network layers; elsewhere it would repeat ``grouped``). Without timm installed (it
   comes with the ``bench`` extra) its rows are ``skipped`` with a note.
+- ODConv, on the cases of the ``odconv`` group only (which times nothing else but the static
+  conv; presets ``odconv`` and ``odconv-tiny``, written to ``odconv.csv`` instead of
+  ``bench_<preset>.csv``): ``odconv_published``, ODConv's published formulation
+  (:func:`odconv_published`: the B x K x |W| aggregate materialised), and one provider per
+  backend name, ``odconv_<backend>``: ``dynamic_conv2d(..., backend=<backend>, in_scale=,
+  out_scale=, tap_scale=)`` (``odconv_auto`` by default; the others by name). The attentions
+  (routing and the three scales, :func:`odconv_scales`) are inputs, the same tensors for every
+  provider of a case; the router is not timed.
 
 The output is one long-format CSV per run, ``<out>/<device>/bench_<preset>.csv``: one row per
 (group, case, provider, mode), with the device, the versions, the git commit and the figures; a
@@ -74,17 +82,30 @@ from .shapes import SHAPE_SETS, ConvShape, find_layer, geometry_key, get_shape_s
 
 # provider -> the ``backend=`` it passes: one provider per backend name of the registry
 BACKEND_OF = {name: name for name in BACKEND_NAMES}
-PROVIDERS = ("static", *BACKEND_OF, "timm")
+# ODConv (per-sample in / out / tap scales): the group of its cases, the published formulation
+# (:func:`odconv_published`) and the library's, one provider per backend name
+ODCONV_GROUP = "odconv"
+ODCONV_PUBLISHED = "odconv_published"
+ODCONV_BACKEND_OF = {f"odconv_{name}": name for name in BACKEND_NAMES}
+ODCONV_PROVIDERS = (ODCONV_PUBLISHED, *ODCONV_BACKEND_OF)
+PROVIDERS = ("static", *BACKEND_OF, "timm", *ODCONV_PROVIDERS)
 # providers timed only on the cases of one group: provider -> that group
-PROVIDER_GROUPS = {"timm": "layers"}
-# on the CPU "native" is what "auto" runs; elsewhere it is an extra, asked for by name
-DEFAULT_PROVIDERS = tuple(p for p in PROVIDERS if p != "native")
+PROVIDER_GROUPS = {"timm": "layers", **dict.fromkeys(ODCONV_PROVIDERS, ODCONV_GROUP)}
+# groups that time only their own providers (and the static conv): group -> those providers
+GROUP_PROVIDERS = {ODCONV_GROUP: ODCONV_PROVIDERS}
+# on the CPU "native" is what "auto" runs; elsewhere it is an extra, asked for by name; of the
+# library's ODConv, "odconv_auto" runs by default (the others are asked for by name)
+DEFAULT_PROVIDERS = tuple(p for p in PROVIDERS if p != "native" and not (
+    p in ODCONV_BACKEND_OF and p != "odconv_auto"))
 # bench CSVs written before the provider took the backend's name
 RENAMED_PROVIDERS = {"dynconv": "auto"}
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LAYOUTS = ("nchw", "channels_last")
-PRESETS = ("quick", "gpu", "tiny")
+PRESETS = ("quick", "gpu", "tiny", "odconv", "odconv-tiny")
+# presets whose CSV is not ``bench_<preset>.csv`` (the report searches folders for those): the
+# ODConv rows go to their own CSV, which the report reads beside the main one
+PRESET_CSV = {"odconv": "odconv.csv", "odconv-tiny": "odconv.csv"}
 # make report's figures are the minimum of at least this many interleaved rounds
 QUICK_CPU_MIN_ROUNDS = 5
 # the group of memory-only cases (Case.timing False)
@@ -134,6 +155,17 @@ def _square(name, channels, size, k=3, stride=1, cout=None) -> ConvShape:
     return ConvShape(name, channels, cout or channels, size, size, k, k, stride, k // 2)
 
 
+# make report's layers: five ResNet-18 layers and a MobileNetV2 depthwise one, at batch 4
+QUICK_LAYERS = (("resnet18", "layer1.0.conv1"), ("resnet18", "layer2.0.conv1"),
+                ("resnet18", "layer2.0.downsample"), ("resnet18", "layer3.0.conv2"),
+                ("resnet18", "layer4.0.conv2"), ("mobilenetv2", "features.3.depthwise"))
+QUICK_LAYER_BATCH = 4
+
+
+def quick_layers() -> list[ConvShape]:
+    return [find_layer(net, name) for net, name in QUICK_LAYERS]
+
+
 def preset_cases(preset: str, device: str) -> list[Case]:
     """The cases of a named preset.
 
@@ -143,7 +175,13 @@ def preset_cases(preset: str, device: str) -> list[Case]:
     layer at batch 4; on the CPU, the peak memory (only) of those layers at batch 32 (group
     ``memory``). ``gpu``: ResNet-18 layers at batch 32 and 128 in bf16
     and fp32, channels_last, plus a batch sweep. ``tiny``: a toy shape, for tests.
+    ``odconv``: ODConv's scales (group ``odconv``) on the quick preset's layers at its batch,
+    with peak memory; ``odconv-tiny``: one toy case of it, for tests.
     """
+    if preset == "odconv":
+        return [Case(ODCONV_GROUP, s, QUICK_LAYER_BATCH) for s in quick_layers()]
+    if preset == "odconv-tiny":
+        return [Case(ODCONV_GROUP, _square("tiny", 4, 6), 2)]
     if preset == "tiny":
         shape = _square("tiny", 4, 6)
         cases = [Case("batch", shape, 1, memory=False), Case("batch", shape, 2)]
@@ -153,11 +191,8 @@ def preset_cases(preset: str, device: str) -> list[Case]:
         base = _square("c64@14", 64, 14)
         # wide enough that the B x |W| mixed weights (0.6 MB a sample) show in peak memory
         cases = [Case("batch", _square("c128@7", 128, 7), b) for b in (1, 4, 16, 32)]
-        layers = [find_layer("resnet18", n) for n in (
-            "layer1.0.conv1", "layer2.0.conv1", "layer2.0.downsample", "layer3.0.conv2",
-            "layer4.0.conv2")]
-        layers.append(find_layer("mobilenetv2", "features.3.depthwise"))
-        cases += [Case("layers", s, 4, memory=False) for s in layers]
+        layers = quick_layers()
+        cases += [Case("layers", s, QUICK_LAYER_BATCH, memory=False) for s in layers]
         cases += [Case("experts", base, 16, experts=k, memory=False) for k in (1, 4, 16)]
         cases += [Case("width", _square(f"c{c}@14", c, 14), 16, memory=False)
                   for c in (16, 32, 64, 128)]
@@ -235,8 +270,16 @@ def timm_unavailable_reason(case: Case | None = None) -> str | None:
 
 
 def provider_applies(provider: str, case: Case) -> bool:
-    """Whether ``provider`` is timed on ``case`` at all (see PROVIDER_GROUPS)."""
+    """Whether ``provider`` is timed on ``case`` at all (see PROVIDER_GROUPS and
+    GROUP_PROVIDERS; the static conv, the reference, always is)."""
+    if case.group in GROUP_PROVIDERS and provider != "static":
+        return provider in GROUP_PROVIDERS[case.group]
     return PROVIDER_GROUPS.get(provider, case.group) == case.group
+
+
+def provider_backend(provider: str) -> str | None:
+    """The ``backend=`` a provider passes to dynconv (None: it does not call dynconv)."""
+    return BACKEND_OF.get(provider) or ODCONV_BACKEND_OF.get(provider)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,6 +344,8 @@ def forward_fn(provider: str, case: Case, t: dict) -> tuple[Callable[[], torch.T
                 [t["x"], t["weight"], t["bias"]])
     if provider == "timm":
         return timm_forward(case, t)
+    if provider in ODCONV_PROVIDERS:
+        return odconv_forward(provider, case, t)
     dynamic = dynamic_conv_of(s)
     backend = BACKEND_OF[provider]
     return (lambda: dynamic(t["x"], t["bank"], t["routing"], t["bias_bank"], s.stride,
@@ -322,6 +367,68 @@ def timm_forward(case: Case, t: dict) -> tuple[Callable[[], torch.Tensor], list]
         conv.weight.copy_(bank.flatten(1))
         conv.bias.copy_(t["bias_bank"])
     return (lambda: conv(t["x"], t["routing"]), [t["x"], conv.weight, t["routing"], conv.bias])
+
+
+def odconv_scales(case: Case, t: dict) -> dict:
+    """ODConv's attentions of a case, added to its inputs ``t`` once (so that every provider
+    of the case gets the same tensors): in_scale (B, Cin), out_scale (B, Cout) and tap_scale
+    (B, kh, kw), sigmoid outputs (positive, as ODConv's channel, filter and spatial attentions
+    are) from their own seeded generator, leaves that need gradients. The kernel attention is
+    the case's routing (a softmax over K, as ODConv's)."""
+    if "tap_scale" not in t:
+        s = case.shape
+        if s.spatial_dims != 2:
+            raise ValueError("ODConv's scales are 2-D only (dynamic_conv2d)")
+        generator = torch.Generator().manual_seed(1)
+        x = t["x"]
+        for name, size in (("in_scale", (case.batch, s.cin)), ("out_scale", (case.batch, s.cout)),
+                           ("tap_scale", (case.batch, s.kh, s.kw))):
+            value = torch.sigmoid(torch.randn(*size, generator=generator))
+            t[name] = value.to(device=x.device, dtype=x.dtype).requires_grad_(True)
+    return t
+
+
+def odconv_published(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
+                     in_scale, out_scale, tap_scale):
+    """ODConv as its paper's code writes it (the baseline of the ``odconv`` group): x scaled by
+    the input-channel attention; the B x K x |W| tensor of every sample's tap-scaled, routed
+    experts materialised and summed over K (autograd keeps it for the backward); one grouped
+    conv of the batch folded into the channels; y scaled by the output-channel attention; the
+    routed bias added (not scaled, as :func:`dynconv.dynamic_conv2d` has it)."""
+    batch, _, height, width = x.shape
+    _, out_channels, in_per_group, kh, kw = weight_bank.shape
+    x = x * in_scale[:, :, None, None]
+    aggregate = (tap_scale[:, None, None, None, :, :] * routing[:, :, None, None, None, None]
+                 * weight_bank.unsqueeze(0)).sum(1)  # (B, Cout, Cin/g, kh, kw)
+    y = F.conv2d(x.reshape(1, -1, height, width),
+                 aggregate.reshape(batch * out_channels, in_per_group, kh, kw), None, stride,
+                 padding, dilation, groups * batch)
+    y = y.view(batch, out_channels, y.shape[-2], y.shape[-1]) * out_scale[:, :, None, None]
+    if bias_bank is not None:
+        y = y + (routing @ bias_bank)[:, :, None, None]
+    return y
+
+
+def odconv_forward(provider: str, case: Case, t: dict) -> tuple[Callable[[], torch.Tensor], list]:
+    """An ODConv provider on the case's inputs and :func:`odconv_scales`: the published
+    formulation, or ``dynamic_conv2d`` with the three scales on the provider's backend."""
+    import dynconv
+
+    s = case.shape
+    t = odconv_scales(case, t)
+    names = ("x", "bank", "routing", "bias_bank", "in_scale", "out_scale", "tap_scale")
+    leaves = [t[n] for n in names]
+    x, bank, routing, bias_bank, in_scale, out_scale, tap_scale = leaves
+    if provider == ODCONV_PUBLISHED:
+        return (lambda: odconv_published(x, bank, routing, bias_bank, s.stride, s.padding,
+                                         s.dilation, s.groups, in_scale, out_scale, tap_scale),
+                leaves)
+    backend = ODCONV_BACKEND_OF[provider]
+    return (lambda: dynconv.dynamic_conv2d(x, bank, routing, bias_bank, s.stride, s.padding,
+                                           s.dilation, s.groups, backend=backend,
+                                           in_scale=in_scale, out_scale=out_scale,
+                                           tap_scale=tap_scale),
+            leaves)
 
 
 def mode_fn(mode: str, forward: Callable, leaves: list) -> Callable[[], object]:
@@ -488,7 +595,7 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
     # the forwards of the providers that can run here ("static": the reference, always)
     forwards: dict[str, tuple] = {}
     for provider in ["static", *names]:
-        reason = (triton_reason if provider == "triton" else
+        reason = (triton_reason if provider_backend(provider) == "triton" else
                   timm_reason if provider == "timm" else None)
         if reason:
             for mode in modes:
@@ -552,7 +659,8 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
         del fns
     if memory and device == "cpu" and "fwd+bwd" in modes:
         for provider in names:
-            if provider == "triton" or rows[provider, "fwd+bwd"]["status"] == "skipped":
+            if (provider_backend(provider) == "triton"
+                    or rows[provider, "fwd+bwd"]["status"] == "skipped"):
                 continue
             result = fresh_process_peak_rss(memory_setup, (case, provider),
                                             torch.get_num_threads())
@@ -759,7 +867,8 @@ def main(argv: list[str] | None = None) -> int:
     providers = args.providers
     if "static" not in providers:
         providers = ["static", *providers]
-    out_csv = os.path.join(args.out, device_slug(device), f"bench_{label}.csv")
+    out_csv = os.path.join(args.out, device_slug(device),
+                           PRESET_CSV.get(label, f"bench_{label}.csv"))
     if args.dry_run:
         print(f"dry run: {len(cases)} cases x providers {','.join(providers)} x modes "
               f"{','.join(args.modes)} on {device} ({device_name(device)}), {rounds} rounds"

@@ -21,15 +21,18 @@ its CUDA context loses only itself, and the next case runs in a fresh child. In 
    asynchronous loads;
 3. **correctness**: about 60 cases, y and the four gradients of ``backend="triton"`` (premix,
    fused, spanning or premix_tma forced) against ``native`` in float64 on the GPU, each element
-   within the tests' rounding bound (``correctness.csv``);
+   within the tests' rounding bound (``correctness.csv``); and two ODConv cases: triton with
+   in_scale, out_scale and tap_scale against ODConv's published formulation in float64, the
+   scales' gradients too;
 4. **timings**: the ResNet-18 layers at batch 32, bf16, channels_last, then NCHW, fp32 and
    batch 128: static cuDNN conv, the grouped trick, triton (auto, premix, fused, spanning, and
    premix_tma where TMA can address the layer) and
    the batch-spanning form in PyTorch, forward / backward / forward+backward interleaved with
    the static conv, peak memory (``timings.csv``, bench's columns), and per-kernel device times
    from the profiler (``kernels.csv``), each strategy as benchmark mode times it
-   (``strategies.csv``, and the fastest into the table ``<device>.json``); no compile pool runs
-   meanwhile;
+   (``strategies.csv``, and the fastest into the table ``<device>.json``); last, ODConv on two
+   layers: the library's (``odconv_auto``) against the published formulation and the static
+   conv, time and peak memory (no profiles); no compile pool runs meanwhile;
 5. with the time left only: the **sweep** of ResNet-18's layers, the timed ones first (its
    candidates precompiled in the pool first; into ``<device>.json``), then a trimmed **tests**
    run (pytest, Triton tests).
@@ -386,7 +389,7 @@ class Plan:
 def estimate(plan: Plan, args) -> dict:
     """Estimated seconds of each mandatory step (compiles at ``args.compile_s`` each over
     ESTIMATE_COMPILERS compilers, plus the pool's start) and of the startup."""
-    from . import gpu_steps
+    from . import bench, gpu_steps
 
     check_jobs, timing_jobs = plan.new_jobs()
     compilers = ESTIMATE_COMPILERS
@@ -396,9 +399,14 @@ def estimate(plan: Plan, args) -> dict:
     check_s = (len(plan.checks) - layer_checks) * CHECK_CASE_S + layer_checks * CHECK_LAYER_CASE_S
     samples = 2 + 2 * args.rounds
     per_provider_mode = (samples * (1.25 * args.rep_ms + SAMPLE_OVERHEAD_MS) / 1e3 + MEMORY_S)
-    per_case = (len(gpu_steps.TIMING_PROVIDERS) * 3 * per_provider_mode
-                + len(gpu_steps.PROFILED_PROVIDERS) * PROFILE_S + STRATEGIES_S)
-    timing_s = len(plan.timings) * per_case
+
+    def per_case(case) -> float:  # an ODConv case: its providers, no profiles or strategies
+        odconv = case.group == bench.ODCONV_GROUP
+        return (len(gpu_steps.case_providers(case)) * 3 * per_provider_mode
+                + (0.0 if odconv else len(gpu_steps.PROFILED_PROVIDERS) * PROFILE_S
+                   + STRATEGIES_S))
+
+    timing_s = sum(per_case(c) for c in plan.timings)
     return {"startup": STARTUP_S + plan.capture_s, "precompile": compile_s,
             "correctness": check_s, "timings": timing_s, "compiles": compiles,
             "compile_s": compile_s, "run_s": STARTUP_S + plan.capture_s + check_s + timing_s}
@@ -444,7 +452,8 @@ def print_plan(plan: Plan, args, facts: dict) -> dict:
         print(f"      {case.label}")
     print(f"[3] timings: {len(plan.timings)} cases x providers "
           f"{','.join(gpu_steps.TIMING_PROVIDERS)} x fwd/bwd/fwd+bwd, profiles of "
-          f"{','.join(gpu_steps.PROFILED_PROVIDERS)}; "
+          f"{','.join(gpu_steps.PROFILED_PROVIDERS)} (the odconv cases: providers "
+          f"{','.join(gpu_steps.ODCONV_TIMING_PROVIDERS)}, no profiles); "
           f"{len(timing_jobs) if counted else unknown} new compiles"
           + (f"; est. {est['timings']:.0f} s" if counted else ""))
     for case in plan.timings:
@@ -928,11 +937,11 @@ def _float(value) -> float:
         return float("nan")
 
 
-def _timing_lines(rows: list[dict]) -> list[str]:
+def _timing_lines(rows: list[dict], listed: tuple[str, ...] | None = None) -> list[str]:
     from . import gpu_steps
 
-    providers = [p for p in gpu_steps.TIMING_PROVIDERS[1:]
-                 if any(r["provider"] == p for r in rows)]
+    listed = listed or gpu_steps.TIMING_PROVIDERS
+    providers = [p for p in listed[1:] if any(r["provider"] == p for r in rows)]
     cases: dict[tuple, dict] = {}
     for r in rows:
         key = (r["group"], r["shape"], r["batch"], r["dtype"], r["layout"])
@@ -1043,8 +1052,26 @@ def summary_markdown(run: Run) -> str:
         lines += [f"- {r['status']} {r['case']} {r.get('tensor', '')}: "
                   f"{r.get('worst_error_over_bound') or ''} {r.get('note') or ''}"
                   for r in bad[:30]]
-    if run.rows["timings"]:
-        lines += ["", "## Timings", ""] + _timing_lines(run.rows["timings"])
+    timings, odconv = run.rows["timings"], []
+    if timings:  # (bench imports torch: only where there are rows)
+        from .bench import ODCONV_GROUP
+
+        odconv = [r for r in timings if r.get("group") == ODCONV_GROUP]
+        timings = [r for r in timings if r.get("group") != ODCONV_GROUP]
+    if timings:
+        lines += ["", "## Timings", ""] + _timing_lines(timings)
+    if odconv:
+        from .gpu_steps import ODCONV_TIMING_PROVIDERS
+
+        lines += ["", "## ODConv timings", "",
+                  "The library's ODConv (`odconv_auto`: dynamic_conv2d with in_scale, "
+                  "out_scale and tap_scale, backend auto) and ODConv's published formulation "
+                  "(`odconv_published`: the B x K x |W| aggregate materialised), on the same "
+                  "inputs; the attentions are inputs (random positive tensors that need "
+                  "gradients), the router is not timed (the same in both). Their correctness "
+                  "rows are the `odconv` cases of the correctness table (triton with the "
+                  "scales against the published formulation in float64).", ""]
+        lines += _timing_lines(odconv, ODCONV_TIMING_PROVIDERS)
     if run.rows["strategies"]:
         lines += ["", "## Strategies", ""] + _strategy_lines(run.rows["strategies"])
     if run.rows["kernels"]:

@@ -80,9 +80,9 @@ def _timing_case(case, device: str, why: str | None, timer, meta: dict, rounds: 
                  ) -> tuple[str, str]:
     from . import bench, gpu_steps
 
+    listed = gpu_steps.case_providers(case)
     providers = gpu_steps.providers_for(
-        case, [p for p in gpu_steps.TIMING_PROVIDERS if not (why and p.startswith("triton"))],
-        device)
+        case, [p for p in listed if not (why and gpu_steps.uses_triton(p, device))], device)
     rows = gpu_steps.run_timing(case, device, timer, rounds, memory=device == "cuda",
                                 providers=providers)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -93,9 +93,12 @@ def _timing_case(case, device: str, why: str | None, timer, meta: dict, rounds: 
     ratios = {(r["provider"], r["mode"]): r["ratio_to_static"] for r in rows}
     line = (f"  {case.group:12s} {case.shape.label():24s} B{case.batch} "
             + " ".join(f"{p}={ratios.get((p, 'fwd+bwd'), float('nan')):.2f}"
-                       for p in gpu_steps.TIMING_PROVIDERS[1:])
+                       for p in listed[1:])
             + f" (fwd+bwd / static; configs from {sources or '-'})"
             + (f"; triton skipped: {why}" if why else ""))
+    if case.group == bench.ODCONV_GROUP:  # no profiles, no strategy timings
+        errors = [r for r in rows if r.get("status") not in ("ok", "skipped")]
+        return ("error" if errors else "ok"), line
     for provider in gpu_steps.providers_for(case, gpu_steps.PROFILED_PROVIDERS, device):
         if why and provider.startswith("triton"):
             continue

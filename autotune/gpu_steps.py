@@ -57,6 +57,9 @@ class CheckCase:
     bias: bool = True
     tf32: bool = False  # fp32 only: torch.backends.cudnn.allow_tf32 during the triton run
     backward: str = "per_sample"  # the backward's: one of BACKWARD_STRATEGIES
+    # ODConv: triton with in_scale, out_scale and tap_scale against the published formulation
+    # (bench.odconv_published) in float64, the scales' gradients too
+    odconv: bool = False
 
     @property
     def label(self) -> str:
@@ -64,6 +67,8 @@ class CheckCase:
         extra = ("" if self.bias else " nobias") + (" tf32" if self.tf32 else "")
         if self.backward != "per_sample":
             extra += f" bwd={self.backward}"
+        if self.odconv:
+            extra += " odconv"
         return (f"{self.shape.label()} B{self.batch} K{self.experts} {self.dtype} {layout} "
                 f"{self.strategy}{extra}")
 
@@ -80,7 +85,8 @@ def check_cases(tiny_shapes: bool = False) -> list[CheckCase]:
     x premix / fused (and the batch-spanning strategy for one dtype per geometry, rotating), with
     K = 4, 17 or 1 per geometry and channels_last / NCHW alternating; then four ResNet-18 layers
     at batch 32 with the configs the timings use (bf16 premix at 128@28, bf16 fused at 512@7,
-    fp32 tf32 at 256@14, bf16 spanning on the 1x1 stride-2 downsample at 56x56).
+    fp32 tf32 at 256@14, bf16 spanning on the 1x1 stride-2 downsample at 56x56); then two
+    ODConv cases (the three scales, against the published formulation).
     ``tiny_shapes``: a handful of miniatures, for the interpreter.
     """
     geometries = [
@@ -138,13 +144,21 @@ def check_cases(tiny_shapes: bool = False) -> list[CheckCase]:
         CheckCase(speech_1d(), 32, 4, "bf16", "channels_last", "premix"),
         CheckCase(video_3d(), 8, 4, "bf16", "channels_last", "fused"),
     ]
+    # ODConv's scales (in, out, tap) on triton against the published formulation
+    # (premix: the strategy whose mixing takes the tap scale where the backend takes it)
+    odconv = [CheckCase(geometries[0][0], batch, 4, "bf16", "channels_last", "premix",
+                        odconv=True),
+              CheckCase(geometries[1][0], batch, 4, "fp32", "nchw", "premix", odconv=True)]
     if tiny_shapes:
-        # one case per geometry (dtype, strategy and layout rotating), one miniature layer
+        # one case per geometry (dtype, strategy and layout rotating), one miniature layer,
+        # one ODConv case
         picked = [cases[6 * g + (g % 6)] for g in range(len(geometries))]
         layer = layers[0]
         return picked + [CheckCase(tiny(layer.shape, 8, 6), 2, 4, "bf16", "channels_last",
-                                   "premix")]
-    return cases + layers
+                                   "premix"),
+                         CheckCase(tiny(odconv[0].shape, 4, 5), 2, 2, "bf16", "channels_last",
+                                   "premix", odconv=True)]
+    return cases + layers + odconv
 
 
 # ResNet-18 layers of the timings, late ones first (where the design is weakest): a run cut
@@ -154,6 +168,10 @@ TIMED_LAYERS = ("layer4.0.conv2", "layer3.0.conv2", "layer2.0.conv2", "layer1.0.
 TIMING_PROVIDERS = ("static", "grouped", "triton", "triton-premix", "triton-fused",
                     "triton-spanning", "triton-premix_tma", "triton-spanning_torch",
                     "triton-bwd_spanning", "spanning-torch")
+# the ODConv timings (bench's odconv group): the static conv, the published formulation and
+# the library's ODConv on auto (triton on a GPU); no profiles, no strategy timings
+ODCONV_TIMING_PROVIDERS = ("static", bench.ODCONV_PUBLISHED, "odconv_auto")
+ODCONV_TIMED_LAYERS = ("layer4.0.conv2", "layer1.0.conv1")
 # providers whose kernels are profiled one by one
 PROFILED_PROVIDERS = ("static", "triton-premix", "triton-fused", "triton-spanning",
                       "triton-premix_tma", "triton-bwd_spanning")
@@ -189,6 +207,20 @@ def tma_eligible(shape: ConvShape, dtype: str, channels_last: bool, device) -> b
     return conv_fwd_tma_supported(x, bank_shape, plan["stride"], shape.groups, interpreter)
 
 
+def case_providers(case: bench.Case) -> tuple[str, ...]:
+    """The providers gpu-check times on ``case``: ODConv's on the odconv group, else
+    TIMING_PROVIDERS (:func:`providers_for` then drops those that cannot run it)."""
+    return ODCONV_TIMING_PROVIDERS if case.group == bench.ODCONV_GROUP else TIMING_PROVIDERS
+
+
+def uses_triton(provider: str, device) -> bool:
+    """Whether ``provider`` launches the Triton backend on ``device`` (``odconv_auto`` does on
+    a GPU): a case whose kernels failed to compile runs without it."""
+    backend = bench.provider_backend(provider)
+    return (provider.startswith("triton") or backend == "triton"
+            or (backend == "auto" and str(device).startswith("cuda")))
+
+
 def providers_for(case: bench.Case, providers, device) -> list[str]:
     """``providers`` less ``triton-premix_tma`` where the case is not TMA-eligible, and less
     ``spanning-torch`` (a 2-D formulation) for a 1-D or 3-D case."""
@@ -206,7 +238,9 @@ def timing_cases(tiny_shapes: bool = False) -> list[bench.Case]:
     """The decisive timings: 512@7, 256@14, 128@28, 64@56, the 3x3 stride-2 and the 1x1 stride-2
     downsample (128 -> 256 at 28x28) at batch 32, bf16, channels_last; then 64@56 and 256@14 in
     NCHW, 256@14 in fp32, 512@7 and 64@56 at batch 128; then a speech-like 1-D layer (batch 32)
-    and a video-like 3-D one (batch 8) against cuDNN's F.conv1d / F.conv3d."""
+    and a video-like 3-D one (batch 8) against cuDNN's F.conv1d / F.conv3d; last, ODConv (group
+    ``odconv``: the library's against the published formulation) on 512@7 and 64@56 at batch
+    32."""
     b32 = [bench.Case("b32-bf16-cl", _resnet(n), 32, 4, "bf16", "channels_last")
            for n in TIMED_LAYERS]
     more = [bench.Case("nchw", _resnet(n), 32, 4, "bf16", "nchw")
@@ -216,9 +250,12 @@ def timing_cases(tiny_shapes: bool = False) -> list[bench.Case]:
              for n in ("layer4.0.conv2", "layer1.0.conv1")]
     more += [bench.Case("1d-3d", speech_1d(), 32, 4, "bf16", "channels_last"),
              bench.Case("1d-3d", video_3d(), 8, 4, "bf16", "channels_last")]
+    # ODConv's scales: the library's against the published formulation (and static), last
+    more += [bench.Case(bench.ODCONV_GROUP, _resnet(n), 32, 4, "bf16", "channels_last")
+             for n in ODCONV_TIMED_LAYERS]
     if tiny_shapes:
         return [bench.Case(c.group, tiny(c.shape, 8, 6), 2, c.experts, c.dtype, c.layout,
-                           memory=False) for c in (b32[0], more[0])]
+                           memory=False) for c in (b32[0], more[0], more[-1])]
     return b32 + more
 
 
@@ -466,6 +503,8 @@ class Launches:
     backward: bool = True
     # fp32: torch.backends.cudnn.allow_tf32 (the kernels compile tf32 or ieee dots by it)
     tf32: bool = True
+    # ODConv's tap scale (B, kh, kw) handed to the kernels (where the backend takes it)
+    tap_scale: bool = False
 
 
 @contextlib.contextmanager
@@ -479,14 +518,41 @@ def tf32_dots(enabled: bool):
         torch.backends.cudnn.allow_tf32 = saved
 
 
+# the forward strategies that take the tap scale (dynconv.backends.triton.forward's
+# TAP_SCALE_STRATEGIES; auto runs premix with it)
+TAP_SCALE_STRATEGIES = ("premix", "premix_tma")
+
+
+def odconv_launch(shape: ConvShape, experts: int) -> tuple[int, bool, bool]:
+    """(the bank's K, whether it has a bias, whether the tap scale goes to the kernels) of the
+    Triton launches of ODConv with all three scales
+    (:func:`dynconv.backends.scales.scaled_conv2d`): the bias is added after the output scale,
+    outside the backend; a backend that takes the tap scale gets the bank and the tap scale,
+    any other the bank folded per tap (K x kh x kw experts)."""
+    from dynconv.backends.registry import get_backend
+
+    if get_backend("triton").takes_tap_scale:
+        return experts, False, True
+    return experts * shape.kh * shape.kw, False, False
+
+
 def launches_of_check(case: CheckCase) -> Launches:
-    return Launches(case.shape, case.batch, case.experts, case.dtype,
-                    case.layout == "channels_last", case.bias, (case.strategy,), tf32=case.tf32)
+    if not case.odconv:
+        return Launches(case.shape, case.batch, case.experts, case.dtype,
+                        case.layout == "channels_last", case.bias, (case.strategy,),
+                        tf32=case.tf32)
+    experts, bias, tap = odconv_launch(case.shape, case.experts)
+    return Launches(case.shape, case.batch, experts, case.dtype, case.layout == "channels_last",
+                    bias, (case.strategy,), tf32=case.tf32, tap_scale=tap)
 
 
 def launches_of_timing(case: bench.Case) -> Launches:
-    return Launches(case.shape, case.batch, case.experts, case.dtype,
-                    case.layout == "channels_last", True, FORWARD_STRATEGIES)
+    if case.group != bench.ODCONV_GROUP:
+        return Launches(case.shape, case.batch, case.experts, case.dtype,
+                        case.layout == "channels_last", True, FORWARD_STRATEGIES)
+    experts, bias, tap = odconv_launch(case.shape, case.experts)
+    return Launches(case.shape, case.batch, experts, case.dtype, case.layout == "channels_last",
+                    bias, TAP_SCALE_STRATEGIES if tap else FORWARD_STRATEGIES, tap_scale=tap)
 
 
 def _drive(launch: Launches, device) -> None:
@@ -497,14 +563,18 @@ def _drive(launch: Launches, device) -> None:
     x, bank, routing, bias, grad_out = launch_inputs(
         launch.shape, launch.batch, launch.experts, launch.dtype, launch.channels_last,
         launch.bias, device)
+    # ODConv's tap scale, where the kernels take it (the keyword only then)
+    tap = ({"tap_scale": x.new_empty(x.shape[0], *bank.shape[-2:])} if launch.tap_scale
+           else {})
     for strategy in launch.strategies:
         if strategy == TMA_STRATEGY and not tma_eligible(launch.shape, launch.dtype,
                                                          launch.channels_last, x.device):
             continue
-        triton_forward_impl(x, bank, routing, bias, *_pairs(launch.shape), strategy=strategy)
+        triton_forward_impl(x, bank, routing, bias, *_pairs(launch.shape), strategy=strategy,
+                            **tap)
     if launch.backward:
         triton_backward_impl(grad_out, x, bank, routing, bias, *_pairs(launch.shape),
-                             [True, True, True, launch.bias])
+                             [True, True, True, launch.bias] + ([True] if tap else []), **tap)
 
 
 def pinned_entries(launches: list[Launches], device) -> dict:
@@ -561,7 +631,7 @@ def compile_jobs(launches: list[Launches], arch: int, pin: bool = True) -> list[
     for launch in launches:
         wanted = {f"fwd-{s}" for s in launch.strategies} | ({"bwd"} if launch.backward else set())
         case = DrivenCase(launch.shape, launch.batch, launch.experts, launch.dtype,
-                          launch.channels_last, launch.bias)
+                          launch.channels_last, launch.bias, tap_scale=launch.tap_scale)
         pins = (pinned(launch.shape, launch.experts, launch.dtype) if pin
                 else contextlib.nullcontext())
         with pins, tf32_dots(launch.tf32):
@@ -685,9 +755,40 @@ CHECK_COLUMNS = ["case", "layer", "shape", "batch", "experts", "dtype", "layout"
                  "seconds", "note"]
 
 
+ODCONV_GRADIENTS = ("grad_in_scale", "grad_out_scale", "grad_tap_scale")
+# ODConv's elementwise passes (x and y scaled, the bias added after) round low-precision
+# results a few more times than the plain convolution: its bound allows for them
+ODCONV_ROUNDINGS = 8
+
+
+def odconv_check_scales(case: CheckCase, device) -> list:
+    """ODConv's (in_scale, out_scale, tap_scale) of a correctness case: sigmoids of float64
+    draws from their own fixed seed, rounded to the case's dtype, on ``device``."""
+    s = case.shape
+    generator = torch.Generator().manual_seed(1)
+    sizes = ((case.batch, s.cin), (case.batch, s.cout), (case.batch, s.kh, s.kw))
+    return [torch.sigmoid(_draw(size, generator)).to(device, DTYPES[case.dtype])
+            for size in sizes]
+
+
+def _published_float64(tensors, scales, grad_out, shape: ConvShape, transform):
+    """y and the gradients of ODConv's published formulation in float64 on ``transform``-ed
+    copies (x, bank, routing, bias, then the three scales)."""
+    leaves = [None if t is None else transform(t.detach().double()).requires_grad_(True)
+              for t in [*tensors, *scales]]
+    x, bank, routing, bias, *scaled = leaves
+    y = bench.odconv_published(x, bank, routing, bias, shape.stride, shape.padding,
+                               shape.dilation, shape.groups, *scaled)
+    wanted = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(y, wanted, transform(grad_out.detach().double()))
+    return y.detach(), list(grads)
+
+
 def run_check(case: CheckCase, device) -> list[dict]:
-    """Rows (y and each gradient) of one case: triton against native in float64, each element
-    within the bound; an exception gives one row with status ``error``."""
+    """Rows (y and each gradient) of one case: triton against native in float64 (an ODConv
+    case: triton with the three scales against the published formulation in float64, the
+    scales' gradients too), each element within the bound; an exception gives one row with
+    status ``error``."""
     s = case.shape
     base = {"case": case.label, "layer": s.name, "shape": s.label(), "batch": case.batch,
             "experts": case.experts, "dtype": case.dtype, "layout": case.layout,
@@ -697,26 +798,39 @@ def run_check(case: CheckCase, device) -> list[dict]:
     start = time.perf_counter()
     try:
         *tensors, grad_out = check_inputs(case, device)
-        leaves = [t.requires_grad_(True) for t in tensors if t is not None]
+        odconv = odconv_check_scales(case, device) if case.odconv else []
+        leaves = [t.requires_grad_(True) for t in [*tensors, *odconv] if t is not None]
+        keywords = (dict(zip(("in_scale", "out_scale", "tap_scale"), odconv)) if case.odconv
+                    else {})
         config_sources(reset=True)
         with tf32_dots(case.tf32), forced_strategy(case.strategy, case.backward):
             y = bench.dynamic_conv_of(s)(*tensors, s.stride, s.padding, s.dilation, s.groups,
-                                   backend="triton")
+                                   backend="triton", **keywords)
             got = [y.detach(), *torch.autograd.grad(y, leaves, grad_out)]
         base["config_sources"] = config_sources()
-        want_y, want_grads = _native_float64(tensors, grad_out, s, lambda t: t)
-        scale_y, scale_grads = _native_float64(tensors, grad_out, s, torch.abs)
+        if case.odconv:
+            want_y, want_grads = _published_float64(tensors, odconv, grad_out, s, lambda t: t)
+            scale_y, scale_grads = _published_float64(tensors, odconv, grad_out, s, torch.abs)
+        else:
+            want_y, want_grads = _native_float64(tensors, grad_out, s, lambda t: t)
+            scale_y, scale_grads = _native_float64(tensors, grad_out, s, torch.abs)
     except Exception as exc:  # a compile or launch failure, a crash: recorded, not raised
         return [{**base, "tensor": "all", "status": "error",
                  "seconds": round(time.perf_counter() - start, 3),
                  "note": f"{type(exc).__name__}: {str(exc).strip()}"[:300]}]
     forward_n, backward_n = case_reduction_lengths(case)
-    names = ["y", *GRADIENTS[: len(got) - 1]]
+    roundings = {"roundings": ODCONV_ROUNDINGS} if case.odconv else {}
+    if case.odconv:  # the folded bank's experts, and the scales' sums
+        folded = odconv_launch(s, case.experts)[0]
+        forward_n += folded + 4
+        backward_n += folded + s.h * s.w + 4
+    gradients = [g for g, t in zip(GRADIENTS, tensors) if t is not None]
+    names = ["y", *gradients, *(ODCONV_GRADIENTS if case.odconv else ())][: len(got)]
     wants, scales = [want_y, *want_grads], [scale_y, *scale_grads]
     rows = []
     for name, value, want, scale in zip(names, got, wants, scales):
         n = forward_n if name == "y" else backward_n
-        rtol = relative_tolerance(DTYPES[case.dtype], n, case.tf32)
+        rtol = relative_tolerance(DTYPES[case.dtype], n, case.tf32, **roundings)
         error = (value.double() - want).abs()
         bound = rtol * scale + ATOL
         finite = bool(torch.isfinite(value).all())

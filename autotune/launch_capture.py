@@ -49,12 +49,16 @@ class DrivenCase:
     # compile tf32 or "ieee" dots by it: kernels/_common.dot_settings); None leaves the setting
     # as the caller has it (autotune/gpu_steps.py sets it around the capture itself).
     tf32: bool | None = None
+    # ODConv's tap scale (B, kh, kw) handed to the kernels: then the forward runs the
+    # strategies that take it (premix, premix_tma) and the backward computes its gradient too
+    tap_scale: bool = False
 
     @property
     def label(self) -> str:
         layout = "cl" if self.channels_last else "nchw"
         return (f"{self.shape.label()} B{self.batch} K{self.num_experts} {self.dtype} {layout}"
-                f"{'' if self.bias else ' nobias'}{' ieee' if self.tf32 is False else ''}")
+                f"{'' if self.bias else ' nobias'}{' ieee' if self.tf32 is False else ''}"
+                f"{' tap' if self.tap_scale else ''}")
 
 
 def _test_shapes() -> list[ConvShape]:
@@ -220,16 +224,20 @@ def capture(cases: list[DrivenCase], capability: int) -> list[Launch]:
             _x, _kernel, stride, padding, dilation, groups, _out = planar_geometry(
                 case.shape, case.batch)
             geometry = (stride, padding, dilation, groups)
-            strategies = ["premix", "fused", "spanning"]
+            strategies = ["premix"] if case.tap_scale else ["premix", "fused", "spanning"]
             if conv_fwd_tma_supported(x, bank.shape, geometry[0], groups):
                 strategies.append("premix_tma")  # sm_90+, stride 1, 2-byte channels_last only
+            tap = ({"tap_scale": x.new_empty(x.shape[0], *bank.shape[-2:])} if case.tap_scale
+                   else {})
             with _tf32_dots(case.tf32):
                 for strategy in strategies:
                     current["label"] = f"{case.label} fwd-{strategy}"
-                    triton_forward_impl(x, bank, routing, bias, *geometry, strategy=strategy)
+                    triton_forward_impl(x, bank, routing, bias, *geometry, strategy=strategy,
+                                        **tap)
                 current["label"] = f"{case.label} bwd"
                 triton_backward_impl(grad_out, x, bank, routing, bias, *geometry,
-                                     [True, True, True, case.bias])
+                                     [True, True, True, case.bias] + ([True] if tap else []),
+                                     **tap)
     return launches
 
 

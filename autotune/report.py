@@ -13,6 +13,13 @@ rendered into its own folder (or ``--out/<device>/``) as:
 
 Plots whose group is absent from a CSV are not drawn.
 
+ODConv (bench's presets ``odconv`` and ``odconv-tiny``) has a CSV of its own, ``odconv.csv``,
+which a folder search does not take for a bench CSV: named on the command line, it is rendered
+into ``odconv.md`` beside it (:func:`odconv_section`: time and peak memory of the library's
+ODConv and of the published formulation, as ratios to the static conv); found beside a bench
+CSV, the same section closes that folder's ``summary.md`` (after everything else, the CPU goals
+untouched) and ``odconv.md`` is written too.
+
 A CPU run's summary opens with the CPU goals (:func:`goals_section`):
 
 - the speed rule on every case and mode (forward, forward+backward): ``auto`` within 5 % or
@@ -38,7 +45,18 @@ import sys
 
 import pandas as pd
 
-from .bench import COLUMNS, MEMORY_GROUP, MODES, PROVIDERS, RENAMED_PROVIDERS, THP_VARIABLE
+from .bench import (
+    COLUMNS,
+    MEMORY_GROUP,
+    MODES,
+    ODCONV_GROUP,
+    ODCONV_PROVIDERS,
+    ODCONV_PUBLISHED,
+    PRESET_CSV,
+    PROVIDERS,
+    RENAMED_PROVIDERS,
+    THP_VARIABLE,
+)
 from .cpu_formulations import GOAL_FRACTION, GOAL_MS, within_goal
 
 REQUIRED = {"device_slug", "preset", "group", "shape", "batch", "provider", "mode", "status",
@@ -709,6 +727,142 @@ def summary_section(frame: pd.DataFrame, images: list[str], goals: list[str] = (
     return lines
 
 
+# ---------------------------------------------------------------------------------------------
+# ODConv
+
+ODCONV_CSV = PRESET_CSV["odconv"]
+ODCONV_MODES = ("fwd", "fwd+bwd")
+
+
+def is_odconv(frame: pd.DataFrame) -> bool:
+    """Whether a loaded CSV is an ODConv run (its rows are of the ``odconv`` group)."""
+    return not frame.empty and set(frame["group"]) == {ODCONV_GROUP}
+
+
+def odconv_companion(path: str) -> str:
+    """Where the ODConv CSV of the run whose bench CSV is ``path`` is (beside it)."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), ODCONV_CSV)
+
+
+def _memory_ratio(extra: float, static: float) -> str:
+    if not (extra == extra and static == static) or static <= 0:
+        return "-"
+    return f"{extra / static:.2f}"
+
+
+def odconv_section(frame: pd.DataFrame, label: str) -> list[str]:
+    """Markdown for one ODConv CSV (``label``: its name): the library's ODConv
+    (``dynamic_conv2d`` with in_scale, out_scale and tap_scale) and the published formulation,
+    forward and forward+backward time and forward+backward peak memory, each as a ratio to the
+    static conv of the same shape in the same run: geometric means over the layers, then per
+    layer."""
+    first = frame.iloc[0]
+    gpu = first["device"] == "cuda"
+    ok = _ok(frame)
+    providers = [p for p in ODCONV_PROVIDERS if p in set(ok["provider"])]
+    library = [p for p in providers if p != ODCONV_PUBLISHED]
+    words = {ODCONV_PUBLISHED: "published"}
+    words.update({p: p.removeprefix("odconv_") for p in library})
+    auto_is = "" if gpu else " (`native` on the CPU)"
+    modes = [m for m in ODCONV_MODES if m in set(frame["mode"])]
+    lines = [
+        f"## ODConv: the library's scales against the published formulation (`{label}`, "
+        f"{first['run_id']})", "",
+        f"What runs: ODConv's kernel `M_b[o, i, t] = out_scale[b, o] * in_scale[b, c] * "
+        f"tap_scale[b, t] * sum_k a[b, k] W_k[o, i, t]`, plus the routed bias, on "
+        f"{first['device_name']} ({first['device']}). "
+        + ", ".join(f"`{p}`" for p in library)
+        + ": `dynamic_conv2d(..., in_scale=, out_scale=, tap_scale=)` on that backend"
+        + (auto_is if "odconv_auto" in library else "")
+        + f". `{ODCONV_PUBLISHED}`: the formulation of ODConv's published code (x scaled by the "
+        "input-channel attention; the B x K x |W| tensor of tap-scaled, routed experts "
+        "materialised and summed over K, which autograd keeps for the backward; one grouped "
+        "conv of the batch folded into the channels; y scaled by the output-channel "
+        "attention). The attentions are inputs, identical for both: the routing (a softmax "
+        "over K) and the three scales (sigmoids of normal draws), random positive tensors that "
+        "need gradients; the router (ODConv's attention branch) is not timed: it is the same "
+        "in both.", "",
+        f"- {first.get('threads', '?')} thread{'' if str(first.get('threads')) == '1' else 's'}"
+        f"; torch {first['torch']}, Python {first['python']}"
+        + (f"; commit {first['commit']}" if isinstance(first.get("commit"), str) else ""),
+        *_load_line(frame),
+        _timing_line(frame, gpu),
+        "- memory: " + ("`torch.cuda.max_memory_allocated` during one forward+backward, minus "
+                        "what was allocated before it" if gpu else
+                        "peak RSS (VmHWM) of a fresh process during one forward+backward, "
+                        "minus its RSS just before it")
+        + "; the ratio is that excess over the static conv's",
+        f"- reproduce: `python -m dynconv.autotune bench --preset {first['preset']}"
+        + ("" if gpu else " --device cpu") + f" --rounds {first.get('rounds', 5)} --modes "
+        + ",".join(modes) + "` then `python -m dynconv.autotune report <folder>/"
+        + f"{ODCONV_CSV}`" + (" (`make report` does both)" if first["preset"] == "odconv"
+                              else ""), ""]
+    if ok.empty:
+        return lines + ["No row was measured.", ""]
+    fb = ok[ok["mode"] == "fwd+bwd"]
+    keys = ["shape", "batch", "experts", "dtype", "layout"]
+
+    def memory_ratios(provider: str) -> list[float]:
+        out = []
+        for _key, sub in fb.groupby(keys, sort=False):
+            extra = sub.set_index("provider")["mem_extra_bytes"]
+            if provider in extra and "static" in extra and extra["static"] > 0:
+                out.append(extra[provider] / extra["static"])
+        return out
+
+    layer_count = len(ok.drop_duplicates(keys))
+    lines += [f"Geometric mean over the {layer_count} layers (time or memory / the static "
+              "conv's):", ""]
+    rows = []
+    for provider in providers:
+        part = ok[ok["provider"] == provider]
+        rows.append([f"`{provider}`"]
+                    + [_fmt(_geomean(part[part["mode"] == m]["ratio_to_static"]))
+                       for m in modes]
+                    + [_fmt(_geomean(memory_ratios(provider)))])
+    lines += _table(["provider", *[f"{m} time" for m in modes], "fwd+bwd peak memory"],
+                    rows) + [""]
+    lines += ["Per layer: static ms, then each provider's ratios (time fwd, time fwd+bwd, "
+              "memory); static's peak memory in MiB above the inputs:", ""]
+    header = ["layer", "batch", *[f"static {m} ms" for m in modes], "static MiB"]
+    for provider in providers:
+        header += [f"{words[provider]} {m}" for m in modes] + [f"{words[provider]} mem"]
+    rows = []
+    for variant in _variants(ok, keys):
+        sub = ok[(ok[keys] == pd.Series(variant, index=keys)).all(axis=1)]
+        by = {(r["provider"], r["mode"]): r for _, r in sub.iterrows()}
+        static_mem = by.get(("static", "fwd+bwd"), {}).get("mem_extra_bytes", float("nan"))
+        row = [f"{sub['layer'].iloc[0]} {variant[0]}", str(variant[1])]
+        row += [_fmt(by[("static", m)]["time_ms"] if ("static", m) in by else None, 3)
+                for m in modes]
+        row += [_fmt(static_mem / 2**20, 1)]
+        for provider in providers:
+            row += [_fmt(by[(provider, m)]["ratio_to_static"] if (provider, m) in by
+                         else None) for m in modes]
+            extra = by.get((provider, "fwd+bwd"), {}).get("mem_extra_bytes", float("nan"))
+            row.append(_memory_ratio(extra, static_mem))
+        rows.append(row)
+    lines += _table(header, rows) + [""]
+    problems = frame[frame["status"] != "ok"][["provider", "status", "note"]].drop_duplicates()
+    if not problems.empty:
+        lines += ["Not measured:", ""]
+        lines += [f"- `{r['provider']}`: {r['status']}: {r['note']}"
+                  for _, r in problems.iterrows()]
+        lines.append("")
+    return lines
+
+
+def write_odconv_markdown(frame: pd.DataFrame, path: str, folder: str) -> str:
+    """``folder``/odconv.md: the ODConv section of the CSV at ``path`` on its own."""
+    lines = [f"# dynconv ODConv performance: {frame['device_name'].iloc[0]}", "",
+             f"Generated by `python -m dynconv.autotune report` from "
+             f"`{os.path.basename(path)}`.", "", *odconv_section(frame, os.path.basename(path))]
+    target = os.path.join(folder, "odconv.md")
+    with open(target, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    return target
+
+
 def thp_companion(path: str) -> str:
     """Where ``make report`` writes the run with ``THP_MEM_ALLOC_ENABLE=1`` that goes with the
     bench CSV ``path`` (``<root>/<device>/bench_<preset>.csv``): bench's ``--out <root>/thp``,
@@ -742,6 +896,7 @@ def render(csv_paths: list[str], out_root: str | None = None,
     """
     companions = {os.path.abspath(thp_csv or thp_companion(p)) for p in csv_paths}
     by_folder: dict[str, list[tuple[str, pd.DataFrame]]] = {}
+    odconv: dict[str, tuple[str, pd.DataFrame]] = {}  # folder -> its ODConv CSV
     for path in csv_paths:
         if path not in explicit and os.path.abspath(path) in companions:
             continue
@@ -757,8 +912,18 @@ def render(csv_paths: list[str], out_root: str | None = None,
             continue
         slug = str(frame["device_slug"].iloc[0])
         folder = os.path.join(out_root, slug) if out_root else os.path.dirname(path) or "."
+        if is_odconv(frame):
+            odconv[folder] = (path, frame)
+            continue
         by_folder.setdefault(folder, []).append((path, frame))
+        if folder not in odconv:  # the ODConv run beside this bench CSV, if any
+            companion = _load_companion(odconv_companion(path))
+            if companion is not None and is_odconv(companion):
+                odconv[folder] = (odconv_companion(path), companion)
     written = []
+    for folder, (path, frame) in odconv.items():
+        os.makedirs(folder, exist_ok=True)
+        written.append(write_odconv_markdown(frame, path, folder))
     for folder, frames in by_folder.items():
         os.makedirs(folder, exist_ok=True)
         first = frames[0][1].iloc[0]
@@ -792,6 +957,9 @@ def render(csv_paths: list[str], out_root: str | None = None,
                        f"--no-memory --out <root>/thp`)")
                 goals = goals_section(frame, os.path.basename(path), (shown, thp_frame, why))
             lines += summary_section(frame, images, goals)
+        if folder in odconv:
+            path, frame = odconv[folder]
+            lines += odconv_section(frame, os.path.basename(path))
         summary = os.path.join(folder, "summary.md")
         with open(summary, "w") as f:
             f.write("\n".join(lines).rstrip() + "\n")

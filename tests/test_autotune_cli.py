@@ -265,6 +265,86 @@ def test_report_reads_the_old_provider_name(tiny_bench, tmp_path):
     assert "auto" in providers and "dynconv" not in providers
 
 
+# --- ODConv: the published formulation, the odconv group and its report ------------------------
+
+
+@pytest.mark.parametrize("shape", [
+    "cin=6,cout=8,hw=7,k=3,name=dense",
+    "cin=6,cout=6,hw=7,k=3,stride=2,groups=6,name=depthwise",
+    "cin=6,cout=4,h=8,w=7,k=3,padding=2,dilation=2,groups=2,name=grouped",
+    "cin=4,cout=6,hw=5,k=1,stride=2,padding=0,name=pointwise",
+])
+def test_odconv_published_equals_the_library_in_float64(shape):
+    """The baseline provider (ODConv's published formulation) and dynamic_conv2d with the
+    three scales on backend loop: the same y and the same gradients of all seven inputs, in
+    float64, on the same tensors (odconv_scales adds them to the case's inputs once)."""
+    from dynconv.autotune import bench
+
+    case = bench.Case(bench.ODCONV_GROUP, parse_shape(shape), 3)
+    inputs = {k: v.detach().double().requires_grad_(True)
+              for k, v in bench.make_inputs(case, "cpu").items()}
+    published, leaves = bench.forward_fn(bench.ODCONV_PUBLISHED, case, inputs)
+    library, same = bench.forward_fn("odconv_loop", case, inputs)
+    assert all(a is b for a, b in zip(leaves, same)) and len(leaves) == 7
+    assert inputs["tap_scale"].shape == (3, case.shape.kh, case.shape.kw)
+    assert all(bool((inputs[n] > 0).all()) for n in ("in_scale", "out_scale", "tap_scale"))
+    want, got = published(), library()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, leaves, grad),
+                    torch.autograd.grad(want, leaves, grad)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_odconv_providers_run_on_the_odconv_group_only():
+    from dynconv.autotune import bench
+
+    odconv = bench.preset_cases("odconv", "cpu")
+    layers = [c for c in bench.preset_cases("quick", "cpu") if c.group == "layers"]
+    # make report's layers at its batch, with peak memory; none in the quick preset
+    assert [(c.shape, c.batch) for c in odconv] == [(c.shape, c.batch) for c in layers]
+    assert all(c.group == bench.ODCONV_GROUP and c.memory and c.timing for c in odconv)
+    assert not any(c.group == bench.ODCONV_GROUP for p in ("quick", "tiny", "gpu")
+                   for c in bench.preset_cases(p, "cpu"))
+    applies = lambda case: [p for p in bench.PROVIDERS if bench.provider_applies(p, case)]
+    assert applies(odconv[0]) == ["static", *bench.ODCONV_PROVIDERS]
+    assert not set(bench.ODCONV_PROVIDERS) & set(applies(layers[0]))
+    assert {"odconv_published", "odconv_auto"} <= set(DEFAULT_PROVIDERS)
+    assert not {"odconv_loop", "odconv_grouped", "odconv_native"} & set(DEFAULT_PROVIDERS)
+
+
+def test_odconv_tiny_bench_writes_its_own_csv_and_report(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "bench", "--preset", "odconv-tiny", "--rounds", "1",
+                           "--modes", "fwd,fwd+bwd", "--no-progress", "--out", str(tmp_path))
+    assert code == 0
+    path = tmp_path / "cpu" / "odconv.csv"
+    assert f"bench: wrote {path}" in out
+    assert _files(tmp_path) == ["cpu/odconv.csv"]  # not a bench_*.csv: no clash, no search
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == COLUMNS
+        rows = list(reader)
+    assert {(r["provider"], r["mode"]) for r in rows} == {
+        (p, m) for p in ("static", "odconv_published", "odconv_auto") for m in ("fwd", "fwd+bwd")}
+    assert {r["group"] for r in rows} == {"odconv"} and {r["status"] for r in rows} == {"ok"}
+    assert all(float(r["ratio_to_static"]) > 0 for r in rows)
+    memory = [r for r in rows if r["mem_method"]]
+    assert {(r["provider"], r["mode"]) for r in memory} == {
+        (p, "fwd+bwd") for p in ("static", "odconv_published", "odconv_auto")}
+    code, out, _ = run_cli(capsys, "report", str(path))
+    assert code == 0 and f"report: wrote {tmp_path / 'cpu' / 'odconv.md'}" in out
+    text = (tmp_path / "cpu" / "odconv.md").read_text()
+    assert "## ODConv: the library's scales against the published formulation" in text
+    assert "| `odconv_published` |" in text and "| `odconv_auto` |" in text
+    assert "the router (ODConv's attention branch) is not timed" in text
+    assert _files(tmp_path) == ["cpu/odconv.csv", "cpu/odconv.md"]
+
+
+def _files(folder) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), folder)
+                  for d, _, names in os.walk(folder) for f in names)
+
+
 # --- the interpreter sweep: write a table, the next launch uses it -----------------------------
 
 TINY_LAYER = "cin=8,cout=8,hw=5,k=3,name=tiny"

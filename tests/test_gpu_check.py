@@ -54,11 +54,14 @@ def test_dry_run_plan_fits_seven_minutes(tmp_path):
     assert total == pytest.approx(float(budget["compile_s"]) + float(budget["run_s"]), abs=0.2)
     assert float(budget["deadline_s"]) == 420 and total <= 420 and budget["fits"] == "yes"
     assert "launches captured for sm_90" in out
-    for needle in ("[1] precompile:", "[2] correctness: 69 cases", "[3] timings: 13 cases",
+    for needle in ("[1] precompile:", "[2] correctness: 71 cases", "[3] timings: 15 cases",
                    "[4] sweep", "[5] tests", "512->512 k3 s1 @7", "64->64 k3 s1 @56",
                    "128->256 k3 s2 @28", "128->256 k1 s2 @28", "K17", "K1 ", "dw ", "3->16 k7 s2",
                    "nchw", "fp16", "fused", "premix", "spanning", "premix_tma",
                    "bwd=spanning_torch", "triton-bwd_spanning", "pinning pass:",
+                   "B3 K4 bf16 cl premix odconv", "fp32 nchw premix odconv",
+                   "odconv       layer4.0.conv2",
+                   "providers static,odconv_published,odconv_auto, no profiles",
                    "pruned per launch, preferring 128x128x32x8x3"):
         assert needle in out, needle
     assert list(tmp_path.iterdir()) == []
@@ -74,7 +77,7 @@ def test_dry_run_under_the_interpreter_lists_the_steps(capsys, tmp_path):
 
 def test_cases_cover_the_issue():
     checks = gpu_steps.check_cases()
-    assert 60 <= len(checks) <= 70
+    assert 60 <= len(checks) <= 72
     assert {c.dtype for c in checks} == {"bf16", "fp16", "fp32"}
     assert {c.layout for c in checks} == {"channels_last", "nchw"}
     assert {c.strategy for c in checks} == set(gpu_steps.FORWARD_STRATEGIES)
@@ -107,7 +110,20 @@ def test_cases_cover_the_issue():
     assert [c.shape.label() for c in first[:4]] == [
         "512->512 k3 s1 @7", "256->256 k3 s1 @14", "128->128 k3 s1 @28", "64->64 k3 s1 @56"]
     assert {(c.batch, c.dtype, c.layout) for c in first} == {(32, "bf16", "channels_last")}
-    assert {c.group for c in timed} == {"b32-bf16-cl", "nchw", "fp32", "b128", "1d-3d"}
+    assert {c.group for c in timed} == {"b32-bf16-cl", "nchw", "fp32", "b128", "1d-3d",
+                                        bench.ODCONV_GROUP}
+    # ODConv: checked (triton with the scales against the published formulation) and timed
+    # (the library's against the published formulation and static), a couple of each
+    odconv = [c for c in checks if c.odconv]
+    assert len(odconv) == 2 and {c.dtype for c in odconv} == {"bf16", "fp32"}
+    assert all(c.label.endswith(" odconv") for c in odconv)
+    timed_odconv = [c for c in timed if c.group == bench.ODCONV_GROUP]
+    assert [c.shape.name for c in timed_odconv] == list(gpu_steps.ODCONV_TIMED_LAYERS)
+    assert all(gpu_steps.case_providers(c) == gpu_steps.ODCONV_TIMING_PROVIDERS
+               for c in timed_odconv)
+    assert gpu_steps.case_providers(first[0]) == gpu_steps.TIMING_PROVIDERS
+    assert [c.odconv for c in gpu_steps.check_cases(tiny_shapes=True)].count(True) == 1
+    assert [c.group for c in gpu_steps.timing_cases(True)].count(bench.ODCONV_GROUP) == 1
     # the 1-D and 3-D front ends, checked and timed (against F.conv1d / F.conv3d)
     assert {c.shape.spatial_dims for c in checks} == {1, 2, 3}
     assert {c.shape.spatial_dims for c in timed} == {1, 2, 3}
@@ -448,6 +464,48 @@ def test_cpu_run_writes_its_files_and_summary(tmp_path, monkeypatch):
     summary = (folder / "summary.md").read_text()
     assert "| correctness | ok |" in summary and "| timings | skipped: --skip |" in summary
     assert "0 rows not ok" in summary
+    # the ODConv case: y and all seven gradients, the scales' too
+    odconv = [r for r in rows if r["case"].endswith(" odconv")]
+    assert [r["tensor"] for r in odconv] == ["y", *gpu_steps.GRADIENTS,
+                                             *gpu_steps.ODCONV_GRADIENTS]
+
+
+def test_odconv_timings_on_the_interpreter(tmp_path, monkeypatch):
+    """The ODConv timing case: its Triton launches (the bank as the library hands it to the
+    backend) are all in the pinned table, whichever forward strategy auto takes; its rows
+    (static, the published formulation, the library's) and its summary section."""
+    from dynconv.kernels import tuned_table
+
+    case, = [c for c in gpu_steps.timing_cases(True) if c.group == bench.ODCONV_GROUP]
+    folder = tmp_path / "pinned"
+    gpu_steps.write_pinned_table(
+        gpu_steps.pinned_entries([gpu_steps.launches_of_timing(case)], "cpu"), "cpu",
+        str(folder))
+    monkeypatch.setenv("DYNCONV_TUNED_DIR", str(folder))
+    tuned_table.clear_cache()
+    try:
+        for strategy in ("premix", "fused"):
+            gpu_steps.config_sources(reset=True)
+            forward, leaves = bench.forward_fn("odconv_triton", case,
+                                               bench.make_inputs(case, "cpu"))
+            with gpu_steps.forced_strategy(strategy):
+                bench.mode_fn("fwd+bwd", forward, leaves)()
+            sources = gpu_steps.config_sources().split()
+            assert sources and all(s.endswith(":table") for s in sources), (strategy, sources)
+    finally:
+        tuned_table.clear_cache()
+    providers = gpu_steps.case_providers(case)
+    rows = gpu_steps.run_timing(case, "cpu", Timer("cpu", min_sample_ms=0.1, max_calls=1),
+                                rounds=1, memory=False, providers=providers)
+    assert {(r["provider"], r["mode"]) for r in rows} == {(p, m) for p in providers
+                                                          for m in bench.MODES}
+    assert {r["status"] for r in rows} == {"ok"}, [r["note"] for r in rows]
+    assert gpu_steps.uses_triton("odconv_auto", "cuda")
+    assert not gpu_steps.uses_triton("odconv_auto", "cpu")
+    full = [{**bench.case_columns(case), **r} for r in rows]
+    lines = gpu_check._timing_lines(full, gpu_steps.ODCONV_TIMING_PROVIDERS)
+    assert "| static ms fwd, f+b | odconv_published | odconv_auto |" in lines[2]
+    assert lines[-1].startswith("| odconv 8->8 k3 s1 @6 B2 bf16 channels_last |")
 
 
 def test_deadline_cuts_the_steps_and_the_summary_says_so(tmp_path, monkeypatch):

@@ -277,3 +277,49 @@ def test_quick_preset_groups_and_rounds(capsys):
     layers = [c for c in bench.preset_cases("quick", "cpu") if c.group == "layers"]
     assert [c.shape for c in memory] == [c.shape for c in layers]
     assert all(c.batch == 32 and c.memory and not c.timing for c in memory)
+
+
+# --- ODConv's CSV beside the main one ----------------------------------------------------------
+
+
+def _odconv_rows() -> list[dict]:
+    """Two layers of the odconv group: the published formulation 2x / 4x static, the library's
+    1.5x / 1.2x (fwd, fwd+bwd: the same ratio), memory 3x / 1.5x static's excess."""
+    rows = []
+    for shape, ms, published, library in (("64->64 k3 s1 @56", 10.0, 2.0, 1.5),
+                                          ("512->512 k3 s1 @7", 20.0, 4.0, 1.2)):
+        rows += _case(bench.ODCONV_GROUP, shape, 4, {
+            "odconv_published": (ms / 3 * published, ms * published),
+            "odconv_auto": (ms / 3 * library, ms * library)}, (ms / 3, ms),
+            memory={"static": 10.0, "odconv_published": 30.0, "odconv_auto": 15.0})
+    return [r for r in rows if r["mode"] != "bwd"]  # make report times fwd and fwd+bwd
+
+
+def test_the_odconv_section_closes_the_summary_and_leaves_the_goals_alone(tmp_path):
+    main = _write(tmp_path / "cpu" / "bench_quick.csv", _main_rows())
+    report.render([str(main)])
+    before = (tmp_path / "cpu" / "summary.md").read_text()
+    odconv = _write(tmp_path / "cpu" / "odconv.csv", _odconv_rows())
+    assert report.odconv_companion(str(main)) == str(odconv)
+    # a folder search takes only bench_*.csv: the ODConv CSV is read beside the main one
+    assert report.find_csvs([str(tmp_path / "cpu")]) == [str(main)]
+    written = report.render(report.find_csvs([str(tmp_path / "cpu")]))
+    assert str(tmp_path / "cpu" / "odconv.md") in written
+    text = (tmp_path / "cpu" / "summary.md").read_text()
+    assert text.startswith(before.rstrip("\n"))  # everything before it unchanged
+    section = text[len(before.rstrip("\n")):]
+    assert section.lstrip("\n").startswith("## ODConv: the library's scales against the "
+                                           "published formulation (`odconv.csv`")
+    assert "### The CPU goals" not in section
+    assert "| `odconv_published` | 2.83 | 2.83 | 3.00 |" in section  # sqrt(2 * 4)
+    assert "| `odconv_auto` | 1.34 | 1.34 | 1.50 |" in section  # sqrt(1.5 * 1.2)
+    assert ("| 64->64 k3 s1 @56 64->64 k3 s1 @56 | 4 | 3.333 | 10.000 | 10.0 | 2.00 | 2.00 | "
+            "3.00 | 1.50 | 1.50 | 1.50 |") in section
+    alone = (tmp_path / "cpu" / "odconv.md").read_text()
+    assert alone.startswith("# dynconv ODConv performance: Test CPU")
+    assert section.strip() in alone
+    # named on its own, the ODConv CSV gives odconv.md and leaves summary.md alone
+    (tmp_path / "cpu" / "odconv.md").unlink()
+    assert report.render([str(odconv)], explicit=(str(odconv),)) == [
+        str(tmp_path / "cpu" / "odconv.md")]
+    assert (tmp_path / "cpu" / "summary.md").read_text() == text
