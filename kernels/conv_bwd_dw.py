@@ -15,6 +15,12 @@ and what the caller needs are its contractions with the routing weights and the 
 
 with gb_b = sum_p grad_y[b, :, p] (B, C_out).
 
+ODConv's tap scale s (B, KH, KW) (``HAS_TAP``) multiplies sample b's mixed kernel at tap t by
+s[b, t], so the weight gradient reaching the bank is s_b gW_b, and the routing and the tap
+scale share one contraction per expert, C[b, k, n] = sum_co gW_b[co, n] bank[k][co, n] (a
+column sum): grad_a[b, k] = sum_n s[b, tap(n)] C[b, k, n] and grad_s[b, t] = sum_k a[b, k]
+sum_{tap(n) = t} C[b, k, n], the latter stored per (expert block, tile, sample, tap).
+
 Design (why per-sample, not batch-spanning). Write F for the static conv's wgrad FLOPs
 (2 B C_out |n| HO WO). The batch-spanning form (grad_bank as one GEMM of the routing-scaled
 grad_y against im2col(x), M = K C_out, reduction over B HO WO) costs K F on the tensor cores,
@@ -109,6 +115,18 @@ def _contract(gbank, bank_k, acc, k, a_row, a_stride_k, ga_row, NUM_EXPERTS,
 
 
 @triton.jit
+def _contract_taps(w_cols, bank_k, acc, s_cols, k, a_row, a_stride_k, ga_row, NUM_EXPERTS):
+    """With a tap scale, for expert k and the sample's unscaled gW tile ``acc``: grad_a[b, k]'s
+    share, <acc, bank[k]> weighted per column by the tap scale ``s_cols``, stored to its row;
+    returns ``w_cols`` + a[b, k] x the column sums of acc * bank[k] (grad_s's columns)."""
+    k_ok = k < NUM_EXPERTS
+    col = tl.sum(acc * bank_k.to(tl.float32), axis=0)
+    tl.store(ga_row + k, tl.sum(col * s_cols, axis=0), mask=k_ok)
+    a_k = tl.load(a_row + k * a_stride_k, mask=k_ok, other=0.0).to(tl.float32)
+    return w_cols + a_k * col
+
+
+@triton.jit
 def _store_bank_grad(gbank_ptr, gbank, k, split64, NUM_EXPERTS, WEIGHT_NUMEL, out_off,
                      tile_mask):
     """Store expert k's grad_bank tile into split ``split64``'s partial (bank layout)."""
@@ -118,23 +136,27 @@ def _store_bank_grad(gbank_ptr, gbank, k, split64, NUM_EXPERTS, WEIGHT_NUMEL, ou
 
 @triton.jit
 def conv_bwd_dw_kernel(
-    gy_ptr, x_ptr, bank_ptr, a_ptr,
-    gbank_ptr, ga_ptr,
+    gy_ptr, x_ptr, bank_ptr, a_ptr, tap_ptr,
+    gbank_ptr, ga_ptr, gs_ptr,
     BATCH, SAMPLES_PER_SPLIT, H, W, HO, WO, C_IN_G, C_OUT_G, C_OUT, NUM_EXPERTS,
     gy_stride_b, gy_stride_c, gy_stride_p,
     x_stride_b, x_stride_c, x_stride_h, x_stride_w,
     bank_stride_k, bank_stride_o, bank_stride_c, bank_stride_h, bank_stride_w,
     a_stride_b, a_stride_k,
+    tap_stride_b, tap_stride_t,
+    HAS_TAP: tl.constexpr, NEED_TAP: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
     PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     K_BLOCK: tl.constexpr, NEED_BANK: tl.constexpr, NEED_ROUTING: tl.constexpr,
-    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    PLAIN_ROUTING: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Grid: (G * cdiv(C_OUT_G, BLOCK_M) * cdiv(C_IN_G * KH * KW, BLOCK_N), splits of the batch,
-    cdiv(NUM_EXPERTS, K_BLOCK)). grad_y's (HO, WO) plane is flat: pixel p at p * gy_stride_p."""
+    cdiv(NUM_EXPERTS, K_BLOCK)). grad_y's (HO, WO) plane is flat: pixel p at p * gy_stride_p.
+    NEED_ROUTING: the bank tiles are loaded (for grad_a, and with HAS_TAP for grad_s too);
+    PLAIN_ROUTING: grad_a without a tap scale (with one it comes from the tap contractions)."""
     tl.static_assert(K_BLOCK <= 8)
     nred = C_IN_G * KH * KW
     tiles_m = (C_OUT_G + BLOCK_M - 1) // BLOCK_M
@@ -246,29 +268,64 @@ def conv_bwd_dw_kernel(
 
         a_row = a_ptr + b64 * a_stride_b
         ga_row = ga_ptr + (tile.to(tl.int64) * BATCH + b64) * NUM_EXPERTS
+        if HAS_TAP:
+            # The contractions with the bank on the unscaled gW tile, then acc *= the tap scale
+            # of each column: what grad_bank accumulates below.
+            s_cols = tl.load(tap_ptr + b64 * tap_stride_b + tap * tap_stride_t, mask=n_ok,
+                             other=0.0).to(tl.float32)
+            w_cols = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            w_cols = _contract_taps(w_cols, bank0, acc, s_cols, k0, a_row, a_stride_k, ga_row,
+                                    NUM_EXPERTS)
+            if K_BLOCK > 1:
+                w_cols = _contract_taps(w_cols, bank1, acc, s_cols, k0 + 1, a_row, a_stride_k,
+                                        ga_row, NUM_EXPERTS)
+            if K_BLOCK > 2:
+                w_cols = _contract_taps(w_cols, bank2, acc, s_cols, k0 + 2, a_row, a_stride_k,
+                                        ga_row, NUM_EXPERTS)
+            if K_BLOCK > 3:
+                w_cols = _contract_taps(w_cols, bank3, acc, s_cols, k0 + 3, a_row, a_stride_k,
+                                        ga_row, NUM_EXPERTS)
+            if K_BLOCK > 4:
+                w_cols = _contract_taps(w_cols, bank4, acc, s_cols, k0 + 4, a_row, a_stride_k,
+                                        ga_row, NUM_EXPERTS)
+            if K_BLOCK > 5:
+                w_cols = _contract_taps(w_cols, bank5, acc, s_cols, k0 + 5, a_row, a_stride_k,
+                                        ga_row, NUM_EXPERTS)
+            if K_BLOCK > 6:
+                w_cols = _contract_taps(w_cols, bank6, acc, s_cols, k0 + 6, a_row, a_stride_k,
+                                        ga_row, NUM_EXPERTS)
+            if K_BLOCK > 7:
+                w_cols = _contract_taps(w_cols, bank7, acc, s_cols, k0 + 7, a_row, a_stride_k,
+                                        ga_row, NUM_EXPERTS)
+            if NEED_TAP:
+                gs_row = gs_ptr + ((tl.program_id(2) * tl.num_programs(0) + tile).to(tl.int64)
+                                   * BATCH + b64) * (KH * KW)
+                for t in tl.static_range(KH * KW):
+                    tl.store(gs_row + t, tl.sum(tl.where(tap == t, w_cols, 0.0), axis=0))
+            acc = acc * s_cols[None, :]
         gb0 = _contract(gb0, bank0, acc, k0, a_row, a_stride_k, ga_row, NUM_EXPERTS, NEED_BANK,
-                        NEED_ROUTING)
+                        PLAIN_ROUTING)
         if K_BLOCK > 1:
             gb1 = _contract(gb1, bank1, acc, k0 + 1, a_row, a_stride_k, ga_row, NUM_EXPERTS,
-                            NEED_BANK, NEED_ROUTING)
+                            NEED_BANK, PLAIN_ROUTING)
         if K_BLOCK > 2:
             gb2 = _contract(gb2, bank2, acc, k0 + 2, a_row, a_stride_k, ga_row, NUM_EXPERTS,
-                            NEED_BANK, NEED_ROUTING)
+                            NEED_BANK, PLAIN_ROUTING)
         if K_BLOCK > 3:
             gb3 = _contract(gb3, bank3, acc, k0 + 3, a_row, a_stride_k, ga_row, NUM_EXPERTS,
-                            NEED_BANK, NEED_ROUTING)
+                            NEED_BANK, PLAIN_ROUTING)
         if K_BLOCK > 4:
             gb4 = _contract(gb4, bank4, acc, k0 + 4, a_row, a_stride_k, ga_row, NUM_EXPERTS,
-                            NEED_BANK, NEED_ROUTING)
+                            NEED_BANK, PLAIN_ROUTING)
         if K_BLOCK > 5:
             gb5 = _contract(gb5, bank5, acc, k0 + 5, a_row, a_stride_k, ga_row, NUM_EXPERTS,
-                            NEED_BANK, NEED_ROUTING)
+                            NEED_BANK, PLAIN_ROUTING)
         if K_BLOCK > 6:
             gb6 = _contract(gb6, bank6, acc, k0 + 6, a_row, a_stride_k, ga_row, NUM_EXPERTS,
-                            NEED_BANK, NEED_ROUTING)
+                            NEED_BANK, PLAIN_ROUTING)
         if K_BLOCK > 7:
             gb7 = _contract(gb7, bank7, acc, k0 + 7, a_row, a_stride_k, ga_row, NUM_EXPERTS,
-                            NEED_BANK, NEED_ROUTING)
+                            NEED_BANK, PLAIN_ROUTING)
 
     if NEED_BANK:
         # The partial is stored in the bank's (ci, kh, kw) order: no permute afterwards.
@@ -356,8 +413,9 @@ def bias_gradients(grad_out, routing, bias_bank, need_routing, need_bias):
 
 def conv_bwd_dw(grad_out, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
                 need_bank=True, need_routing=True, need_bias=True, samples_per_program=None,
-                interpreter=False):
-    """grad_bank, grad_routing, grad_bias of dynamic convolution, without forming gW per batch.
+                interpreter=False, tap_scale=None, need_tap=False):
+    """grad_bank, grad_routing, grad_bias of dynamic convolution, without forming gW per batch
+    (and grad_tap_scale with a tap scale).
 
     Args:
         grad_out: (B, Cout, Ho, Wo); x: (B, Cin, H, W); any strides, same dtype.
@@ -368,18 +426,23 @@ def conv_bwd_dw(grad_out, x, weight_bank, routing, bias_bank, stride, padding, d
         samples_per_program: samples each program walks (the batch split); default from the
             GPU size and PARTIAL_BUDGET_BYTES.
         interpreter: whether the kernel runs under the Triton interpreter (CPU tensors).
+        tap_scale: optional (B, kh, kw), ODConv's per-sample tap scale of the mixed kernels;
+            need_tap: whether its gradient is computed.
 
     Returns:
         (grad_bank (K, Cout, Cin // groups, kh, kw) contiguous, grad_routing (B, K),
         grad_bias (K, Cout)), each in x's dtype, or None where not requested (grad_bias is
-        None when bias_bank is None).
+        None when bias_bank is None); with a tap scale a fourth, grad_tap_scale (B, kh, kw)
+        or None.
     """
     batch, in_channels, height, width = x.shape
     num_experts, out_channels, in_per_group, kh, kw = weight_bank.shape
     ho, wo = grad_out.shape[2], grad_out.shape[3]
     need_bias = need_bias and bias_bank is not None
-    if not (need_bank or need_routing or need_bias):
-        return None, None, None
+    need_tap = need_tap and tap_scale is not None
+    tap_grads = () if tap_scale is None else (None,)
+    if not (need_bank or need_routing or need_bias or need_tap):
+        return (None, None, None) + tap_grads
     out_per_group = out_channels // groups
     reduction = in_per_group * kh * kw
     if not interpreter and groups < in_channels:
@@ -399,8 +462,8 @@ def conv_bwd_dw(grad_out, x, weight_bank, routing, bias_bank, stride, padding, d
         ga_bias, grad_bias = bias_gradients(grad_out, routing, bias_bank,
                                             need_routing and bias_bank is not None, need_bias)
 
-    gbank = ga = None
-    if need_bank or need_routing:
+    gbank = ga = gs = None
+    if need_bank or need_routing or need_tap:
         k_block = conv_bwd_dw_expert_block(num_experts)
         block_m, block_n = conv_bwd_dw_tile_shape(num_experts, out_per_group, reduction,
                                                   interpreter, x.element_size())
@@ -413,24 +476,34 @@ def conv_bwd_dw(grad_out, x, weight_bank, routing, bias_bank, stride, padding, d
         splits = triton.cdiv(batch, samples_per_program)
         f32 = {"device": x.device, "dtype": torch.float32}
         gbank = (torch.empty((splits, *weight_bank.shape), **f32) if need_bank else None)
-        ga = torch.empty((tiles, batch, num_experts), **f32) if need_routing else None
+        # With a tap scale grad_a's rows are written whenever the bank tiles are contracted.
+        contract = need_routing or need_tap
+        ga = torch.empty((tiles, batch, num_experts), **f32) if contract else None
+        expert_blocks = triton.cdiv(num_experts, k_block)
+        gs = (torch.empty((expert_blocks, tiles, batch, kh * kw), **f32) if need_tap
+              else None)
         dummy = torch.empty(1, **f32)
+        tap = None if tap_scale is None else tap_scale.reshape(batch, kh * kw)
         args = (
-            grad_out, x, weight_bank, routing,
+            grad_out, x, weight_bank, routing, dummy if tap is None else tap,
             dummy if gbank is None else gbank, dummy if ga is None else ga,
+            dummy if gs is None else gs,
             batch, samples_per_program, height, width, ho, wo, in_per_group, out_per_group,
             out_channels, num_experts,
             grad_out.stride(0), grad_out.stride(1), pixel_stride, *x.stride(),
             *weight_bank.stride(), *routing.stride(),
+            *((0, 0) if tap is None else tap.stride()),
         )
         dot_fp32, precision = dot_settings(x.dtype, interpreter)
         meta = dict(
             KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0],
             PAD_W=padding[1], DIL_H=dilation[0], DIL_W=dilation[1], K_BLOCK=k_block,
-            NEED_BANK=need_bank, NEED_ROUTING=need_routing, DOT_FP32=dot_fp32,
+            HAS_TAP=tap is not None, NEED_TAP=need_tap,
+            NEED_BANK=need_bank, NEED_ROUTING=contract,
+            PLAIN_ROUTING=need_routing and tap is None, DOT_FP32=dot_fp32,
             INPUT_PRECISION=precision, BLOCK_M=block_m, BLOCK_N=block_n,
         )
-        grid = (tiles, splits, triton.cdiv(num_experts, k_block))
+        grid = (tiles, splits, expert_blocks)
         if batch > 0:
             conv_bwd_dw_tuned[grid](*args, **meta)
 
@@ -444,4 +517,9 @@ def conv_bwd_dw(grad_out, x, weight_bank, routing, bias_bank, stride, padding, d
         grad_routing = grad_routing.to(x.dtype)
     if need_bias:
         grad_bias = grad_bias.to(x.dtype)
+    if tap_scale is not None:
+        grad_tap = None
+        if need_tap:
+            grad_tap = gs.sum((0, 1)).view(batch, kh, kw).to(x.dtype)
+        return grad_bank, grad_routing, grad_bias, grad_tap
     return grad_bank, grad_routing, grad_bias

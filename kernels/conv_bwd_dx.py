@@ -68,12 +68,14 @@ def _phase_taps(r, KSIZE: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
 
 @triton.jit
 def conv_bwd_dx_kernel(
-    gy_ptr, bank_ptr, a_ptr, gx_ptr,
+    gy_ptr, bank_ptr, a_ptr, tap_ptr, gx_ptr,
     H, W, HO, WO, C_IN_G, C_OUT_G,
     gy_stride_b, gy_stride_c, gy_stride_h, gy_stride_w,
     bank_stride_k, bank_stride_h, bank_stride_w, bank_stride_o, bank_stride_c,
     a_stride_b, a_stride_k,
+    tap_stride_b, tap_stride_h, tap_stride_w,
     gx_stride_b, gx_stride_c, gx_stride_h, gx_stride_w,
+    HAS_TAP: tl.constexpr,
     NUM_EXPERTS: tl.constexpr, EXPERT_CHUNK: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr,
@@ -85,7 +87,8 @@ def conv_bwd_dx_kernel(
 ):
     """Grid: (B * STRIDE_H * STRIDE_W * cdiv(HQ * WQ, BLOCK_M), G * cdiv(C_IN_G, BLOCK_N)),
     HQ = cdiv(H, STRIDE_H), WQ = cdiv(W, STRIDE_W): per sample, one run of row tiles per
-    stride phase."""
+    stride phase. With HAS_TAP each step's mixed tile is scaled by the sample's tap scale
+    ``tap[b, kh, kw]`` (ODConv; one scalar load per step)."""
     hq = (H + STRIDE_H - 1) // STRIDE_H
     wq = (W + STRIDE_W - 1) // STRIDE_W
     tiles_m = (hq * wq + BLOCK_M - 1) // BLOCK_M
@@ -166,6 +169,10 @@ def conv_bwd_dx_kernel(
             w_offs = co[:, None] * bank_stride_o + w_cols + tap_w
             w = mixed_tile(bank_base, w_offs, co_ok[:, None] & col_ok[None, :], a_chunk,
                            bank_stride_k, e0, EXPERT_CHUNK, NUM_EXPERTS, BLOCK_K, BLOCK_N)
+            if HAS_TAP:
+                w = w * tl.load(tap_ptr + b64 * tap_stride_b
+                                + (kh0 + jh * TAP_STEP_H) * tap_stride_h
+                                + (kw0 + jw * TAP_STEP_W) * tap_stride_w).to(tl.float32)
             if DOT_FP32:
                 acc = tl.dot(gy.to(tl.float32), w, acc, input_precision=INPUT_PRECISION)
             else:
@@ -206,7 +213,7 @@ def pack_bank_for_dgrad(weight_bank):
 
 
 def conv_bwd_dx(grad_out, weight_bank, routing, x_shape, stride, padding, dilation, groups,
-                out=None, interpreter=False):
+                out=None, interpreter=False, tap_scale=None):
     """grad_x of dynamic convolution.
 
     Args:
@@ -218,6 +225,7 @@ def conv_bwd_dx(grad_out, weight_bank, routing, x_shape, stride, padding, dilati
         stride, padding, dilation: pairs of ints (symmetric padding); groups: int.
         out: optional preallocated (B, Cin, H, W) tensor (any strides) to write into.
         interpreter: whether the kernel runs under the Triton interpreter (CPU tensors).
+        tap_scale: optional (B, kh, kw), ODConv's per-sample tap scale of the mixed kernels.
 
     Returns:
         grad_x (B, Cin, H, W) in grad_out's dtype; ``out`` when given, else contiguous.
@@ -234,13 +242,16 @@ def conv_bwd_dx(grad_out, weight_bank, routing, x_shape, stride, padding, dilati
                          "one sample of grad_x": span(out, 1), "weight_bank": span(weight_bank)})
     bank = pack_bank_for_dgrad(weight_bank)
     dot_fp32, precision = dot_settings(grad_out.dtype, interpreter)
+    tap = routing if tap_scale is None else tap_scale  # an unused pointer without a tap scale
     args = (
-        grad_out, bank, routing, out,
+        grad_out, bank, routing, tap, out,
         height, width, ho, wo, in_per_group, out_per_group,
-        *grad_out.stride(), *bank.stride(), *routing.stride(), *out.stride(),
+        *grad_out.stride(), *bank.stride(), *routing.stride(),
+        *(tap.stride() if tap_scale is not None else (0, 0, 0)), *out.stride(),
     )
     meta = dict(
-        NUM_EXPERTS=num_experts, EXPERT_CHUNK=expert_chunk(num_experts),
+        HAS_TAP=tap_scale is not None, NUM_EXPERTS=num_experts,
+        EXPERT_CHUNK=expert_chunk(num_experts),
         KH=kh, KW=kw, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0],
         PAD_W=padding[1], DIL_H=dilation[0], DIL_W=dilation[1],
         TAP_STEP_H=stride[0] // math.gcd(stride[0], dilation[0]),

@@ -101,17 +101,21 @@ def mixed_views(buffer: torch.Tensor, weight_bank_shape, groups: int, has_bias: 
 
 @triton.jit
 def mix_kernel(
-    a_ptr, bank_ptr, bias_ptr, out_ptr,
-    BATCH, NUM_EXPERTS, N_WEIGHT, N_BIAS, N_COLS,
+    a_ptr, bank_ptr, bias_ptr, tap_ptr, out_ptr,
+    BATCH, NUM_EXPERTS, N_WEIGHT, N_BIAS, N_COLS, TAP_PERIOD, TAPS,
     a_stride_b, a_stride_k,
     bank_stride_k,
     bias_stride_k, bias_stride_o,
+    tap_stride_b, tap_stride_t,
     out_stride_b,
-    HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_TAP: tl.constexpr, DOT_FP32: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """out[b, n] = sum_k a[b, k] * (bank[k, n] for n < N_WEIGHT, else bias[k, n - N_WEIGHT]).
+    """out[b, n] = sum_k a[b, k] * (bank[k, n] for n < N_WEIGHT, else bias[k, n - N_WEIGHT]),
+    the weight columns times ``tap[b, (n // TAP_PERIOD) % TAPS]`` with HAS_TAP (ODConv's tap
+    scale: in the packed order a tap's columns are TAP_PERIOD = C_in/G x C_out/G consecutive
+    ones, TAPS = KH x KW of them per group).
 
     Columns n < N_COLS of the mixed rows: the packed bank's N_WEIGHT columns (a multiple of 16,
     padding included), then the N_BIAS bias columns and the bias section's padding (written as
@@ -154,6 +158,13 @@ def mix_kernel(
         else:
             acc = tl.dot(a, tile, acc, input_precision=INPUT_PRECISION)
 
+    if HAS_TAP:
+        # (BLOCK_B, BLOCK_N) gather of a (B, KH x KW) table: a few distinct addresses per row,
+        # from L1; the bias columns keep a factor of 1.
+        tap = (offs_n // TAP_PERIOD) % TAPS
+        scale = tl.load(tap_ptr + offs_b[:, None] * tap_stride_b + tap[None, :] * tap_stride_t,
+                        mask=mask_b[:, None] & is_weight[None, :], other=1.0)
+        acc = acc * scale.to(tl.float32)
     out = out_ptr + offs_b.to(tl.int64)[:, None] * out_stride_b + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty),
              mask=mask_b[:, None] & (offs_n < N_COLS)[None, :])
@@ -167,7 +178,8 @@ mix_tuned = with_tuned_table("mix", triton.autotune(
 
 
 def mix(routing: torch.Tensor, weight_bank: torch.Tensor, bias_bank: torch.Tensor | None,
-        groups: int, out: torch.Tensor | None = None, interpreter: bool = False) -> torch.Tensor:
+        groups: int, out: torch.Tensor | None = None, interpreter: bool = False,
+        tap_scale: torch.Tensor | None = None, bank_shape=None) -> torch.Tensor:
     """Mixed per-sample weights (and bias) in the conv kernel's layout.
 
     Args:
@@ -177,13 +189,20 @@ def mix(routing: torch.Tensor, weight_bank: torch.Tensor, bias_bank: torch.Tenso
             any strides, which is then packed here on every call.
         bias_bank: (K, C_out) or None. groups: G.
         out: optional (>= n, row_stride) buffer to write into (its first n rows are used).
+        tap_scale: optional (n, KH, KW), ODConv's per-sample tap scale of the mixed weights
+            (not of the bias); with a packed bank, ``bank_shape`` (K, C_out, C_in/G, KH, KW)
+            tells where the taps are.
 
     Returns:
         (n, row_stride) buffer in routing's dtype, rows laid out as :func:`mixed_layout` (the
         padding written as zeros); read it through :func:`mixed_views`.
     """
     if weight_bank.dim() == 5:
+        bank_shape = weight_bank.shape
         weight_bank = pack_bank(weight_bank, groups)
+    if tap_scale is not None and bank_shape is None:
+        raise ValueError("bank_shape: the bank's (K, C_out, C_in/G, KH, KW) is needed to place "
+                         "tap_scale's taps in a packed bank, got None")
     if (weight_bank.dim() != 2 or weight_bank.shape[1] % _ALIGN
             or (weight_bank.stride(1) != 1 and weight_bank.shape[1] > 1)):
         raise ValueError(
@@ -200,16 +219,24 @@ def mix(routing: torch.Tensor, weight_bank: torch.Tensor, bias_bank: torch.Tenso
     out = out[:n]
     dot_fp32, precision = dot_settings(routing.dtype, interpreter)
     bias = bias_bank if bias_bank is not None else weight_bank  # unused pointer when no bias
+    tap_period = taps = 1
+    tap = weight_bank  # unused pointer without a tap scale
+    if tap_scale is not None:
+        _, out_channels, in_per_group, kh, kw = bank_shape
+        taps, tap_period = kh * kw, in_per_group * (out_channels // groups)
+        tap = tap_scale.reshape(n, taps)
     grid = lambda meta: (triton.cdiv(n_cols, meta["BLOCK_N"]), triton.cdiv(n, meta["BLOCK_B"]))
     mix_tuned[grid](
-        routing, weight_bank, bias, out,
-        n, num_experts, n_weight, n_bias, n_cols,
+        routing, weight_bank, bias, tap, out,
+        n, num_experts, n_weight, n_bias, n_cols, tap_period, taps,
         routing.stride(0), routing.stride(1),
         weight_bank.stride(0),
         bias.stride(0) if bias_bank is not None else 0,
         bias.stride(1) if bias_bank is not None else 0,
+        tap.stride(0) if tap_scale is not None else 0,
+        tap.stride(1) if tap_scale is not None else 0,
         out.stride(0),
-        HAS_BIAS=bias_bank is not None, DOT_FP32=dot_fp32,
+        HAS_BIAS=bias_bank is not None, HAS_TAP=tap_scale is not None, DOT_FP32=dot_fp32,
         INPUT_PRECISION=precision,
     )
     return out

@@ -316,10 +316,13 @@ def test_training_matches_loop_step_for_step():
             opts[b].step()
             losses[b] = loss.item()
         # fp32 throughout; differences are rounding (different summation orders), amplified a
-        # little by BatchNorm over a batch of 2 and by three steps of SGD.
+        # little by BatchNorm over a batch of 2 and by three steps of SGD. Each gradient's
+        # rounding is relative to its largest element (measured: 3-5e-6 of it, for triton and
+        # native alike), so an element much smaller than its tensor's largest gets an error
+        # relative to that one: the absolute tolerance follows each tensor's scale.
         assert abs(losses["triton"] - losses["loop"]) <= 1e-4 * max(1.0, abs(losses["loop"]))
         for (name, p), q in zip(nets["loop"].named_parameters(), nets["triton"].parameters()):
-            assert torch.allclose(q, p, rtol=1e-4, atol=1e-5), name
+            assert torch.allclose(q, p, rtol=1e-4, atol=1e-4 * p.abs().max().item()), name
 
 
 def test_spans_past_int32_are_refused():

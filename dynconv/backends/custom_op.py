@@ -182,11 +182,13 @@ def eager_autograd_function(name: str, forward_impl, backward_impl) -> type:
     :func:`differentiable_backward`, so that double backward gives the true second derivatives.
     """
 
-    def forward(ctx, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups):
+    def forward(ctx, x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
+                tap_scale=None):
         _setup_context(ctx, (x, weight_bank, routing, bias_bank, stride, padding, dilation,
-                             groups), None)
+                             groups, tap_scale), None)
+        tap = {} if tap_scale is None else {"tap_scale": tap_scale}
         return forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation,
-                            groups)
+                            groups, **tap)
 
     def backward(ctx, grad_out):
         return backward_through(backward_impl, ctx, grad_out)

@@ -119,7 +119,8 @@ _BACKENDS = {
                 "PyTorch's own kernels with a lean custom backward (the CPU path)",
                 takes_tap_scale=True),
         Backend("triton", triton_dynamic_conv2d,
-                "Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)", _triton_unavailable),
+                "Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1)", _triton_unavailable,
+                takes_tap_scale=True),
     )
 }
 

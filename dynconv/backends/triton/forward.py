@@ -27,6 +27,8 @@ MAX_EXPERT_CHUNK = 8
 # "spanning_torch" are never picked by the rule: only forced, or where measured (the tuned
 # table, benchmark mode).
 STRATEGIES = ("auto", *strategies.FORWARD_STRATEGIES)
+# The strategies whose kernels take ODConv's tap scale (the mix kernel folds it in).
+TAP_SCALE_STRATEGIES = ("premix", "premix_tma")
 
 # Bytes of mixed weights (plus bias) that premix keeps in memory at once; the batch is processed
 # in chunks of as many samples as fit.
@@ -159,6 +161,7 @@ def triton_forward_impl(
     strategy: str = "auto",
     *,
     premix_buffer_bytes: int | None = None,
+    tap_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dynamic convolution forward with the Triton kernels (no autograd).
 
@@ -174,6 +177,11 @@ def triton_forward_impl(
             :func:`choose_strategy`).
         premix_buffer_bytes: bound on premix's mixed-weight buffer (default
             ``PREMIX_BUFFER_BYTES``); the batch is processed in chunks that fit it.
+        tap_scale: optional (B, KH, KW), ODConv's per-sample tap scale, folded into the mixed
+            weights by the mix kernel: only premix and premix_tma take it (fused and spanning
+            mix the bank inside the conv's reduction, which has no per-tap factor), so
+            ``"auto"`` runs premix (premix_tma where it is forced) and another strategy is a
+            ValueError.
 
     Returns:
         y, (B, C_out, HO, WO) in x's dtype, channels_last when x is (as ``F.conv2d``).
@@ -196,9 +204,14 @@ def triton_forward_impl(
     if batch == 0 or y.numel() == 0:
         return y
     interpreter = interpreter_enabled() and x.device.type == "cpu"
-    if strategy == "auto":
+    if strategy == "auto" and tap_scale is not None:
+        strategy = "premix_tma" if strategies.forced("forward") == "premix_tma" else "premix"
+    elif strategy == "auto":
         strategy = _auto_strategy(x, weight_bank, routing, bias_bank, stride, padding, dilation,
                                   groups, (height_out, width_out))
+    if tap_scale is not None and strategy not in TAP_SCALE_STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} cannot take ODConv's tap scale: the strategies "
+                         f"that can are {TAP_SCALE_STRATEGIES}")
     if strategy == "spanning_torch":
         from .spanning_torch import spanning_torch_forward
 
@@ -258,7 +271,8 @@ def triton_forward_impl(
     for start in range(0, batch, chunk):
         count = min(chunk, batch - start)
         mixed = mix(routing[start : start + count], packed, bias_bank, groups, out=buffer,
-                    interpreter=interpreter)
+                    interpreter=interpreter, bank_shape=weight_bank.shape,
+                    tap_scale=None if tap_scale is None else tap_scale[start : start + count])
         weights, bias = mixed_views(mixed, weight_bank.shape, groups, bias_bank is not None)
         if tma:
             conv_fwd_tma(x, weights, bias, y, start, count, padding, dilation,

@@ -37,12 +37,16 @@ _EagerTritonConv = eager_autograd_function("_EagerTritonConv", triton_forward_im
                                            triton_backward_impl)
 
 
-def triton_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry):
-    """Dispatch entry point: x (B, Cin, H, W) -> (B, Cout, Ho, Wo). The custom op under
+def triton_dynamic_conv2d(x, weight_bank, routing, bias_bank, geometry: ConvGeometry,
+                          tap_scale=None):
+    """Dispatch entry point: x (B, Cin, H, W) -> (B, Cout, Ho, Wo); ``tap_scale`` (B, kh, kw)
+    or None: ODConv's tap scale of each sample's mixed kernel. The custom op under
     torch.compile and for tensors that only describe data (fake or meta tensors: its fake gives
     the result's metadata), the eager twin otherwise."""
     if (torch.compiler.is_compiling() or type(x) is not torch.Tensor
             or x.device.type == "meta"):
-        return call_forward(triton_forward, x, weight_bank, routing, bias_bank, geometry)
+        return call_forward(triton_forward, x, weight_bank, routing, bias_bank, geometry,
+                            tap_scale)
     return _EagerTritonConv.apply(x, weight_bank, routing, bias_bank, geometry.stride,
-                                  geometry.padding, geometry.dilation, geometry.groups)
+                                  geometry.padding, geometry.dilation, geometry.groups,
+                                  tap_scale)
