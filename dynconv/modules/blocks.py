@@ -7,6 +7,9 @@ from torch import nn
 
 from ..validation import check_module_device, check_positive_int, pair
 from .conv import DynamicConv2d
+from .odconv import ODConv2d
+
+CONV_KINDS = ("dynamic", "odconv")
 
 
 class DynamicBlock(nn.Module):
@@ -24,6 +27,12 @@ class DynamicBlock(nn.Module):
 
     Any ``padding`` that DynamicConv2d takes may be given instead; the output size is then that
     convolution's.
+
+    ``conv="odconv"`` builds an :class:`ODConv2d` (K experts, four attentions from its
+    :class:`ODConvRouter`, ODConv's own router width and initialisation) in place of the
+    DynamicConv2d; ``gate``, ``reduction``, ``router_init`` and ``router=False`` are the
+    RoutingMLP's and must stay at their defaults then, and ``forward`` takes no ``routing``.
+    The routing it returns is ODConv's kernel attention (B, K).
 
     Shapes: x (B, Cin, H, W) -> (B, Cout, ceil(H / stride), ceil(W / stride)) by default;
     ``routing`` (B, K) given to ``forward`` replaces the conv's router (``router=False`` builds
@@ -48,6 +57,7 @@ class DynamicBlock(nn.Module):
         router=True,
         router_init="dyconv",
         padding=None,
+        conv="dynamic",
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -55,32 +65,61 @@ class DynamicBlock(nn.Module):
         d = pair(dilation, "dilation", 1)
         if padding is None:
             padding = _ceil_padding(k, pair(stride, "stride", 1), d)
-        self.conv = DynamicConv2d(
-            in_channels,
-            out_channels,
-            k,
-            stride,
-            padding,
-            d,
-            groups,
-            bias=False,
-            num_experts=num_experts,
-            temperature=temperature,
-            gate=gate,
-            reduction=reduction,
-            backend=backend,
-            router=router,
-            router_init=router_init,
-            **factory,
-        )
+        _check_conv_kind(conv, gate, reduction, router_init, router)
+        if conv == "odconv":
+            self.conv = ODConv2d(in_channels, out_channels, k, stride, padding, d, groups,
+                                 bias=False, num_experts=num_experts, temperature=temperature,
+                                 backend=backend, **factory)
+        else:
+            self.conv = DynamicConv2d(
+                in_channels,
+                out_channels,
+                k,
+                stride,
+                padding,
+                d,
+                groups,
+                bias=False,
+                num_experts=num_experts,
+                temperature=temperature,
+                gate=gate,
+                reduction=reduction,
+                backend=backend,
+                router=router,
+                router_init=router_init,
+                **factory,
+            )
         self.bn = nn.BatchNorm2d(out_channels, **factory)
         self.act = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor, routing: torch.Tensor | None = None,
                 return_routing: bool = False):
-        y, routing = self.conv(x, routing, return_routing=True)
+        if isinstance(self.conv, ODConv2d):
+            if routing is not None:
+                raise ValueError("an ODConv2d block computes its own attentions: routing must "
+                                 "be None")
+            y, attention = self.conv(x, return_attention=True)
+            routing = attention.routing
+        else:
+            y, routing = self.conv(x, routing, return_routing=True)
         y = self.act(self.bn(y))
         return (y, routing) if return_routing else y
+
+
+def _check_conv_kind(conv, gate, reduction, router_init, router) -> None:
+    """``conv`` is one of CONV_KINDS; ODConv's router is its own (no RoutingMLP options)."""
+    if conv not in CONV_KINDS:
+        raise ValueError(f"conv must be one of {CONV_KINDS}, got {conv!r}")
+    if conv == "odconv":
+        given = {name: value for name, value, default in (
+            ("gate", gate, "softmax"), ("reduction", reduction, 4),
+            ("router_init", router_init, "dyconv"), ("router", router, True))
+            if value != default or type(value) is not type(default)}
+        if given:
+            raise ValueError(
+                f"conv='odconv' builds ODConv's own router (a softmax kernel head, hidden width "
+                f"max(Cin / 16, 16), the paper's initialisation): {sorted(given)} apply only to "
+                f"conv='dynamic' and must keep their defaults")
 
 
 def _ceil_padding(kernel_size, stride, dilation):
@@ -93,6 +132,9 @@ def _ceil_padding(kernel_size, stride, dilation):
 
 class DynamicCNN(nn.Module):
     """A small classifier: static stem conv, three stride-2 DynamicBlocks, GAP + linear head.
+
+    ``conv="odconv"``: every stage's conv an :class:`ODConv2d` (see :class:`DynamicBlock`);
+    the routing tensors are then ODConv's kernel attentions.
 
     Shapes: x (B, in_channels, H, W) -> logits (B, num_classes); with ``return_routing=True``
     also a list of three (B, K) routing tensors, one per dynamic stage.
@@ -112,10 +154,12 @@ class DynamicCNN(nn.Module):
         device=None,
         dtype=None,
         router_init="dyconv",
+        conv="dynamic",
     ):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         check_positive_int(in_channels, "in_channels")
+        _check_conv_kind(conv, gate, reduction, router_init, True)
         check_positive_int(num_classes, "num_classes")
         widths = tuple(widths)
         if len(widths) != 3:
@@ -138,6 +182,7 @@ class DynamicCNN(nn.Module):
                 reduction=reduction,
                 backend=backend,
                 router_init=router_init,
+                conv=conv,
                 **factory,
             )
             for cin, cout in zip(stage_in, widths)

@@ -66,7 +66,7 @@ EVAL_EVERY = 2
 class Recipe:
     """Everything one ablation run varies; the rest is the demo's defaults."""
 
-    model: str = "dynamic"  # or "static": the twin with nn.Conv2d
+    model: str = "dynamic"  # "static": the twin with nn.Conv2d; "odconv": DynamicCNN of ODConv2d
     task: str = "digits"
     router_init: str = "small"
     expert_init: str = "independent"
@@ -94,6 +94,10 @@ RECOMMENDED = replace(TODAY, router_init="dyconv", decay="kernels")
 UNIFORM_MIX = replace(RECOMMENDED, temperature_start=1e4, temperature_end=1e4, anneal_epochs=1)
 # The static twin, trained as the demo trains it (decay by dynconv.param_groups, as RECOMMENDED).
 STATIC = replace(RECOMMENDED, model="static")
+# The recommended recipe with ODConv2d in place of DynamicConv2d (DynamicCNN(conv="odconv")): its
+# own router (four attentions, hidden max(Cin / 16, 16)) and initialisation (the paper's:
+# Kaiming normal fan_out, as router_init="dyconv"); the same schedule, reaching all four heads.
+ODCONV = replace(RECOMMENDED, model="odconv")
 
 VARIANTS: dict[str, Recipe] = {
     "static": STATIC,
@@ -108,10 +112,12 @@ VARIANTS: dict[str, Recipe] = {
     "experts-shared": replace(TODAY, expert_init="shared"),
     "recommended": RECOMMENDED,
     "uniform-mix": UNIFORM_MIX,
+    "odconv": ODCONV,
     "affine-static": replace(STATIC, task="digits-affine"),
     "affine-today": replace(TODAY, task="digits-affine"),
     "affine-recommended": replace(RECOMMENDED, task="digits-affine"),
     "affine-uniform-mix": replace(UNIFORM_MIX, task="digits-affine"),
+    "affine-odconv": replace(ODCONV, task="digits-affine"),
     # The temperature schedule's alternatives, with the recommended recipe on digits-affine.
     "affine-recommended-anneal-dyconv": replace(RECOMMENDED, task="digits-affine",
                                                 anneal_epochs=2),
@@ -121,8 +127,8 @@ VARIANTS: dict[str, Recipe] = {
                                                       temperature_end=0.3),
 }
 # What the project README quotes, each over SEEDS (--check insists on all of them).
-QUOTED = ("static", "recommended", "uniform-mix", "affine-static", "affine-recommended",
-          "affine-uniform-mix")
+QUOTED = ("static", "recommended", "uniform-mix", "odconv", "affine-static",
+          "affine-recommended", "affine-uniform-mix", "affine-odconv")
 # The temperature schedule's alternatives: run after the quoted variants (by default and by
 # ``make training-figures``), reported here, quoted only once they have every seed.
 SCHEDULE_VARIANTS = ("affine-recommended-anneal-dyconv", "affine-recommended-no-anneal",
@@ -133,9 +139,13 @@ COMPARISONS = (
     ("input-dependent routing, digits", "recommended", "uniform-mix"),
     ("K averaged kernels, digits", "uniform-mix", "static"),
     ("dynamic over static, digits", "recommended", "static"),
+    ("ODConv over DynamicConv, digits", "odconv", "recommended"),
+    ("ODConv over static, digits", "odconv", "static"),
     ("input-dependent routing, digits-affine", "affine-recommended", "affine-uniform-mix"),
     ("K averaged kernels, digits-affine", "affine-uniform-mix", "affine-static"),
     ("dynamic over static, digits-affine", "affine-recommended", "affine-static"),
+    ("ODConv over DynamicConv, digits-affine", "affine-odconv", "affine-recommended"),
+    ("ODConv over static, digits-affine", "affine-odconv", "affine-static"),
     ("anneal over 2 epochs instead of 6, digits-affine", "affine-recommended-anneal-dyconv",
      "affine-recommended"),
     ("no anneal (T = 1) instead of 30 -> 1, digits-affine", "affine-recommended-no-anneal",
@@ -146,7 +156,8 @@ COMPARISONS = (
 
 
 def init_experts(model: nn.Module, scheme: str, generator: torch.Generator | None = None) -> None:
-    """Re-initialise every DynamicConv2d bank of ``model`` by ``scheme``:
+    """Re-initialise every DynamicConv2d bank of ``model`` by ``scheme`` (an ODConv2d's bank keeps
+    ODConv's own initialisation, drawn when the model was built):
 
     - ``"independent"``: each expert like an ``nn.Conv2d`` kernel (the module's own init);
     - ``"scaled"``: independent, times sqrt(K), so the uniform mix (1/K) sum_k W_k starts with the
@@ -175,6 +186,12 @@ def build_model(recipe: Recipe, num_classes: int) -> nn.Module:
     """The recipe's model, initialised from the current global RNG."""
     if recipe.model == "static":
         return StaticCNN(1, num_classes, recipe.widths)
+    if recipe.model == "odconv":
+        if recipe.router_init != "dyconv" or recipe.expert_init != "independent":
+            raise ValueError("an ODConv recipe keeps ODConv's own router and expert "
+                             "initialisation (router_init='dyconv', expert_init='independent')")
+        return DynamicCNN(1, num_classes, num_experts=recipe.num_experts, widths=recipe.widths,
+                          temperature=recipe.temperature_start, conv="odconv")
     model = DynamicCNN(1, num_classes, num_experts=recipe.num_experts, widths=recipe.widths,
                        temperature=recipe.temperature_start)
     for module in model.modules():
@@ -217,7 +234,7 @@ def run_one(variant: str, recipe: Recipe, seed: int, source: dict | None = None)
     )
     torch.manual_seed(seed)
     model = build_model(recipe, data.num_classes)
-    dynamic = recipe.model == "dynamic"
+    dynamic = recipe.model != "static"
     ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     result = fit(recipe.model, "auto", model, data, config, ctx, dynamic,
                  lambda desc: (lambda loader: loader), lambda text: None)
@@ -309,7 +326,8 @@ def _stage_metrics(prefix: str, label: str, scale: float = 1.0):
 R2_VARIABLES = ("class", "brightness", "contrast", "brightness_contrast", "all_transforms",
                 *FACTORS)
 METRICS = (
-    [("test_acc", "accuracy %", 100.0), ("mean_routing_acc", "mean-routing accuracy %", 100.0)]
+    [("test_acc", "accuracy %", 100.0), ("mean_routing_acc", "mean-routing accuracy %", 100.0),
+     ("mean_attention_acc", "mean-attention accuracy % (ODConv: all four)", 100.0)]
     + _stage_metrics("mean_routing_acc", "mean-routing accuracy %", 100.0)
     + _stage_metrics("entropy_fraction", "H/logK")
     + _stage_metrics("usage_fraction", "usage/logK")

@@ -11,6 +11,12 @@
   mean routing of its evaluation batch, in every dynamic stage or in one: what the model loses
   without input-dependent routing, with everything else (experts, BatchNorm, head) as trained.
 
+For an ODConv model (``DynamicCNN(conv="odconv")``) the routing is ODConv's kernel attention (the
+softmax over the K experts, ``ODConvAttention.routing``): the R² and the mean-routing accuracies
+are of that attention alone, comparable with a DynamicConv2d model's; ODConv's three other
+attentions (input channels, output channels, taps) stay per image. ``mean_attention_acc`` is the
+accuracy with all four attentions of every stage replaced by their batch means (ODConv only).
+
 Unlike I(class; expert) (the information about the class in one expert drawn from an image's
 routing weights, which stays small in bits when the weights are soft), the R² by class says how
 much of the differences between images' routings goes with their class.
@@ -23,11 +29,18 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from dynconv.modules import ODConvAttention, ODConvRouter
 from dynconv.routing import RoutingMLP
 
 
-def _routers(model: nn.Module) -> list[RoutingMLP]:
-    return [module for module in model.modules() if isinstance(module, RoutingMLP)]
+def _routers(model: nn.Module) -> list[nn.Module]:
+    """The model's routers, in module order: RoutingMLP (DynamicConv2d's) and ODConvRouter."""
+    return [module for module in model.modules()
+            if isinstance(module, (RoutingMLP, ODConvRouter))]
+
+
+def _batch_mean(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.mean(dim=0, keepdim=True).expand_as(t)
 
 
 @torch.no_grad()
@@ -96,14 +109,23 @@ def variance_explained(routings: list[torch.Tensor], data) -> dict[str, float]:
 
 
 @contextmanager
-def mean_routing(model: nn.Module, stages: list[int] | None = None):
+def mean_routing(model: nn.Module, stages: list[int] | None = None,
+                 attentions: str = "kernel"):
     """Inside the context, the routers of the given dynamic stages (1-based; None = all) return,
-    for every image, the mean of their routing over the batch."""
+    for every image, the mean of their routing over the batch. An ODConvRouter's kernel
+    attention is replaced (``attentions="kernel"``), or all four of its attentions
+    (``attentions="all"``); a RoutingMLP has only the one."""
+    if attentions not in ("kernel", "all"):
+        raise ValueError(f"attentions must be 'kernel' or 'all', got {attentions!r}")
     routers = _routers(model)
     chosen = range(1, len(routers) + 1) if stages is None else stages
 
     def to_mean(module, args, output):
-        return output.mean(dim=0, keepdim=True).expand_as(output)
+        if isinstance(output, ODConvAttention):
+            if attentions == "all":
+                return ODConvAttention(*(_batch_mean(t) for t in output))
+            return output._replace(routing=_batch_mean(output.routing))
+        return _batch_mean(output)
 
     handles = [routers[s - 1].register_forward_hook(to_mean) for s in chosen]
     try:
@@ -130,11 +152,15 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 def mean_routing_accuracy(model: nn.Module, data, batch_size: int) -> dict[str, float]:
     """``mean_routing_acc`` (every stage's routing replaced by its batch mean) and
     ``mean_routing_acc_stage<s>`` (only stage s's), on the test images in batches of
-    ``batch_size``."""
+    ``batch_size``; for an ODConv model also ``mean_attention_acc`` (all four attentions of
+    every stage replaced)."""
     x, y = data.test_x, data.test_y
     result = {}
     with mean_routing(model):
         result["mean_routing_acc"] = accuracy(model, x, y, batch_size)
+    if any(isinstance(router, ODConvRouter) for router in _routers(model)):
+        with mean_routing(model, attentions="all"):
+            result["mean_attention_acc"] = accuracy(model, x, y, batch_size)
     for stage in range(1, len(_routers(model)) + 1):
         with mean_routing(model, [stage]):
             result[f"mean_routing_acc_stage{stage}"] = accuracy(model, x, y, batch_size)

@@ -125,14 +125,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: DistContex
 
 @torch.no_grad()
 def expert_cosine_distance(model: nn.Module) -> list[float]:
-    """Per dynamic layer of ``model`` (in module order), the mean over expert pairs i < j of
-    ``1 - cos(bank[i], bank[j])``, each expert flattened: 0 for identical experts, about 1 for
-    unrelated (orthogonal) ones. Layers with one expert give NaN."""
-    from dynconv.modules import DynamicConv2d
+    """Per dynamic layer of ``model`` (DynamicConv2d or ODConv2d, in module order), the mean over
+    expert pairs i < j of ``1 - cos(bank[i], bank[j])``, each expert flattened: 0 for identical
+    experts, about 1 for unrelated (orthogonal) ones. Layers with one expert give NaN."""
+    from dynconv.modules import DynamicConv2d, ODConv2d
 
     distances = []
     for module in model.modules():
-        if not isinstance(module, DynamicConv2d):
+        if not isinstance(module, (DynamicConv2d, ODConv2d)):
             continue
         bank = module.weight.detach().flatten(1).to(torch.float64)
         experts = bank.shape[0]
