@@ -91,7 +91,8 @@ def driven_cases() -> list[DrivenCase]:
     past 16 takes the mix kernel's tl.dot path and two expert blocks in the weight gradient).
 
     Then a speech-like 1-D layer (batch 32, bf16 channels-innermost) and a video-like 3-D one
-    (batch 8, bf16 channels_last_3d), as the 2-D launches they make.
+    (batch 8, bf16 channels_last_3d), as the 2-D launches they make, and five cases with
+    ODConv's tap scale.
 
     fp32 is driven with tf32 dots (PyTorch's default ``allow_tf32``) and again with them off
     (labels ending in ``ieee``: "ieee" fp32 dots, other specialisations than tf32's): the two
@@ -113,6 +114,15 @@ def driven_cases() -> list[DrivenCase]:
     # planes are ResNet's 64-channel 56x56 layer's)
     cases += [DrivenCase(speech_1d(), 32, 4, "bf16", True),
               DrivenCase(video_3d(), 8, 4, "bf16", True)]
+    # ODConv's tap scale (the mix, dgrad and wgrad kernels' HAS_TAP specialisations): a 3x3
+    # layer in bf16 channels_last and in fp32 NCHW (tf32 and ieee), the K = 17 layer (two
+    # expert blocks in the weight gradient) and the depthwise test shape
+    cases += [DrivenCase(resnet["layer2.0.conv2"], 32, 4, "bf16", True, tap_scale=True),
+              DrivenCase(resnet["layer3.0.conv2"], 32, 4, "fp32", False, tap_scale=True),
+              DrivenCase(resnet["layer3.0.conv2"], 32, 4, "fp32", False, tf32=False,
+                         tap_scale=True),
+              DrivenCase(resnet["layer3.0.conv2"], 32, 17, "bf16", True, tap_scale=True),
+              DrivenCase(_test_shapes()[2], 3, 4, "fp32", False, tap_scale=True)]
     for index, shape in enumerate(_test_shapes()):
         experts = (1, 4, 17)[index % 3]
         cases.append(DrivenCase(shape, 3, experts, "fp32", False))

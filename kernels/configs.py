@@ -397,6 +397,11 @@ CONV_BWD_DW_MEASURED_SPILLS = frozenset({
     (1, 4, 16, 64, 32, 4, 3),  # the tests' odd shapes (3 or 5 channels: per-element gathers)
     (4, 2, 16, 32, 32, 8, 3),
 })
+# The same, with ODConv's tap scale (compile-check's tap launches).
+CONV_BWD_DW_TAP_MEASURED_SPILLS = frozenset({
+    (4, 4, 16, 16, 32, 4, 3),  # 8 bytes, Triton 3.6 sm_80 (the depthwise test shape, fp32)
+    (4, 4, 64, 16, 16, 8, 3),  # 16 bytes, Triton 3.6 sm_90 (ResNet 3x3 NCHW, fp32 ieee)
+})
 
 # (BLOCK_P, num_warps, num_stages); BLOCK_P is tl.dot's reduction dimension (>= 16).
 _CONV_BWD_DW_CANDIDATES = [
@@ -441,11 +446,20 @@ def conv_bwd_dw_expert_block(num_experts: int) -> int:
     return triton.cdiv(max(1, num_experts), blocks)
 
 
+# What ODConv's tap scale adds to the weight gradient's live registers, in (BLOCK_M, BLOCK_N)
+# fp32 tiles: each expert's product of the gW tile with its bank tile (column-summed for the
+# routing and tap gradients), then the gW tile scaled per column. Counted as one tile, the
+# K = 17 bf16 layer's 64 x 32 tile spilled 8-24 bytes on sm_90 (compile-check); as two, none.
+CONV_BWD_DW_TAP_TILES = 2
+
+
 def conv_bwd_dw_tile_shape(num_experts: int, c_out_g: int, reduction: int,
-                           interpreter: bool = False, element_size: int = 2) -> tuple[int, int]:
+                           interpreter: bool = False, element_size: int = 2,
+                           has_tap: bool = False) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the gW tile (C_out/G rows, C_in/G x KH x KW columns): as large as
     the problem and the accumulator budget of a 4-warp program allow
-    (:func:`conv_bwd_dw_acc_budget`).
+    (:func:`conv_bwd_dw_acc_budget`); ODConv's tap scale (``has_tap``) counts as
+    CONV_BWD_DW_TAP_TILES tiles more.
 
     ``tl.dot`` needs each tile side >= 16 when compiled; wgmma needs BLOCK_M = 64.
     """
@@ -454,10 +468,10 @@ def conv_bwd_dw_tile_shape(num_experts: int, c_out_g: int, reduction: int,
         # One program per group for the tiny test problems: the interpreter pays per program.
         return (max(small, triton.next_power_of_2(c_out_g)),
                 max(small, triton.next_power_of_2(reduction)))
-    k_block = conv_bwd_dw_expert_block(num_experts)
+    tiles = conv_bwd_dw_expert_block(num_experts) + 1 + CONV_BWD_DW_TAP_TILES * has_tap
     block_m = min(CONV_BWD_DW_MAX_BLOCK_M, max(small, triton.next_power_of_2(c_out_g)))
     block_n = min(CONV_BWD_DW_MAX_BLOCK_N, max(small, triton.next_power_of_2(reduction)))
-    while ((k_block + 1) * block_m * block_n > conv_bwd_dw_acc_budget(4, element_size)
+    while (tiles * block_m * block_n > conv_bwd_dw_acc_budget(4, element_size)
            and block_n > small):
         block_n //= 2
     return block_m, block_n
@@ -471,24 +485,28 @@ def conv_bwd_dw_acc_budget(num_warps: int, element_size: int) -> int:
 
 
 def conv_bwd_dw_config_fits(config: triton.Config, k_block: int, element_size: int,
-                            tile: tuple[int, int] | None = None) -> bool:
+                            tile: tuple[int, int] | None = None, has_tap: bool = False) -> bool:
     """Whether a config compiles without spills for a (BLOCK_M, BLOCK_N) ``tile`` of a K_BLOCK
     (default: the largest tile :func:`conv_bwd_dw_tile_shape` gives that K_BLOCK).
 
     The accumulators take ``(K_BLOCK + 1) * BLOCK_M * BLOCK_N`` fp32, at most
     :func:`conv_bwd_dw_acc_budget`; with 4-byte operands BLOCK_P is at most 32 (a 64-pixel chunk
     of per-element masks and addresses spilled); CONV_BWD_DW_MEASURED_SPILLS lists the few tiles
-    where ptxas spilled anyway.
+    where ptxas spilled anyway. With ODConv's tap scale (``has_tap``) CONV_BWD_DW_TAP_TILES
+    tiles more count.
     """
     block_m, block_n = tile or conv_bwd_dw_tile_shape(k_block, 1 << 16, 1 << 16,
-                                                      element_size=element_size)
-    if (k_block + 1) * block_m * block_n > conv_bwd_dw_acc_budget(config.num_warps,
-                                                                  element_size):
+                                                      element_size=element_size,
+                                                      has_tap=has_tap)
+    if (k_block + 1 + CONV_BWD_DW_TAP_TILES * has_tap) * block_m * block_n > conv_bwd_dw_acc_budget(
+            config.num_warps, element_size):
         return False
     if element_size >= 4 and config.kwargs["BLOCK_P"] > 32:
         return False
     measured = (k_block, element_size, block_m, block_n, config.kwargs["BLOCK_P"],
                 config.num_warps, config.num_stages)
+    if has_tap and measured in CONV_BWD_DW_TAP_MEASURED_SPILLS:
+        return False
     return measured not in CONV_BWD_DW_MEASURED_SPILLS
 
 
@@ -508,8 +526,9 @@ def prune_conv_bwd_dw_configs(configs, named_args, **kwargs):
     element_size = named_args["x_ptr"].element_size()
     tile = (kwargs["BLOCK_M"], kwargs["BLOCK_N"])
     pixels = named_args["HO"] * named_args["WO"]
+    has_tap = bool(kwargs.get("HAS_TAP", named_args.get("HAS_TAP", False)))
     kept = [c for c in configs
-            if conv_bwd_dw_config_fits(c, kwargs["K_BLOCK"], element_size, tile)]
+            if conv_bwd_dw_config_fits(c, kwargs["K_BLOCK"], element_size, tile, has_tap)]
     shortest = min((c.kwargs["BLOCK_P"] for c in kept), default=0)
     kept = [c for c in kept if c.kwargs["BLOCK_P"] <= max(shortest, triton.next_power_of_2(pixels))]
     return kept or configs[:1]

@@ -19,7 +19,8 @@ ODConv's tap scale s (B, KH, KW) (``HAS_TAP``) multiplies sample b's mixed kerne
 s[b, t], so the weight gradient reaching the bank is s_b gW_b, and the routing and the tap
 scale share one contraction per expert, C[b, k, n] = sum_co gW_b[co, n] bank[k][co, n] (a
 column sum): grad_a[b, k] = sum_n s[b, tap(n)] C[b, k, n] and grad_s[b, t] = sum_k a[b, k]
-sum_{tap(n) = t} C[b, k, n], the latter stored per (expert block, tile, sample, tap).
+sum_{tap(n) = t} C[b, k, n], the latter's columns (sum over k) stored per (expert block,
+tile, sample) and summed per tap by the launcher.
 
 Design (why per-sample, not batch-spanning). Write F for the static conv's wgrad FLOPs
 (2 B C_out |n| HO WO). The batch-spanning form (grad_bank as one GEMM of the routing-scaled
@@ -298,10 +299,11 @@ def conv_bwd_dw_kernel(
                 w_cols = _contract_taps(w_cols, bank7, acc, s_cols, k0 + 7, a_row, a_stride_k,
                                         ga_row, NUM_EXPERTS)
             if NEED_TAP:
+                # grad_s's columns, summed per tap by the launcher (a reduction inside the
+                # program, one per tap, cost registers: ptxas spilled)
                 gs_row = gs_ptr + ((tl.program_id(2) * tl.num_programs(0) + tile).to(tl.int64)
-                                   * BATCH + b64) * (KH * KW)
-                for t in tl.static_range(KH * KW):
-                    tl.store(gs_row + t, tl.sum(tl.where(tap == t, w_cols, 0.0), axis=0))
+                                   * BATCH + b64) * BLOCK_N
+                tl.store(gs_row + tl.arange(0, BLOCK_N), w_cols)
             acc = acc * s_cols[None, :]
         gb0 = _contract(gb0, bank0, acc, k0, a_row, a_stride_k, ga_row, NUM_EXPERTS, NEED_BANK,
                         PLAIN_ROUTING)
@@ -466,7 +468,8 @@ def conv_bwd_dw(grad_out, x, weight_bank, routing, bias_bank, stride, padding, d
     if need_bank or need_routing or need_tap:
         k_block = conv_bwd_dw_expert_block(num_experts)
         block_m, block_n = conv_bwd_dw_tile_shape(num_experts, out_per_group, reduction,
-                                                  interpreter, x.element_size())
+                                                  interpreter, x.element_size(),
+                                                  has_tap=tap_scale is not None)
         tiles = groups * triton.cdiv(out_per_group, block_m) * triton.cdiv(reduction, block_n)
         weight_numel = out_channels * reduction
         if samples_per_program is None:
@@ -480,7 +483,7 @@ def conv_bwd_dw(grad_out, x, weight_bank, routing, bias_bank, stride, padding, d
         contract = need_routing or need_tap
         ga = torch.empty((tiles, batch, num_experts), **f32) if contract else None
         expert_blocks = triton.cdiv(num_experts, k_block)
-        gs = (torch.empty((expert_blocks, tiles, batch, kh * kw), **f32) if need_tap
+        gs = (torch.empty((expert_blocks, tiles, batch, block_n), **f32) if need_tap
               else None)
         dummy = torch.empty(1, **f32)
         tap = None if tap_scale is None else tap_scale.reshape(batch, kh * kw)
@@ -520,6 +523,12 @@ def conv_bwd_dw(grad_out, x, weight_bank, routing, bias_bank, stride, padding, d
     if tap_scale is not None:
         grad_tap = None
         if need_tap:
-            grad_tap = gs.sum((0, 1)).view(batch, kh, kw).to(x.dtype)
+            # (blocks, (G, tiles_m, tiles_n), B, BLOCK_N) -> columns n = (tap, ci) per group
+            tiles_m, tiles_n = triton.cdiv(out_per_group, block_m), triton.cdiv(reduction, block_n)
+            columns = gs.view(expert_blocks, groups, tiles_m, tiles_n, batch, block_n).sum((0, 2))
+            columns = columns.permute(2, 0, 1, 3).reshape(batch, groups, tiles_n * block_n)
+            columns = columns[:, :, :reduction]
+            grad_tap = columns.reshape(batch, groups, kh * kw, in_per_group).sum((1, 3))
+            grad_tap = grad_tap.view(batch, kh, kw).to(x.dtype)
         return grad_bank, grad_routing, grad_bias, grad_tap
     return grad_bank, grad_routing, grad_bias
