@@ -39,7 +39,8 @@ ABLATION = ROOT / "perf_reports" / "training" / "ablation"
 
 def test_each_variant_changes_one_thing_of_its_base():
     for name, recipe in VARIANTS.items():
-        on_recommended = any(word in name for word in ("recommended", "uniform", "static"))
+        on_recommended = any(word in name
+                             for word in ("recommended", "uniform", "static", "odconv"))
         base = RECOMMENDED if on_recommended else TODAY
         changed = {k for k, v in asdict(recipe).items() if asdict(base)[k] != v}
         if name.startswith("affine"):
@@ -57,6 +58,8 @@ def test_each_variant_changes_one_thing_of_its_base():
             assert recipe.temperature_start == recipe.temperature_end >= 1e4
         elif name.endswith("static"):  # the twin is trained as the demo trains it
             assert changed == {"model"} and recipe.decay == "kernels"
+        elif name.endswith("odconv"):  # the recommended recipe with the ODConv model
+            assert changed == {"model"} and recipe.model == "odconv"
         else:
             assert len(changed) == 1, (name, changed)
     assert set(QUOTED) | set(SCHEDULE_VARIANTS) <= set(VARIANTS)
@@ -89,7 +92,7 @@ def _fake_run(variant, seed, acc, bits=0.0):
     run = {"variant": variant, "seed": seed, "test_acc": acc, "commit": "abc123" * 7,
            "recipe": json.loads(json.dumps(asdict(recipe))),
            "dataset": dataset_definition(recipe.task, recipe.image_size)}
-    if recipe.model == "dynamic":
+    if recipe.model != "static":
         for stage in (1, 2, 3):
             run.update({f"class_bits_stage{stage}": bits if stage == 1 else 0.0,
                         f"entropy_fraction_stage{stage}": 1.0,
@@ -220,3 +223,33 @@ def test_one_short_run_reports_every_metric():
     assert len(record["routing_per_class"]) == 3
     static = run_one("static", replace(VARIANTS["static"], epochs=1, widths=(8, 8, 8)), 0)
     assert "r2_class_stage1" not in static and static["test_images"] == TEST_SIZE
+
+
+def test_odconv_recipes_are_quoted_and_compared():
+    assert {"odconv", "affine-odconv"} <= set(QUOTED)
+    compared = {(better, baseline) for _, better, baseline in COMPARISONS}
+    assert {("odconv", "recommended"), ("odconv", "static"),
+            ("affine-odconv", "affine-recommended"), ("affine-odconv", "affine-static")} <= compared
+    runs = [_fake_run(variant, s, acc) for variant, acc in (("odconv", 0.97), ("recommended", 0.99))
+            for s in range(2)]
+    for run in runs:
+        if run["variant"] == "odconv":
+            run["mean_attention_acc"] = 0.5
+    tables = render_all(runs)
+    assert "| DynamicCNN of ODConv2d, the defaults' recipe | 2 / 0 |" in tables["quoted.md"]
+    assert "| ODConv, all four attentions at their batch mean, digits (same models, paired) | 2 " \
+        "| -47.00 |" in tables["quoted.md"]
+    assert "| ODConv over DynamicConv, digits | odconv | recommended | 2 / 2 | -2.00 |" in (
+        tables["comparisons.md"])
+    assert "| odconv | 2 | 97.00 ± 0.00 | 97.00 ± 0.00 | 50.00 ± 0.00 |" in tables["ablation.md"]
+
+
+def test_one_short_odconv_run_reports_its_attention_metrics():
+    record = run_one("odconv", replace(VARIANTS["odconv"], epochs=1, anneal_epochs=1,
+                                       widths=(8, 8, 8), image_size=16), 0)
+    assert record["recipe"]["model"] == "odconv"
+    assert 0 < record["test_acc"] <= 1 and 0 < record["mean_attention_acc"] <= 1
+    for stage in (1, 2, 3):
+        assert 0 < record[f"entropy_fraction_stage{stage}"] <= 1 + 1e-9
+        assert 0 < record[f"expert_distance_stage{stage}"] < 2
+        assert 0 <= record[f"r2_class_stage{stage}"] <= 1

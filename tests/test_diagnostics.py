@@ -90,3 +90,44 @@ def test_mean_routing_replaces_each_images_routing_by_the_batch_mean():
         "mean_routing_acc_stage3"}
     assert accuracy(model, data.test_x, data.test_y, 16) == pytest.approx(
         accuracy(model, data.test_x, data.test_y, 64))
+
+
+def test_odconv_kernel_attention_and_all_four_attentions_at_the_batch_mean():
+    torch.manual_seed(0)
+    model = DynamicCNN(1, 10, num_experts=4, widths=(8, 8, 8), conv="odconv")
+    data = _split()
+    before = collect_routing(model, data.test_x, batch_size=64)  # the kernel attention
+    assert len(before) == 3 and float(before[0].std(dim=0).max()) > 1e-4
+    seen = []
+    hook = model.stages[0].conv.router.register_forward_hook(
+        lambda module, args, output: seen.append(output))
+    try:
+        with mean_routing(model):  # the kernel attention only
+            inside = collect_routing(model, data.test_x, batch_size=64)
+        with mean_routing(model, attentions="all"):
+            collect_routing(model, data.test_x, batch_size=64)
+    finally:
+        hook.remove()
+    assert float(inside[2].std(dim=0).max()) < 1e-12
+    torch.testing.assert_close(inside[0][0], before[0].mean(0))
+    # The hook above ran before mean_routing's: look at what the conv received instead.
+    kernel_only, every = [], []
+    for chosen, attentions in ((kernel_only, "kernel"), (every, "all")):
+        hook = model.stages[0].conv.register_forward_hook(
+            lambda module, args, output, chosen=chosen: chosen.append(output[1]))
+        try:
+            with mean_routing(model, attentions=attentions):
+                model.eval()
+                with torch.no_grad():
+                    model(data.test_x, return_routing=True)
+        finally:
+            hook.remove()
+    assert float(kernel_only[0].routing.std(dim=0).max()) < 1e-12
+    assert float(kernel_only[0].in_scale.std(dim=0).max()) > 1e-6  # still per image
+    for scale in every[0]:
+        assert float(scale.std(dim=0).max()) < 1e-12
+    result = routing_diagnostics(model, data, batch_size=32)
+    assert {"mean_routing_acc", "mean_attention_acc", "r2_class_stage3"} <= set(result)
+    with pytest.raises(ValueError, match="attentions must be"):
+        with mean_routing(model, attentions="taps"):
+            pass

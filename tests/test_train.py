@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynconv import DynamicCNN, DynamicConv2d
+from dynconv import DynamicCNN, DynamicConv2d, ODConv2d
 from dynconv.train import main
 from dynconv.train.data import (
     AFFINE_TEST_COPIES,
@@ -325,6 +325,7 @@ def test_two_process_gloo_run_writes_one_set_of_artifacts(tmp_path):
         (["--backend", "nope"], "argument --backend: unknown backend 'nope'; expected one of"),
         (["--backend", "loop", "loop"], "argument --backend: expected distinct backends"),
         (["--train-subset", "5000"], "argument --train-subset: train_subset must be an int in"),
+        (["--model", "condconv"], "argument --model: invalid choice: 'condconv'"),
     ],
 )
 def test_bad_arguments_exit_with_a_clear_message(argv, message, tmp_path, capsys):
@@ -341,3 +342,79 @@ def test_cuda_device_without_cuda_is_an_argument_error(capsys):
         main(["--device", "cuda"])
     assert "argument --device: 'cuda' was asked for but torch sees no CUDA device" in (
         capsys.readouterr().err)
+
+
+# --model odconv: DynamicCNN(conv="odconv").
+
+
+def test_dynamic_cnn_conv_option_keeps_the_default_and_builds_odconv():
+    torch.manual_seed(0)
+    default = DynamicCNN(1, 10, widths=(8, 8, 8))
+    torch.manual_seed(0)
+    explicit = DynamicCNN(1, 10, widths=(8, 8, 8), conv="dynamic")
+    assert default.state_dict().keys() == explicit.state_dict().keys()
+    for key, value in default.state_dict().items():
+        assert torch.equal(value, explicit.state_dict()[key]), key
+    model = DynamicCNN(1, 10, num_experts=3, widths=(8, 8, 8), temperature=5.0, conv="odconv")
+    assert all(isinstance(stage.conv, ODConv2d) for stage in model.stages)
+    assert model.stages[0].conv.temperature == 5.0
+    logits, routings = model(torch.randn(4, 1, 16, 16), return_routing=True)
+    assert logits.shape == (4, 10) and [r.shape for r in routings] == [(4, 3)] * 3
+    for routing in routings:  # ODConv's kernel attention: a softmax over the experts
+        torch.testing.assert_close(routing.sum(dim=1), torch.ones(4))
+    with pytest.raises(ValueError, match="routing must be None"):
+        model.stages[0](torch.randn(2, 16, 8, 8), routing=torch.full((2, 3), 1 / 3))
+    with pytest.raises(ValueError, match="conv must be one of"):
+        DynamicCNN(1, 10, conv="condconv")
+    for bad in ({"gate": "sigmoid"}, {"reduction": 2}, {"router_init": "linear"}):
+        with pytest.raises(ValueError, match="apply only to conv='dynamic'"):
+            DynamicCNN(1, 10, conv="odconv", **bad)
+
+
+def test_odconv_weight_decay_groups_distance_and_multiply_adds():
+    model = DynamicCNN(1, 10, num_experts=2, widths=(4, 4, 4), conv="odconv")
+    config = TrainConfig(epochs=1, batch_size=8, optimizer="adamw", lr=1e-3, weight_decay=0.05,
+                         momentum=0.9, temperature_start=30, temperature_end=1, anneal_epochs=1,
+                         seed=0, decay="kernels")
+    optimizer = make_optimizer(config, model)
+    decayed = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    conv = model.stages[0].conv
+    assert id(conv.weight) in decayed
+    assert not any(id(p) in decayed for p in conv.router.parameters())
+    assert len(expert_cosine_distance(model)) == 3
+    # Each stage: the conv, the mixing of K kernels and the three attentions' scaling (|W| each).
+    x_size, expected = 16, 0
+    expected += 16 * 1 * 9 * x_size**2  # the stem
+    size, cin = x_size, 16
+    for stage in model.stages:
+        size = (size + 1) // 2
+        w = stage.conv.weight[0].numel()
+        linears = sum(m.in_features * m.out_features for m in stage.conv.router.modules()
+                      if isinstance(m, nn.Linear))
+        expected += w * size**2 + 2 * w + 3 * w + linears
+        cin = stage.conv.out_channels
+    expected += cin * 10  # the head
+    assert count_multiply_adds(model, (1, x_size, x_size)) == expected
+
+
+def test_short_odconv_run_writes_artifacts(tmp_path):
+    out = tmp_path / "odconv"
+    assert main(["--model", "odconv", "--epochs", "2", "--train-subset", "128", "--batch-size",
+                 "32", "--widths", "8", "8", "8", "--image-size", "16", "--threads", "1",
+                 "--no-progress", "--seeds", "1", "--out", str(out)]) == 0
+    assert ARTIFACTS <= {p.name for p in out.iterdir()}
+    results = (out / "results.md").read_text()
+    assert "| DynamicCNN of ODConv2d (K=4) | auto |" in results
+    assert "dynamic model of ODConv2d" in results
+    rows = [r for r in _read_csv(out / "metrics.csv") if r["model"] == "DynamicCNN"]
+    # The schedule reaches ODConv's routers: T 30 at the first step, 1 after the anneal.
+    assert float(rows[0]["temperature"]) == pytest.approx(30.0)
+    assert float(rows[-1]["temperature"]) == pytest.approx(1.0)
+    assert all(0 < float(rows[-1][f"entropy_stage{s}"]) for s in (1, 2, 3))
+    routing = _read_csv(out / "routing_per_class.csv")
+    weights = [float(r["mean_routing"]) for r in routing if r["stage"] == "1" and r["class"] == "0"]
+    assert sum(weights) == pytest.approx(1.0, abs=1e-4)
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["run"]["model"] == "odconv"
+    DynamicCNN(1, 10, widths=(8, 8, 8), conv="odconv").load_state_dict(
+        checkpoint["dynamic"]["auto"])

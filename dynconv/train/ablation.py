@@ -3,17 +3,20 @@
     python -m dynconv.train.ablation --out perf_reports/training/ablation   # the quoted set
     python -m dynconv.train.ablation --out DIR --variants today no-router-decay --seeds 0 1 2
     python -m dynconv.train.ablation --check perf_reports/training/ablation  # no training
+    # add recipes to a finished set: only the missing (variant, seed) pairs are trained
+    python -m dynconv.train.ablation --out DIR --variants odconv affine-odconv
 
 Each *variant* is one full recipe (router initialisation, expert initialisation, which
 parameters get weight decay, the temperature schedule, the task); each differs from its base in
 one thing: ``today`` (the recipe before the ablation) for the single-change variants,
 ``recommended`` (the library's and the demo's defaults) for the static twins, the
-``uniform-mix`` controls (which hold the routing uniform) and the schedule alternatives on
-digits-affine. Every (variant, seed) pair is one run of :func:`dynconv.train.loop.fit` with the
-demo's budget (18 epochs, batch 64, AdamW 2e-3, cosine), in its own worker process with one
-intra-op thread; ``--jobs`` runs several at once. Each finished run appends one JSON line to
-``DIR/runs.jsonl`` (a rerun skips the (variant, seed) pairs already there with the same recipe
-and data set), with the git commit of the code and the data set's definition. From the runs:
+``uniform-mix`` controls (which hold the routing uniform), the ``odconv`` recipes (the
+ODConv model, ``DynamicCNN(conv="odconv")``) and the schedule alternatives on digits-affine.
+Every (variant, seed) pair is one run of :func:`dynconv.train.loop.fit` with the demo's budget
+(18 epochs, batch 64, AdamW 2e-3, cosine), in its own worker process with one intra-op thread;
+``--jobs`` runs several at once. Each finished run appends one JSON line to ``DIR/runs.jsonl``
+(a rerun skips the (variant, seed) pairs already there with the same recipe and data set), with
+the git commit of the code and the data set's definition. From the runs:
 
 - ``ablation.md`` / ``.csv``: per variant, mean ± 95 % confidence interval (Student t over the
   seeds) and the standard deviation of the test accuracy and of every routing metric: per
@@ -409,6 +412,19 @@ def render_table(rows: list[dict]) -> str:
         lines.append(f"| {row['variant']} | {len(row['seeds'])} | {_ci(row, 'test_acc', 2)} "
                      f"| {spread} | {_ci(row, 'mean_routing_acc', 2)} "
                      f"| {stages(row, 'mean_routing_acc', 2)} |")
+    odconv = [row for row in rows if "mean_attention_acc" in row]
+    if odconv:
+        lines += ["", "ODConv models: the routing above is ODConv's kernel attention (the softmax "
+                  "over the K experts); its three other attentions (input channels, output "
+                  "channels, taps) stay per image under mean routing. With all four attentions "
+                  "of every stage at their batch means:", "",
+                  "| variant | seeds | accuracy % | accuracy % with mean routing "
+                  "| accuracy % with all four attentions at the batch mean |",
+                  "|---|---:|---:|---:|---:|"]
+        for row in odconv:
+            lines.append(f"| {row['variant']} | {len(row['seeds'])} | {_ci(row, 'test_acc', 2)} "
+                         f"| {_ci(row, 'mean_routing_acc', 2)} "
+                         f"| {_ci(row, 'mean_attention_acc', 2)} |")
     lines += ["", "Per dynamic stage (s1, s2, s3):", "",
               "| variant | H / log K | usage / log K | I(image; expert) bits "
               "| I(class; expert) bits | expert cosine distance |", "|---|---|---|---|---|---|"]
@@ -478,13 +494,14 @@ def render_comparisons(runs: list[dict]) -> str:
               "(every stage): accuracy lost, paired over the seeds (paired t interval and p).", "",
               "| variant | n | accuracy lost (points) | 95 % interval | p |",
               "|---|---:|---:|---|---:|"]
-    for variant in ("recommended", "affine-recommended"):
-        lost = [100 * (r["test_acc"] - r["mean_routing_acc"]) for r in runs
-                if r["variant"] == variant and "mean_routing_acc" in r]
+    for variant, key in MEAN_ROUTING_LOSSES:
+        lost = [100 * (r["test_acc"] - r[key]) for r in runs
+                if r["variant"] == variant and key in r]
         if len(lost) < 2:
             continue
         mean, half, p_value = paired(lost)
-        lines.append(f"| {variant} | {len(lost)} | {mean:+.2f} | {mean - half:+.2f} to "
+        label = variant + (" (all four attentions)" if key == "mean_attention_acc" else "")
+        lines.append(f"| {label} | {len(lost)} | {mean:+.2f} | {mean - half:+.2f} to "
                      f"{mean + half:+.2f} | {p_value:.2g} |")
     return "\n".join(lines) + "\n"
 
@@ -493,7 +510,15 @@ QUOTED_LABELS = {
     "static": "static twin (nn.Conv2d)",
     "recommended": "DynamicCNN, the defaults",
     "uniform-mix": "DynamicCNN, routing held uniform (control)",
+    "odconv": "DynamicCNN of ODConv2d, the defaults' recipe",
 }
+# The accuracy lost with mean routing (paired over the seeds): (variant, the metric with it);
+# for an ODConv model the kernel attention alone, then all four attentions.
+MEAN_ROUTING_LOSSES = (
+    ("recommended", "mean_routing_acc"), ("affine-recommended", "mean_routing_acc"),
+    ("odconv", "mean_routing_acc"), ("affine-odconv", "mean_routing_acc"),
+    ("odconv", "mean_attention_acc"), ("affine-odconv", "mean_attention_acc"),
+)
 
 
 def render_quoted(runs: list[dict]) -> str:
@@ -524,12 +549,16 @@ def render_quoted(runs: list[dict]) -> str:
             lines.append(f"| {what} | {len(a)} / {len(b)} | {difference:+.2f} "
                          f"| {difference - half:+.2f} to {difference + half:+.2f} "
                          f"| {p_value:.2g} |")
-    for variant, task in (("recommended", "digits"), ("affine-recommended", "digits-affine")):
-        lost = [100 * (r["mean_routing_acc"] - r["test_acc"]) for r in runs
-                if r["variant"] == variant and "mean_routing_acc" in r]
+    for variant, key in MEAN_ROUTING_LOSSES:
+        task = VARIANTS[variant].task
+        lost = [100 * (r[key] - r["test_acc"]) for r in runs
+                if r["variant"] == variant and key in r]
         if len(lost) > 1:
             mean, half, p_value = paired(lost)
-            lines.append(f"| mean routing instead of each image's, {task} (same models, paired) "
+            what = ("mean routing instead of each image's" if variant.endswith("recommended")
+                    else "ODConv, mean kernel attention" if key == "mean_routing_acc"
+                    else "ODConv, all four attentions at their batch mean")
+            lines.append(f"| {what}, {task} (same models, paired) "
                          f"| {len(lost)} | {mean:+.2f} | {mean - half:+.2f} to {mean + half:+.2f} "
                          f"| {p_value:.2g} |")
     schedules = (("affine-recommended-anneal-dyconv", "T 30 -> 1 over 2 epochs"),
@@ -632,6 +661,10 @@ def render_reproduction(committed: list[dict], rerun: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The variants whose seed 0's routing is plotted (an ODConv model's: its kernel attention).
+ROUTING_PLOTS = ("recommended", "affine-recommended", "odconv", "affine-odconv")
+
+
 def plot_routing_of(runs: list[dict], variant: str, seed: int, out: Path) -> None:
     """The per-class routing heatmap and the routing entropy over training of one run, with the
     demo's plots (``routing_per_class_<variant>_seed<seed>.png``, ``routing_entropy_...``)."""
@@ -643,20 +676,24 @@ def plot_routing_of(runs: list[dict], variant: str, seed: int, out: Path) -> Non
     run = chosen[0]
     recipe = VARIANTS[variant]
     stages = [torch.tensor(matrix) for matrix in run["routing_per_class"]]
+    kernel = " (kernel attention)" if recipe.model == "odconv" else ""
     plot_routing_per_class(
         out / f"routing_per_class_{variant}_seed{seed}.png", stages,
-        f"{variant} ({recipe.task}), seed {seed}: mean routing weight per class, test set, "
-        f"T={recipe.temperature_end:g}")
+        f"{variant} ({recipe.task}), seed {seed}: mean routing weight{kernel} per class, test "
+        f"set, T={recipe.temperature_end:g}")
     plot_routing_entropy(
         out / f"routing_entropy_{variant}_seed{seed}.png", run["curve"], recipe.num_experts,
-        f"{variant} ({recipe.task}), seed {seed}: routing entropy on the test set")
+        f"{variant} ({recipe.task}), seed {seed}: routing entropy{kernel} on the test set")
+
+
+MODEL_COLORS = {"dynamic": "C0", "odconv": "C1", "static": "grey"}
 
 
 def plot_summary(rows: list[dict], path: Path) -> None:
     """Accuracy and stage-3 routing metrics per variant: the mean over the seeds with a bar of
     its 95 % interval (Student t, the interval the tables quote; a variant with one seed: a
     hollow marker, no bar, since its spread is unknown). Static twins grey, dynamic models
-    blue; one legend for the figure."""
+    blue, ODConv models orange; one legend for the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -688,7 +725,7 @@ def plot_summary(rows: list[dict], path: Path) -> None:
             for y, row in enumerate(rows):
                 if key in row and (keep is None or keep(row)):
                     mean = row[key][0]
-                    color = "grey" if VARIANTS[row["variant"]].model == "static" else "C0"
+                    color = MODEL_COLORS[VARIANTS[row["variant"]].model]
                     if len(row["seeds"]) > 1:
                         ax.errorbar(mean, y, xerr=row["interval"][key], fmt="o", color=color,
                                     capsize=3)
@@ -704,6 +741,8 @@ def plot_summary(rows: list[dict], path: Path) -> None:
         axes[0].set_yticks(range(len(labels)), labels, fontsize=8)
         axes[0].set_ylim(len(labels) - 0.5, -0.5)
     legend = [Line2D([], [], marker="o", linestyle="", color="C0", label="dynamic model"),
+              Line2D([], [], marker="o", linestyle="", color=MODEL_COLORS["odconv"],
+                     label="dynamic model of ODConv2d"),
               Line2D([], [], marker="o", linestyle="", color="grey",
                      label="static twin (nn.Conv2d)"),
               Line2D([], [], marker="|", markersize=10, linestyle="-", color="black",
@@ -801,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in render_all(runs).items():
         (args.out / name).write_text(text)
     plot_summary(summarise(runs), args.out / "ablation.png")
-    for variant in ("recommended", "affine-recommended"):
+    for variant in ROUTING_PLOTS:
         plot_routing_of(runs, variant, 0, args.out)
     print((args.out / "ablation.md").read_text())
     print((args.out / "comparisons.md").read_text())

@@ -11,6 +11,11 @@ and writes into ``--out``: ``checkpoint.pt``, ``metrics.csv``, ``routing_per_cla
 ``results.md``, ``accuracy.png`` (test accuracy over training, mean +- std over the seeds) and,
 per dynamic backend, ``routing_per_class_<backend>.png`` and ``routing_entropy_<backend>.png``
 (the first seed's). Needs the ``train`` extra (scikit-learn, matplotlib, tqdm).
+
+``--model odconv`` trains ``DynamicCNN(conv="odconv")`` instead: ODConv2d stages (four
+attentions from each ODConvRouter), the same temperature schedule (it divides all four heads'
+logits) and weight decay groups (none on the routers); the routing it reports and plots is
+ODConv's kernel attention over the K experts.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pathlib import Path
 import torch
 
 from dynconv.backends.registry import BACKEND_NAMES
-from dynconv.modules import DynamicCNN, DynamicConv2d
+from dynconv.modules import DynamicCNN, DynamicConv2d, ODConv2d
 
 from .data import TASKS, load_digits_split
 from .dist import DistContext, setup, teardown
@@ -45,6 +50,8 @@ from .report import (
 DEFAULT_LR = {"sgd": 0.1, "adamw": 2e-3}
 DEFAULT_WEIGHT_DECAY = {"sgd": 5e-4, "adamw": 0.05}
 STATIC_LABEL = "static CNN (nn.Conv2d)"
+# --model: the dynamic model's convs (DynamicCNN's ``conv``) and how tables and plots name them.
+MODELS = {"dynamic": "DynamicConv2d", "odconv": "ODConv2d"}
 
 
 def _positive_int(text: str) -> int:
@@ -136,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", choices=TASKS, default="digits",
                         help="'digits', or 'digits-affine': every image randomly rotated, "
                              "scaled, sheared, shifted and noised (fixed, the same in every run)")
+    parser.add_argument("--model", choices=tuple(MODELS), default="dynamic",
+                        help="the dynamic model's convs: 'dynamic' (DynamicConv2d) or 'odconv' "
+                             "(ODConv2d: kernel, input-channel, output-channel and tap "
+                             "attentions; the schedule divides all four heads' logits)")
     parser.add_argument("--num-experts", type=_positive_int, default=4, help="K per dynamic conv")
     parser.add_argument("--widths", type=_positive_int, nargs=3, default=[32, 64, 128],
                         metavar="C", help="output channels of the three stages")
@@ -185,10 +196,15 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
         args.weight_decay = DEFAULT_WEIGHT_DECAY[args.optimizer]
 
 
-def _check_backend(parser: argparse.ArgumentParser, backend: str, device: torch.device) -> None:
-    """Run one tiny dynamic conv so an unusable backend fails now, not after the static model."""
+def _check_backend(parser: argparse.ArgumentParser, backend: str, device: torch.device,
+                   model: str = "dynamic") -> None:
+    """Run one tiny dynamic conv (of ``model``'s kind) so an unusable backend fails now, not
+    after the static model."""
     try:
-        conv = DynamicConv2d(2, 2, 1, backend=backend, device=device)
+        if model == "odconv":
+            conv = ODConv2d(2, 2, 3, padding=1, backend=backend, device=device).eval()
+        else:
+            conv = DynamicConv2d(2, 2, 1, backend=backend, device=device)
         with torch.no_grad():
             conv(torch.zeros(1, 2, 2, 2, device=device))
     except (ValueError, ImportError) as err:
@@ -212,22 +228,29 @@ def _commit_text() -> str:
     return source["commit"][:12] + (" + uncommitted changes" if source["uncommitted"] else "")
 
 
+def _dynamic_label(args) -> str:
+    """How tables and plots name the dynamic model: "DynamicCNN", "DynamicCNN of ODConv2d"."""
+    return "DynamicCNN" if args.model == "dynamic" else f"DynamicCNN of {MODELS[args.model]}"
+
+
 def _write_artifacts(out: Path, args, ctx: DistContext, rows, summaries, routing, models,
                      wall_seconds: float) -> str:
     out.mkdir(parents=True, exist_ok=True)
     write_metrics_csv(out / "metrics.csv", rows)
     write_routing_csv(out / "routing_per_class.csv", routing)
+    name = _dynamic_label(args)
+    kernel = " (ODConv's kernel attention)" if args.model == "odconv" else ""
     for backend, stages in routing.items():
         plot_routing_per_class(
             out / f"routing_per_class_{backend}.png", stages,
-            f"DynamicCNN (K={args.num_experts}, backend {backend}), seed {args.seed}: mean "
-            f"routing weight per class, test set, T={args.temperature_end:g}")
+            f"{name} (K={args.num_experts}, backend {backend}), seed {args.seed}: mean "
+            f"routing weight{kernel} per class, test set, T={args.temperature_end:g}")
         backend_rows = [r for r in rows if r["model"] == "DynamicCNN" and r["backend"] == backend
                         and r["seed"] == args.seed]
         plot_routing_entropy(
             out / f"routing_entropy_{backend}.png", backend_rows, args.num_experts,
-            f"DynamicCNN (backend {backend}), seed {args.seed}: routing entropy on the test "
-            f"set")
+            f"{name} (backend {backend}), seed {args.seed}: routing entropy{kernel} on the "
+            f"test set")
     plot_accuracy(out / "accuracy.png", rows,
                   f"test accuracy over training ({args.task}), mean and std over {args.seeds} "
                   f"seed(s)")
@@ -237,7 +260,8 @@ def _write_artifacts(out: Path, args, ctx: DistContext, rows, summaries, routing
     run.update(world_size=ctx.world_size, device_type=ctx.device.type,
                torch_version=str(torch.__version__), wall_seconds=wall_seconds)
     save_checkpoint(out / "checkpoint.pt", run, models["static"], models["dynamic"])
-    settings = (f"{args.task}, {args.epochs} epochs, batch {args.batch_size}, {args.optimizer} "
+    settings = (f"{args.task}, dynamic model of {MODELS[args.model]}, {args.epochs} epochs, "
+                f"batch {args.batch_size}, {args.optimizer} "
                 f"lr {args.lr:g} wd {args.weight_decay:g} on {args.decay}, cosine; "
                 f"T {args.temperature_start:g} -> {args.temperature_end:g} over "
                 f"{args.anneal_epochs} epochs; seeds {args.seed}..{args.seed + args.seeds - 1} "
@@ -261,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"argument --batch-size: expected a multiple of the {ctx.world_size} "
                          f"processes, got {args.batch_size}")
         for backend in args.backend:
-            _check_backend(parser, backend, ctx.device)
+            _check_backend(parser, backend, ctx.device, args.model)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         try:
@@ -307,10 +331,11 @@ def main(argv: list[str] | None = None) -> int:
                 torch.manual_seed(seed)
                 dynamic = DynamicCNN(1, data.num_classes, num_experts=args.num_experts,
                                      widths=args.widths, temperature=args.temperature_start,
-                                     backend=backend)
+                                     backend=backend, conv=args.model)
                 result = fit("DynamicCNN", backend, dynamic, data, seed_config, ctx, True,
                              progress, log)
-                record(f"DynamicCNN (K={args.num_experts})", backend, dynamic, result)
+                record(f"{_dynamic_label(args)} (K={args.num_experts})", backend, dynamic,
+                       result)
                 if backend not in routing:
                     routing[backend] = result.final.routing_per_class
                     models["dynamic"][backend] = dynamic

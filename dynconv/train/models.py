@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dynconv.modules import DynamicCNN, DynamicConv2d
+from dynconv.modules import DynamicCNN, DynamicConv2d, ODConv2d
 
 
 class StaticCNN(nn.Module):
@@ -67,7 +67,10 @@ def count_multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     Counted: every ``nn.Conv2d`` (``Cout * Cin/groups * kh * kw`` per output pixel), every
     ``nn.Linear`` (``in * out``, which covers each router's two layers and the head), and for a
     :class:`DynamicConv2d` its per-sample convolution plus the kernel mixing
-    ``W_b = sum_k a[b, k] bank[k]`` (``K * |W|``, and ``K * Cout`` for a bias bank).
+    ``W_b = sum_k a[b, k] bank[k]`` (``K * |W|``, and ``K * Cout`` for a bias bank); for an
+    :class:`ODConv2d` the same plus ``|W|`` for each of its input-channel, output-channel and
+    tap attentions that scales the mixed kernel (as the published formulation does; its router's
+    layers are ``nn.Linear``, counted as such).
     Not counted: BatchNorm (foldable into the conv at inference), ReLU, pooling sums, softmax and
     bias additions. The layer output sizes come from one forward pass of a zero batch of
     ``input_shape`` (one image, (C, H, W)) in eval mode.
@@ -78,16 +81,20 @@ def count_multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
     def conv_hook(module, args, output):
         nonlocal total
-        if isinstance(output, tuple):  # DynamicConv2d(return_routing=True)
+        if isinstance(output, tuple):  # return_routing / return_attention=True
             output = output[0]
         pixels = output.shape[-2] * output.shape[-1]
         weight = module.weight
         per_kernel = weight.shape[-4:].numel()  # Cout * Cin/groups * kh * kw
         total += per_kernel * pixels
-        if isinstance(module, DynamicConv2d):
+        if isinstance(module, (DynamicConv2d, ODConv2d)):
             total += weight.shape[0] * per_kernel
             if module.bias is not None:
                 total += module.bias.numel()
+        if isinstance(module, ODConv2d):
+            router = module.router
+            scales = 1 + (router.out_fc is not None) + (router.tap_fc is not None)
+            total += scales * per_kernel
 
     def linear_hook(module, args, output):
         nonlocal total
@@ -95,7 +102,7 @@ def count_multiply_adds(model: nn.Module, input_shape: tuple[int, ...]) -> int:
 
     handles = []
     for module in model.modules():
-        if isinstance(module, (nn.Conv2d, DynamicConv2d)):
+        if isinstance(module, (nn.Conv2d, DynamicConv2d, ODConv2d)):
             handles.append(module.register_forward_hook(conv_hook))
         elif isinstance(module, nn.Linear):
             handles.append(module.register_forward_hook(linear_hook))
