@@ -57,8 +57,8 @@ class DrivenCase:
     def label(self) -> str:
         layout = "cl" if self.channels_last else "nchw"
         return (f"{self.shape.label()} B{self.batch} K{self.num_experts} {self.dtype} {layout}"
-                f"{'' if self.bias else ' nobias'}{' ieee' if self.tf32 is False else ''}"
-                f"{' tap' if self.tap_scale else ''}")
+                f"{'' if self.bias else ' nobias'}{' tap' if self.tap_scale else ''}"
+                f"{' ieee' if self.tf32 is False else ''}")
 
 
 def _test_shapes() -> list[ConvShape]:
