@@ -135,50 +135,13 @@ class DynamicConvNd(nn.Module):
         if not isinstance(conv, kind):
             raise TypeError(f"conv must be an nn.{kind.__name__}, got {type(conv).__name__}")
         padding = cls._padding_of(conv)
-        if conv.padding_mode != "zeros":
-            raise ValueError(
-                f"conv.padding_mode must be 'zeros' (dynamic convolution pads with zeros), got "
-                f"{conv.padding_mode!r}"
-            )
-        if isinstance(perturb, bool) or not isinstance(perturb, (int, float)) or not (
-                math.isfinite(perturb) and perturb >= 0):
-            raise ValueError(f"perturb must be a finite float >= 0, got {perturb!r}")
-        forbidden = {"in_channels", "out_channels", "kernel_size", "stride", "padding",
-                     "dilation", "groups", "bias", "device", "dtype"} & set(kwargs)
-        if forbidden:
-            raise TypeError(f"{method} takes {sorted(forbidden)} from conv, not as arguments")
-        weight = conv.weight.detach()
         kwargs.setdefault("router_init", "small")
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                  padding, conv.dilation, conv.groups, bias=conv.bias is not None,
-                  num_experts=num_experts, device=weight.device, dtype=weight.dtype, **kwargs)
-        with torch.no_grad():
-            new.weight.copy_(weight.unsqueeze(0).expand_as(new.weight))
-            if perturb > 0 and num_experts > 1:
-                noise = torch.randn(new.weight.shape, generator=generator, dtype=weight.dtype,
-                                    device="cpu" if generator is None else generator.device)
-                noise = noise.to(weight.device)
-                noise -= noise.mean(dim=0, keepdim=True)
-                new.weight.add_(noise * (perturb * weight.float().std().item()))
-            if conv.bias is not None:
-                new.bias.copy_(conv.bias.detach().unsqueeze(0).expand_as(new.bias))
-        return new
+        return bank_module_from_conv(cls, conv, padding, num_experts, perturb, generator, kwargs,
+                                     method)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # A bank of another K is refused by name (PyTorch would list a size mismatch for the
-        # bank, the bias bank and the router's last layer without saying why).
-        for name in ("weight", "bias"):
-            value = state_dict.get(prefix + name)
-            own = getattr(self, name)
-            if (isinstance(value, torch.Tensor) and own is not None and value.dim() == own.dim()
-                    and value.shape[0] != self.num_experts):
-                raise ValueError(
-                    f"cannot load {prefix + name!r} into this {type(self).__name__}: "
-                    f"num_experts: expected {self.num_experts} (the module's), got "
-                    f"{value.shape[0]} (the state_dict's {name} of shape {tuple(value.shape)}); "
-                    f"build the module with num_experts={value.shape[0]} to load it"
-                )
+        refuse_other_expert_count(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -239,3 +202,57 @@ def plain_conv_padding(conv: nn.Module, conv_type: type[nn.Module]):
         f"of its own that a Dynamic{name} would not reproduce; convert plain nn.{name} layers "
         f"(convert_{name.lower()}'s filter can leave this one out)"
     )
+
+
+def bank_module_from_conv(cls, conv, padding, num_experts: int, perturb: float, generator,
+                          kwargs: dict, method: str):
+    """A ``cls`` (a module with a (K, Cout, Cin // groups, *kernel) ``weight`` bank and a
+    (K, Cout) ``bias`` or None) built with ``conv``'s geometry, bias, device and dtype and
+    ``padding``, every expert a copy of ``conv``'s weight (and bias), plus zero-mean Gaussian
+    noise across the experts of ``perturb`` times the weight's standard deviation (drawn from
+    ``generator`` if given); ``kwargs`` are the other constructor arguments, ``method`` the
+    public name (for error messages)."""
+    if conv.padding_mode != "zeros":
+        raise ValueError(
+            f"conv.padding_mode must be 'zeros' (dynamic convolution pads with zeros), got "
+            f"{conv.padding_mode!r}"
+        )
+    if isinstance(perturb, bool) or not isinstance(perturb, (int, float)) or not (
+            math.isfinite(perturb) and perturb >= 0):
+        raise ValueError(f"perturb must be a finite float >= 0, got {perturb!r}")
+    forbidden = {"in_channels", "out_channels", "kernel_size", "stride", "padding",
+                 "dilation", "groups", "bias", "device", "dtype"} & set(kwargs)
+    if forbidden:
+        raise TypeError(f"{method} takes {sorted(forbidden)} from conv, not as arguments")
+    weight = conv.weight.detach()
+    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+              padding, conv.dilation, conv.groups, bias=conv.bias is not None,
+              num_experts=num_experts, device=weight.device, dtype=weight.dtype, **kwargs)
+    with torch.no_grad():
+        new.weight.copy_(weight.unsqueeze(0).expand_as(new.weight))
+        if perturb > 0 and num_experts > 1:
+            noise = torch.randn(new.weight.shape, generator=generator, dtype=weight.dtype,
+                                device="cpu" if generator is None else generator.device)
+            noise = noise.to(weight.device)
+            noise -= noise.mean(dim=0, keepdim=True)
+            new.weight.add_(noise * (perturb * weight.float().std().item()))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias.detach().unsqueeze(0).expand_as(new.bias))
+    return new
+
+
+def refuse_other_expert_count(module: nn.Module, state_dict, prefix: str) -> None:
+    """Raise a ValueError naming num_experts if ``state_dict`` holds a ``weight`` / ``bias``
+    bank for ``module`` with another K (PyTorch would list size mismatches of the bank, the
+    bias bank and the router's last layer without saying why)."""
+    for name in ("weight", "bias"):
+        value = state_dict.get(prefix + name)
+        own = getattr(module, name)
+        if (isinstance(value, torch.Tensor) and own is not None and value.dim() == own.dim()
+                and value.shape[0] != module.num_experts):
+            raise ValueError(
+                f"cannot load {prefix + name!r} into this {type(module).__name__}: "
+                f"num_experts: expected {module.num_experts} (the module's), got "
+                f"{value.shape[0]} (the state_dict's {name} of shape {tuple(value.shape)}); "
+                f"build the module with num_experts={value.shape[0]} to load it"
+            )

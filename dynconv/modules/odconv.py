@@ -21,6 +21,7 @@ from ..validation import (
     check_positive_int,
     ntuple,
 )
+from ._base import bank_module_from_conv, refuse_other_expert_count
 from .conv import DynamicConv2d
 
 
@@ -237,50 +238,12 @@ class ODConv2d(nn.Module):
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
         # The same padding rule as DynamicConv2d's (timm's Conv2dSame, other subclasses refused).
-        padding = DynamicConv2d._padding_of(conv)
-        if conv.padding_mode != "zeros":
-            raise ValueError(
-                f"conv.padding_mode must be 'zeros' (dynamic convolution pads with zeros), got "
-                f"{conv.padding_mode!r}"
-            )
-        if isinstance(perturb, bool) or not isinstance(perturb, (int, float)) or not (
-                math.isfinite(perturb) and perturb >= 0):
-            raise ValueError(f"perturb must be a finite float >= 0, got {perturb!r}")
-        forbidden = {"in_channels", "out_channels", "kernel_size", "stride", "padding",
-                     "dilation", "groups", "bias", "device", "dtype"} & set(kwargs)
-        if forbidden:
-            raise TypeError(f"from_conv2d takes {sorted(forbidden)} from conv, not as arguments")
-        weight = conv.weight.detach()
-        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, padding,
-                  conv.dilation, conv.groups, bias=conv.bias is not None,
-                  num_experts=num_experts, device=weight.device, dtype=weight.dtype, **kwargs)
-        with torch.no_grad():
-            new.weight.copy_(weight.unsqueeze(0).expand_as(new.weight))
-            if perturb > 0 and new.num_experts > 1:
-                noise = torch.randn(new.weight.shape, generator=generator, dtype=weight.dtype,
-                                    device="cpu" if generator is None else generator.device)
-                noise = noise.to(weight.device)
-                noise -= noise.mean(dim=0, keepdim=True)
-                new.weight.add_(noise * (perturb * weight.float().std().item()))
-            if conv.bias is not None:
-                new.bias.copy_(conv.bias.detach().unsqueeze(0).expand_as(new.bias))
-        return new
+        return bank_module_from_conv(cls, conv, DynamicConv2d._padding_of(conv), num_experts,
+                                     perturb, generator, kwargs, "from_conv2d")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # A bank of another K is refused by name (PyTorch would list size mismatches of the
-        # bank, the bias bank and the kernel head without saying why).
-        for name in ("weight", "bias"):
-            value = state_dict.get(prefix + name)
-            own = getattr(self, name)
-            if (isinstance(value, torch.Tensor) and own is not None and value.dim() == own.dim()
-                    and value.shape[0] != self.num_experts):
-                raise ValueError(
-                    f"cannot load {prefix + name!r} into this {type(self).__name__}: "
-                    f"num_experts: expected {self.num_experts} (the module's), got "
-                    f"{value.shape[0]} (the state_dict's {name} of shape {tuple(value.shape)}); "
-                    f"build the module with num_experts={value.shape[0]} to load it"
-                )
+        refuse_other_expert_count(self, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
