@@ -10,6 +10,7 @@ The reference mixes each sample's kernel by an explicit sum over the bank, then 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -266,3 +267,35 @@ def assert_within_bound(got, want, scale, dtype, reduction_length, *, tf32=False
         f"(rtol {rtol:.3g} of the sum of |terms|, n = {reduction_length}; "
         f"max error {error.max():.3g})"
     )
+
+
+def onnx_ops(model) -> collections.Counter:
+    """(domain, op type) of every node of an ``onnx.ModelProto``, the bodies of Scans / Loops /
+    Ifs included."""
+    counts = collections.Counter()
+
+    def walk(graph):
+        for node in graph.node:
+            counts[(node.domain or "ai.onnx", node.op_type)] += 1
+            for attribute in node.attribute:
+                for subgraph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+                    walk(subgraph)
+
+    walk(model.graph)
+    return counts
+
+
+def onnxruntime_errors(path, model, shape, batches=(1, 3, 8)) -> list[float]:
+    """Largest |onnxruntime - PyTorch| over the largest |PyTorch|, per batch size, for the
+    exported ``model`` at ``path`` on inputs (batch, *shape). Imports onnxruntime on use."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    errors = []
+    for batch in batches:
+        x = torch.randn(batch, *shape)
+        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        with torch.no_grad():
+            want = model(x)
+        errors.append(float((torch.from_numpy(got) - want).abs().max() / want.abs().max()))
+    return errors

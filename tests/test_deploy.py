@@ -2,16 +2,15 @@
 MobileNetV2), external / shared routing, BatchNorm folding, ONNX export with a dynamic batch
 (standard ops only, checked in onnxruntime) and torch.export save / load."""
 
-import collections
 import os
 import subprocess
 import sys
 
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 import torchvision
+from helpers import onnx_ops, onnxruntime_errors
 from torch import nn
 
 import dynconv
@@ -161,24 +160,8 @@ def _onnx_round_trip(model, example, tmp_path):
     program = torch.onnx.export(model, (example,), dynamo=True, verbose=False,
                                 dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
     program.save(path)
-    ops = collections.Counter()
-
-    def count(graph):  # the graph and the bodies of its Scans (the default form's per-sample conv)
-        for node in graph.node:
-            ops[(node.domain or "ai.onnx", node.op_type)] += 1
-            for attribute in node.attribute:
-                for subgraph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
-                    count(subgraph)
-
-    count(onnx.load(path).graph)
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    errors = []
-    for batch in (1, 3, 8):
-        x = torch.randn(batch, *example.shape[1:])
-        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-        with torch.no_grad():
-            want = model(x)
-        errors.append(float((torch.from_numpy(got) - want).abs().max() / want.abs().max()))
+    ops = onnx_ops(onnx.load(path))
+    errors = onnxruntime_errors(path, model, example.shape[1:])
     return ops, errors
 
 

@@ -11,9 +11,9 @@ import warnings
 from pathlib import Path
 
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
+from helpers import onnx_ops, onnxruntime_errors
 from torch import nn
 
 import dynconv
@@ -25,34 +25,6 @@ from dynconv.geometry import ConvGeometry
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARK_CSV = ROOT / "perf_reports" / "onnx" / "onnx_224px.csv"
-
-
-def ops_of(model: onnx.ModelProto) -> collections.Counter:
-    """(domain, op type) of every node, the bodies of Scans / Loops / Ifs included."""
-    counts = collections.Counter()
-
-    def walk(graph):
-        for node in graph.node:
-            counts[(node.domain or "ai.onnx", node.op_type)] += 1
-            for attribute in node.attribute:
-                for subgraph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
-                    walk(subgraph)
-
-    walk(model.graph)
-    return counts
-
-
-def onnxruntime_errors(path, model: nn.Module, shape, batches=(1, 3, 8)) -> list[float]:
-    """Largest |onnxruntime - PyTorch| over the largest |PyTorch|, per batch size."""
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    errors = []
-    for batch in batches:
-        x = torch.randn(batch, *shape)
-        (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
-        with torch.no_grad():
-            want = model(x)
-        errors.append(float((torch.from_numpy(got) - want).abs().max() / want.abs().max()))
-    return errors
 
 
 class SmallNet(nn.Module):
@@ -103,7 +75,7 @@ def test_every_form_equals_pytorch_at_batch_1_3_8_with_standard_ops(form, tmp_pa
     net = small_net()
     path = tmp_path / f"{form}.onnx"
     dynconv.export_onnx(net, torch.randn(2, *INPUT), path, form=form)
-    ops = ops_of(onnx.load(str(path)))
+    ops = onnx_ops(onnx.load(str(path)))
     assert {domain for domain, _ in ops} == {"ai.onnx"}, ops
     assert ops[("ai.onnx", "BatchNormalization")] == 0, "the BatchNorms were not folded"
     scans = ops[("ai.onnx", "Scan")]
@@ -121,7 +93,7 @@ def test_plain_torch_onnx_export_records_the_default_form_or_the_chosen_one(tmp_
     def export(path):
         torch.onnx.export(conv, (torch.randn(2, 8, 10, 10),), path, dynamo=True, verbose=False,
                           dynamic_shapes=({0: batch},))
-        return ops_of(onnx.load(str(path)))
+        return onnx_ops(onnx.load(str(path)))
 
     assert DEFAULT_FORM == registry.ONNX_EXPORT.name == "auto"
     default_ops = export(tmp_path / "default.onnx")
@@ -145,7 +117,7 @@ def test_torchscript_exporter_records_the_spanning_form(tmp_path):
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation warning
         torch.onnx.export(conv, (torch.randn(2, 8, 10, 10),), str(path), dynamo=False,
                           input_names=["x"], dynamic_axes={"x": {0: "batch"}})
-    ops = ops_of(onnx.load(str(path)))
+    ops = onnx_ops(onnx.load(str(path)))
     assert ops[("ai.onnx", "Scan")] == 0 and ops[("ai.onnx", "Conv")] == 1, ops
     assert max(onnxruntime_errors(path, conv, (8, 10, 10))) < 1e-5
 
@@ -235,7 +207,7 @@ def test_export_onnx_rejects_an_unknown_form_and_keeps_the_model(tmp_path):
         with dynconv.onnx_export_form("fastest"):
             pass
     dynconv.export_onnx(net, torch.randn(2, *INPUT), tmp_path / "m.onnx", fold_bn=False)
-    ops = ops_of(onnx.load(str(tmp_path / "m.onnx")))
+    ops = onnx_ops(onnx.load(str(tmp_path / "m.onnx")))
     assert ops[("ai.onnx", "BatchNormalization")] == 4  # fold_bn=False keeps them
     assert isinstance(net.bn1, nn.BatchNorm2d)
 
