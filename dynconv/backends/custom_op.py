@@ -5,8 +5,8 @@ bias_bank, stride, padding, dilation, groups, tap_scale=None) -> y`` and a backw
 takes ``grad_out`` (first) and an ``output_mask`` (after groups) and returns (grad_x, grad_bank,
 grad_routing, grad_bias, grad_tap_scale), an unrequested gradient being an empty tensor of its
 own (outputs of a custom op may not alias each other). ``tap_scale`` (B, kh, kw) is ODConv's
-per-sample tap scale of the mixed kernels; only a backend whose implementation takes it is
-given one (the registry's ``takes_tap_scale``), and its output mask then has a fifth entry.
+per-sample tap scale of the mixed kernels (both implementations take it as ``tap_scale=``);
+with one, the output mask has a fifth entry.
 Autograd saves x, the bank, the routing weights, the bias bank and the tap scale: never the
 mixed weights.
 """
@@ -70,19 +70,17 @@ def backward_through(backward_op, ctx, grad_out):
     mask = list(ctx.needs_input_grad[:4])
     needed = mask[:3] + [mask[3] and bias_bank is not None]
     inputs = (x, weight_bank, routing, bias_bank)
-    tap = {}
     if tap_scale is not None:
         mask.append(ctx.needs_input_grad[TAP_SCALE_INPUT])
         needed.append(mask[4])
         inputs += (tap_scale,)
-        tap = {"tap_scale": tap_scale}
     if torch.is_grad_enabled():
         # create_graph=True (a gradient penalty, a Hessian-vector product): the gradients must
         # themselves be differentiable, which the backward op is not.
         grads = differentiable_backward(grad_out, inputs, ctx.geometry, needed)
     else:
         grads = backward_op(grad_out, x, weight_bank, routing, bias_bank, *ctx.geometry, mask,
-                            *saved_extras, **tap)
+                            *saved_extras, tap_scale=tap_scale)
     result = [None] * len(ctx.needs_input_grad)
     for index, grad, need in zip((0, 1, 2, 3, TAP_SCALE_INPUT), grads, needed):
         result[index] = grad if need else None
@@ -126,9 +124,8 @@ def define_custom_ops(backend: str, forward_impl, backward_impl) -> tuple:
         groups: int,
         tap_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        tap = {} if tap_scale is None else {"tap_scale": tap_scale}
         return forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation, groups,
-                            **tap)
+                            tap_scale=tap_scale)
 
     def backward(
         grad_out: torch.Tensor,
@@ -143,9 +140,8 @@ def define_custom_ops(backend: str, forward_impl, backward_impl) -> tuple:
         output_mask: list[bool],
         tap_scale: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        tap = {} if tap_scale is None else {"tap_scale": tap_scale}
         grads = backward_impl(grad_out, x, weight_bank, routing, bias_bank, stride, padding,
-                              dilation, groups, output_mask, **tap)
+                              dilation, groups, output_mask, tap_scale=tap_scale)
         return tuple(grads) + (x.new_empty(0),) * (5 - len(grads))
 
     forward_op = torch.library.custom_op(f"dynconv::{backend}_forward", forward, mutates_args=())
@@ -186,9 +182,8 @@ def eager_autograd_function(name: str, forward_impl, backward_impl) -> type:
                 tap_scale=None):
         _setup_context(ctx, (x, weight_bank, routing, bias_bank, stride, padding, dilation,
                              groups, tap_scale), None)
-        tap = {} if tap_scale is None else {"tap_scale": tap_scale}
         return forward_impl(x, weight_bank, routing, bias_bank, stride, padding, dilation,
-                            groups, **tap)
+                            groups, tap_scale=tap_scale)
 
     def backward(ctx, grad_out):
         return backward_through(backward_impl, ctx, grad_out)
