@@ -453,6 +453,12 @@ def conv_bwd_dw_expert_block(num_experts: int) -> int:
 CONV_BWD_DW_TAP_TILES = 2
 
 
+def conv_bwd_dw_acc_tiles(k_block: int, has_tap: bool = False) -> int:
+    """The (BLOCK_M, BLOCK_N) fp32 tiles a weight-gradient program keeps live: one per expert of
+    its K_BLOCK and the gW tile, plus CONV_BWD_DW_TAP_TILES with ODConv's tap scale."""
+    return k_block + 1 + CONV_BWD_DW_TAP_TILES * has_tap
+
+
 def conv_bwd_dw_tile_shape(num_experts: int, c_out_g: int, reduction: int,
                            interpreter: bool = False, element_size: int = 2,
                            has_tap: bool = False) -> tuple[int, int]:
@@ -468,7 +474,7 @@ def conv_bwd_dw_tile_shape(num_experts: int, c_out_g: int, reduction: int,
         # One program per group for the tiny test problems: the interpreter pays per program.
         return (max(small, triton.next_power_of_2(c_out_g)),
                 max(small, triton.next_power_of_2(reduction)))
-    tiles = conv_bwd_dw_expert_block(num_experts) + 1 + CONV_BWD_DW_TAP_TILES * has_tap
+    tiles = conv_bwd_dw_acc_tiles(conv_bwd_dw_expert_block(num_experts), has_tap)
     block_m = min(CONV_BWD_DW_MAX_BLOCK_M, max(small, triton.next_power_of_2(c_out_g)))
     block_n = min(CONV_BWD_DW_MAX_BLOCK_N, max(small, triton.next_power_of_2(reduction)))
     while (tiles * block_m * block_n > conv_bwd_dw_acc_budget(4, element_size)
@@ -489,16 +495,16 @@ def conv_bwd_dw_config_fits(config: triton.Config, k_block: int, element_size: i
     """Whether a config compiles without spills for a (BLOCK_M, BLOCK_N) ``tile`` of a K_BLOCK
     (default: the largest tile :func:`conv_bwd_dw_tile_shape` gives that K_BLOCK).
 
-    The accumulators take ``(K_BLOCK + 1) * BLOCK_M * BLOCK_N`` fp32, at most
+    The accumulators take :func:`conv_bwd_dw_acc_tiles` ``* BLOCK_M * BLOCK_N`` fp32, at most
     :func:`conv_bwd_dw_acc_budget`; with 4-byte operands BLOCK_P is at most 32 (a 64-pixel chunk
     of per-element masks and addresses spilled); CONV_BWD_DW_MEASURED_SPILLS lists the few tiles
-    where ptxas spilled anyway. With ODConv's tap scale (``has_tap``) CONV_BWD_DW_TAP_TILES
-    tiles more count.
+    where ptxas spilled anyway (CONV_BWD_DW_TAP_MEASURED_SPILLS with ODConv's tap scale,
+    ``has_tap``).
     """
     block_m, block_n = tile or conv_bwd_dw_tile_shape(k_block, 1 << 16, 1 << 16,
                                                       element_size=element_size,
                                                       has_tap=has_tap)
-    if (k_block + 1 + CONV_BWD_DW_TAP_TILES * has_tap) * block_m * block_n > conv_bwd_dw_acc_budget(
+    if conv_bwd_dw_acc_tiles(k_block, has_tap) * block_m * block_n > conv_bwd_dw_acc_budget(
             config.num_warps, element_size):
         return False
     if element_size >= 4 and config.kwargs["BLOCK_P"] > 32:

@@ -279,13 +279,20 @@ def _make_plan(x, weight_bank, stride, padding, dilation, groups) -> CallPlan:
             chunk = -(-batch // -(-batch // chunk))
     chunk = max(1, min(chunk, batch))
     weight_shape = tuple(weight_bank.shape[1:])
-    save_mixed = batch > 0 and batch * weight_numel * weight_bank.element_size() <= max(
-        SAVE_MIXED_MAX_FRACTION * x.numel() * x.element_size(), SAVE_MIXED_MIN_BYTES)
+    save_mixed = batch > 0 and within_saving_threshold(
+        batch * weight_numel * weight_bank.element_size(), x.numel() * x.element_size())
     graph = _takes_graph(plan, save_mixed)
     return CallPlan(
         plan, chunk, weight_shape, (chunk,) + weight_shape, weight_numel,
         _dense_strides((batch, out_channels, out_h, out_w), memory_format), save_mixed, graph,
     )
+
+
+def within_saving_threshold(mixed_bytes: int, x_bytes: int) -> bool:
+    """Whether B x |W| mixed weights of ``mixed_bytes`` may be kept for the backward (or the
+    grouped trick's own graph taken) beside an input of ``x_bytes``: at most
+    max(SAVE_MIXED_MAX_FRACTION of x, SAVE_MIXED_MIN_BYTES)."""
+    return mixed_bytes <= max(SAVE_MIXED_MAX_FRACTION * x_bytes, SAVE_MIXED_MIN_BYTES)
 
 
 def _takes_graph(plan: FormulationPlan, save_mixed: bool) -> bool:
