@@ -13,8 +13,11 @@ which holds better on a busy machine). A sample is :class:`dynconv.autotune.meas
 Peak memory is ``torch.cuda.max_memory_allocated`` on a GPU, and on the CPU the peak RSS
 (``VmHWM``) of a fresh process (:func:`dynconv.autotune.measure.fresh_process_peak_rss`), minus
 its RSS just before the run. Every row records the run's ``THP_MEM_ALLOC_ENABLE``
-(``thp_mem_alloc_enable``: its value or ``unset``), the CPU allocator setting of the
-second geometric mean.
+(``thp_mem_alloc_enable``: its value or ``unset``) and glibc's malloc variables
+(``malloc_env``), the CPU allocator setting (``--allocator`` starts the run with one).
+
+On the CPU, every ``auto`` row says what ``auto`` ran (``auto_path``, :func:`auto_path`): the
+grouped trick's own graph, or the native backend's formulations.
 
 Modes: ``fwd`` is inference (``torch.no_grad``), ``fwd+bwd`` a training step's forward and
 backward, ``bwd`` the backward alone on a retained graph.
@@ -54,6 +57,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import math
 import os
 import statistics
 import sys
@@ -108,11 +112,31 @@ PRESETS = ("quick", "gpu", "tiny", "odconv", "odconv-tiny")
 PRESET_CSV = {"odconv": "odconv.csv", "odconv-tiny": "odconv.csv"}
 # make report's figures are the minimum of at least this many interleaved rounds
 QUICK_CPU_MIN_ROUNDS = 5
+# CPU: the shortest sample, in ms of back-to-back calls. make report asks for REPORT_SAMPLE_MS:
+# with one 12 ms call per sample, the minimum of 5 rounds of the same calls (auto running the
+# trick's own graph, and the trick) came out up to 8 % apart on a 2-core VM, the page faults
+# of a call varying with what the allocator kept; with 100 ms samples, within 0-4 %.
+DEFAULT_SAMPLE_MS = 10.0
+REPORT_SAMPLE_MS = 100.0
 # the group of memory-only cases (Case.timing False)
 MEMORY_GROUP = "memory"
-# the environment variable of PyTorch's CPU allocator that the report's second geometric mean
-# is measured with (the documented setting)
+# PyTorch's CPU allocator asks for transparent huge pages on large blocks when this is 1
 THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+# glibc's malloc settings a run records (read once, when the process starts)
+MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                    "GLIBC_TUNABLES")
+# The documented CPU allocator setting (README, "Performance"): glibc serves blocks of up to
+# 32 MiB (its largest mmap threshold) from its heap and never gives the heap back, so a block
+# freed by one call is reused by the next instead of coming back from the OS page by page.
+# By default it raises its threshold as mapped blocks are freed and trims the heap's top past
+# twice that, so whether a call's blocks cost page faults depends on which calls ran before it:
+# on a 2-core VM the same calls measured 13 and 27 ms in one run. Each run's page faults are
+# what the setting removes, for the static conv as for every provider.
+STEADY_HEAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+                   "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30)}
+# --allocator: the allocator variables a run starts with (None: the environment as it is)
+ALLOCATOR_SETTINGS = {"inherit": None, "default": {}, "thp": {THP_VARIABLE: "1"},
+                      "steady-heap": STEADY_HEAP_ENV}
 
 # Dense tensor-core peaks (TFLOP/s) from the vendors' datasheets: (bf16/fp16, tf32, fp32).
 DEVICE_PEAK_TFLOPS = {
@@ -452,6 +476,39 @@ def mode_fn(mode: str, forward: Callable, leaves: list) -> Callable[[], object]:
     return lambda: torch.autograd.grad(y, leaves, grad, retain_graph=True)
 
 
+def auto_path(forward: Callable, mode: str) -> str:
+    """What ``auto``'s ``forward`` runs on the CPU in ``mode``, in words, from the native
+    backend's plans of one call: ``the grouped trick's graph`` (autograd's own graph of the
+    trick: the same calls as the ``grouped`` provider), or ``native: <forward> / <input grad> /
+    <weight grad>`` formulations (forward only in ``fwd``), with the chunk size where the batch
+    is cut; "" where no native plan was made (another backend)."""
+    from dynconv.backends.native import op
+
+    plans, original = [], op._plan
+
+    def recording(x, *args, **kwargs):
+        plan = original(x, *args, **kwargs)
+        plans.append((plan, x.shape[0]))
+        return plan
+
+    op._plan = recording
+    try:
+        with torch.set_grad_enabled(mode != "fwd"):
+            forward()
+    finally:
+        op._plan = original
+    words = []
+    for plan, batch in dict.fromkeys(plans):
+        f = plan.formulations
+        if mode != "fwd" and plan.graph:
+            words.append("the grouped trick's graph")
+            continue
+        words.append((f"native: {f.forward}" if mode == "fwd" else
+                      f"native: {f.forward} / {f.input_grad} / {f.weight_grad}")
+                     + (f", chunks of {plan.chunk}" if plan.chunk < batch else ""))
+    return "; ".join(dict.fromkeys(words))
+
+
 def mode_flops(case: Case, mode: str) -> int:
     """Useful FLOPs of the static conv (backward = data grad + weight grad = 2x forward)."""
     return case.shape.flops(case.batch) * {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode]
@@ -582,7 +639,7 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
                 "provider": provider, "mode": mode, "status": "ok", "note": "",
                 "time_ms": nan, "static_time_ms": nan, "ratio_to_static": nan,
                 "time_median_ms": nan, "ratio_median": nan, "peak_mem_bytes": nan,
-                "mem_extra_bytes": nan, "mem_method": ""}
+                "mem_extra_bytes": nan, "mem_method": "", "auto_path": ""}
 
     def fail(provider: str, mode: str, exc: BaseException) -> None:
         row = rows[provider, mode]
@@ -646,6 +703,8 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
                 fail(provider, mode, errors[provider])
                 continue
             rows[provider, mode].update(summarize_samples(samples[provider], samples["static"]))
+            if provider == "auto" and device == "cpu" and mode != "bwd":
+                rows[provider, mode]["auto_path"] = auto_path(forwards[provider][0], mode)
         if memory and device == "cuda":
             for provider in fns:
                 if provider not in names or rows[provider, mode]["status"] != "ok":
@@ -700,14 +759,15 @@ def derived_columns(row: dict, case: Case, device: str) -> dict:
 
 COLUMNS = [
     "run_id", "timestamp", "preset", "device", "device_name", "device_slug", "torch", "triton",
-    "python", "commit", "threads", "cpus", "thp_mem_alloc_enable", "load_avg_1min", "rounds",
+    "python", "commit", "threads", "cpus", "thp_mem_alloc_enable", "malloc_env", "load_avg_1min",
+    "rounds", "sample_ms",
     "group", "layer", "shape",
     "cin", "cout", "spatial_dims", "d", "h", "w", "kd", "kh", "kw", "stride", "padding",
     "dilation", "groups", "batch",
     "experts", "dtype", "layout", "provider", "mode", "status", "note", "time_ms",
     "static_time_ms", "ratio_to_static", "time_median_ms", "ratio_median", "samples_per_s",
     "gflop", "tflops", "device_peak_tflops", "peak_fraction", "peak_mem_bytes", "mem_extra_bytes",
-    "mem_method",
+    "mem_method", "auto_path",
 ]
 
 
@@ -718,9 +778,38 @@ def thp_setting() -> str:
     return os.environ.get(THP_VARIABLE, "unset")
 
 
+def env_words(variables: dict[str, str]) -> str:
+    """Environment variables as a shell would set them: ``NAME=value`` separated by spaces."""
+    return " ".join(f"{name}={value}" for name, value in variables.items())
+
+
+# how a run's malloc_env column reads with the documented setting
+STEADY_HEAP_WORDS = env_words(STEADY_HEAP_ENV)
+
+
+def malloc_setting() -> str:
+    """This process's glibc malloc variables (MALLOC_VARIABLES) as ``NAME=value`` separated by
+    spaces, or ``unset``; every row records it beside ``thp_mem_alloc_enable``."""
+    return env_words({name: os.environ[name] for name in MALLOC_VARIABLES
+                      if name in os.environ}) or "unset"
+
+
+def allocator_environment(setting: str, environ: dict[str, str]) -> dict[str, str] | None:
+    """The environment a run with ``--allocator setting`` starts with: ``environ`` without the
+    allocator variables (THP_VARIABLE and MALLOC_VARIABLES), plus the setting's; None for
+    ``inherit`` (``environ`` as it is)."""
+    variables = ALLOCATOR_SETTINGS[setting]
+    if variables is None:
+        return None
+    env = {k: v for k, v in environ.items()
+           if k != THP_VARIABLE and k not in MALLOC_VARIABLES}
+    return {**env, **variables}
+
+
 def run(cases: list[Case], providers: list[str], device: str, rounds: int, out_csv: str,
         preset: str, memory: bool = True, progress: bool = True, time_budget_s: float = 0.0,
-        rep_ms: float = 25.0, modes: Iterable[str] = MODES) -> str:
+        rep_ms: float = 25.0, modes: Iterable[str] = MODES,
+        sample_ms: float = DEFAULT_SAMPLE_MS) -> str:
     """Measure every case; rewrite ``out_csv`` after each case (a cut-short run keeps data)."""
     import pandas as pd
 
@@ -729,8 +818,10 @@ def run(cases: list[Case], providers: list[str], device: str, rounds: int, out_c
         "%Y-%m-%dT%H:%M:%S%z"), "preset": preset, "device": device,
         "device_name": device_name(device), "device_slug": device_slug(device), **versions(),
         "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-        "thp_mem_alloc_enable": thp_setting(), "rounds": rounds}
-    timer = Timer(device, rep_ms=rep_ms)
+        "thp_mem_alloc_enable": thp_setting(), "malloc_env": malloc_setting(), "rounds": rounds,
+        "sample_ms": sample_ms if device == "cpu" else float("nan")}
+    timer = Timer(device, rep_ms=rep_ms, min_sample_ms=sample_ms,
+                  max_calls=max(20, math.ceil(sample_ms / 0.5)))
     measured: dict[tuple, list[dict]] = {}
     records: list[dict] = []
     started = time.monotonic()
@@ -808,9 +899,21 @@ def build_parser() -> argparse.ArgumentParser:
                              "OpenMP threads make timings erratic; 0 keeps torch's default)")
     parser.add_argument("--rep-ms", type=float, default=25.0,
                         help="GPU: do_bench's rep (ms) per timed sample")
+    parser.add_argument("--sample-ms", type=float, default=DEFAULT_SAMPLE_MS,
+                        help="CPU: a sample repeats a call back to back until it lasts this "
+                             f"long (default {DEFAULT_SAMPLE_MS:g}; make report: "
+                             f"{REPORT_SAMPLE_MS:g}, where min-of-5 figures of the same calls "
+                             "agree within a few per cent)")
     parser.add_argument("--time-budget", type=float, default=0.0,
                         help="stop starting new cases after this many seconds (0: no limit)")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    parser.add_argument("--allocator", choices=list(ALLOCATOR_SETTINGS), default="inherit",
+                        help="CPU allocator variables to run with (the process starts again "
+                             "with them: they are read at start-up): inherit (the environment "
+                             "as it is), default (none set: as the machine comes), thp "
+                             f"({THP_VARIABLE}=1), steady-heap (glibc keeps its heap: "
+                             f"{STEADY_HEAP_WORDS}; the documented setting). Every row records "
+                             "thp_mem_alloc_enable and malloc_env")
     parser.add_argument("--out", default="perf_reports", help="output root folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true",
@@ -840,9 +943,25 @@ def resolve_cases(args, device: str) -> tuple[str, list[Case]]:
     return preset, cases
 
 
+def allocator_words(setting: str) -> str:
+    """What ``--allocator setting`` runs with, in words (for a dry run)."""
+    variables = ALLOCATOR_SETTINGS[setting]
+    if variables is None:
+        return f"as inherited ({THP_VARIABLE} {thp_setting()}; malloc {malloc_setting()})"
+    return env_words(variables) or "as the machine comes (no allocator variable set)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    wanted = allocator_environment(args.allocator, dict(os.environ))
+    if wanted is not None and wanted != dict(os.environ) and not args.dry_run:
+        # the allocators read their variables once, at start-up: run again with them
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "dynconv.autotune", "bench", *argv],
+                  wanted)
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -872,7 +991,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print(f"dry run: {len(cases)} cases x providers {','.join(providers)} x modes "
               f"{','.join(args.modes)} on {device} ({device_name(device)}), {rounds} rounds"
-              f"; {THP_VARIABLE} {thp_setting()}")
+              f"; allocator: {allocator_words(args.allocator)}")
         for case in cases:
             print(f"  {case.group:8s} {case.shape.name:22s} {case.shape.label():26s} "
                   f"batch={case.batch:<4d} K={case.experts:<3d} {case.dtype:5s} {case.layout}"
@@ -892,6 +1011,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run(cases, providers, device, rounds, out_csv, label, memory=not args.no_memory,
         progress=not args.no_progress, time_budget_s=args.time_budget, rep_ms=args.rep_ms,
+        sample_ms=args.sample_ms,
         modes=args.modes)
     print(f"bench: wrote {out_csv}")
     return 0

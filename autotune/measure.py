@@ -184,8 +184,35 @@ class MemoryResult:
     note: str = ""
 
 
+# glibc's mallopt parameter (malloc.h) and the threshold the memory child pins it at
+M_MMAP_THRESHOLD = -3
+MEMORY_CHILD_MMAP_THRESHOLD = 128 * 1024
+
+
+def pin_mmap_threshold(threshold: int = MEMORY_CHILD_MMAP_THRESHOLD) -> bool:
+    """Make glibc's malloc serve every block of ``threshold`` bytes or more with its own mapping,
+    returned to the OS when freed; whether that worked (False off glibc).
+
+    By default glibc raises that threshold each time it frees a mapped block (up to 32 MiB), and
+    blocks below it come from its heap, which keeps freed memory: the RSS peak of one call then
+    depends on which blocks earlier calls freed, by tens of MiB from run to run for the same
+    call. Pinned (which also stops the raising), the peak RSS is what the call holds at once,
+    to the page."""
+    import ctypes
+    import ctypes.util
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
+
+
 def _memory_child(setup: Callable, args: tuple, threads: int, conn) -> None:
     try:
+        pinned = pin_mmap_threshold()
         if threads:
             torch.set_num_threads(threads)
         # a miniature run first loads every lazily initialised code path (oneDNN primitives,
@@ -207,7 +234,9 @@ def _memory_child(setup: Callable, args: tuple, threads: int, conn) -> None:
             conn.send(MemoryResult("ok", peak, None, before,
                                    "VmHWM could not be reset: peak is the process's"))
         else:
-            conn.send(MemoryResult("ok", peak, peak - before, before))
+            conn.send(MemoryResult("ok", peak, peak - before, before,
+                                   "" if pinned else "glibc's mmap threshold not pinned: the "
+                                   "peak includes what the allocator kept"))
     except Exception as exc:  # reported to the parent, not raised there
         conn.send(MemoryResult("error", note=f"{type(exc).__name__}: {exc}"))
     finally:

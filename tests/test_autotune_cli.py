@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import csv
 import os
+import platform
 import subprocess
 import sys
+import textwrap
 import time
 
 import pytest
@@ -21,6 +23,7 @@ from dynconv.autotune.bench import (
     preset_cases,
 )
 from dynconv.autotune.shapes import SHAPE_SETS, get_shape_set, parse_shape, tiny
+from dynconv.backends.native.rule import FormulationPlan
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -74,6 +77,75 @@ def test_fresh_process_memory_probe_reports_a_positive_peak():
     assert result.rss_before_bytes + result.extra_bytes == result.peak_bytes
     failed = fresh_process_peak_rss(fwd_bwd_run, (case, "no-such-provider"), threads=1)
     assert failed.status == "error" and "no-such-provider" in failed.note
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="mallopt is glibc's")
+def test_pinned_mmap_threshold_gives_every_freed_block_back():
+    # the memory probe's child pins glibc's threshold so that its RSS peak is what a call
+    # holds, not what earlier calls left in the heap: a freed 8 MiB block leaves RSS each time
+    # (by default glibc would raise its threshold after the first and keep the second)
+    code = textwrap.dedent("""
+        import torch
+        from dynconv.autotune.measure import pin_mmap_threshold, read_proc_status
+        assert pin_mmap_threshold()
+        torch.ones(8 * 2**20 // 4)  # the first call's own allocations (kernels, caches)
+        for _ in range(3):
+            before = read_proc_status("VmRSS")
+            block = torch.ones(8 * 2**20 // 4)
+            held = read_proc_status("VmRSS") - before
+            del block
+            left = read_proc_status("VmRSS") - before
+            assert held >= 7 * 2**20 and left < 2**20, (held, left)
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_allocator_settings_set_only_their_variables():
+    from dynconv.autotune import bench
+
+    env = {"PATH": "/bin", "THP_MEM_ALLOC_ENABLE": "1", "MALLOC_TRIM_THRESHOLD_": "5",
+           "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}
+    assert bench.allocator_environment("inherit", env) is None
+    assert bench.allocator_environment("default", env) == {"PATH": "/bin"}
+    assert bench.allocator_environment("thp", env) == {"PATH": "/bin",
+                                                       "THP_MEM_ALLOC_ENABLE": "1"}
+    assert bench.allocator_environment("steady-heap", env) == {"PATH": "/bin",
+                                                               **bench.STEADY_HEAP_ENV}
+
+
+def test_bench_restarts_with_the_allocator_setting_and_records_it(tmp_path):
+    # the variables are read at start-up: the run starts again with them, and its rows say so
+    from dynconv.autotune import bench
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    subprocess.run([sys.executable, "-m", "dynconv.autotune", "bench", "--shape",
+                    "cin=8,cout=8,hw=8,k=3", "--batch", "2", "--providers", "auto",
+                    "--modes", "fwd,fwd+bwd", "--rounds", "1", "--no-memory", "--no-progress",
+                    "--allocator", "steady-heap", "--out", str(tmp_path)],
+                   check=True, env=env, timeout=300, capture_output=True)
+    with open(tmp_path / "cpu" / "bench_custom.csv") as f:
+        rows = list(csv.DictReader(f))
+    steady = " ".join(f"{k}={v}" for k, v in bench.STEADY_HEAP_ENV.items())
+    assert rows and all(r["malloc_env"] == steady for r in rows)
+    # and what auto ran: a small layer takes the trick's graph with gradients
+    paths = {r["mode"]: r["auto_path"] for r in rows if r["provider"] == "auto"}
+    assert paths == {"fwd": "native: grouped", "fwd+bwd": "the grouped trick's graph"}
+
+
+def test_auto_path_names_the_native_formulations_and_chunks():
+    from dynconv.autotune.bench import Case, auto_path, forward_fn, make_inputs
+    from dynconv.backends.native import op
+
+    case = Case("layers", parse_shape("cin=8,cout=16,hw=8,k=1"), 4)
+    forward, _ = forward_fn("auto", case, make_inputs(case, "cpu"))
+    plan = FormulationPlan("im2col", "per_sample", "im2col")
+    original = op._plan
+    with op.force_formulation(plan, chunk=2):
+        assert auto_path(forward, "fwd") == "native: im2col, chunks of 2"
+        assert auto_path(forward, "fwd+bwd") == "native: im2col / per_sample / im2col, chunks of 2"
+    assert op._plan is original  # put back
+    assert auto_path(lambda: None, "fwd") == ""  # no native call: nothing to say
 
 
 def test_versions_record_the_git_commit():
