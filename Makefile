@@ -53,20 +53,24 @@ codegen-report: $(VENV)/.installed-dev $(VENV_GPU_TRITON)/.installed
 	$(VENV_GPU_TRITON)/bin/python -m dynconv.autotune compile-check --report perf_reports/codegen
 
 # The CPU perf report (the CPU goals open its summary.md): the quick preset as the machine
-# comes (THP_MEM_ALLOC_ENABLE unset), then its layers again in a fresh process with the
-# documented allocator setting THP_MEM_ALLOC_ENABLE=1 (REPORT_DIR/thp/cpu/, read by the report
-# for the second geometric mean), then ODConv on the same layers (the library's scales against
-# the published formulation, forward and forward+backward, with peak memory: its own CSV,
-# REPORT_DIR/cpu/odconv.csv, and the last section of summary.md, also in odconv.md). About 2.5
-# minutes on a 2-core machine.
+# comes (no allocator variable set; with peak memory), then again with the documented
+# allocator setting, glibc's heap kept (bench --allocator steady-heap: REPORT_DIR/steady/cpu/,
+# the speed rule is read on both), then its layers with THP_MEM_ALLOC_ENABLE=1
+# (REPORT_DIR/thp/cpu/, a third geometric mean), then ODConv on the same layers (the library's
+# scales against the published formulation, forward and forward+backward, with peak memory:
+# its own CSV, REPORT_DIR/cpu/odconv.csv, and the last section of summary.md, also in
+# odconv.md). Samples of at least 100 ms of back-to-back calls (bench --sample-ms). About
+# 10 minutes on a 2-core machine.
 report: $(VENV)/.installed-bench
-	env -u THP_MEM_ALLOC_ENABLE $(PY) -m dynconv.autotune bench --preset quick --device cpu \
-		--rounds 5 --out $(REPORT_DIR)
-	THP_MEM_ALLOC_ENABLE=1 $(PY) -m dynconv.autotune bench --preset quick --device cpu \
-		--rounds 5 --groups layers --no-memory --out $(REPORT_DIR)/thp
-	env -u THP_MEM_ALLOC_ENABLE $(PY) -m dynconv.autotune bench --preset odconv --device cpu \
-		--rounds 5 --modes fwd,fwd+bwd --out $(REPORT_DIR)
-	$(PY) -m dynconv.autotune report $(REPORT_DIR)/cpu --thp $(REPORT_DIR)/thp/cpu/bench_quick.csv
+	$(PY) -m dynconv.autotune bench --preset quick --device cpu --allocator default \
+		--rounds 5 --sample-ms 100 --out $(REPORT_DIR)
+	$(PY) -m dynconv.autotune bench --preset quick --device cpu --allocator steady-heap \
+		--rounds 5 --sample-ms 100 --no-memory --out $(REPORT_DIR)/steady
+	$(PY) -m dynconv.autotune bench --preset quick --device cpu --allocator thp \
+		--rounds 5 --sample-ms 100 --groups layers --no-memory --out $(REPORT_DIR)/thp
+	$(PY) -m dynconv.autotune bench --preset odconv --device cpu --allocator default \
+		--rounds 5 --sample-ms 100 --modes fwd,fwd+bwd --out $(REPORT_DIR)
+	$(PY) -m dynconv.autotune report $(REPORT_DIR)/cpu
 
 # On a GPU machine with torch + Triton and no network: the first GPU run, within 7 minutes in
 # all, this install included (its deadline counts from here: --started-at), and every process

@@ -20,19 +20,24 @@ ODConv and of the published formulation, as ratios to the static conv); found be
 CSV, the same section closes that folder's ``summary.md`` (after everything else, the CPU goals
 untouched) and ``odconv.md`` is written too.
 
-A CPU run's summary opens with the CPU goals (:func:`goals_section`):
+A CPU run's summary opens with the CPU goals (:func:`goals_section`), on it and on its
+companion runs: the same preset with other CPU allocator settings (bench's ``--allocator``,
+recorded in its ``thp_mem_alloc_enable`` and ``malloc_env`` columns; ``--companion``, by default
+``<root>/steady/<device>/`` and ``<root>/thp/<device>/`` next to ``<root>/<device>/``, where
+``make report`` writes them; a missing run is said, not dropped):
 
 - the speed rule on every case and mode (forward, forward+backward): ``auto`` within 5 % or
   within 0.2 ms per call of the better of ``loop`` and ``grouped`` (the rule of
-  :func:`dynconv.autotune.cpu_formulations.within_goal`, on the times of the CSV: each
-  provider's minimum over the interleaved rounds), the rows counted and those outside listed;
-- the geometric mean of ``auto``'s forward+backward ratio to static over the ``layers`` group,
-  as the machine comes (goal <= 1.3x) and with ``THP_MEM_ALLOC_ENABLE=1`` (goal <= 1.2x), each
-  read from the CSV whose ``thp_mem_alloc_enable`` column says it had that setting: this one
-  and a second run's (``--thp``; by default ``<root>/thp/<device>/bench_<preset>.csv`` next to
-  ``<root>/<device>/``, where ``make report`` writes it); a missing run is said, not dropped;
+  :func:`dynconv.autotune.cpu_formulations.within_goal`, on each provider's minimum over the
+  interleaved rounds), on this run and on the companion with the rule's cases (glibc's heap
+  kept), side by side, the rows counted and those outside listed with what ``auto`` ran;
+- the geometric mean of ``auto``'s forward+backward ratio to static over the ``layers`` group
+  per allocator setting: as the machine comes (goal <= 1.3x), with the documented setting
+  (goal <= 1.2x), with ``THP_MEM_ALLOC_ENABLE=1`` (shown);
 - the memory goal: ``auto``'s forward+backward peak excess over the static conv as a percentage
-  of the grouped trick's, on every case measured at batch 32 (goal <= 40 %).
+  of the grouped trick's, on every case measured at batch 32 (goal <= 40 %; where B x |W| is
+  within the native backend's saving threshold auto may hold what the trick holds: there no
+  more than the trick's).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import pandas as pd
 
 from .bench import (
     COLUMNS,
+    DTYPES,
     MEMORY_GROUP,
     MODES,
     ODCONV_GROUP,
@@ -55,6 +61,7 @@ from .bench import (
     PRESET_CSV,
     PROVIDERS,
     RENAMED_PROVIDERS,
+    STEADY_HEAP_WORDS,
     THP_VARIABLE,
 )
 from .cpu_formulations import GOAL_FRACTION, GOAL_MS, within_goal
@@ -390,14 +397,29 @@ def _load_line(frame: pd.DataFrame) -> list[str]:
 # the CPU goals
 
 RULE_MODES = ("fwd", "fwd+bwd")
+# bench's auto_path of a call that ran autograd's graph of the grouped trick
+TRICK_GRAPH = "the grouped trick's graph"
 RULE_PROVIDERS = ("auto", "loop", "grouped")
 # the measurement a row belongs to (a case repeated in several sweeps is measured once)
 CASE_KEYS = ["shape", "batch", "experts", "dtype", "layout"]
-# geometric mean of auto's forward+backward ratio over the layers: setting -> (words, goal)
-GEOMEAN_GOALS = {"default": ("as the machine comes", 1.3),
-                 "thp": (f"with `{THP_VARIABLE}=1`", 1.2)}
+# the CPU allocator settings a run can have (bench's --allocator) -> (words, goal of the
+# geometric mean of auto's forward+backward ratio over the layers, or None: shown, no goal);
+# "steady_heap" is the documented setting (README, "Performance")
+ALLOCATOR_GOALS = {"default": ("as the machine comes", 1.3),
+                   "steady_heap": (f"with glibc's heap kept (`{STEADY_HEAP_WORDS}`, the "
+                                   f"documented setting)", 1.2),
+                   "thp": (f"with `{THP_VARIABLE}=1`", None)}
+# the same settings in a table header
+SHORT_SETTING_WORDS = {"default": "as it comes", "steady_heap": "steady heap", "thp": "THP"}
+# the folder under a report's root that make report writes each companion run to
+COMPANION_FOLDERS = {"steady_heap": "steady", "thp": "thp"}
 MEMORY_BATCH = 32
 MEMORY_GOAL_PERCENT = 40.0
+# Where B x |W| is within the native backend's saving threshold, auto may hold what the trick
+# holds (its mixed weights, or the trick's own graph): its excess is then held to the trick's,
+# plus this much for the RSS of two fresh processes (pages, Python objects; measured apart by
+# at most 0.3 MiB on the same calls).
+MEMORY_SAME_AS_TRICK_SLACK_BYTES = 2**20
 
 
 def rule_ok(auto_ms: float, best_ms: float) -> bool:
@@ -430,22 +452,40 @@ def rule_rows(frame: pd.DataFrame) -> tuple[list[dict], list[str]]:
             continue
         best = "loop" if ok["loop"] <= ok["grouped"] else "grouped"
         auto, best_ms = float(ok["auto"]), float(ok[best])
+        path = ""
+        if "auto_path" in sub:
+            paths = sub[(sub["provider"] == "auto") & (sub["status"] == "ok")]["auto_path"]
+            path = next((p for p in paths if isinstance(p, str) and p), "")
         rows.append({
             "case": _case_words(first), "groups": ", ".join(dict.fromkeys(sub["group"])),
             "mode": first["mode"], "auto_ms": auto, "loop_ms": float(ok["loop"]),
             "grouped_ms": float(ok["grouped"]), "best": best, "best_ms": best_ms,
             "excess_ms": auto - best_ms, "excess_percent": 100 * (auto / best_ms - 1),
-            "ok": rule_ok(auto, best_ms)})
+            "ok": rule_ok(auto, best_ms), "auto_path": path})
     return rows, unchecked
 
 
-def thp_setting_of(frame: pd.DataFrame) -> str | None:
-    """``thp`` if the run had ``THP_MEM_ALLOC_ENABLE=1``, ``default`` if not, None when the CSV
-    does not record it (written before the column)."""
+def setting_words(setting: str) -> str:
+    """An allocator setting of allocator_setting_of in words ("as the machine comes"...)."""
+    return ALLOCATOR_GOALS.get(setting, ("with another allocator setting", None))[0]
+
+
+def allocator_setting_of(frame: pd.DataFrame) -> str | None:
+    """The CPU allocator setting a run recorded: ``default`` (none of the variables set),
+    ``thp``, ``steady_heap`` (STEADY_HEAP_ENV, nothing else), ``other``; None when the CSV
+    does not record it (written before the columns)."""
     if "thp_mem_alloc_enable" not in frame or frame["thp_mem_alloc_enable"].isna().all():
         return None
     value = str(frame["thp_mem_alloc_enable"].dropna().iloc[0]).strip().lower()
-    return "thp" if value in ("1", "1.0", "true", "yes", "on") else "default"
+    thp = value in ("1", "1.0", "true", "yes", "on")
+    malloc = "unset"
+    if "malloc_env" in frame and not frame["malloc_env"].isna().all():
+        malloc = str(frame["malloc_env"].dropna().iloc[0]).strip()
+    if malloc == "unset":
+        return "thp" if thp else "default"
+    if not thp and malloc == STEADY_HEAP_WORDS:
+        return "steady_heap"
+    return "other"
 
 
 def layers_geomean(frame: pd.DataFrame, provider: str = "auto") -> tuple[float, int]:
@@ -457,50 +497,83 @@ def layers_geomean(frame: pd.DataFrame, provider: str = "auto") -> tuple[float, 
     return _geomean(list(ratios)), int(ratios.notna().sum())
 
 
-def geomean_lines(runs: list[tuple[str, pd.DataFrame | None, str]]) -> list[str]:
-    """One line per allocator setting of GEOMEAN_GOALS: the geometric mean of ``auto``'s
-    forward+backward ratio over the layers, from the first of ``runs`` ((label, frame, why
-    the frame is None: a CSV not found)) that had that setting, against the setting's goal. A
-    setting that no run had is said to be not measured, with what each run was instead."""
+def _by_setting(runs: list[tuple[str, pd.DataFrame | None, str]]
+                ) -> tuple[dict[str, tuple[str, pd.DataFrame, str]], list[str]]:
+    """(setting -> the first of ``runs`` ((label, frame, why the frame is None)) that had it,
+    with "" or a note that the setting was assumed; what each run was, in words)."""
     by_setting: dict[str, tuple[str, pd.DataFrame, str]] = {}
-    instead: list[str] = []
+    what: list[str] = []
     for label, frame, why in runs:
         if frame is None:
-            instead.append(f"`{label}`: {why or 'not found'}")
+            what.append(f"`{label}`: {why or 'not found'}")
             continue
-        recorded = thp_setting_of(frame)
+        recorded = allocator_setting_of(frame)
         setting = recorded or "default"
-        assumed = "" if recorded else (f"; assumed: the CSV does not record "
-                                       f"`{THP_VARIABLE}`")
-        words = GEOMEAN_GOALS[setting][0]
-        if not layers_geomean(frame)[1]:
-            instead.append(f"`{label}` ({words}) has no layers group measured")
-        elif setting in by_setting:
-            instead.append(f"`{label}` is a second run {words}")
+        assumed = "" if recorded else "; assumed: the CSV does not record its allocator"
+        words = setting_words(setting)
+        if setting in by_setting:
+            what.append(f"`{label}` is a second run {words}")
         else:
             by_setting[setting] = (label, frame, assumed)
-            instead.append(f"`{label}` ran {words}")
+            what.append(f"`{label}` ran {words}")
+    return by_setting, what
+
+
+def geomean_lines(runs: list[tuple[str, pd.DataFrame | None, str]]) -> list[str]:
+    """One line per allocator setting of ALLOCATOR_GOALS: the geometric mean of ``auto``'s
+    forward+backward ratio over the layers, from the first of ``runs`` ((label, frame, why
+    the frame is None: a CSV not found)) that had that setting, against the setting's goal. A
+    setting with a goal that no run had is said to be not measured, with what each run was."""
+    by_setting, what = _by_setting(runs)
     lines = []
-    for setting, (words, goal) in GEOMEAN_GOALS.items():
-        if setting not in by_setting:
-            lines.append(f"- {words} (goal <= {goal}x static): **not measured**: "
-                         + "; ".join(instead))
+    for setting, (words, goal) in ALLOCATOR_GOALS.items():
+        label, frame, assumed = by_setting.get(setting, (None, None, ""))
+        count = layers_geomean(frame)[1] if frame is not None else 0
+        if not count:
+            if goal is not None:
+                lines.append(f"- {words} (goal <= {goal}x static): **not measured**: "
+                             + "; ".join(what))
             continue
-        label, frame, assumed = by_setting[setting]
-        mean, count = layers_geomean(frame)
+        mean, _ = layers_geomean(frame)
         trick, _ = layers_geomean(frame, "grouped")
-        verdict = "met" if mean <= goal else "not met"
-        lines.append(f"- {words}: auto **{_fmt(mean)}x** static over {count} layers (goal <= "
-                     f"{goal}x): **{verdict}** (the trick {_fmt(trick)}x; from `{label}`"
-                     f"{assumed})")
+        verdict = ("no goal" if goal is None else
+                   f"goal <= {goal}x): **{'met' if mean <= goal else 'not met'}**")
+        lines.append(f"- {words}: auto **{_fmt(mean)}x** static over {count} layers ("
+                     + (verdict + ")" if goal is None else verdict)
+                     + f" (the trick {_fmt(trick)}x; the static conv "
+                     f"{_layers_static_ms(frame)}; from `{label}`{assumed})")
     return lines
+
+
+def _layers_static_ms(frame: pd.DataFrame) -> str:
+    """The static conv's forward+backward times over the layers, in ms, in words."""
+    ok = _ok(frame)
+    static = ok[(ok["group"] == "layers") & (ok["mode"] == "fwd+bwd")
+                & (ok["provider"] == "static")].drop_duplicates(CASE_KEYS)["time_ms"]
+    return f"{static.sum():.0f} ms over them"
+
+
+def mixed_within_threshold(row) -> bool:
+    """Whether a case's B x |W| mixed weights are within the native backend's saving threshold
+    (``within_saving_threshold``: then auto may keep them, or take the trick's own graph)."""
+    from dynconv.backends.native.op import within_saving_threshold
+
+    size = DTYPES[str(row["dtype"])].itemsize
+    taps = int(row.get("kd", 1) or 1) * int(row["kh"]) * int(row["kw"])
+    weight = int(row["cout"]) * int(row["cin"]) // int(row["groups"]) * taps
+    pixels = int(row.get("d", 1) or 1) * int(row["h"]) * int(row["w"])
+    batch = int(row["batch"])
+    return within_saving_threshold(batch * weight * size, batch * int(row["cin"]) * pixels * size)
 
 
 def memory_rows(frame: pd.DataFrame, batch: int = MEMORY_BATCH) -> list[dict]:
     """One dict per case measured at ``batch`` with forward+backward peak memory for static,
     auto and grouped: the three excesses (bytes above the memory before the call), auto's
     excess over static as a percentage of the trick's (-inf when auto has none: within any
-    goal; +inf when only auto has one) and whether it is within the goal."""
+    goal; +inf when only auto has one), whether B x |W| is within the saving threshold
+    (:func:`mixed_within_threshold`) and whether it is within the goal: at most
+    MEMORY_GOAL_PERCENT of the trick's excess, or where the threshold lets auto hold what the
+    trick holds, no more than the trick's (plus MEMORY_SAME_AS_TRICK_SLACK_BYTES)."""
     ok = _ok(frame)
     data = ok[(ok["mode"] == "fwd+bwd") & (ok["batch"] == batch)]
     if "mem_extra_bytes" not in data:
@@ -515,62 +588,113 @@ def memory_rows(frame: pd.DataFrame, batch: int = MEMORY_BATCH) -> list[dict]:
         own = extra["auto"] - extra["static"]
         percent = (100 * own / trick if trick > 0 and own > 0 else
                    -math.inf if own <= 0 else math.inf)
+        small = mixed_within_threshold(sub.iloc[0])
         rows.append({"case": _case_words(sub.iloc[0]),
                      "groups": ", ".join(dict.fromkeys(sub["group"])),
                      "static": extra["static"], "auto": extra["auto"],
-                     "grouped": extra["grouped"], "percent": percent,
-                     "ok": percent <= MEMORY_GOAL_PERCENT})
+                     "grouped": extra["grouped"], "percent": percent, "small": small,
+                     "ok": percent <= MEMORY_GOAL_PERCENT or (
+                         small and own <= trick + MEMORY_SAME_AS_TRICK_SLACK_BYTES)})
     return rows
 
 
-def goals_section(frame: pd.DataFrame, label: str,
-                  thp: tuple[str, pd.DataFrame | None, str] | None = None) -> list[str]:
-    """The CPU goals on one CPU run (``label``: its CSV's name) and, for the second
-    geometric mean, ``thp``: (label, frame, why the frame is None) of the run with the
-    documented allocator setting."""
-    rows, unchecked = rule_rows(frame)
-    lines = ["### The CPU goals", ""]
-    statistic = ("its minimum over the interleaved rounds" if "ratio_median" in frame else
-                 "the median of its rounds, in a CSV written before the rounds were balanced "
-                 "and the minimum kept")
+def _rule_count(rows: list[dict]) -> str:
     passed = sum(r["ok"] for r in rows)
     per_mode = ", ".join(
         f"{MODE_WORDS[m].split(' (')[0]} {sum(r['ok'] for r in rows if r['mode'] == m)} of "
         f"{sum(r['mode'] == m for r in rows)}" for m in RULE_MODES)
+    return f"**{passed} of {len(rows)} rows ok** ({per_mode})"
+
+
+def _outside_lines(rows: list[dict]) -> list[str]:
+    return [f"- {r['case']} ({r['groups']}), {r['mode']}: auto {r['auto_ms']:.3f} ms "
+            f"against {r['best']} {r['best_ms']:.3f} ms (+{r['excess_ms']:.3f} ms, "
+            f"+{r['excess_percent']:.1f} %)"
+            + (f"; auto ran {r['auto_path']}" if r.get("auto_path") else "")
+            for r in rows if not r["ok"]]
+
+
+def _setting_words(frame: pd.DataFrame) -> str:
+    return setting_words(allocator_setting_of(frame) or "default")
+
+
+def goals_section(frame: pd.DataFrame, label: str,
+                  companions: list[tuple[str, pd.DataFrame | None, str]] = ()) -> list[str]:
+    """The CPU goals on one CPU run (``label``: its CSV's name) and its ``companions``: (label,
+    frame, why the frame is None) of the runs of the same preset with other allocator settings
+    (make report's). The speed rule on this run and on each companion that has the rule's
+    cases (the table shows them side by side, with what auto ran); one geometric mean per
+    setting (:func:`geomean_lines`); the memory goal on this run."""
+    runs = [(label, frame, "")] + list(companions)
+    rule_runs = [(label, frame, *rule_rows(frame))]
+    for other_label, other, _why in companions:
+        if other is not None:
+            other_rows, other_unchecked = rule_rows(other)
+            if other_rows:
+                rule_runs.append((other_label, other, other_rows, other_unchecked))
+    rows = rule_runs[0][2]
+    lines = ["### The CPU goals", ""]
+    statistic = ("its minimum over the interleaved rounds" if "ratio_median" in frame else
+                 "the median of its rounds, in a CSV written before the rounds were balanced "
+                 "and the minimum kept")
     lines += [f"**Speed rule**: `auto` within {100 * GOAL_FRACTION:.0f} % or within "
               f"{GOAL_MS} ms per call of the better of `loop` and `grouped` (each provider's "
-              f"time: {statistic}). **{passed} of {len(rows)} rows "
-              f"ok** ({per_mode}); "
-              + ("**met** on every row." if rows and passed == len(rows) and not unchecked
-                 else "**not met**." if rows else "**not measured** (no case has auto, loop "
-                 "and grouped).")]
-    outside = [r for r in rows if not r["ok"]]
-    if outside:
-        lines += ["", "Rows outside the rule:", ""]
-        lines += [f"- {r['case']} ({r['groups']}), {r['mode']}: auto {r['auto_ms']:.3f} ms "
-                  f"against {r['best']} {r['best_ms']:.3f} ms (+{r['excess_ms']:.3f} ms, "
-                  f"+{r['excess_percent']:.1f} %)" for r in outside]
-    if unchecked:
-        lines += ["", "Rows not checked (a provider did not run):", ""]
-        lines += [f"- {line}" for line in unchecked]
+              f"time: {statistic})"
+              + (", in each run of the same cases (on this machine a call's time depends on "
+                 "what the allocator kept from the calls before it: the runs differ in that)"
+                 if len(rule_runs) > 1 else "") + ":", ""]
+    for run_label, run_frame, run_rows, run_unchecked in rule_runs:
+        passed = sum(r["ok"] for r in run_rows)
+        same = sum(not r["ok"] and r.get("auto_path") == TRICK_GRAPH for r in run_rows)
+        lines.append(f"- {_setting_words(run_frame)} (`{run_label}`): {_rule_count(run_rows)}; "
+                     + ("**met** on every row" if run_rows and passed == len(run_rows)
+                        and not run_unchecked else "**not met**" if run_rows else
+                        "**not measured** (no case has auto, loop and grouped)")
+                     + (f" ({same} of the rows outside ran the trick's own graph: the same "
+                        f"calls as `grouped`, two measurements of them apart)" if same else ""))
+    for _label, run_frame, run_rows, run_unchecked in rule_runs:
+        if any(not r["ok"] for r in run_rows):
+            lines += ["", f"Rows outside the rule, {_setting_words(run_frame)}:", ""]
+            lines += _outside_lines(run_rows)
+        if run_unchecked:
+            lines += ["", f"Rows not checked (a provider did not run), "
+                          f"{_setting_words(run_frame)}:", ""]
+            lines += [f"- {line}" for line in run_unchecked]
     if rows:
+        others = [{(r["case"], r["mode"]): r for r in run[2]} for run in rule_runs[1:]]
+        extra_header = []
+        for run in rule_runs[1:]:
+            short = SHORT_SETTING_WORDS.get(allocator_setting_of(run[1]) or "default", run[0])
+            extra_header += [f"{short}: auto - best ms", "rule"]
+
+        def other_cells(r: dict) -> list[str]:
+            cells = []
+            for by_key in others:
+                other = by_key.get((r["case"], r["mode"]))
+                cells += (["-", "-"] if other is None else
+                          [f"{other['excess_ms']:+.3f} ({other['excess_percent']:+.1f} %)",
+                           "ok" if other["ok"] else "**outside**"])
+            return cells
+
         lines += [""] + _table(
             ["case", "groups", "mode", "auto ms", "loop ms", "grouped ms", "auto - best ms",
-             "rule"],
+             "rule", *extra_header, "auto ran"],
             [[r["case"], r["groups"], r["mode"], _fmt(r["auto_ms"], 3), _fmt(r["loop_ms"], 3),
               _fmt(r["grouped_ms"], 3),
               f"{r['excess_ms']:+.3f} ({r['excess_percent']:+.1f} %)",
-              "ok" if r["ok"] else "**outside**"] for r in rows])
+              "ok" if r["ok"] else "**outside**", *other_cells(r), r.get("auto_path") or "-"]
+             for r in rows])
     lines += ["", "**Geometric mean over the layers** (forward+backward, auto's time / the "
                   "static conv's):", ""]
-    lines += geomean_lines([(label, frame, "")] + ([thp] if thp else []))
+    lines += geomean_lines(runs)
     memory = memory_rows(frame)
     goal_rows = [r for r in memory if MEMORY_GROUP in r["groups"].split(", ")] or memory
     lines += ["", f"**Memory**: auto's forward+backward peak excess over the static conv as a "
                   f"percentage of the grouped trick's, at batch {MEMORY_BATCH} (goal <= "
                   f"{MEMORY_GOAL_PERCENT:.0f} %"
               + (f" on the layers, group `{MEMORY_GROUP}`" if goal_rows is not memory else "")
-              + "): "
+              + "; where B x |W| is within the saving threshold, max(x / 4, 16 MiB), auto may "
+                "hold what the trick holds: there no more than the trick's): "
               + ("**not measured**: this run has no forward+backward memory figure at batch "
                  f"{MEMORY_BATCH} for static, auto and the trick" if not memory else
                  f"**{'met' if all(r['ok'] for r in goal_rows) else 'not met'}** "
@@ -581,7 +705,8 @@ def goals_section(frame: pd.DataFrame, label: str,
                 "the trick no more than static" if value == math.inf else f"{value:.1f} %")
 
     for r in memory:
-        also = "" if r in goal_rows else "; not part of the goal"
+        also = ("; B x |W| within the saving threshold" if r["small"] else "") + (
+            "" if r in goal_rows else "; not part of the goal")
         lines.append(f"- {r['case']} ({r['groups']}): static {r['static'] / 2**20:.1f} MiB; "
                      f"above it: auto {(r['auto'] - r['static']) / 2**20:+.1f}, the trick "
                      f"{(r['grouped'] - r['static']) / 2**20:+.1f}: "
@@ -590,11 +715,33 @@ def goals_section(frame: pd.DataFrame, label: str,
     return lines + [""]
 
 
+CPU_MEMORY_WORDS = ("peak RSS (VmHWM) of a fresh process during one forward+backward, minus its "
+                    "RSS just before it; glibc's mmap threshold is pinned in that process, so "
+                    "every freed block goes back to the OS and the peak is what the call holds "
+                    "at once")
+
+
+def _cpu_run_options(frame: pd.DataFrame) -> str:
+    """The bench options of a CPU run that are not the defaults: its allocator setting and
+    sample length."""
+    options = ""
+    setting = allocator_setting_of(frame)
+    if setting in ("default", "thp", "steady_heap"):
+        options += " --allocator " + setting.replace("_", "-")
+    sample_ms = frame.iloc[0].get("sample_ms")
+    if sample_ms is not None and sample_ms == sample_ms and float(sample_ms) != 10.0:
+        options += f" --sample-ms {float(sample_ms):g}"
+    return options
+
+
 def _timing_line(frame: pd.DataFrame, gpu: bool) -> str:
     first = frame.iloc[0]
     rounds = first.get("rounds", "?")
+    sample_ms = first.get("sample_ms")
+    sample_ms = 10.0 if sample_ms is None or sample_ms != sample_ms else float(sample_ms)
     sample = (" (`triton.testing.do_bench` median per sample)" if gpu else
-              " (wall clock; a sample repeats sub-10 ms calls up to 20 times)")
+              f" (wall clock; a sample repeats a call back to back for at least "
+              f"{sample_ms:g} ms)")
     if "ratio_median" not in frame:  # a CSV written before the rounds were rotated
         return (f"- timing: median of {rounds} rounds, each round one static-conv sample then "
                 f"one provider sample of the same shape{sample}; ratio = median of the "
@@ -604,6 +751,17 @@ def _timing_line(frame: pd.DataFrame, gpu: bool) -> str:
             f"(each in every position, after every other){sample}; ratio = a provider's "
             f"minimum / the static conv's minimum in the same rounds (the CSV keeps the medians "
             f"too: `time_median_ms`, `ratio_median`)")
+
+
+def _allocator_line(frame: pd.DataFrame) -> str:
+    setting = allocator_setting_of(frame)
+    if setting is None:
+        return "not recorded by this CSV"
+    first = frame.iloc[0]
+    malloc = first.get("malloc_env")
+    return (f"{setting_words(setting)} in this run "
+            f"(`{THP_VARIABLE}` {first['thp_mem_alloc_enable']}; malloc "
+            f"{malloc if isinstance(malloc, str) else 'unset'})")
 
 
 def summary_section(frame: pd.DataFrame, images: list[str], goals: list[str] = ()
@@ -627,15 +785,12 @@ def summary_section(frame: pd.DataFrame, images: list[str], goals: list[str] = (
         "- modes: fwd = inference forward (no_grad), bwd = backward alone, fwd+bwd = both; "
         "the router MLP is not included (routing weights are an input)",
         f"- reproduce: `python -m dynconv.autotune bench --preset {first['preset']}"
-        + (" --device cpu" if not gpu else "") + "` then `python -m dynconv.autotune report "
-        "<folder>`" + (" (`make report` does both)" if first["preset"] == "quick" else ""),
+        + ("" if gpu else f" --device cpu{_cpu_run_options(frame)}")
+        + "` then `python -m dynconv.autotune report <folder>`"
+        + (" (`make report` does both)" if first["preset"] == "quick" else ""),
         "- memory: " + ("`torch.cuda.max_memory_allocated` during one call, minus what was "
-                        "allocated before it" if gpu else
-                        "peak RSS (VmHWM) of a fresh process during one forward+backward, "
-                        "minus its RSS just before it"),
-        *(["- CPU allocator: " + (f"`{THP_VARIABLE}` unset" if thp_setting_of(frame) ==
-                                   "default" else f"`{THP_VARIABLE}=1`") + " in this run"]
-          if not gpu and thp_setting_of(frame) else []),
+                        "allocated before it" if gpu else CPU_MEMORY_WORDS),
+        *([f"- CPU allocator: {_allocator_line(frame)}"] if not gpu else []),
         "",
         *goals,
     ]
@@ -788,12 +943,11 @@ def odconv_section(frame: pd.DataFrame, label: str) -> list[str]:
         *_load_line(frame),
         _timing_line(frame, gpu),
         "- memory: " + ("`torch.cuda.max_memory_allocated` during one forward+backward, minus "
-                        "what was allocated before it" if gpu else
-                        "peak RSS (VmHWM) of a fresh process during one forward+backward, "
-                        "minus its RSS just before it")
+                        "what was allocated before it" if gpu else CPU_MEMORY_WORDS)
         + "; the ratio is that excess over the static conv's",
         f"- reproduce: `python -m dynconv.autotune bench --preset {first['preset']}"
-        + ("" if gpu else " --device cpu") + f" --rounds {first.get('rounds', 5)} --modes "
+        + ("" if gpu else f" --device cpu{_cpu_run_options(frame)}")
+        + f" --rounds {first.get('rounds', 5)} --modes "
         + ",".join(modes) + "` then `python -m dynconv.autotune report <folder>/"
         + f"{ODCONV_CSV}`" + (" (`make report` does both)" if first["preset"] == "odconv"
                               else ""), ""]
@@ -863,13 +1017,14 @@ def write_odconv_markdown(frame: pd.DataFrame, path: str, folder: str) -> str:
     return target
 
 
-def thp_companion(path: str) -> str:
-    """Where ``make report`` writes the run with ``THP_MEM_ALLOC_ENABLE=1`` that goes with the
-    bench CSV ``path`` (``<root>/<device>/bench_<preset>.csv``): bench's ``--out <root>/thp``,
-    i.e. ``<root>/thp/<device>/bench_<preset>.csv``."""
+def companion_paths(path: str) -> dict[str, str]:
+    """setting -> where ``make report`` writes the run with that allocator setting that goes
+    with the bench CSV ``path`` (``<root>/<device>/bench_<preset>.csv``): bench's ``--out
+    <root>/<COMPANION_FOLDERS[setting]>``, i.e. ``<root>/<folder>/<device>/bench_<preset>.csv``."""
     folder = os.path.dirname(os.path.abspath(path))
-    return os.path.join(os.path.dirname(folder), "thp", os.path.basename(folder),
-                        os.path.basename(path))
+    return {setting: os.path.join(os.path.dirname(folder), name, os.path.basename(folder),
+                                  os.path.basename(path))
+            for setting, name in COMPANION_FOLDERS.items()}
 
 
 def _load_companion(path: str) -> pd.DataFrame | None:
@@ -885,16 +1040,19 @@ def _load_companion(path: str) -> pd.DataFrame | None:
 
 
 def render(csv_paths: list[str], out_root: str | None = None,
-           explicit: tuple[str, ...] = (), thp_csv: str | None = None) -> list[str]:
+           explicit: tuple[str, ...] = (), companion_csvs: tuple[str, ...] = ()) -> list[str]:
     """Render every CSV; return the paths written (PNGs and one summary.md per folder).
 
     A CSV in ``explicit`` (named on the command line) that is not a bench CSV is an error; one
-    found by searching a folder is skipped with a message. A CPU run's summary opens with issue
-    27's goals (:func:`goals_section`), its second geometric mean read from ``thp_csv`` (default:
-    :func:`thp_companion` of the CSV); a companion run found by searching a folder is read
-    there, not rendered on its own.
+    found by searching a folder is skipped with a message. A CPU run's summary opens with the
+    CPU goals (:func:`goals_section`) on it and its companion runs, the same preset with other
+    allocator settings: ``companion_csvs`` (default: :func:`companion_paths` of the CSV); a
+    companion run found by searching a folder is read there, not rendered on its own.
     """
-    companions = {os.path.abspath(thp_csv or thp_companion(p)) for p in csv_paths}
+    def companions_of(path: str) -> list[str]:
+        return list(companion_csvs) or list(companion_paths(path).values())
+
+    companions = {os.path.abspath(c) for p in csv_paths for c in companions_of(p)}
     by_folder: dict[str, list[tuple[str, pd.DataFrame]]] = {}
     odconv: dict[str, tuple[str, pd.DataFrame]] = {}  # folder -> its ODConv CSV
     for path in csv_paths:
@@ -946,16 +1104,14 @@ def render(csv_paths: list[str], out_root: str | None = None,
             written += images
             goals = []
             if frame["device"].iloc[0] == "cpu":
-                companion = thp_csv or thp_companion(path)
-                shown = os.path.relpath(companion, folder)
-                thp_frame = _load_companion(companion)
-                why = ("" if thp_frame is not None else
-                       ("not a bench CSV with rows" if os.path.isfile(companion)
-                        else "no such file")
-                       + f" (`make report` writes it: `{THP_VARIABLE}=1 python -m "
-                       f"dynconv.autotune bench --preset {preset} --device cpu --groups layers "
-                       f"--no-memory --out <root>/thp`)")
-                goals = goals_section(frame, os.path.basename(path), (shown, thp_frame, why))
+                runs = []
+                for companion in companions_of(path):
+                    companion_frame = _load_companion(companion)
+                    why = ("" if companion_frame is not None else
+                           "not a bench CSV with rows" if os.path.isfile(companion)
+                           else "no such file (`make report` writes it)")
+                    runs.append((os.path.relpath(companion, folder), companion_frame, why))
+                goals = goals_section(frame, os.path.basename(path), runs)
             lines += summary_section(frame, images, goals)
         if folder in odconv:
             path, frame = odconv[folder]
@@ -974,11 +1130,14 @@ def main(argv: list[str] | None = None) -> int:
                     "plots and a summary.md next to each CSV (or under --out/<device>/).")
     parser.add_argument("paths", nargs="+", help="bench CSV files or folders")
     parser.add_argument("--out", default=None, help="write under OUT/<device>/ instead")
-    parser.add_argument("--thp", default=None, metavar="CSV",
-                        help=f"the bench CSV of the run with {THP_VARIABLE}=1, for the CPU goals' "
-                             "second geometric mean (default: <root>/thp/<device>/"
-                             "bench_<preset>.csv next to each <root>/<device>/ CSV, where make "
-                             "report writes it); a missing one is said in the summary")
+    parser.add_argument("--companion", action="append", default=[], metavar="CSV",
+                        help="a bench CSV of the same preset run with another allocator setting "
+                             "(bench --allocator), for the CPU goals: the speed rule on each "
+                             "that has its cases, one geometric mean per setting "
+                             "(repeatable; default: <root>/steady/<device>/bench_<preset>.csv "
+                             "and <root>/thp/<device>/bench_<preset>.csv next to each "
+                             "<root>/<device>/ CSV, where make report writes them); a missing "
+                             "one is said in the summary")
     args = parser.parse_args(argv)
     try:
         csvs = find_csvs(args.paths)
@@ -988,7 +1147,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no bench_*.csv found under {args.paths}")
     try:
         written = render(csvs, args.out, tuple(p for p in args.paths if os.path.isfile(p)),
-                         thp_csv=args.thp)
+                         companion_csvs=tuple(args.companion))
     except ValueError as exc:
         parser.error(str(exc))
     for path in written:

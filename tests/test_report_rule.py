@@ -1,7 +1,7 @@
 """The CPU goals in the bench report, on small synthetic bench CSVs (no timing): the speed
-rule per case and mode, the geometric mean over the layers with and without
-THP_MEM_ALLOC_ENABLE=1 (labelled from the CSVs' own column), the memory figure; and the
-bench's position-neutral rounds, with a fake timer."""
+rule per case and mode in each allocator setting's run, the geometric mean over the layers per
+setting (labelled from the CSVs' own columns), the memory figure; and the bench's
+position-neutral rounds, with a fake timer."""
 
 from __future__ import annotations
 
@@ -62,11 +62,15 @@ def _case(group, shape, batch, times, static, memory=None, experts=4):
     return rows
 
 
-def _write(path, rows, thp="unset", columns=bench.COLUMNS):
+STEADY = " ".join(f"{k}={v}" for k, v in bench.STEADY_HEAP_ENV.items())
+
+
+def _write(path, rows, thp="unset", columns=bench.COLUMNS, malloc="unset"):
     meta = {"run_id": "r1", "timestamp": "t", "preset": "quick", "device": "cpu",
             "device_name": "Test CPU", "device_slug": "cpu", "torch": "2", "triton": "",
             "python": "3.11", "commit": "abc", "threads": 1, "cpus": 2,
-            "thp_mem_alloc_enable": thp, "load_avg_1min": 0.1, "rounds": 5}
+            "thp_mem_alloc_enable": thp, "malloc_env": malloc, "load_avg_1min": 0.1,
+            "rounds": 5}
     frame = pd.DataFrame([{**meta, **row} for row in rows])
     frame = frame.reindex(columns=[c for c in columns if c != "thp_mem_alloc_enable"]
                           + (["thp_mem_alloc_enable"] if "thp_mem_alloc_enable" in columns
@@ -128,73 +132,128 @@ def test_rule_rows_count_list_and_dedupe(tmp_path):
     assert not any("B32 64->64 k3 s1 @56" in r["case"] for r in rows)
 
 
-def test_summary_states_every_goal_with_the_thp_run(tmp_path):
+def test_summary_states_every_goal_with_the_companion_runs(tmp_path):
     main = _write(tmp_path / "cpu" / "bench_quick.csv", _main_rows())
-    # make report's second run: the layers only, THP_MEM_ALLOC_ENABLE=1, under <root>/thp
+    # make report's companions: the whole preset with glibc's heap kept under <root>/steady
+    # (its losing row wins there), the layers with THP_MEM_ALLOC_ENABLE=1 under <root>/thp
+    steady_rows = [r for r in _main_rows() if r["group"] != "layers"] + _layers(1.15)
+    for row in steady_rows:
+        if row["provider"] == "auto" and row["layer"] == "64->64 k3 s1 @14" \
+                and row["mode"] == "fwd+bwd":
+            row["time_ms"] = 9.9
+    steady = _write(tmp_path / "steady" / "cpu" / "bench_quick.csv", steady_rows,
+                    malloc=STEADY)
     thp = _write(tmp_path / "thp" / "cpu" / "bench_quick.csv", _layers(1.1, 1.3), thp="1")
-    assert report.thp_companion(str(main)) == str(thp)
+    assert report.companion_paths(str(main)) == {"steady_heap": str(steady), "thp": str(thp)}
     written = report.render([str(main)])
     text = (tmp_path / "cpu" / "summary.md").read_text()
     assert str(tmp_path / "cpu" / "summary.md") in written
     assert "### The CPU goals" in text
-    assert "**9 of 10 rows ok** (forward 5 of 5, forward + backward 4 of 5); **not met**" in text
+    assert ("- as the machine comes (`bench_quick.csv`): **9 of 10 rows ok** (forward 5 of 5, "
+            "forward + backward 4 of 5); **not met**") in text
+    assert (f"- with glibc's heap kept (`{STEADY}`, the documented setting) "
+            "(`../steady/cpu/bench_quick.csv`): **10 of 10 rows ok** (forward 5 of 5, forward "
+            "+ backward 5 of 5); **met** on every row") in text
     assert ("- B16 64->64 k3 s1 @14 K4 fp32, NCHW (experts, width), fwd+bwd: auto 12.000 ms "
             "against loop 10.000 ms (+2.000 ms, +20.0 %)") in text
+    assert "Rows outside the rule, as the machine comes:" in text
+    assert "Rows outside the rule, with glibc" not in text
+    # one table: this run's figures, the steady run's verdict beside them
+    assert ("| case | groups | mode | auto ms | loop ms | grouped ms | auto - best ms | rule | "
+            "steady heap: auto - best ms | rule | THP: auto - best ms | rule | auto ran |") in text
     assert "| B1 128->128 k3 s1 @7 K4 fp32, NCHW | batch | fwd | 0.450 |" in text
-    assert "+0.150 (+50.0 %) | ok |" in text
-    mean = 1.25  # both layers 1.25x static
-    assert (f"- as the machine comes: auto **{mean:.2f}x** static over 2 layers (goal <= 1.3x): "
-            f"**met** (the trick 1.40x; from `bench_quick.csv`)") in text
-    assert ("- with `THP_MEM_ALLOC_ENABLE=1`: auto **1.10x** static over 2 layers (goal <= "
-            "1.2x): **met** (the trick 1.30x; from `../thp/cpu/bench_quick.csv`)") in text
+    assert "+0.150 (+50.0 %) | ok | +0.150 (+50.0 %) | ok | - | - | - |" in text
+    assert "+2.000 (+20.0 %) | **outside** | -0.100 (-1.0 %) | ok | - | - | - |" in text
+    assert ("- as the machine comes: auto **1.25x** static over 2 layers (goal <= 1.3x): "
+            "**met** (the trick 1.40x; the static conv 30 ms over them; from "
+            "`bench_quick.csv`)") in text
+    assert (f"- with glibc's heap kept (`{STEADY}`, the documented setting): auto **1.15x** "
+            "static over 2 layers (goal <= 1.2x): **met** (the trick 1.40x; the static conv 30 "
+            "ms over them; from `../steady/cpu/bench_quick.csv`)") in text
+    assert ("- with `THP_MEM_ALLOC_ENABLE=1`: auto **1.10x** static over 2 layers (no goal) (the "
+            "trick 1.30x; the static conv 30 ms over them; from `../thp/cpu/bench_quick.csv`)"
+            ) in text
     # memory: the layers at batch 32 are the goal's; the batch sweep's row is listed beside
-    assert "(goal <= 40 % on the layers, group `memory`): **met** (2 of 2 within)" in text
+    assert "(2 of 2 within)" in text and "**Memory**" in text
     assert ("- B32 64->64 k3 s1 @56 K4 fp32, NCHW (memory): static 40.0 MiB; above it: auto "
-            "+10.0, the trick +60.0: **16.7 %**, within") in text
+            "+10.0, the trick +60.0: **16.7 %**, within; B x |W| within the saving threshold"
+            ) in text
     assert "**auto no more than static**, within" in text
     assert "**62.1 %**, outside; not part of the goal" in text
-    assert "- CPU allocator: `THP_MEM_ALLOC_ENABLE` unset in this run" in text
-    # the companion was read, not rendered on its own
-    assert report.render([str(main), str(thp)]) == written
+    assert ("- CPU allocator: as the machine comes in this run (`THP_MEM_ALLOC_ENABLE` unset; "
+            "malloc unset)") in text
+    # the companions were read, not rendered on their own
+    assert report.render([str(main), str(steady), str(thp)]) == written
+    assert not (tmp_path / "steady" / "cpu" / "summary.md").exists()
     assert not (tmp_path / "thp" / "cpu" / "summary.md").exists()
 
 
-def test_summary_says_when_the_thp_run_is_missing_or_fails_its_goal(tmp_path):
+def test_summary_says_when_a_companion_is_missing_or_fails_its_goal(tmp_path):
     main = _write(tmp_path / "cpu" / "bench_quick.csv", _layers(1.35))
     report.render([str(main)])
     text = (tmp_path / "cpu" / "summary.md").read_text()
     assert "auto **1.35x** static over 2 layers (goal <= 1.3x): **not met**" in text
-    line = next(x for x in text.splitlines() if x.startswith("- with `THP_MEM_ALLOC_ENABLE=1`"))
-    assert "**not measured**" in line and "../thp/cpu/bench_quick.csv`: no such file" in line
+    line = next(x for x in text.splitlines() if x.startswith("- with glibc's heap kept"))
+    assert "**not measured**" in line and "../steady/cpu/bench_quick.csv`: no such file" in line
     assert "make report" in line
+    # THP has no goal: a missing run leaves no line
+    assert not any(x.startswith("- with `THP_MEM_ALLOC_ENABLE=1`") for x in text.splitlines())
     assert "**Memory**" in text and "**not measured**: this run has no forward+backward" in text
-    # given explicitly and over its goal; a run given as THP that was not: said so
-    thp = _write(tmp_path / "other" / "b.csv", _layers(1.25), thp="1")
-    report.render([str(main)], thp_csv=str(thp))
+    # given explicitly and over its goal; a run given as a companion that was not: said so
+    steady = _write(tmp_path / "other" / "b.csv", _layers(1.25), malloc=STEADY)
+    report.render([str(main)], companion_csvs=(str(steady),))
     text = (tmp_path / "cpu" / "summary.md").read_text()
     assert "auto **1.25x** static over 2 layers (goal <= 1.2x): **not met**" in text
     plain = _write(tmp_path / "other" / "c.csv", _layers(1.1))
-    report.render([str(main)], thp_csv=str(plain))
+    report.render([str(main)], companion_csvs=(str(plain),))
     text = (tmp_path / "cpu" / "summary.md").read_text()
-    line = next(x for x in text.splitlines() if x.startswith("- with `THP_MEM_ALLOC_ENABLE=1`"))
+    line = next(x for x in text.splitlines() if x.startswith("- with glibc's heap kept"))
     assert "**not measured**" in line and "c.csv` is a second run as the machine comes" in line
 
 
-def test_the_lines_are_labelled_from_the_csvs_own_column(tmp_path):
-    # a main run made with THP_MEM_ALLOC_ENABLE=1 fills the THP line, not the other
-    main = _write(tmp_path / "cpu" / "bench_quick.csv", _layers(1.15), thp="1")
+def test_the_lines_are_labelled_from_the_csvs_own_columns(tmp_path):
+    # a main run made with glibc's heap kept fills that line, not the first
+    main = _write(tmp_path / "cpu" / "bench_quick.csv", _layers(1.15), malloc=STEADY)
     report.render([str(main)])
     text = (tmp_path / "cpu" / "summary.md").read_text()
     first = next(x for x in text.splitlines() if x.startswith("- as the machine comes"))
     assert "**not measured**" in first
     assert "auto **1.15x** static over 2 layers (goal <= 1.2x): **met**" in text
-    assert "- CPU allocator: `THP_MEM_ALLOC_ENABLE=1` in this run" in text
-    # a CSV written before the column: taken as the machine comes, and said to be assumed
+    assert ("- CPU allocator: with glibc's heap kept" in text
+            and f"malloc {STEADY})" in text)
+    # both settings at once, or other malloc variables: another setting, no goal's line
+    both = _write(tmp_path / "both" / "cpu" / "bench_quick.csv", _layers(1.15), thp="1",
+                  malloc=STEADY)
+    assert report.allocator_setting_of(report.load(str(both))) == "other"
+    # a CSV written before the columns: taken as the machine comes, and said to be assumed
     old = _write(tmp_path / "old" / "cpu" / "bench_quick.csv", _layers(1.2),
-                 columns=[c for c in bench.COLUMNS if c != "thp_mem_alloc_enable"])
+                 columns=[c for c in bench.COLUMNS
+                          if c not in ("thp_mem_alloc_enable", "malloc_env")])
     report.render([str(old)])
     text = (tmp_path / "old" / "cpu" / "summary.md").read_text()
-    assert "assumed: the CSV does not record `THP_MEM_ALLOC_ENABLE`" in text
+    assert "assumed: the CSV does not record its allocator" in text
+
+
+def test_memory_goal_holds_auto_to_the_trick_within_the_saving_threshold(tmp_path):
+    rows = _main_rows()
+    # 32->32 at 14x14, B32: B x |W| 1.2 MiB, within max(x / 4, 16 MiB): auto may hold what
+    # the trick holds; 128->128: 18 MiB, past it (x is 3 MiB): held to 40 % of the trick's
+    rows += _case(bench.MEMORY_GROUP, "32->32 k3 s1 @14", 32, {}, None,
+                  memory={"static": 10.0, "auto": 20.5, "grouped": 20.0})
+    rows += _case(bench.MEMORY_GROUP, "128->128 k3 s1 @14", 32, {}, None,
+                  memory={"static": 10.0, "auto": 30.0, "grouped": 30.0})
+    frame = report.load(str(_write(tmp_path / "cpu" / "bench_quick.csv", rows)))
+    by = {r["case"]: r for r in report.memory_rows(frame)}
+    small = by["B32 32->32 k3 s1 @14 K4 fp32, NCHW"]
+    assert small["small"] and small["ok"] and small["percent"] == pytest.approx(105.0)
+    large = by["B32 128->128 k3 s1 @14 K4 fp32, NCHW"]
+    assert not large["small"] and not large["ok"]
+    # past the slack (1 MiB over the trick's), a small layer is outside too
+    over = _case(bench.MEMORY_GROUP, "16->16 k3 s1 @14", 32, {}, None,
+                 memory={"static": 10.0, "auto": 21.5, "grouped": 20.0})
+    frame = report.load(str(_write(tmp_path / "x" / "cpu" / "bench_quick.csv", over)))
+    (row,) = report.memory_rows(frame)
+    assert row["small"] and not row["ok"]
 
 
 # --- the bench's rounds ------------------------------------------------------------------------
