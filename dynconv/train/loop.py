@@ -155,7 +155,7 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, ctx: DistContext,
 
     Training only ever uses batch statistics; the running ones are for evaluation, and with
     momentum 0.1 they trail the weights by tens of steps, which after one short epoch makes a
-    network look untrained in eval mode (issue 15). This is ``torch.optim.swa_utils.update_bn``.
+    network look untrained in eval mode. This is ``torch.optim.swa_utils.update_bn``.
     """
     shard = x[ctx.rank :: ctx.world_size]
     batches = [shard[start : start + batch_size] for start in range(0, len(shard), batch_size)]

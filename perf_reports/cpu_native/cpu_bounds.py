@@ -1,4 +1,4 @@
-"""What bounds ``auto`` where it loses (second pass, issue 17): per case, each interleaved with
+"""What bounds ``auto`` where it loses (second pass): per case, each interleaved with
 the static conv's forward+backward (1 thread, CPU time, median of 9 per-round ratios):
 
 - ``mix``: the mixing product (B, K) @ (K, |W|) alone (what the backward recomputes);

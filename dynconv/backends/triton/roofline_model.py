@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 # --- device constants (H200) -------------------------------------------------------------------
 # HBM bandwidth, SM count, L2 size and the CUDA-core fp32 rate are NVIDIA H200 (SXM) datasheet
-# figures. The tensor-core peak is issue 16's figure (790 TFLOP/s dense bf16/fp16; tf32 half of
+# figures. The tensor-core peak is an assumed figure (790 TFLOP/s dense bf16/fp16; tf32 half of
 # it), which is below the datasheet's 989 TFLOP/s dense: a sustained rate rather than boost
 # clocks. Compute-bound ratios do not depend on it (static and strategies share it).
 TENSOR_PEAK_FLOPS = {"bf16": 790e12, "fp16": 790e12, "fp32": 395e12}  # fp32 runs as tf32

@@ -1,5 +1,5 @@
 #!/bin/bash
-# The allocator A/B of the fourth pass (issue 27): alternating processes, each one
+# The allocator A/B of the fourth pass: alternating processes, each one
 # cpu-formulations run over the batch-4 cases of make report (its six layers, 128 channels at
 # 7x7 and the 1-D layer), auto / grouped / loop against the static conv, 1 thread, 5 rounds.
 # Series alloc2 (process CPU time) and alloc2w (wall clock) ran this script; series alloc ran

@@ -1,5 +1,5 @@
 """Geometric mean over make report's six layers (batch 4, fwd and fwd+bwd, ratio to the static
-conv) per allocator setting and repeat, from allocator_t1.csv (fourth pass, issue 27)."""
+conv) per allocator setting and repeat, from allocator_t1.csv (fourth pass)."""
 
 import collections
 import csv

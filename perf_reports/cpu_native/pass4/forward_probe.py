@@ -1,7 +1,7 @@
 """The no-grad forward, four ways, interleaved in one fresh process (15 rounds of n calls, 1
 thread, process CPU time; min / median ms): the trick, auto, auto with a fresh buffer for the
 mixed weights instead of the workspace, and the native forward implementation called directly.
-Fourth pass (issue 27).
+Fourth pass.
 
     python forward_probe.py B C HW K n
 """

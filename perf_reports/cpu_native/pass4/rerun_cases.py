@@ -1,6 +1,6 @@
 """Re-measure chosen cases of ``cpu-formulations --set all`` alone (one process per case and
 repeat): auto and loop against the grouped trick, fwd and fwd+bwd, 1 thread, process CPU time,
-7 rounds. Fourth pass (issue 27): the rows that the full run put outside the goal.
+7 rounds. Fourth pass: the rows that the full run put outside the goal.
 
     python rerun_cases.py OUT.csv REPEATS "label substring" ["label substring" ...]
 """

@@ -1,7 +1,7 @@
 """One layer's forward+backward (torch.autograd.grad of x, the bank, the routing weights and
 the bias bank), auto against the grouped trick (and auto with forced chunk sizes), interleaved
 in one process: 9 rounds of n steps each, 1 thread, process CPU time; prints min / median ms
-per step. Fourth pass (issue 27): the graph-or-Function choice for the wide small layers and
+per step. Fourth pass: the graph-or-Function choice for the wide small layers and
 the chunk sizes of the lean path.
 
     python step_ab.py B C HW K n [chunk,chunk,...]
