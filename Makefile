@@ -24,8 +24,9 @@ $(VENV)/.installed-bench: pyproject.toml | $(VENV)/bin/python
 	$(PY) -m pip install -q -e ".[bench]"
 	touch $@
 
+# -n auto: pytest-xdist, one worker per core (the suite takes 7 minutes on 2 cores, 11 in one)
 test: $(VENV)/.installed-dev
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n auto
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
@@ -38,12 +39,14 @@ $(VENV_GPU_TRITON)/.installed: $(VENV)/.installed-dev
 	$(VENV_GPU_TRITON)/bin/python -c "import triton, torch, dynconv.kernels; assert triton.__version__ == '$(GPU_TRITON)', triton.__version__"
 	touch $@
 
-# Every launched kernel specialisation, sm_80 and sm_90, under CI's Triton and the GPU machine's;
-# then gpu-check's plan under the GPU machine's Triton: its pinning pass (every launch of every
-# case driven on meta tensors, nothing launched) and its time estimate within the deadline.
+# Every launched kernel specialisation, sm_80 and sm_90, under CI's Triton and the GPU machine's
+# (registers, spills and shared memory; --no-sass: the disassembly, a third of each compile's
+# time on 2 cores, is codegen-report's); then gpu-check's plan under the GPU machine's Triton:
+# its pinning pass (every launch of every case driven on meta tensors, nothing launched) and its
+# time estimate within the deadline.
 compile-check: $(VENV)/.installed-dev $(VENV_GPU_TRITON)/.installed
-	$(PY) -m dynconv.autotune compile-check
-	$(VENV_GPU_TRITON)/bin/python -m dynconv.autotune compile-check
+	$(PY) -m dynconv.autotune compile-check --no-sass
+	$(VENV_GPU_TRITON)/bin/python -m dynconv.autotune compile-check --no-sass
 	$(VENV_GPU_TRITON)/bin/python -m dynconv.autotune gpu-check --dry-run
 
 # The same, writing the codegen report (CSV + summary per Triton version) to perf_reports/codegen

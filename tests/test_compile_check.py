@@ -162,6 +162,25 @@ def test_compiles_captured_launches_for_sm90(tmp_path):
     assert "| conv_fwd | premix nchw | 90 |" in summary.read_text()
 
 
+def test_no_sass_reads_resources_and_leaves_the_disassembly_out(tmp_path):
+    """``--no-sass`` (CI's compile-check) still reads registers, spills and shared memory and
+    gives the same verdict; only the SASS columns are empty."""
+    pattern = r"5->7 k3 s1 @9x8 B3 K1 fp32 nchw fwd-premix"
+    run = subprocess.run(
+        [sys.executable, "-m", "dynconv.autotune", "compile-check", "--only", pattern,
+         "--arch", "90", "--jobs", "1", "--no-sass", "--report", str(tmp_path)],
+        capture_output=True, text=True, env=env_without_interpreter(), timeout=600, check=False,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    (csv_path,) = tmp_path.glob("codegen_triton*.csv")
+    rows = list(csv.DictReader(open(csv_path)))
+    assert rows
+    for row in rows:
+        assert row["status"] == "ok" and 0 < int(row["registers"]) <= 255
+        assert row["spill_bytes"] == "0" and int(row["shared_bytes"]) >= 0
+        assert row["tensor_core"] == "" and row["loop_instructions"] == ""
+
+
 def test_shared_memory_estimate_covers_compiled_kernel():
     """The runtime pruning's shared-memory estimate is not below what the compiler allocates,
     for the largest forward config on a launch that keeps it (a wide bf16 channels_last layer,
