@@ -51,7 +51,9 @@ def test_interleaved_timer_gives_sane_ratios(clock):
 
     timer = Timer("cpu", clock, min_sample_ms=5.0)
     if clock == "wall":
-        fn, static_fn = lambda: time.sleep(0.002), lambda: time.sleep(0.001)
+        # sleeps of several ms: waking up can take a millisecond more when the cores are busy
+        # (pytest-xdist's other worker), which would move a 1-vs-2 ms ratio out of the bounds
+        fn, static_fn = lambda: time.sleep(0.008), lambda: time.sleep(0.004)
     else:  # CPU time: busy work, twice as much
         fn, static_fn = _busy(40_000), _busy(20_000)
     timing = timer.interleaved(fn, static_fn, rounds=5)
