@@ -58,6 +58,7 @@ import argparse
 import functools
 import importlib.util
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -578,18 +579,126 @@ def interleaved_rounds(timer: Timer, fns: dict[str, Callable], rounds: int,
     calls: dict[str, int] = {}
     for name, fn in fns.items():
         try:
-            calls[name] = timer.calls_for(fn)
+            calls[name] = fn.calls_for() if isinstance(fn, RemoteCall) else timer.calls_for(fn)
         except Exception as exc:
             errors[name] = exc
     for index in range(rounds):
         for name in round_order(list(fns), index):
             if name in errors:
                 continue
+            fn = fns[name]
             try:
-                samples[name].append(timer.sample(fns[name], calls[name]))
+                samples[name].append(fn.sample(calls[name]) if isinstance(fn, RemoteCall)
+                                     else timer.sample(fn, calls[name]))
             except Exception as exc:
                 errors[name] = exc
     return samples, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# one process per provider (bench --isolate)
+
+
+def _provider_process_main(conn, timer_settings: dict, threads: int) -> None:
+    """A provider process's loop: ``("prepare", case, provider, mode)`` builds the case's
+    inputs and the callable of ``mode`` (dropping the previous one first), ``("calls_for",)``
+    and ``("sample", calls)`` time it with a Timer of ``timer_settings``; ``("stop",)`` ends.
+    Every reply is ``("ok", value)`` or ``("error", words)``."""
+    torch.set_num_threads(threads)
+    timer = Timer(**timer_settings)
+    fn = None
+    while True:
+        message = conn.recv()
+        if message[0] == "stop":
+            break
+        try:
+            reply = None
+            if message[0] == "prepare":
+                _, case, provider, mode = message
+                fn = None  # the previous case's tensors go before the next case's come
+                fn = mode_fn(mode, *forward_fn(provider, case, make_inputs(case, "cpu")))
+            elif message[0] == "calls_for":
+                reply = timer.calls_for(fn)
+            else:
+                reply = timer.sample(fn, message[1])
+            conn.send(("ok", reply))
+        except Exception as exc:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    conn.close()
+
+
+class ProviderProcess:
+    """A spawned process that times one provider, case after case (``bench --isolate``, CPU).
+
+    Interleaved in one process, each provider's calls find the allocator as all of them left
+    it: glibc's mmap threshold and heap trimming follow the largest blocks any of them freed,
+    and the same calls then measure apart (perf_reports/cpu_reruns/README.md). In a process of
+    its own a provider keeps its own allocator state, as a training loop that runs only it
+    does; the parent still takes the samples round by round, one process running at a time.
+    """
+
+    def __init__(self, timer: Timer):
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        settings = {"device": timer.device, "clock": timer.clock, "rep_ms": timer.rep_ms,
+                    "min_sample_ms": timer.min_sample_ms, "max_calls": timer.max_calls}
+        self._process = context.Process(target=_provider_process_main,
+                                        args=(child, settings, torch.get_num_threads()),
+                                        daemon=True)
+        self._process.start()
+        child.close()
+
+    def ask(self, *message):
+        """Send ``message``; the reply's value, or a RuntimeError with the process's words."""
+        self._conn.send(message)
+        status, value = self._conn.recv()
+        if status != "ok":
+            raise RuntimeError(value)
+        return value
+
+    def prepare(self, case: Case, provider: str, mode: str) -> RemoteCall:
+        self.ask("prepare", case, provider, mode)
+        return RemoteCall(self)
+
+    def close(self) -> None:
+        try:
+            self._conn.send(("stop",))
+        except OSError:
+            pass
+        self._process.join(timeout=30)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+@dataclass
+class RemoteCall:
+    """The callable a ProviderProcess prepared, timed there (:func:`interleaved_rounds`)."""
+
+    process: ProviderProcess
+
+    def calls_for(self) -> int:
+        return self.process.ask("calls_for")
+
+    def sample(self, calls: int) -> float:
+        return self.process.ask("sample", calls)
+
+
+class ProviderProcesses:
+    """One ProviderProcess per provider name, started when first asked for."""
+
+    def __init__(self, timer: Timer):
+        self._timer = timer
+        self._processes: dict[str, ProviderProcess] = {}
+
+    def __getitem__(self, provider: str) -> ProviderProcess:
+        if provider not in self._processes:
+            self._processes[provider] = ProviderProcess(self._timer)
+        return self._processes[provider]
+
+    def close(self) -> None:
+        for process in self._processes.values():
+            process.close()
+        self._processes.clear()
 
 
 def summarize_samples(times: list[float], static_times: list[float]) -> dict:
@@ -609,7 +718,8 @@ def summarize_samples(times: list[float], static_times: list[float]) -> dict:
 
 def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int, timer: Timer,
                  memory: bool, forward: Callable | None = None,
-                 modes: Iterable[str] = MODES) -> list[dict]:
+                 modes: Iterable[str] = MODES,
+                 processes: ProviderProcesses | None = None) -> list[dict]:
     """Rows (one per provider x mode, provider by provider) of one case; failures become rows
     with a status.
 
@@ -622,7 +732,13 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
     ``forward``: how a provider's forward is built (default :func:`forward_fn`; a module-level
     function of the same signature, so that the CPU memory probe can pickle it), for providers
     beyond the registry's (gpu-check's forced Triton strategies and the batch-spanning form).
+
+    ``processes`` (CPU, the default ``forward`` only): time each provider, the static conv
+    included, in its own process (:class:`ProviderProcess`) instead of this one.
     """
+    if processes is not None and (device != "cpu" or forward is not None):
+        raise ValueError("processes: one process per provider is for the CPU and the default "
+                         "forward only")
     nan = float("nan")
     modes = [m for m in MODES if m in set(modes)]
     forward_of = forward or forward_fn
@@ -680,7 +796,9 @@ def measure_case(case: Case, providers: Iterable[str], device: str, rounds: int,
             if provider != "static" and rows[provider, mode]["status"] != "ok":
                 continue
             try:
-                fns[provider] = mode_fn(mode, fwd, leaves)  # bwd: runs the forward here
+                fns[provider] = (processes[provider].prepare(case, provider, mode)
+                                 if processes is not None
+                                 else mode_fn(mode, fwd, leaves))  # bwd: runs the forward
             except Exception as exc:
                 if provider == "static":
                     for name in names:
@@ -760,7 +878,7 @@ def derived_columns(row: dict, case: Case, device: str) -> dict:
 COLUMNS = [
     "run_id", "timestamp", "preset", "device", "device_name", "device_slug", "torch", "triton",
     "python", "commit", "threads", "cpus", "thp_mem_alloc_enable", "malloc_env", "load_avg_1min",
-    "rounds", "sample_ms",
+    "rounds", "sample_ms", "timing_processes",
     "group", "layer", "shape",
     "cin", "cout", "spatial_dims", "d", "h", "w", "kd", "kh", "kw", "stride", "padding",
     "dilation", "groups", "batch",
@@ -809,8 +927,9 @@ def allocator_environment(setting: str, environ: dict[str, str]) -> dict[str, st
 def run(cases: list[Case], providers: list[str], device: str, rounds: int, out_csv: str,
         preset: str, memory: bool = True, progress: bool = True, time_budget_s: float = 0.0,
         rep_ms: float = 25.0, modes: Iterable[str] = MODES,
-        sample_ms: float = DEFAULT_SAMPLE_MS) -> str:
-    """Measure every case; rewrite ``out_csv`` after each case (a cut-short run keeps data)."""
+        sample_ms: float = DEFAULT_SAMPLE_MS, isolate: bool = False) -> str:
+    """Measure every case; rewrite ``out_csv`` after each case (a cut-short run keeps data).
+    ``isolate``: time each provider in a process of its own (:class:`ProviderProcess`)."""
     import pandas as pd
 
     os.makedirs(os.path.dirname(os.path.abspath(out_csv)), exist_ok=True)
@@ -819,9 +938,11 @@ def run(cases: list[Case], providers: list[str], device: str, rounds: int, out_c
         "device_name": device_name(device), "device_slug": device_slug(device), **versions(),
         "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
         "thp_mem_alloc_enable": thp_setting(), "malloc_env": malloc_setting(), "rounds": rounds,
-        "sample_ms": sample_ms if device == "cpu" else float("nan")}
+        "sample_ms": sample_ms if device == "cpu" else float("nan"),
+        "timing_processes": "one per provider" if isolate else "one"}
     timer = Timer(device, rep_ms=rep_ms, min_sample_ms=sample_ms,
                   max_calls=max(20, math.ceil(sample_ms / 0.5)))
+    processes = ProviderProcesses(timer) if isolate else None
     measured: dict[tuple, list[dict]] = {}
     records: list[dict] = []
     started = time.monotonic()
@@ -843,7 +964,8 @@ def run(cases: list[Case], providers: list[str], device: str, rounds: int, out_c
                 continue
             if key not in measured:
                 measured[key] = measure_case(case, providers, device, rounds, timer,
-                                             memory and case.memory, modes=modes)
+                                             memory and case.memory, modes=modes,
+                                             processes=processes)
             for row in measured[key]:
                 records.append({**meta, "load_avg_1min": load, **case_columns(case), **row,
                                 **derived_columns(row, case, device)})
@@ -851,6 +973,8 @@ def run(cases: list[Case], providers: list[str], device: str, rounds: int, out_c
             bar.update(1)
     finally:
         bar.close()
+        if processes is not None:
+            processes.close()
     return out_csv
 
 
@@ -899,6 +1023,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "OpenMP threads make timings erratic; 0 keeps torch's default)")
     parser.add_argument("--rep-ms", type=float, default=25.0,
                         help="GPU: do_bench's rep (ms) per timed sample")
+    parser.add_argument("--isolate", action="store_true",
+                        help="CPU: time each provider (the static conv too) in a process of its "
+                             "own, kept for the whole run, instead of all in this one: each "
+                             "keeps its own allocator state, as a loop that runs only it does "
+                             "(rounds are still interleaved, one process at a time)")
     parser.add_argument("--sample-ms", type=float, default=DEFAULT_SAMPLE_MS,
                         help="CPU: a sample repeats a call back to back until it lasts this "
                              f"long (default {DEFAULT_SAMPLE_MS:g}; make report: "
@@ -972,6 +1101,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--rounds must be >= 1, got {rounds}")
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
+    if args.isolate and device != "cpu":
+        parser.error(f"--isolate is for the CPU (a GPU's timings do not share an allocator's "
+                     f"heap), got --device {device}")
     if device == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -1011,7 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     run(cases, providers, device, rounds, out_csv, label, memory=not args.no_memory,
         progress=not args.no_progress, time_budget_s=args.time_budget, rep_ms=args.rep_ms,
-        sample_ms=args.sample_ms,
+        sample_ms=args.sample_ms, isolate=args.isolate,
         modes=args.modes)
     print(f"bench: wrote {out_csv}")
     return 0

@@ -731,7 +731,14 @@ def _cpu_run_options(frame: pd.DataFrame) -> str:
     sample_ms = frame.iloc[0].get("sample_ms")
     if sample_ms is not None and sample_ms == sample_ms and float(sample_ms) != 10.0:
         options += f" --sample-ms {float(sample_ms):g}"
+    if isolated(frame):
+        options += " --isolate"
     return options
+
+
+def isolated(frame: pd.DataFrame) -> bool:
+    """Whether a run timed each provider in a process of its own (bench --isolate)."""
+    return frame.iloc[0].get("timing_processes") == "one per provider"
 
 
 def _timing_line(frame: pd.DataFrame, gpu: bool) -> str:
@@ -746,9 +753,11 @@ def _timing_line(frame: pd.DataFrame, gpu: bool) -> str:
         return (f"- timing: median of {rounds} rounds, each round one static-conv sample then "
                 f"one provider sample of the same shape{sample}; ratio = median of the "
                 f"per-round ratios provider / static")
+    where = (" (each provider, the static conv too, in a process of its own, kept for the "
+             "run: its own allocator state)" if isolated(frame) else "")
     return (f"- timing: minimum of {rounds} interleaved rounds; each round takes one sample of "
-            f"the static conv and of every provider, in an order balanced over the rounds "
-            f"(each in every position, after every other){sample}; ratio = a provider's "
+            f"the static conv and of every provider{where}, in an order balanced over the "
+            f"rounds (each in every position, after every other){sample}; ratio = a provider's "
             f"minimum / the static conv's minimum in the same rounds (the CSV keeps the medians "
             f"too: `time_median_ms`, `ratio_median`)")
 

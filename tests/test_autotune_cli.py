@@ -135,6 +135,43 @@ def test_bench_restarts_with_the_allocator_setting_and_records_it(tmp_path):
     assert paths == {"fwd": "native: grouped", "fwd+bwd": "the grouped trick's graph"}
 
 
+def test_isolated_bench_times_each_provider_in_its_own_process(tmp_path):
+    """--isolate: every row timed, the run says how; the report's timing line too."""
+    from dynconv.autotune import report
+
+    subprocess.run([sys.executable, "-m", "dynconv.autotune", "bench", "--shape",
+                    "cin=8,cout=8,hw=8,k=3", "--batch", "2", "--providers", "auto,grouped",
+                    "--modes", "fwd,fwd+bwd", "--rounds", "2", "--no-memory", "--no-progress",
+                    "--isolate", "--out", str(tmp_path)],
+                   check=True, timeout=300, capture_output=True)
+    with open(tmp_path / "cpu" / "bench_custom.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["provider"], r["mode"]) for r in rows} == {
+        (p, m) for p in ("static", "auto", "grouped") for m in ("fwd", "fwd+bwd")}
+    for row in rows:
+        assert row["status"] == "ok" and float(row["time_ms"]) > 0
+        assert row["timing_processes"] == "one per provider"
+    frame = report.load(str(tmp_path / "cpu" / "bench_custom.csv"))
+    assert "in a process of its own" in report._timing_line(frame, gpu=False)
+    assert "--isolate" in report._cpu_run_options(frame)
+
+
+def test_provider_process_times_in_the_child_and_names_its_errors():
+    from dynconv.autotune.bench import Case, ProviderProcess
+    from dynconv.autotune.measure import Timer
+
+    case = Case("layers", parse_shape("cin=4,cout=4,hw=6,k=3"), 2)
+    process = ProviderProcess(Timer("cpu", min_sample_ms=1.0))
+    try:
+        call = process.prepare(case, "auto", "fwd+bwd")
+        assert call.calls_for() >= 1 and call.sample(2) > 0
+        with pytest.raises(RuntimeError, match="KeyError"):
+            process.prepare(case, "no-such-provider", "fwd")
+        assert process.prepare(case, "static", "fwd").sample(1) > 0  # still serving
+    finally:
+        process.close()
+
+
 def test_auto_path_names_the_native_formulations_and_chunks():
     from dynconv.autotune.bench import Case, auto_path, forward_fn, make_inputs
     from dynconv.backends.native import op
