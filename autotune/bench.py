@@ -577,35 +577,48 @@ def interleaved_rounds(timer: Timer, fns: dict[str, Callable], rounds: int,
     samples: dict[str, list[float]] = {name: [] for name in fns}
     errors: dict[str, BaseException] = {}
     calls: dict[str, int] = {}
-    for name, fn in fns.items():
+    timed = {name: fn if isinstance(fn, RemoteCall) else LocalCall(timer, fn)
+             for name, fn in fns.items()}
+    for name, fn in timed.items():
         try:
-            calls[name] = fn.calls_for() if isinstance(fn, RemoteCall) else timer.calls_for(fn)
+            calls[name] = fn.calls_for()
         except Exception as exc:
             errors[name] = exc
     for index in range(rounds):
         for name in round_order(list(fns), index):
             if name in errors:
                 continue
-            fn = fns[name]
             try:
-                samples[name].append(fn.sample(calls[name]) if isinstance(fn, RemoteCall)
-                                     else timer.sample(fn, calls[name]))
+                samples[name].append(timed[name].sample(calls[name]))
             except Exception as exc:
                 errors[name] = exc
     return samples, errors
+
+
+@dataclass
+class LocalCall:
+    """A callable timed in this process by ``timer`` (the other kind: :class:`RemoteCall`)."""
+
+    timer: Timer
+    fn: Callable
+
+    def calls_for(self) -> int:
+        return self.timer.calls_for(self.fn)
+
+    def sample(self, calls: int) -> float:
+        return self.timer.sample(self.fn, calls)
 
 
 # ---------------------------------------------------------------------------------------------
 # one process per provider (bench --isolate)
 
 
-def _provider_process_main(conn, timer_settings: dict, threads: int) -> None:
+def _provider_process_main(conn, timer: Timer, threads: int) -> None:
     """A provider process's loop: ``("prepare", case, provider, mode)`` builds the case's
     inputs and the callable of ``mode`` (dropping the previous one first), ``("calls_for",)``
-    and ``("sample", calls)`` time it with a Timer of ``timer_settings``; ``("stop",)`` ends.
+    and ``("sample", calls)`` time it with ``timer`` (the parent's); ``("stop",)`` ends.
     Every reply is ``("ok", value)`` or ``("error", words)``."""
     torch.set_num_threads(threads)
-    timer = Timer(**timer_settings)
     fn = None
     while True:
         message = conn.recv()
@@ -640,10 +653,8 @@ class ProviderProcess:
     def __init__(self, timer: Timer):
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        settings = {"device": timer.device, "clock": timer.clock, "rep_ms": timer.rep_ms,
-                    "min_sample_ms": timer.min_sample_ms, "max_calls": timer.max_calls}
         self._process = context.Process(target=_provider_process_main,
-                                        args=(child, settings, torch.get_num_threads()),
+                                        args=(child, timer, torch.get_num_threads()),
                                         daemon=True)
         self._process.start()
         child.close()

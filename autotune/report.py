@@ -52,6 +52,7 @@ import pandas as pd
 
 from .bench import (
     COLUMNS,
+    DEFAULT_SAMPLE_MS,
     DTYPES,
     MEMORY_GROUP,
     MODES,
@@ -528,13 +529,12 @@ def geomean_lines(runs: list[tuple[str, pd.DataFrame | None, str]]) -> list[str]
     lines = []
     for setting, (words, goal) in ALLOCATOR_GOALS.items():
         label, frame, assumed = by_setting.get(setting, (None, None, ""))
-        count = layers_geomean(frame)[1] if frame is not None else 0
+        mean, count = layers_geomean(frame) if frame is not None else (math.nan, 0)
         if not count:
             if goal is not None:
                 lines.append(f"- {words} (goal <= {goal}x static): **not measured**: "
                              + "; ".join(what))
             continue
-        mean, _ = layers_geomean(frame)
         trick, _ = layers_geomean(frame, "grouped")
         verdict = ("no goal" if goal is None else
                    f"goal <= {goal}x): **{'met' if mean <= goal else 'not met'}**")
@@ -606,6 +606,11 @@ def _rule_count(rows: list[dict]) -> str:
     return f"**{passed} of {len(rows)} rows ok** ({per_mode})"
 
 
+def _excess_words(row: dict) -> str:
+    """A rule row's auto - best, in ms and per cent."""
+    return f"{row['excess_ms']:+.3f} ({row['excess_percent']:+.1f} %)"
+
+
 def _outside_lines(rows: list[dict]) -> list[str]:
     return [f"- {r['case']} ({r['groups']}), {r['mode']}: auto {r['auto_ms']:.3f} ms "
             f"against {r['best']} {r['best_ms']:.3f} ms (+{r['excess_ms']:.3f} ms, "
@@ -672,8 +677,7 @@ def goals_section(frame: pd.DataFrame, label: str,
             for by_key in others:
                 other = by_key.get((r["case"], r["mode"]))
                 cells += (["-", "-"] if other is None else
-                          [f"{other['excess_ms']:+.3f} ({other['excess_percent']:+.1f} %)",
-                           "ok" if other["ok"] else "**outside**"])
+                          [_excess_words(other), "ok" if other["ok"] else "**outside**"])
             return cells
 
         lines += [""] + _table(
@@ -681,8 +685,8 @@ def goals_section(frame: pd.DataFrame, label: str,
              "rule", *extra_header, "auto ran"],
             [[r["case"], r["groups"], r["mode"], _fmt(r["auto_ms"], 3), _fmt(r["loop_ms"], 3),
               _fmt(r["grouped_ms"], 3),
-              f"{r['excess_ms']:+.3f} ({r['excess_percent']:+.1f} %)",
-              "ok" if r["ok"] else "**outside**", *other_cells(r), r.get("auto_path") or "-"]
+              _excess_words(r), "ok" if r["ok"] else "**outside**", *other_cells(r),
+              r.get("auto_path") or "-"]
              for r in rows])
     lines += ["", "**Geometric mean over the layers** (forward+backward, auto's time / the "
                   "static conv's):", ""]
@@ -729,7 +733,8 @@ def _cpu_run_options(frame: pd.DataFrame) -> str:
     if setting in ("default", "thp", "steady_heap"):
         options += " --allocator " + setting.replace("_", "-")
     sample_ms = frame.iloc[0].get("sample_ms")
-    if sample_ms is not None and sample_ms == sample_ms and float(sample_ms) != 10.0:
+    if (sample_ms is not None and sample_ms == sample_ms
+            and float(sample_ms) != DEFAULT_SAMPLE_MS):
         options += f" --sample-ms {float(sample_ms):g}"
     if isolated(frame):
         options += " --isolate"
@@ -745,7 +750,8 @@ def _timing_line(frame: pd.DataFrame, gpu: bool) -> str:
     first = frame.iloc[0]
     rounds = first.get("rounds", "?")
     sample_ms = first.get("sample_ms")
-    sample_ms = 10.0 if sample_ms is None or sample_ms != sample_ms else float(sample_ms)
+    sample_ms = (DEFAULT_SAMPLE_MS if sample_ms is None or sample_ms != sample_ms
+                 else float(sample_ms))
     sample = (" (`triton.testing.do_bench` median per sample)" if gpu else
               f" (wall clock; a sample repeats a call back to back for at least "
               f"{sample_ms:g} ms)")
